@@ -1,0 +1,145 @@
+"""The token loop over a list of stages. A stage may run here or (later) on a peer:
+the loop only needs `forward(session, x, pos)` and `drop(session)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.engine.kv_cache import KVCache
+from fastserve_edge.engine.model import Stage
+from fastserve_edge.engine.quant import RuntimeWeights
+from fastserve_edge.engine.sampling import Sampler
+from fastserve_edge.models.tensors import ModelSource
+
+
+class StageRunner(Protocol):
+    start: int
+    end: int
+
+    def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor: ...
+
+    def drop(self, session: str) -> None: ...
+
+
+class LocalStage:
+    """A Stage on this machine with one KV cache per session."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.start, self.end = stage.start, stage.end
+        self._caches: dict[str, KVCache] = {}
+
+    def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor:
+        cache = self._caches.get(session)
+        if cache is None:
+            cache = self._caches[session] = self.stage.new_cache()
+        with torch.inference_mode():
+            return self.stage(x, cache, pos, all_logits=all_logits)
+
+    def drop(self, session: str) -> None:
+        self._caches.pop(session, None)
+
+
+def local_stages(source: ModelSource, *, max_tokens: int, boundaries: Sequence[int] | None = None,
+                 dtype: torch.dtype = torch.float32) -> list[LocalStage]:
+    """Stages for layer ranges [b0, b1), [b1, b2), ...; default: one stage with every layer."""
+    cfg = source.config
+    cuts = list(boundaries) if boundaries is not None else [0, cfg.n_layers]
+    assert cuts[0] == 0 and cuts[-1] == cfg.n_layers and cuts == sorted(set(cuts)), f"bad boundaries {cuts}"
+    weights = RuntimeWeights(source, dtype)
+    return [LocalStage(Stage(cfg, weights, a, b, max_tokens=max_tokens)) for a, b in zip(cuts, cuts[1:])]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0      # the whole prompt
+    cached_tokens: int = 0      # of those, reused from this session's KV cache
+    generated_tokens: int = 0
+    ttft_s: float = 0.0         # request start -> first token sampled
+    decode_s: float = 0.0       # first token -> last token
+    stop_reason: str = ""       # "stop" | "length" | "cancelled"
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return (self.prompt_tokens - self.cached_tokens) / self.ttft_s if self.ttft_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s and self.generated_tokens > 1 else 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Pipeline:
+    """Runs token ids through the stages in order; remembers what each session's KV holds."""
+
+    def __init__(self, config: ModelConfig, stages: Sequence[StageRunner], ctx: int):
+        self.config = config
+        self.stages = list(stages)
+        self.ctx = ctx
+        self._seen: dict[str, list[int]] = {}  # session -> tokens whose KV the stages hold
+
+    def forward(self, session: str, ids: Sequence[int], pos: int, *, all_logits: bool = False) -> torch.Tensor:
+        x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
+        for stage in self.stages:
+            x = stage.forward(session, x, pos, all_logits=all_logits)
+        return x[0]  # [vocab] or [S, vocab]
+
+    def drop(self, session: str) -> None:
+        self._seen.pop(session, None)
+        for stage in self.stages:
+            stage.drop(session)
+
+    def generate(self, session: str, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int,
+                 stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield sampled token ids (a stop token ends the answer and is not yielded).
+
+        Prefill reuses the longest prefix this session already has in its KV cache.
+        Stops at a stop token, at max_tokens, or when the context is full.
+        """
+        stats = stats if stats is not None else GenerationStats()
+        if len(prompt) >= self.ctx:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit a context of {self.ctx}")
+        started = time.perf_counter()
+        seen = self._seen.get(session, [])
+        reuse = min(common_prefix(seen, prompt), len(prompt) - 1)  # always run >= 1 token
+        stats.prompt_tokens, stats.cached_tokens, stats.stop_reason = len(prompt), reuse, "cancelled"
+        self._seen[session] = history = list(prompt[:reuse])
+        logits = self.forward(session, prompt[reuse:], reuse)
+        history.extend(prompt[reuse:])
+        answer: list[int] = []
+        context = list(prompt)  # what the repetition penalty looks back over
+        first_at = None
+        while True:
+            token = sampler(logits, context)
+            if first_at is None:
+                first_at = time.perf_counter()
+                stats.ttft_s = first_at - started
+            if token in stop_ids:
+                stats.stop_reason = "stop"
+                break
+            answer.append(token)
+            context.append(token)
+            stats.generated_tokens = len(answer)
+            stats.decode_s = time.perf_counter() - first_at
+            yield token
+            if len(answer) >= max_tokens or len(history) + 1 >= self.ctx:
+                stats.stop_reason = "length"
+                break
+            logits = self.forward(session, [token], len(history))
+            history.append(token)
+        stats.decode_s = time.perf_counter() - first_at

@@ -1,0 +1,173 @@
+"""The decoder as stages. Only math: no files, no network, no planner.
+
+A Stage holds layers [start, end) of a model, plus the token embedding if it is the first
+and the final norm and LM head if it is the last. A model is a list of stages; running
+them one after another gives the same logits as one stage holding every layer.
+
+Layout follows Hugging Face (rotate-halves rope); the readers put GGUF weights in that
+layout. Shapes: B batch, S new tokens, D model dim, H heads, Hkv kv heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastserve_edge.engine.config import ModelConfig, RopeScaling
+from fastserve_edge.engine.kv_cache import KVCache
+
+
+class Weights(Protocol):
+    """What a stage needs to be built; engine/quant.py's RuntimeWeights is the real one."""
+
+    def has(self, name: str) -> bool: ...
+    def vector(self, name: str) -> torch.Tensor: ...
+    def linear(self, name: str, *, bias: bool = False) -> nn.Module: ...
+    def embedding(self) -> nn.Module: ...
+    def head(self, tied: bool) -> nn.Module: ...
+
+
+def llama3_freq_factors(s: RopeScaling, head_dim: int, theta: float) -> torch.Tensor:
+    """Divisors of each rope frequency [hd/2], as Llama 3.1 defines them (= GGUF rope_freqs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_context_length / s.low_freq_factor   # longer waves: fully scaled
+    high_wavelen = s.original_context_length / s.high_freq_factor  # shorter waves: untouched
+    smooth = (s.original_context_length / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    medium = 1.0 / ((1 - smooth) / s.factor + smooth)
+    factors = torch.where(wavelen > low_wavelen, torch.full_like(inv_freq, s.factor), medium)
+    return torch.where(wavelen < high_wavelen, torch.ones_like(inv_freq), factors)
+
+
+def rope_table(cfg: ModelConfig, max_tokens: int, freq_factors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_tokens, hd] for rotate-halves rope."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.to(torch.float64)
+    angles = torch.outer(torch.arange(max_tokens, dtype=torch.float64), inv_freq)  # [T, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, S, hd]; cos/sin: [S, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str):
+        super().__init__()
+        self.cfg = cfg
+        self.wq = w.linear(f"{prefix}.attn_q", bias=cfg.attn_bias)
+        self.wk = w.linear(f"{prefix}.attn_k", bias=cfg.attn_bias)
+        self.wv = w.linear(f"{prefix}.attn_v", bias=cfg.attn_bias)
+        self.wo = w.linear(f"{prefix}.attn_output")
+        self.q_norm = RMSNorm(w.vector(f"{prefix}.attn_q_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(w.vector(f"{prefix}.attn_k_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.wq(x).view(B, S, self.cfg.n_heads, hd)
+        k = self.wk(x).view(B, S, self.cfg.n_kv_heads, hd)
+        v = self.wv(x).view(B, S, self.cfg.n_kv_heads, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.update(layer, pos, k, v)  # [B, Hkv, pos+S, hd]
+        if S == 1:
+            mask, causal = None, False
+        elif pos == 0:
+            mask, causal = None, True
+        else:  # new tokens after a cached prefix: query i sees keys 0 .. pos+i
+            mask = torch.ones(S, pos + S, dtype=torch.bool).tril(diagonal=pos)
+            causal = False
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.cfg.n_heads != self.cfg.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, S, self.cfg.n_heads * hd))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, w: Weights, prefix: str):
+        super().__init__()
+        self.gate = w.linear(f"{prefix}.ffn_gate")
+        self.up = w.linear(f"{prefix}.ffn_up")
+        self.down = w.linear(f"{prefix}.ffn_down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: Weights, index: int):
+        super().__init__()
+        prefix = f"blk.{index}"
+        self.attn_norm = RMSNorm(w.vector(f"{prefix}.attn_norm.weight"), cfg.norm_eps)
+        self.attn = Attention(cfg, w, prefix)
+        self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps)
+        self.ffn = FeedForward(w, prefix)
+
+    def forward(self, x, cos, sin, cache, layer, pos):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Stage(nn.Module):
+    """Layers [start, end) of a model; input ids if first, else hidden; output logits if last."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights, start: int, end: int, *, max_tokens: int):
+        super().__init__()
+        assert 0 <= start < end <= cfg.n_layers, f"bad layer range [{start}, {end})"
+        self.cfg, self.start, self.end, self.max_tokens = cfg, start, end, max_tokens
+        self.is_first, self.is_last = start == 0, end == cfg.n_layers
+        self.embed = weights.embedding() if self.is_first else None
+        self.blocks = nn.ModuleList(Block(cfg, weights, i) for i in range(start, end))
+        self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps) if self.is_last else None
+        self.head = weights.head(cfg.tie_embeddings) if self.is_last else None
+        if weights.has("rope_freqs.weight"):
+            factors = weights.vector("rope_freqs.weight")
+        elif cfg.rope_scaling is not None:
+            factors = llama3_freq_factors(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta)
+        else:
+            factors = None
+        cos, sin = rope_table(cfg, max_tokens, factors)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def new_cache(self, dtype: torch.dtype = torch.float32) -> KVCache:
+        return KVCache(self.end - self.start, self.cfg.n_kv_heads, self.cfg.head_dim, self.max_tokens, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, cache: KVCache, pos: int, *, all_logits: bool = False) -> torch.Tensor:
+        """x: ids [B, S] (first stage) or hidden [B, S, D]. Returns hidden [B, S, D], or
+        logits [B, vocab] of the last position ([B, S, vocab] with all_logits) if last."""
+        h = self.embed(x) if self.is_first else x.float()
+        S = h.shape[1]
+        cos, sin = self.cos[pos:pos + S], self.sin[pos:pos + S]
+        for layer, block in enumerate(self.blocks):
+            h = block(h, cos, sin, cache, layer, pos)
+        if not self.is_last:
+            return h
+        if not all_logits:
+            h = h[:, -1]
+        return self.head(self.norm(h))

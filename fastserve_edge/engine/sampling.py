@@ -1,0 +1,95 @@
+"""Sampling: small pure functions over logits, plus a Sampler that owns its RNG.
+
+Order follows llama.cpp's default chain: repetition penalty -> top-k -> top-p -> min-p ->
+temperature -> draw. Temperature 0 is argmax, which makes golden tests possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastserve_edge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7   # 0 = greedy
+    top_k: int = 40            # 0 = off
+    top_p: float = 0.95        # 1.0 = off
+    min_p: float = 0.05        # 0.0 = off; drop tokens below min_p * p(best)
+    repeat_penalty: float = 1.1  # 1.0 = off; llama.cpp/CTRL-style divide-or-multiply
+    repeat_last_n: int = 64    # window of recent tokens the penalty looks at
+    seed: int | None = None    # None = a fresh random seed per answer
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
+            (self.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1] (1 = off)"),
+            (0 <= self.min_p < 1, "--min-p must be in [0, 1) (0 = off)"),
+            (self.repeat_penalty > 0, "--repeat-penalty must be > 0 (1 = off)"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
+    """logits: [V]. Positive logits of recent tokens are divided by penalty, negative multiplied."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.long)
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """logits: [V] -> same shape with excluded tokens at -inf. Always keeps the best token."""
+    logits = logits.float()
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the ones before it already reach top_p
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return (logits / max(temperature, 1e-5)).softmax(-1)
+
+
+class Sampler:
+    """Draws one token at a time from logits; reproducible for a given seed."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """logits: [V] of the next position; history: token ids so far (prompt + answer)."""
+        p = self.params
+        window = list(history[-p.repeat_last_n:]) if p.repeat_last_n else []
+        logits = apply_repeat_penalty(logits.float(), window, p.repeat_penalty)
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = filter_logits(logits, p.top_k, p.top_p, p.min_p)
+        probs = logits_to_probs(logits, p.temperature)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,176 @@
+"""Hugging Face model folders: config.json + *.safetensors + tokenizer.json.
+
+Tensors are exposed under the canonical (GGUF) names so the engine sees one vocabulary
+of weights whatever the file. HF already stores q/k in the rotate-halves layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType as QType
+from safetensors import SafetensorError, safe_open
+
+from fastserve_edge.engine.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
+from fastserve_edge.errors import ModelFormatError, ModelNotFound
+from fastserve_edge.models.tensors import RawTensor
+
+_DTYPES = {torch.float32: QType.F32, torch.float16: QType.F16, torch.bfloat16: QType.BF16}
+
+# HF name (with {i} for the layer) -> canonical name
+_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "blk.{i}.attn_q.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "blk.{i}.attn_k.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "blk.{i}.attn_v.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in _NAMES.items()]
+
+
+def canonical_name(hf_name: str) -> str | None:
+    for pattern, target in _PATTERNS:
+        m = pattern.match(hf_name)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    return None
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
+    arch = str(cfg.get("model_type", "")).lower()
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelFormatError(
+            f"{path}: model_type {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+    try:
+        n_heads = int(cfg["num_attention_heads"])
+        dim = int(cfg["hidden_size"])
+        scaling = None
+        rope = cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type"))
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                original_context_length=int(rope.get("original_max_position_embeddings", 8192)),
+            )
+        elif rope_type not in (None, "default"):
+            raise ModelFormatError(f"{path}: rope scaling {rope_type!r} is not supported; supported: llama3")
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return ModelConfig(
+            arch=arch,
+            n_layers=int(cfg["num_hidden_layers"]),
+            dim=dim,
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(cfg.get("head_dim") or dim // n_heads),
+            ffn_dim=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            context_length=int(cfg.get("max_position_embeddings", 2048)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attn_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            name=path.name,
+        )
+    except KeyError as err:
+        raise ModelFormatError(f"{path}/config.json lacks {err}; it is not a complete {arch} config") from None
+
+
+class HFModel:
+    """A Hugging Face folder opened in place (safetensors are memory-mapped by safe_open)."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not is_hf_folder(self.path):
+            raise ModelNotFound(
+                f"{self.path} is not a Hugging Face model folder (needs config.json and *.safetensors)"
+            )
+        try:
+            self.hf_config = json.loads((self.path / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelFormatError(f"{self.path}/config.json is not valid JSON ({err})") from None
+        self.config = config_from_hf(self.hf_config, self.path)
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        for file in sorted(self.path.glob("*.safetensors")):
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise ModelFormatError(f"{file} is not a readable safetensors file ({err}); it may be truncated") from None
+            self._files[str(file)] = handle
+            for hf_name in handle.keys():
+                name = canonical_name(hf_name)
+                if name is not None:
+                    self._where[name] = (file, hf_name)
+        if self.config.tie_embeddings:
+            self._where.pop("output.weight", None)
+        elif "output.weight" not in self._where:
+            raise ModelFormatError(f"{self.path}: lm_head.weight is missing and tie_word_embeddings is false")
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def tensor(self, name: str) -> RawTensor:
+        where = self._where.get(name)
+        if where is None:
+            raise ModelFormatError(f"{self.path}: tensor {name} is missing from the safetensors files")
+        file, hf_name = where
+        try:
+            value = self._files[str(file)].get_tensor(hf_name)
+        except SafetensorError as err:
+            raise ModelFormatError(f"{file}: cannot read {hf_name} ({err}); the file may be truncated") from None
+        qtype = _DTYPES.get(value.dtype)
+        if qtype is None:
+            raise ModelFormatError(f"{file}: {hf_name} has dtype {value.dtype}; supported: float32, float16, bfloat16")
+        return RawTensor(name, qtype, tuple(value.shape), value)
+
+    def tokenizer(self):
+        from fastserve_edge.models.tokenizer import Tokenizer
+
+        return Tokenizer.from_hf_folder(self.path)
+
+    @property
+    def quantization(self) -> str:
+        some = next(iter(self._where))
+        return self.tensor(some).qtype.name
+
+    @property
+    def n_params(self) -> int:
+        total = 0
+        for file, hf_name in self._where.values():
+            total += _numel(self._files[str(file)], hf_name)
+        return total
+
+
+def _numel(handle: Any, hf_name: str) -> int:
+    n = 1
+    for d in handle.get_slice(hf_name).get_shape():
+        n *= int(d)
+    return n
+
