@@ -1,0 +1,23 @@
+"""The `fastserve` command. Each sub-command lives in its own module and stays thin."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import bench, chat, models, pull
+
+app = typer.Typer(
+    name="fastserve",
+    help="Chat with a large language model on this machine or a LAN cluster of CPU machines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("pull")(pull.command)
+app.command("models")(models.command)
+app.command("chat")(chat.command)
+app.command("bench")(bench.command)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,86 @@
+"""The engine on the real SmolLM2-135M-Instruct (Q4_1) against transformers reading the same file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastserve_edge.engine.generate import Pipeline, local_stages
+from fastserve_edge.engine.sampling import Sampler, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "List three colours of the rainbow.",
+    "Explain gravity to a child in two sentences.",
+]
+
+
+@pytest.fixture(scope="module")
+def whole(smollm2_source):
+    return Pipeline(smollm2_source.config, local_stages(smollm2_source, max_tokens=256), 256)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_source):
+    return smollm2_source.tokenizer()
+
+
+def chat_ids(tokenizer, text):
+    return tokenizer.encode_chat([{"role": "user", "content": text}])
+
+
+def test_logits_match_transformers(whole, tokenizer, smollm2_hf):
+    ids = chat_ids(tokenizer, PROMPTS[0])
+    ours = whole.forward("logits", ids, 0, all_logits=True)
+    with torch.no_grad():
+        ref = smollm2_hf(torch.tensor([ids])).logits[0]
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    assert rel < 1e-4, rel
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    whole.drop("logits")
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_greedy_32_tokens_identical_to_transformers(whole, tokenizer, smollm2_hf, text):
+    ids = chat_ids(tokenizer, text)
+    with torch.no_grad():
+        ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    ours = list(whole.generate(f"greedy-{text}", ids, Sampler(GREEDY), max_tokens=32))
+    whole.drop(f"greedy-{text}")
+    assert ours == ref
+
+
+@pytest.mark.parametrize("cuts", [[0, 1, 30], [0, 15, 30], [0, 7, 8, 29, 30]])
+def test_split_into_stages_gives_the_same_logits(smollm2_source, whole, tokenizer, cuts):
+    ids = chat_ids(tokenizer, PROMPTS[1])
+    split = Pipeline(smollm2_source.config, local_stages(smollm2_source, max_tokens=256, boundaries=cuts), 256)
+    expected = whole.forward("split", ids, 0, all_logits=True)
+    got = split.forward("split", ids, 0, all_logits=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # and decode steps after the prefill agree as well
+    for pos, token in enumerate([42, 1337, 7], start=len(ids)):
+        torch.testing.assert_close(split.forward("split", [token], pos), whole.forward("split", [token], pos),
+                                   rtol=1e-5, atol=1e-4)
+    whole.drop("split")
+
+
+def test_second_turn_reuses_the_cached_prefix_with_same_tokens(smollm2_source, whole, tokenizer):
+    first = chat_ids(tokenizer, PROMPTS[0])
+    answer = list(whole.generate("multi", first, Sampler(GREEDY), max_tokens=8))
+    follow = tokenizer.encode_chat([
+        {"role": "user", "content": PROMPTS[0]},
+        {"role": "assistant", "content": tokenizer.decode(answer)},
+        {"role": "user", "content": "And of Italy?"},
+    ])
+    from fastserve_edge.engine.generate import GenerationStats
+
+    stats = GenerationStats()
+    cached = list(whole.generate("multi", follow, Sampler(GREEDY), max_tokens=12, stats=stats))
+    assert stats.cached_tokens > len(first) // 2
+    fresh = Pipeline(smollm2_source.config, whole.stages, 256)
+    assert list(fresh.generate("fresh", follow, Sampler(GREEDY), max_tokens=12)) == cached
+    whole.drop("multi")
+    fresh.drop("fresh")
