@@ -3,27 +3,16 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
 
-TEST_HOME = Path(os.environ.get("FASTSERVE_TEST_HOME", Path(tempfile.gettempdir()) / "fastserve-test-home"))
-
-
-def _pull_smollm2() -> Path:
-    from fastserve_edge.models.registry import resolve
-    from fastserve_edge.settings import load_settings
-
-    settings = load_settings({"FASTSERVE_HOME": str(TEST_HOME)})
-    return resolve("smollm2-135m", settings, pull_missing=True).path
+from tests.models_fixtures import TEST_HOME, smollm2_path as _smollm2_path  # noqa: F401
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    override = os.environ.get("FASTSERVE_TEST_SMOLLM2")
-    return Path(override) if override else _pull_smollm2()
+    return _smollm2_path()
 
 
 @pytest.fixture(scope="session")
