@@ -46,7 +46,7 @@ class RawTensor:
         if isinstance(self.data, torch.Tensor):
             return self.data.to(dtype).reshape(self.shape).clone()
         if self.qtype == QType.BF16:
-            raw = torch.from_numpy(np.ascontiguousarray(self.data).view(np.int16))
+            raw = torch.from_numpy(np.array(self.data).view(np.int16))  # copy: the map is read-only
             return raw.view(torch.bfloat16).to(dtype).reshape(self.shape)
         values = dequantize(np.asarray(self.data), self.qtype)
         if not values.flags.writeable:  # a view of the read-only memory map: copy it
