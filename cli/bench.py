@@ -11,10 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.common import err_console, user_errors
-from fastserve_edge.engine.benchmark import bench_model
-from fastserve_edge.engine.local import load_local_model, set_threads
+from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError
-from fastserve_edge.models.registry import resolve
 from fastserve_edge.settings import load_settings
 
 
@@ -27,13 +25,16 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
     """Prefill and decode tokens/s, time to first token and peak memory of this machine."""
+    from fastserve_edge.engine.benchmark import bench_model  # torch: only when the command runs
+    from fastserve_edge.engine.local import load_local_model, set_threads
+
     with user_errors():
         for flag, value, low in (("--prompt-tokens", prompt_tokens, 1), ("--gen-tokens", gen_tokens, 1), ("--repeats", repeats, 1)):
             if value < low:
                 raise ConfigError(f"{flag} must be at least {low}, got {value}")
         settings = load_settings()
         n_threads = set_threads(threads)
-        resolved = resolve(model or settings.default_model, settings, pull_missing=True)
+        resolved = resolve_or_pull(model, settings)
         t0 = time.perf_counter()
         local = load_local_model(resolved.path, ctx=None, max_ctx=max(settings.chat.max_ctx, prompt_tokens + gen_tokens + 8))
         load_s = time.perf_counter() - t0

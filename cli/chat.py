@@ -7,19 +7,21 @@ Interactive on a terminal; with -p, or with stdin not a terminal, one answer to 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from rich.markup import escape
+
 from cli.common import err_console, user_errors
-from fastserve_edge.engine.chat import ChatSession
-from fastserve_edge.engine.generate import GenerationStats
-from fastserve_edge.engine.local import load_local_model, set_threads
-from fastserve_edge.engine.sampling import SamplingParams
+from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError, FastServeError
-from fastserve_edge.models.registry import resolve
 from fastserve_edge.settings import load_settings
+
+if TYPE_CHECKING:  # torch-heavy: imported when the command runs, so `fastserve --help` stays quick
+    from fastserve_edge.engine.chat import ChatSession
+    from fastserve_edge.engine.generate import GenerationStats
 
 HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
 
@@ -39,6 +41,10 @@ def command(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
 ) -> None:
     """Chat with a model in the terminal (pulls the default model when it is missing)."""
+    from fastserve_edge.engine.chat import ChatSession
+    from fastserve_edge.engine.local import load_local_model, set_threads
+    from fastserve_edge.engine.sampling import SamplingParams
+
     with user_errors():
         settings = load_settings()
         d = settings.chat
@@ -55,11 +61,11 @@ def command(
         if answer_limit < 1:
             raise ConfigError(f"--max-tokens must be at least 1, got {answer_limit}")
         set_threads(threads)
-        resolved = resolve(model or settings.default_model, settings, pull_missing=True)
+        resolved = resolve_or_pull(model, settings)
         with err_console.status(f"loading {resolved.name}…"):
             local = load_local_model(resolved.path, ctx=ctx, max_ctx=d.max_ctx)
         chat = ChatSession(local.pipeline, local.tokenizer, params, max_tokens=answer_limit, system=system,
-                           notice=lambda m: err_console.print(f"[yellow]{m}[/]", highlight=False))
+                           notice=lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False))
         interactive = prompt is None and sys.stdin.isatty()
         if not interactive:
             text = prompt if prompt is not None else sys.stdin.read()
@@ -67,7 +73,7 @@ def command(
                 raise ConfigError("nothing to answer: give a message with -p TEXT or on stdin")
             answer_once(chat, text)
             return
-        err_console.print(f"[bold]{resolved.name}[/] · {local.config.arch} · ctx {local.pipeline.ctx} · {HELP}",
+        err_console.print(f"[bold]{escape(resolved.name)}[/] · {local.config.arch} · ctx {local.pipeline.ctx} · {HELP}",
                           highlight=False)
         repl(chat)
 
@@ -134,4 +140,4 @@ def repl(chat: ChatSession) -> None:
         try:
             stream_answer(chat, text, console)
         except FastServeError as err:  # e.g. a message longer than the context: say so, keep going
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fastserve_edge.errors import FastServeError
 
@@ -19,7 +20,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except FastServeError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
 
 

