@@ -55,7 +55,9 @@ def test_interactive_answer_about_france_says_paris(model):
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(model):
     child = spawn(model, "--temperature", "0.8", "--seed", "1", "--max-tokens", "2000", "--ctx", "2048")
-    child.sendline("Write a very long story about a dragon who learns to cook, with many chapters.")
+    request = "Write a very long story about a dragon who learns to cook, with many chapters."
+    child.sendline(request)
+    child.expect_exact(request)  # the terminal's echo of what was typed
     child.expect(r"\w+ \w+ \w+ \w+", timeout=60)  # the answer has started streaming
     child.sendintr()
     child.expect("stopped")
@@ -63,10 +65,24 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(model):
     generated = int(child.match.group(4))
     assert 0 < generated < 2000
     child.expect_exact(PROMPT)
-    answer, _ = ask(child, "What is the capital of France?")
-    assert answer.strip()
+    # the chat goes on: the next question is answered (and can be stopped the same way)
+    child.sendline("What is the capital of France? Answer in one word.")
+    child.expect("Paris", timeout=60)
+    child.sendintr()
+    child.expect(STATS)
+    child.expect_exact(PROMPT)
     child.sendeof()  # Ctrl-D leaves
     child.expect(pexpect.EOF)
+
+
+def test_two_ctrl_c_at_the_prompt_leave(model):
+    child = spawn(model)
+    child.sendintr()
+    child.expect("Ctrl-C again")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
 
 
 def test_reset_forgets_the_conversation(model):

@@ -3,7 +3,6 @@ gguf.GGUFWriter, a varied text corpus, and transformers (the oracle) loading a G
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
