@@ -1,18 +1,31 @@
 """File format -> runtime weight. The only place that decides how a weight lives in memory.
 
-The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn_q" and
-gets an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
-Today every matrix is dequantized once at load into `dtype` (fp32 by default); keeping
-weights quantized in memory swaps these modules, not the model.
+The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn_q" and gets
+an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
+
+Runtime formats (kernels/qmatmul.c does the arithmetic):
+    GGUF Q4_0, Q4_1, Q8_0   used in place: the memory-mapped blocks are the weights
+    Q4_K                    repacked per 32 weights to Q4_1 blocks (fp16 scale d*sc, min -dmin*m)
+    Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact)
+    Q6_K                    repacked to 16-weight int8 blocks (fp16 scale d*sc)
+    everything else         dense fp32 (F32/F16/BF16, Q5_1, Q5_K), as without a compiler
+Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
+rows it looks up, and a tied LM head shares the same blocks.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QType
+from gguf.quants import dequantize
 from torch import nn
 
+from fastserve_edge.engine import kernels
 from fastserve_edge.models.tensors import ModelSource, RawTensor
+
+REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
 
 
 class DenseLinear(nn.Module):
@@ -43,32 +56,165 @@ class DenseEmbedding(nn.Module):
         return DenseLinear(self.weight)
 
 
+class QuantTensor:
+    """A matrix [N, K] as rows of quantized blocks: blocks uint8 [N, K / group * block_bytes]."""
+
+    def __init__(self, blocks: torch.Tensor, fmt: int, group: int, shape: tuple[int, int], k: kernels.Kernels):
+        self.blocks, self.fmt, self.group, self.shape, self.k = blocks, fmt, group, shape, k
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [M, K] float32 -> [M, N]."""
+        return self.k.matmul(self.fmt, self.group, self.blocks, self.shape[0], self.shape[1], x)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows [len(ids), K]."""
+        return self.k.dequant_rows(self.fmt, self.group, self.blocks, self.shape[1], ids)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, weight: QuantTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight
+        self.register_buffer("bias", bias, persistent=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.weight.matmul(x.reshape(-1, self.in_features).float())
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+class QuantEmbedding(nn.Module):
+    def __init__(self, weight: QuantTensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.rows(ids).reshape(*ids.shape, self.weight.shape[1])
+
+    def as_linear(self) -> QuantLinear:
+        return QuantLinear(self.weight)
+
+
+# --- GGUF blocks -> runtime blocks ----------------------------------------------------------
+
+def _fp16_bytes(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
+
+
+def _nibble_pack(q: np.ndarray) -> np.ndarray:
+    """q: [..., 32] in 0..15 -> [..., 16] bytes, weight i low and weight i+16 high (GGUF order)."""
+    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def _k4_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K 12-byte packed 6-bit (scale, min) pairs -> two [..., 8] arrays."""
+    s = scales.astype(np.uint8)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def _repack_q4_k(raw: np.ndarray) -> np.ndarray:
+    """[rows, nb*144] Q4_K -> [rows, nb*8*20] Q4_1 blocks (d, m, 16 bytes)."""
+    rows = raw.shape[0]
+    b = raw.reshape(rows, -1, 144)
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)       # [rows, nb, 1]
+    dmin = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = _k4_scales(b[..., 4:16])                                  # [rows, nb, 8]
+    qs = b[..., 16:144].reshape(rows, -1, 4, 32)                       # 4 chunks of 64 weights
+    q = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(rows, -1, 8, 32)  # sub-block j = 2c + (high)
+    out = np.empty((rows, q.shape[1], 8, 20), dtype=np.uint8)
+    out[..., 0:2] = _fp16_bytes(d * sc)
+    out[..., 2:4] = _fp16_bytes(-dmin * mn)
+    out[..., 4:20] = _nibble_pack(q)
+    return out.reshape(rows, -1)
+
+
+def _repack_by_division(raw: np.ndarray, qtype: QType, scale: np.ndarray, group: int) -> np.ndarray:
+    """Blocks whose weights are scale * small integer -> int8 blocks of `group` (fp16 scale)."""
+    rows = raw.shape[0]
+    w = dequantize(raw, qtype).reshape(rows, -1, group)
+    safe = np.where(scale == 0, 1.0, scale)[..., None]
+    q = np.rint(w / safe).astype(np.int8)
+    out = np.empty((rows, q.shape[1], 2 + group), dtype=np.uint8)
+    out[..., 0:2] = _fp16_bytes(scale)
+    out[..., 2:] = q.view(np.uint8)
+    return out.reshape(rows, -1)
+
+
+def _repack_q5_0(raw: np.ndarray) -> np.ndarray:
+    d = raw.reshape(raw.shape[0], -1, 22)[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    return _repack_by_division(raw, QType.Q5_0, d, 32)
+
+
+def _repack_q6_k(raw: np.ndarray) -> np.ndarray:
+    b = raw.reshape(raw.shape[0], -1, 210)
+    d = b[..., 208:210].copy().view(np.float16).astype(np.float32)    # [rows, nb, 1]
+    sc = b[..., 192:208].copy().view(np.int8).astype(np.float32)       # [rows, nb, 16]
+    return _repack_by_division(raw, QType.Q6_K, (d * sc).reshape(raw.shape[0], -1), 16)
+
+
+IN_PLACE = {QType.Q4_0: (kernels.FMT_Q4_0, 32), QType.Q4_1: (kernels.FMT_Q4_1, 32), QType.Q8_0: (kernels.FMT_Q8, 32)}
+REPACKED = {
+    QType.Q4_K: (kernels.FMT_Q4_1, 32, _repack_q4_k),
+    QType.Q5_0: (kernels.FMT_Q8, 32, _repack_q5_0),
+    QType.Q6_K: (kernels.FMT_Q8, 16, _repack_q6_k),
+}
+
+
+def quant_tensor(raw: RawTensor, k: kernels.Kernels) -> QuantTensor | None:
+    """The runtime form of a quantized GGUF matrix, or None when it has none (use dense)."""
+    if not isinstance(raw.data, np.ndarray) or len(raw.shape) != 2:
+        return None
+    if raw.qtype in IN_PLACE:
+        fmt, group = IN_PLACE[raw.qtype]
+        return QuantTensor(kernels.as_uint8_rows(raw.data), fmt, group, raw.shape, k)
+    if raw.qtype in REPACKED:
+        fmt, group, repack = REPACKED[raw.qtype]
+        data = np.asarray(raw.data)
+        parts = [repack(data[i:i + REPACK_CHUNK_ROWS]) for i in range(0, data.shape[0], REPACK_CHUNK_ROWS)]
+        return QuantTensor(torch.from_numpy(np.concatenate(parts)), fmt, group, raw.shape, k)
+    return None
+
+
 class RuntimeWeights:
     """Hands the decoder its weights by canonical name, converted once, cached for tying."""
 
-    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32):
+    def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, *, quantized: bool = True,
+                 variant: str = "native"):
         self.source = source
         self.dtype = dtype
-        self._embedding: DenseEmbedding | None = None
+        self.kernels = kernels.load(variant) if quantized else None
+        self._embedding: nn.Module | None = None
 
     def has(self, name: str) -> bool:
         return self.source.has(name)
-
-    def _matrix(self, raw: RawTensor) -> torch.Tensor:
-        return raw.to_float(self.dtype)
 
     def vector(self, name: str) -> torch.Tensor:
         """Norm weights and biases: always fp32, they are tiny and sensitive."""
         return self.source.tensor(name).to_float(torch.float32)
 
-    def linear(self, name: str, *, bias: bool = False) -> nn.Module:
-        weight = self._matrix(self.source.tensor(f"{name}.weight"))
-        b = self.vector(f"{name}.bias") if bias else None
-        return DenseLinear(weight, b)
+    def _quant(self, raw: RawTensor) -> QuantTensor | None:
+        return quant_tensor(raw, self.kernels) if self.kernels is not None else None
 
-    def embedding(self, name: str = "token_embd") -> DenseEmbedding:
+    def linear(self, name: str, *, bias: bool = False) -> nn.Module:
+        raw = self.source.tensor(f"{name}.weight")
+        b = self.vector(f"{name}.bias") if bias else None
+        q = self._quant(raw)
+        return QuantLinear(q, b) if q is not None else DenseLinear(raw.to_float(self.dtype), b)
+
+    def embedding(self) -> nn.Module:
         if self._embedding is None:
-            self._embedding = DenseEmbedding(self._matrix(self.source.tensor(f"{name}.weight")))
+            raw = self.source.tensor("token_embd.weight")
+            q = self._quant(raw)
+            self._embedding = QuantEmbedding(q) if q is not None else DenseEmbedding(raw.to_float(self.dtype))
         return self._embedding
 
     def head(self, tied: bool) -> nn.Module:

@@ -1,0 +1,116 @@
+"""Our quantized matmul kernels (qmatmul.c), compiled on first use and called through ctypes.
+
+The library is built once per machine with the system C compiler (`cc`, -O3, OpenMP) and
+cached under the fastserve cache, keyed by source, flags and CPU. Variants:
+    native    -march=native: AVX-512 VNNI or AVX2 where the CPU has them (the default)
+    avx2      AVX2 + F16C, for testing that path on a newer CPU
+    portable  plain C, no SIMD
+When no compiler is present, `load()` returns None and quant.py keeps dense torch weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastserve_edge.settings import Paths
+
+SOURCE = Path(__file__).with_name("qmatmul.c")
+FLAGS = {
+    "native": ["-march=native"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "portable": [],
+}
+FMT_Q4_0, FMT_Q4_1, FMT_Q8 = 0, 1, 2
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build(variant: str, out: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        part = Path(tmp) / out.name
+        cmd = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *FLAGS[variant], str(SOURCE), "-o", str(part), "-lm"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+        os.replace(part, out)  # atomic: a concurrent process sees the old or the whole new file
+
+
+class Kernels:
+    """ctypes bindings of one compiled variant."""
+
+    def __init__(self, path: Path, variant: str):
+        self.variant = variant
+        self.lib = ctypes.CDLL(str(path))
+        p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i, i]
+        self.lib.fs_qmatmul.restype = i
+        self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p]
+        self.lib.fs_dequant_rows.restype = i
+
+    def matmul(self, fmt: int, group: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor, terms: int = 2) -> torch.Tensor:
+        """x: [M, K] float32 -> [M, N]; w: uint8 [N, bytes_per_row] blocks.
+
+        terms=1 quantizes x to int8 per 32 values (llama.cpp's precision); terms=2 adds the
+        int8 residual, making the product nearly exact for twice the integer work."""
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], n), dtype=torch.float32)
+        rc = self.lib.fs_qmatmul(fmt, group, w.data_ptr(), w.stride(0), n, k, x.data_ptr(), x.shape[0],
+                                 y.data_ptr(), terms, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
+        return y
+
+    def dequant_rows(self, fmt: int, group: int, w: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty((rows.numel(), k), dtype=torch.float32)
+        rc = self.lib.fs_dequant_rows(fmt, group, w.data_ptr(), w.stride(0), k, rows.data_ptr(), rows.numel(), out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"fs_dequant_rows failed ({rc})")
+        return out
+
+
+@cache
+def load(variant: str = "native") -> Kernels | None:
+    """The compiled kernels, building them on first use; None (with a warning) if that fails."""
+    if os.environ.get("FASTSERVE_NO_KERNELS"):
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[variant]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    path = Paths.from_env().cache / "kernels" / f"qmatmul-{variant}-{key}.so"
+    try:
+        if not path.exists():
+            _build(variant, path)
+        return Kernels(path, variant)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"quantized kernels unavailable, using dense torch weights (slower, more memory): {err}",
+                      stacklevel=2)
+        return None
+
+
+def as_uint8_rows(data: np.ndarray) -> torch.Tensor:
+    """A [rows, bytes] uint8 view of GGUF block data without copying the memory map."""
+    with warnings.catch_warnings():  # the map is read-only; we never write through it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(data.view(np.uint8).reshape(data.shape[0], -1))

@@ -1,0 +1,206 @@
+/* Quantized matrix products for the CPU: y[M][N] = x[M][K] . W[N][K]^T.
+ *
+ * W stays in GGUF-style blocks of G weights (G = 32, or 16 for repacked Q6_K):
+ *   q4_0 : { fp16 d; u8 qs[16] }        w = d * (q - 8)      (GGUF Q4_0, read in place)
+ *   q4_1 : { fp16 d; fp16 m; u8 qs[16] } w = d * q + m        (GGUF Q4_1; Q4_K repacked to it)
+ *   q8   : { fp16 d; i8 qs[G] }         w = d * q            (GGUF Q8_0; Q5_0, Q6_K repacked)
+ * Nibbles as GGUF lays them out: byte i holds weight i (low) and weight i + 16 (high).
+ *
+ * x is quantized per row in groups of 32 to int8 with one float scale (as llama.cpp's
+ * Q8_0 activations); integer dot products then do the work: AVX-512 VNNI when the
+ * compiler targets it, AVX2 otherwise, plain C as the portable fallback.
+ * Built on first use with -march=native by kernels/__init__.py; called through ctypes.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static inline float fp16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else { exp = 113; while (!(man & 0x400)) { man <<= 1; exp--; } bits = sign | (exp << 23) | ((man & 0x3ff) << 13); }
+    } else if (exp == 31) { bits = sign | 0x7f800000u | (man << 13); }
+    else { bits = sign | ((exp + 112) << 23) | (man << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+/* One activation row quantized in groups of 32: x ~= d1 * q1 + d2 * q2 (q2 quantizes the
+ * residual of q1 when two terms are asked for, which makes the product nearly exact).
+ * s = the sum of the quantized x per group, for the min/offset terms of the weights. */
+typedef struct { int8_t *q1, *q2; float *d1, *d2, *s; } qrow;
+
+static void quantize_row(const float *x, int K, int terms, qrow r) {
+    for (int g = 0; g < K / 32; g++) {
+        const float *xg = x + g * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) { float a = fabsf(xg[i]); amax = a > amax ? a : amax; }
+        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f, res[32], ramax = 0.f;
+        int32_t isum = 0;
+        for (int i = 0; i < 32; i++) {
+            int v = (int)lrintf(xg[i] * id);
+            r.q1[g * 32 + i] = (int8_t)v; isum += v;
+            res[i] = xg[i] - d * (float)v;
+            float a = fabsf(res[i]); ramax = a > ramax ? a : ramax;
+        }
+        r.d1[g] = d; r.s[g] = d * (float)isum;
+        if (terms == 2) {
+            float d2 = ramax / 127.f, id2 = d2 > 0.f ? 1.f / d2 : 0.f;
+            int32_t isum2 = 0;
+            for (int i = 0; i < 32; i++) { int v = (int)lrintf(res[i] * id2); r.q2[g * 32 + i] = (int8_t)v; isum2 += v; }
+            r.d2[g] = d2; r.s[g] += d2 * (float)isum2;
+        }
+    }
+}
+
+/* sum over 32 of q4(unsigned 0..15, GGUF nibble order) * a(int8) */
+static inline int32_t dot_q4_32(const uint8_t *qs, const int8_t *a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m128i packed = _mm_loadu_si128((const __m128i *)qs);
+    __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
+    __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256((const __m256i *)a));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+#elif defined(__AVX2__)
+    __m128i packed = _mm_loadu_si128((const __m128i *)qs);
+    __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
+    __m256i p16 = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)a)); /* <= 2*15*128: no saturation */
+    __m256i acc = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < 16; i++) sum += (qs[i] & 0x0f) * a[i] + (qs[i] >> 4) * a[i + 16];
+    return sum;
+#endif
+}
+
+/* sum over n (16 or 32) of q8(int8) * a(int8) */
+static inline int32_t dot_q8(const int8_t *qs, const int8_t *a, int n) {
+#if defined(__AVX2__)
+    if (n == 32) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)qs), x = _mm256_loadu_si256((const __m256i *)a);
+        /* |w| * sign(x, w): unsigned x signed without saturation (|w| <= 128, |x| <= 127) */
+        __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+        __m256i acc = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+        return _mm_cvtsi128_si32(s);
+    }
+    {
+        __m128i w = _mm_loadu_si128((const __m128i *)qs), x = _mm_loadu_si128((const __m128i *)a);
+        __m128i acc = _mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(w, w), _mm_sign_epi8(x, w)), _mm_set1_epi16(1));
+        acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0x4e));
+        acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0xb1));
+        return _mm_cvtsi128_si32(acc);
+    }
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) sum += qs[i] * a[i];
+    return sum;
+#endif
+}
+
+enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2 };
+
+/* One weight row against one quantized activation row (1 or 2 terms). */
+static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow a) {
+    float acc = 0.f;
+    if (fmt == FMT_Q4_0 || fmt == FMT_Q4_1) {
+        const int bs = fmt == FMT_Q4_0 ? 18 : 20, off = fmt == FMT_Q4_0 ? 2 : 4;
+        for (int g = 0; g < K / 32; g++) {
+            const uint8_t *b = wrow + g * bs;
+            float d = fp16_to_f32(*(const uint16_t *)b);
+            float m = fmt == FMT_Q4_0 ? -8.f * d : fp16_to_f32(*(const uint16_t *)(b + 2));
+            /* sum (d*q + m) * x = d * sum(q * x) + m * sum(x) */
+            float qx = a.d1[g] * (float)dot_q4_32(b + off, a.q1 + g * 32);
+            if (terms == 2) qx += a.d2[g] * (float)dot_q4_32(b + off, a.q2 + g * 32);
+            acc += d * qx + m * a.s[g];
+        }
+    } else { /* FMT_Q8, blocks of G = 32 or 16 */
+        for (int i = 0; i < K / G; i++) {
+            const uint8_t *b = wrow + i * (2 + G);
+            float d = fp16_to_f32(*(const uint16_t *)b);
+            int k = i * G;
+            float qx = a.d1[k / 32] * (float)dot_q8((const int8_t *)(b + 2), a.q1 + k, G);
+            if (terms == 2) qx += a.d2[k / 32] * (float)dot_q8((const int8_t *)(b + 2), a.q2 + k, G);
+            acc += d * qx;
+        }
+    }
+    return acc;
+}
+
+static qrow row_of(qrow all, int m, int K) {
+    const int ng = K / 32;
+    qrow r = { all.q1 + (size_t)m * K, all.q2 + (size_t)m * K, all.d1 + (size_t)m * ng, all.d2 + (size_t)m * ng, all.s + (size_t)m * ng };
+    return r;
+}
+
+/* y[M][N] = x[M][K] . W^T. W rows are `row_stride` bytes apart. terms: 1 (llama.cpp's
+ * precision) or 2 (activations to ~14 bits). Returns 0, or < 0 on bad arguments. */
+int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
+               const float *x, int M, float *y, int terms, int nthreads) {
+    if (K % 32 != 0 || (fmt == FMT_Q8 && G != 32 && G != 16) || M <= 0 || N <= 0 || terms < 1 || terms > 2) return -1;
+    const size_t ng = (size_t)M * (K / 32);
+    int8_t *q = (int8_t *)malloc((size_t)M * K * 2);
+    float *f = (float *)malloc(sizeof(float) * ng * 3);
+    if (!q || !f) { free(q); free(f); return -2; }
+    qrow all = { q, q + (size_t)M * K, f, f + ng, f + 2 * ng };
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
+    for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, terms, row_of(all, m, K));
+    /* Each thread takes a slice of weight rows; a weight row is read from memory once per
+       call and reused from cache for every activation row. */
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *wrow = w + (size_t)n * row_stride;
+        for (int m = 0; m < M; m++) y[(size_t)m * N + n] = row_dot(fmt, G, wrow, K, terms, row_of(all, m, K));
+    }
+    free(q); free(f);
+    return 0;
+}
+
+/* Dequantize rows `rows[0..R)` of W into out[R][K] (embedding lookups, reference checks). */
+int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R, float *out) {
+    if (K % 32 != 0) return -1;
+    for (int r = 0; r < R; r++) {
+        const uint8_t *wrow = w + (size_t)rows[r] * row_stride;
+        float *o = out + (size_t)r * K;
+        if (fmt == FMT_Q8) {
+            for (int i = 0; i < K / G; i++) {
+                const uint8_t *b = wrow + i * (2 + G);
+                float dd = fp16_to_f32(*(const uint16_t *)b);
+                for (int j = 0; j < G; j++) o[i * G + j] = dd * (float)((const int8_t *)(b + 2))[j];
+            }
+        } else {
+            const int bs = fmt == FMT_Q4_0 ? 18 : 20;
+            for (int g = 0; g < K / 32; g++) {
+                const uint8_t *b = wrow + g * bs;
+                float dd = fp16_to_f32(*(const uint16_t *)b);
+                float mm = fmt == FMT_Q4_0 ? -8.f * dd : fp16_to_f32(*(const uint16_t *)(b + 2));
+                const uint8_t *q = b + (fmt == FMT_Q4_0 ? 2 : 4);
+                for (int i = 0; i < 16; i++) {
+                    o[g * 32 + i] = dd * (float)(q[i] & 0x0f) + mm;
+                    o[g * 32 + i + 16] = dd * (float)(q[i] >> 4) + mm;
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,121 @@
+"""The quantized runtime weights and every kernel path, against gguf's own dequantization."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf.quants import dequantize
+
+from fastserve_edge.engine import kernels
+from fastserve_edge.engine.quant import QuantEmbedding, QuantLinear, quant_tensor
+from fastserve_edge.models.tensors import RawTensor
+from tests.models_fixtures import quantize_tensor
+
+CPU_FLAGS = open("/proc/cpuinfo").read()
+VARIANTS = ["portable"] + (["avx2"] if " avx2 " in CPU_FLAGS else []) + ["native"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"]
+K_TYPES = {"Q4_K", "Q6_K"}
+
+
+def raw_matrix(ttype: str, n: int, k: int, seed: int = 0) -> tuple[RawTensor, torch.Tensor]:
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    data, qtype = quantize_tensor(w, ttype)
+    reference = torch.from_numpy(dequantize(data, qtype).copy()).float()
+    return RawTensor("w", qtype, (n, k), data), reference
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", TYPES)
+@pytest.mark.parametrize("n,k,m", [(1, 256, 1), (37, 256, 1), (37, 512, 5), (3, 768, 17)])
+def test_matmul_matches_reference_dequantization(variant, ttype, n, k, m):
+    if ttype not in K_TYPES:  # block types of 32: odd multiples of the group too
+        k = k - 32 * (k // 256 - 1) if k > 256 else k + 32
+    raw, ref = raw_matrix(ttype, n, k, seed=n + k)
+    q = quant_tensor(raw, kernels.load(variant))
+    x = torch.randn(m, k)
+    expected = x @ ref.T
+    got = q.matmul(x)
+    # error relative to |x_m| |w_n|, the size of each dot product's terms (a single output
+    # can cancel to near zero). fp16 scales of the repacked K-quants (d * sub-scale) round at
+    # ~5e-4; the other formats are the file's own blocks and only the activations round.
+    scale = x.norm(dim=1)[:, None] * ref.norm(dim=1)[None, :]
+    worst = ((got - expected).abs() / scale).max().item()
+    assert worst < (1e-3 if ttype in K_TYPES else 5e-5), worst
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0"])
+def test_single_term_activations_are_llamacpp_precision(variant, ttype):
+    raw, ref = raw_matrix(ttype, 64, 256)
+    q = quant_tensor(raw, kernels.load(variant))
+    x = torch.randn(2, 256)
+    one = q.k.matmul(q.fmt, q.group, q.blocks, 64, 256, x, terms=1)
+    two = q.k.matmul(q.fmt, q.group, q.blocks, 64, 256, x, terms=2)
+    expected = x @ ref.T
+    err1 = ((one - expected).norm() / expected.norm()).item()
+    err2 = ((two - expected).norm() / expected.norm()).item()
+    assert 1e-4 < err1 < 3e-2 and err2 < err1 / 20
+
+
+@pytest.mark.parametrize("ttype", TYPES)
+def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype):
+    raw, ref = raw_matrix(ttype, 50, 256)
+    q = quant_tensor(raw, kernels.load())
+    ids = torch.tensor([0, 7, 49, 7])
+    atol = 1e-3 * ref.abs().max().item() if ttype in K_TYPES else 0.0  # fp16 d*sc, -dmin*m
+    torch.testing.assert_close(q.rows(ids), ref[ids], rtol=1e-3 if atol else 0.0, atol=atol)
+
+
+def test_in_place_formats_do_not_copy_the_file_blocks():
+    raw, _ = raw_matrix("Q4_0", 8, 64)
+    q = quant_tensor(raw, kernels.load())
+    assert q.blocks.data_ptr() == raw.data.ctypes.data
+    assert q.nbytes == raw.nbytes
+
+
+def test_embedding_and_tied_head_share_blocks():
+    raw, ref = raw_matrix("Q8_0", 100, 64)
+    emb = QuantEmbedding(quant_tensor(raw, kernels.load()))
+    head = emb.as_linear()
+    assert isinstance(head, QuantLinear) and head.weight is emb.weight
+    ids = torch.tensor([[3, 99], [0, 1]])
+    assert emb(ids).shape == (2, 2, 64)
+    torch.testing.assert_close(emb(ids)[0, 1], ref[99])
+    h = torch.randn(1, 3, 64)
+    torch.testing.assert_close(head(h), h @ ref.T, rtol=1e-3, atol=1e-3)
+
+
+def test_types_without_a_kernel_format_fall_back_to_dense():
+    raw, _ = raw_matrix("Q5_1", 4, 64)
+    assert quant_tensor(raw, kernels.load()) is None
+
+
+def test_without_a_compiler_the_dense_torch_path_still_runs(tmp_path):
+    """A machine without cc: the kernels are unavailable, a warning says so, the model runs."""
+    code = (
+        "import warnings, torch\n"
+        "from fastserve_edge.engine import kernels\n"
+        "from fastserve_edge.engine.quant import RuntimeWeights\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert kernels.load() is None\n"
+        "assert any('kernels unavailable' in str(w.message) for w in seen)\n"
+        "print('dense ok')\n"
+    )
+    env = {**os.environ, "FASTSERVE_HOME": str(tmp_path), "CC": "/nonexistent/cc", "PATH": "/nonexistent"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "dense ok" in result.stdout
+
+
+def test_bad_arguments_are_refused_not_crashed():
+    k = kernels.load()
+    blocks = torch.zeros((2, 18), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="fs_qmatmul failed"):
+        k.matmul(kernels.FMT_Q4_0, 32, blocks, 2, 33, torch.zeros(1, 33))
