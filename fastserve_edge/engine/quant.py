@@ -4,10 +4,9 @@ The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn
 an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
-    GGUF Q4_0, Q4_1, Q8_0   used in place: the memory-mapped blocks are the weights
-    Q4_K                    repacked per 32 weights to Q4_1 blocks (fp16 scale d*sc, min -dmin*m)
+    GGUF Q4_0, Q4_1, Q8_0, Q4_K   used in place: the memory-mapped blocks are the weights
     Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact)
-    Q6_K                    repacked to 16-weight int8 blocks (fp16 scale d*sc)
+    Q6_K                    repacked to 16-weight int8 blocks (fp16 scale d*sc: ~5e-4 rounding)
     everything else         dense fp32 (F32/F16/BF16, Q5_1, Q5_K), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
 rows it looks up, and a tied LM head shares the same blocks.
@@ -108,35 +107,6 @@ def _fp16_bytes(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16).view(np.uint8).reshape(*values.shape, 2)
 
 
-def _nibble_pack(q: np.ndarray) -> np.ndarray:
-    """q: [..., 32] in 0..15 -> [..., 16] bytes, weight i low and weight i+16 high (GGUF order)."""
-    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-
-
-def _k4_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K 12-byte packed 6-bit (scale, min) pairs -> two [..., 8] arrays."""
-    s = scales.astype(np.uint8)
-    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
-    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
-    return sc, mn
-
-
-def _repack_q4_k(raw: np.ndarray) -> np.ndarray:
-    """[rows, nb*144] Q4_K -> [rows, nb*8*20] Q4_1 blocks (d, m, 16 bytes)."""
-    rows = raw.shape[0]
-    b = raw.reshape(rows, -1, 144)
-    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)       # [rows, nb, 1]
-    dmin = b[..., 2:4].copy().view(np.float16).astype(np.float32)
-    sc, mn = _k4_scales(b[..., 4:16])                                  # [rows, nb, 8]
-    qs = b[..., 16:144].reshape(rows, -1, 4, 32)                       # 4 chunks of 64 weights
-    q = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(rows, -1, 8, 32)  # sub-block j = 2c + (high)
-    out = np.empty((rows, q.shape[1], 8, 20), dtype=np.uint8)
-    out[..., 0:2] = _fp16_bytes(d * sc)
-    out[..., 2:4] = _fp16_bytes(-dmin * mn)
-    out[..., 4:20] = _nibble_pack(q)
-    return out.reshape(rows, -1)
-
-
 def _repack_by_division(raw: np.ndarray, qtype: QType, scale: np.ndarray, group: int) -> np.ndarray:
     """Blocks whose weights are scale * small integer -> int8 blocks of `group` (fp16 scale)."""
     rows = raw.shape[0]
@@ -161,9 +131,11 @@ def _repack_q6_k(raw: np.ndarray) -> np.ndarray:
     return _repack_by_division(raw, QType.Q6_K, (d * sc).reshape(raw.shape[0], -1), 16)
 
 
-IN_PLACE = {QType.Q4_0: (kernels.FMT_Q4_0, 32), QType.Q4_1: (kernels.FMT_Q4_1, 32), QType.Q8_0: (kernels.FMT_Q8, 32)}
+IN_PLACE = {
+    QType.Q4_0: (kernels.FMT_Q4_0, 32), QType.Q4_1: (kernels.FMT_Q4_1, 32),
+    QType.Q8_0: (kernels.FMT_Q8, 32), QType.Q4_K: (kernels.FMT_Q4_K, 256),
+}
 REPACKED = {
-    QType.Q4_K: (kernels.FMT_Q4_1, 32, _repack_q4_k),
     QType.Q5_0: (kernels.FMT_Q8, 32, _repack_q5_0),
     QType.Q6_K: (kernels.FMT_Q8, 16, _repack_q6_k),
 }

@@ -4,7 +4,11 @@
  *   q4_0 : { fp16 d; u8 qs[16] }        w = d * (q - 8)      (GGUF Q4_0, read in place)
  *   q4_1 : { fp16 d; fp16 m; u8 qs[16] } w = d * q + m        (GGUF Q4_1; Q4_K repacked to it)
  *   q8   : { fp16 d; i8 qs[G] }         w = d * q            (GGUF Q8_0; Q5_0, Q6_K repacked)
- * Nibbles as GGUF lays them out: byte i holds weight i (low) and weight i + 16 (high).
+ *   q4_k : GGUF Q4_K super-blocks of 256, read in place:
+ *          { fp16 d, dmin; u8 scales[12] (6-bit sc, m pairs); u8 qs[128] }
+ *          w = d * sc_j * q - dmin * m_j for sub-block j of 32 weights
+ * Nibbles as GGUF lays them out: in Q4_0/Q4_1 byte i holds weight i (low) and weight i + 16
+ * (high); in Q4_K each 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high nibbles).
  *
  * x is quantized per row in groups of 32 to int8 with one float scale (as llama.cpp's
  * Q8_0 activations); integer dot products then do the work: AVX-512 VNNI when the
@@ -87,6 +91,39 @@ static inline int32_t dot_q4_32(const uint8_t *qs, const int8_t *a) {
 #endif
 }
 
+/* sum over 32 of (low or high nibbles of 32 bytes) * a(int8): Q4_K's layout */
+static inline int32_t dot_q4k_32(const uint8_t *qs, int high, const int8_t *a) {
+#if defined(__AVX2__)
+    __m256i v = _mm256_loadu_si256((const __m256i *)qs);
+    __m256i w = _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f));
+    __m256i x = _mm256_loadu_si256((const __m256i *)a);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    __m256i acc = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < 32; i++) sum += (high ? qs[i] >> 4 : qs[i] & 0x0f) * a[i];
+    return sum;
+#endif
+}
+
+/* Q4_K's 12 bytes of packed 6-bit (scale, min) pairs for its 8 sub-blocks */
+static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) { sc[j] = (float)(s[j] & 63); mn[j] = (float)(s[j + 4] & 63); }
+        else {
+            sc[j] = (float)((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4));
+            mn[j] = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        }
+    }
+}
+
 /* sum over n (16 or 32) of q8(int8) * a(int8) */
 static inline int32_t dot_q8(const int8_t *qs, const int8_t *a, int n) {
 #if defined(__AVX2__)
@@ -118,7 +155,7 @@ static inline int32_t dot_q8(const int8_t *qs, const int8_t *a, int n) {
 #endif
 }
 
-enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2 };
+enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3 };
 
 /* One weight row against one quantized activation row (1 or 2 terms). */
 static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow a) {
@@ -133,6 +170,19 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow
             float qx = a.d1[g] * (float)dot_q4_32(b + off, a.q1 + g * 32);
             if (terms == 2) qx += a.d2[g] * (float)dot_q4_32(b + off, a.q2 + g * 32);
             acc += d * qx + m * a.s[g];
+        }
+    } else if (fmt == FMT_Q4_K) {
+        for (int sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = wrow + sb * 144, *qs = b + 16;
+            float d = fp16_to_f32(*(const uint16_t *)b), dmin = fp16_to_f32(*(const uint16_t *)(b + 2)), sc[8], mn[8];
+            k4_scales(b + 4, sc, mn);
+            for (int j = 0; j < 8; j++) {
+                int g = sb * 8 + j;
+                const uint8_t *q = qs + 32 * (j / 2);
+                float qx = a.d1[g] * (float)dot_q4k_32(q, j & 1, a.q1 + g * 32);
+                if (terms == 2) qx += a.d2[g] * (float)dot_q4k_32(q, j & 1, a.q2 + g * 32);
+                acc += (d * sc[j]) * qx - (dmin * mn[j]) * a.s[g];
+            }
         }
     } else { /* FMT_Q8, blocks of G = 32 or 16 */
         for (int i = 0; i < K / G; i++) {
@@ -157,7 +207,7 @@ static qrow row_of(qrow all, int m, int K) {
  * precision) or 2 (activations to ~14 bits). Returns 0, or < 0 on bad arguments. */
 int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
                const float *x, int M, float *y, int terms, int nthreads) {
-    if (K % 32 != 0 || (fmt == FMT_Q8 && G != 32 && G != 16) || M <= 0 || N <= 0 || terms < 1 || terms > 2) return -1;
+    if (K % (fmt == FMT_Q4_K ? 256 : 32) != 0 || (fmt == FMT_Q8 && G != 32 && G != 16) || M <= 0 || N <= 0 || terms < 1 || terms > 2) return -1;
     const size_t ng = (size_t)M * (K / 32);
     int8_t *q = (int8_t *)malloc((size_t)M * K * 2);
     float *f = (float *)malloc(sizeof(float) * ng * 3);
@@ -182,7 +232,20 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
     for (int r = 0; r < R; r++) {
         const uint8_t *wrow = w + (size_t)rows[r] * row_stride;
         float *o = out + (size_t)r * K;
-        if (fmt == FMT_Q8) {
+        if (fmt == FMT_Q4_K) {
+            if (K % 256 != 0) return -1;
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = wrow + sb * 144, *qs = b + 16;
+                float dd = fp16_to_f32(*(const uint16_t *)b), dmin = fp16_to_f32(*(const uint16_t *)(b + 2)), sc[8], mn[8];
+                k4_scales(b + 4, sc, mn);
+                for (int j = 0; j < 8; j++) {
+                    const uint8_t *q = qs + 32 * (j / 2);
+                    float scale = dd * sc[j], min = dmin * mn[j];
+                    for (int i = 0; i < 32; i++)
+                        o[sb * 256 + j * 32 + i] = scale * (float)((j & 1) ? q[i] >> 4 : q[i] & 0x0f) - min;
+                }
+            }
+        } else if (fmt == FMT_Q8) {
             for (int i = 0; i < K / G; i++) {
                 const uint8_t *b = wrow + i * (2 + G);
                 float dd = fp16_to_f32(*(const uint16_t *)b);
