@@ -25,6 +25,24 @@ from fastserve_edge.engine import kernels
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
+DENSE_PREFILL_ROWS = 16  # from this many rows on, dequantize the matrix into a scratch buffer
+                         # and let torch's fp32 GEMM do the work (prefill is compute-bound)
+
+
+class _Scratch:
+    """One growing fp32 buffer shared by every QuantLinear: holds one dequantized matrix at a
+    time during prefill (the engine runs one forward at a time per process)."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def take(self, n: int, k: int) -> torch.Tensor:
+        if self.buffer.numel() < n * k:
+            self.buffer = torch.empty(n * k)
+        return self.buffer[: n * k].view(n, k)
+
+
+SCRATCH = _Scratch()
 
 
 class DenseLinear(nn.Module):
@@ -66,8 +84,12 @@ class QuantTensor:
         return self.blocks.numel()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] float32 -> [M, N]."""
-        return self.k.matmul(self.fmt, self.group, self.blocks, self.shape[0], self.shape[1], x)
+        """x: [M, K] float32 -> [M, N]. Few rows: integer kernel; many: dequantize + GEMM."""
+        n, k = self.shape
+        if x.shape[0] >= DENSE_PREFILL_ROWS:
+            w = self.k.dequant_rows(self.fmt, self.group, self.blocks, k, None, out=SCRATCH.take(n, k))
+            return F.linear(x, w)
+        return self.k.matmul(self.fmt, self.group, self.blocks, n, k, x)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows [len(ids), K]."""

@@ -67,7 +67,7 @@ class Kernels:
         p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i, i]
         self.lib.fs_qmatmul.restype = i
-        self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p]
+        self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
         self.lib.fs_dequant_rows.restype = i
 
     def matmul(self, fmt: int, group: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor, terms: int = 2) -> torch.Tensor:
@@ -83,10 +83,17 @@ class Kernels:
             raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
         return y
 
-    def dequant_rows(self, fmt: int, group: int, w: torch.Tensor, k: int, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.reshape(-1).to(torch.int64).contiguous()
-        out = torch.empty((rows.numel(), k), dtype=torch.float32)
-        rc = self.lib.fs_dequant_rows(fmt, group, w.data_ptr(), w.stride(0), k, rows.data_ptr(), rows.numel(), out.data_ptr())
+    def dequant_rows(self, fmt: int, group: int, w: torch.Tensor, k: int, rows: torch.Tensor | None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of W (all when `rows` is None) as float32 [R, K], into `out` when given."""
+        if rows is not None:
+            rows = rows.reshape(-1).to(torch.int64).contiguous()
+        count = w.shape[0] if rows is None else rows.numel()
+        if out is None:
+            out = torch.empty((count, k), dtype=torch.float32)
+        assert out.shape == (count, k) and out.is_contiguous() and out.dtype == torch.float32
+        rc = self.lib.fs_dequant_rows(fmt, group, w.data_ptr(), w.stride(0), k, None if rows is None else rows.data_ptr(),
+                                      count, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fs_dequant_rows failed ({rc})")
         return out

@@ -65,25 +65,43 @@ static void quantize_row(const float *x, int K, int terms, qrow r) {
     }
 }
 
-/* sum over 32 of q4(unsigned 0..15, GGUF nibble order) * a(int8) */
-static inline int32_t dot_q4_32(const uint8_t *qs, const int8_t *a) {
+/* Integer partial sums stay in a vector (ivec: 8 int32 lanes, or one int without SIMD) and
+ * are scaled into a float vector accumulator (facc); one horizontal sum per output. */
+#if defined(__AVX2__)
+typedef __m256i ivec;
+typedef __m256 facc;
+static inline facc facc_zero(void) { return _mm256_setzero_ps(); }
+static inline facc facc_add(facc acc, ivec v, float scale) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale), acc);
+}
+static inline float facc_sum(facc a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* unsigned bytes w (< 128) x signed bytes x, summed in groups of 4 into int32 lanes */
+static inline ivec dot_u8s8(__m256i w, __m256i x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)); /* |pair| <= 2*127*128 */
+#endif
+}
+#else
+typedef int32_t ivec;
+typedef float facc;
+static inline facc facc_zero(void) { return 0.f; }
+static inline facc facc_add(facc acc, ivec v, float scale) { return acc + (float)v * scale; }
+static inline float facc_sum(facc a) { return a; }
+#endif
+
+/* q4 (unsigned 0..15, Q4_0/Q4_1 nibble order: byte i = weights i and i + 16) . a[32] */
+static inline ivec dot_q4_32(const uint8_t *qs, const int8_t *a) {
+#if defined(__AVX2__)
     __m128i packed = _mm_loadu_si128((const __m128i *)qs);
     __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
-    __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, _mm256_loadu_si256((const __m256i *)a));
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-#elif defined(__AVX2__)
-    __m128i packed = _mm_loadu_si128((const __m128i *)qs);
-    __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
-    __m256i p16 = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)a)); /* <= 2*15*128: no saturation */
-    __m256i acc = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+    return dot_u8s8(w, _mm256_loadu_si256((const __m256i *)a));
 #else
     int32_t sum = 0;
     for (int i = 0; i < 16; i++) sum += (qs[i] & 0x0f) * a[i] + (qs[i] >> 4) * a[i + 16];
@@ -91,21 +109,12 @@ static inline int32_t dot_q4_32(const uint8_t *qs, const int8_t *a) {
 #endif
 }
 
-/* sum over 32 of (low or high nibbles of 32 bytes) * a(int8): Q4_K's layout */
-static inline int32_t dot_q4k_32(const uint8_t *qs, int high, const int8_t *a) {
+/* the low or high nibbles of 32 bytes (Q4_K's layout) . a[32] */
+static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int8_t *a) {
 #if defined(__AVX2__)
     __m256i v = _mm256_loadu_si256((const __m256i *)qs);
     __m256i w = _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f));
-    __m256i x = _mm256_loadu_si256((const __m256i *)a);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-#else
-    __m256i acc = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-#endif
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
+    return dot_u8s8(w, _mm256_loadu_si256((const __m256i *)a));
 #else
     int32_t sum = 0;
     for (int i = 0; i < 32; i++) sum += (high ? qs[i] >> 4 : qs[i] & 0x0f) * a[i];
@@ -124,30 +133,18 @@ static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
     }
 }
 
-/* sum over n (16 or 32) of q8(int8) * a(int8) */
-static inline int32_t dot_q8(const int8_t *qs, const int8_t *a, int n) {
+/* int8 weights . a over n = 32 or 16 */
+static inline ivec dot_q8(const int8_t *qs, const int8_t *a, int n) {
 #if defined(__AVX2__)
     if (n == 32) {
         __m256i w = _mm256_loadu_si256((const __m256i *)qs), x = _mm256_loadu_si256((const __m256i *)a);
-        /* |w| * sign(x, w): unsigned x signed without saturation (|w| <= 128, |x| <= 127) */
-        __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
-#else
-        __m256i acc = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
-#endif
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-        return _mm_cvtsi128_si32(s);
+        /* |w| * sign(x, w): unsigned x signed (|w| <= 128 would overflow maddubs only at -128,
+           which GGUF's symmetric quantizers never produce) */
+        return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     }
-    {
-        __m128i w = _mm_loadu_si128((const __m128i *)qs), x = _mm_loadu_si128((const __m128i *)a);
-        __m128i acc = _mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(w, w), _mm_sign_epi8(x, w)), _mm_set1_epi16(1));
-        acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0x4e));
-        acc = _mm_add_epi32(acc, _mm_shuffle_epi32(acc, 0xb1));
-        return _mm_cvtsi128_si32(acc);
-    }
+    __m128i w = _mm_loadu_si128((const __m128i *)qs), x = _mm_loadu_si128((const __m128i *)a);
+    __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(w, w), _mm_sign_epi8(x, w)), _mm_set1_epi16(1));
+    return _mm256_set_m128i(_mm_setzero_si128(), p);
 #else
     int32_t sum = 0;
     for (int i = 0; i < n; i++) sum += qs[i] * a[i];
@@ -159,7 +156,8 @@ enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3 };
 
 /* One weight row against one quantized activation row (1 or 2 terms). */
 static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow a) {
-    float acc = 0.f;
+    facc acc = facc_zero();
+    float offsets = 0.f;  /* the weights' min/offset terms: m * sum(x) */
     if (fmt == FMT_Q4_0 || fmt == FMT_Q4_1) {
         const int bs = fmt == FMT_Q4_0 ? 18 : 20, off = fmt == FMT_Q4_0 ? 2 : 4;
         for (int g = 0; g < K / 32; g++) {
@@ -167,9 +165,9 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow
             float d = fp16_to_f32(*(const uint16_t *)b);
             float m = fmt == FMT_Q4_0 ? -8.f * d : fp16_to_f32(*(const uint16_t *)(b + 2));
             /* sum (d*q + m) * x = d * sum(q * x) + m * sum(x) */
-            float qx = a.d1[g] * (float)dot_q4_32(b + off, a.q1 + g * 32);
-            if (terms == 2) qx += a.d2[g] * (float)dot_q4_32(b + off, a.q2 + g * 32);
-            acc += d * qx + m * a.s[g];
+            acc = facc_add(acc, dot_q4_32(b + off, a.q1 + g * 32), d * a.d1[g]);
+            if (terms == 2) acc = facc_add(acc, dot_q4_32(b + off, a.q2 + g * 32), d * a.d2[g]);
+            offsets += m * a.s[g];
         }
     } else if (fmt == FMT_Q4_K) {
         for (int sb = 0; sb < K / 256; sb++) {
@@ -179,9 +177,10 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow
             for (int j = 0; j < 8; j++) {
                 int g = sb * 8 + j;
                 const uint8_t *q = qs + 32 * (j / 2);
-                float qx = a.d1[g] * (float)dot_q4k_32(q, j & 1, a.q1 + g * 32);
-                if (terms == 2) qx += a.d2[g] * (float)dot_q4k_32(q, j & 1, a.q2 + g * 32);
-                acc += (d * sc[j]) * qx - (dmin * mn[j]) * a.s[g];
+                float scale = d * sc[j];
+                acc = facc_add(acc, dot_q4k_32(q, j & 1, a.q1 + g * 32), scale * a.d1[g]);
+                if (terms == 2) acc = facc_add(acc, dot_q4k_32(q, j & 1, a.q2 + g * 32), scale * a.d2[g]);
+                offsets -= (dmin * mn[j]) * a.s[g];
             }
         }
     } else { /* FMT_Q8, blocks of G = 32 or 16 */
@@ -189,12 +188,11 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow
             const uint8_t *b = wrow + i * (2 + G);
             float d = fp16_to_f32(*(const uint16_t *)b);
             int k = i * G;
-            float qx = a.d1[k / 32] * (float)dot_q8((const int8_t *)(b + 2), a.q1 + k, G);
-            if (terms == 2) qx += a.d2[k / 32] * (float)dot_q8((const int8_t *)(b + 2), a.q2 + k, G);
-            acc += d * qx;
+            acc = facc_add(acc, dot_q8((const int8_t *)(b + 2), a.q1 + k, G), d * a.d1[k / 32]);
+            if (terms == 2) acc = facc_add(acc, dot_q8((const int8_t *)(b + 2), a.q2 + k, G), d * a.d2[k / 32]);
         }
     }
-    return acc;
+    return facc_sum(acc) + offsets;
 }
 
 static qrow row_of(qrow all, int m, int K) {
@@ -226,14 +224,15 @@ int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
     return 0;
 }
 
-/* Dequantize rows `rows[0..R)` of W into out[R][K] (embedding lookups, reference checks). */
-int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R, float *out) {
-    if (K % 32 != 0) return -1;
+/* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. */
+int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R,
+                    float *out, int nthreads) {
+    if (K % (fmt == FMT_Q4_K ? 256 : 32) != 0) return -1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 64)
     for (int r = 0; r < R; r++) {
-        const uint8_t *wrow = w + (size_t)rows[r] * row_stride;
+        const uint8_t *wrow = w + (size_t)(rows ? rows[r] : r) * row_stride;
         float *o = out + (size_t)r * K;
         if (fmt == FMT_Q4_K) {
-            if (K % 256 != 0) return -1;
             for (int sb = 0; sb < K / 256; sb++) {
                 const uint8_t *b = wrow + sb * 144, *qs = b + 16;
                 float dd = fp16_to_f32(*(const uint16_t *)b), dmin = fp16_to_f32(*(const uint16_t *)(b + 2)), sc[8], mn[8];
