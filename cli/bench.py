@@ -36,7 +36,8 @@ def command(
         n_threads = set_threads(threads)
         resolved = resolve_or_pull(model, settings)
         t0 = time.perf_counter()
-        local = load_local_model(resolved.path, ctx=None, max_ctx=max(settings.chat.max_ctx, prompt_tokens + gen_tokens + 8))
+        # the context a run needs, as llama-bench sizes it (the KV cache follows use anyway)
+        local = load_local_model(resolved.path, ctx=None, max_ctx=prompt_tokens + gen_tokens + 8)
         load_s = time.perf_counter() - t0
         if prompt_tokens + gen_tokens + 1 > local.pipeline.ctx:
             raise ConfigError(f"--prompt-tokens + --gen-tokens must stay below the model's context ({local.pipeline.ctx})")

@@ -27,6 +27,7 @@ class Weights(Protocol):
     def has(self, name: str) -> bool: ...
     def vector(self, name: str) -> torch.Tensor: ...
     def linear(self, name: str, *, bias: bool = False) -> nn.Module: ...
+    def fused(self, names: list[str], *, bias: bool = False) -> nn.Module: ...  # x -> tuple of outputs
     def embedding(self) -> nn.Module: ...
     def head(self, tied: bool) -> nn.Module: ...
 
@@ -67,17 +68,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # x * rsqrt(mean(x^2) + eps) * w, in fp32, as one fused op
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str):
         super().__init__()
         self.cfg = cfg
-        self.wq = w.linear(f"{prefix}.attn_q", bias=cfg.attn_bias)
-        self.wk = w.linear(f"{prefix}.attn_k", bias=cfg.attn_bias)
-        self.wv = w.linear(f"{prefix}.attn_v", bias=cfg.attn_bias)
+        self.wqkv = w.fused([f"{prefix}.attn_q", f"{prefix}.attn_k", f"{prefix}.attn_v"], bias=cfg.attn_bias)
         self.wo = w.linear(f"{prefix}.attn_output")
         self.q_norm = RMSNorm(w.vector(f"{prefix}.attn_q_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w.vector(f"{prefix}.attn_k_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
@@ -86,9 +85,10 @@ class Attention(nn.Module):
                 cache: KVCache, layer: int, pos: int) -> torch.Tensor:
         B, S, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.wq(x).view(B, S, self.cfg.n_heads, hd)
-        k = self.wk(x).view(B, S, self.cfg.n_kv_heads, hd)
-        v = self.wv(x).view(B, S, self.cfg.n_kv_heads, hd)
+        q, k, v = self.wqkv(x)
+        q = q.view(B, S, self.cfg.n_heads, hd)
+        k = k.view(B, S, self.cfg.n_kv_heads, hd)
+        v = v.view(B, S, self.cfg.n_kv_heads, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
@@ -111,12 +111,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, w: Weights, prefix: str):
         super().__init__()
-        self.gate = w.linear(f"{prefix}.ffn_gate")
-        self.up = w.linear(f"{prefix}.ffn_up")
+        self.gate_up = w.fused([f"{prefix}.ffn_gate", f"{prefix}.ffn_up"])
         self.down = w.linear(f"{prefix}.ffn_down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):

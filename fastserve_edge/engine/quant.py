@@ -111,6 +111,33 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
+class FusedLinear(nn.Module):
+    """Several linears reading the same x (q/k/v; gate/up): returns a tuple of their outputs.
+
+    With quantized weights one kernel call quantizes x once and computes all of them in one
+    parallel region; otherwise (dense weights, or prefill) each part runs on its own."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.sizes = [p.out_features for p in parts]
+        self.in_features = parts[0].in_features
+        quant = [p for p in parts if isinstance(p, QuantLinear)]
+        self.multi = None
+        if len(quant) == len(parts):
+            w = [p.weight for p in quant]
+            self.multi = w[0].k.multi([(q.fmt, q.group, q.blocks, q.shape[0]) for q in w], self.in_features)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if self.multi is None or rows.shape[0] >= DENSE_PREFILL_ROWS:
+            return tuple(p(x) for p in self.parts)
+        outs = self.multi(rows.float()).split(self.sizes, dim=-1)
+        return tuple((o if p.bias is None else o + p.bias).reshape(*lead, o.shape[-1])
+                     for o, p in zip(outs, self.parts))
+
+
 class QuantEmbedding(nn.Module):
     def __init__(self, weight: QuantTensor):
         super().__init__()
@@ -203,6 +230,9 @@ class RuntimeWeights:
         b = self.vector(f"{name}.bias") if bias else None
         q = self._quant(raw)
         return QuantLinear(q, b) if q is not None else DenseLinear(raw.to_float(self.dtype), b)
+
+    def fused(self, names: list[str], *, bias: bool = False) -> FusedLinear:
+        return FusedLinear([self.linear(name, bias=bias) for name in names])
 
     def embedding(self) -> nn.Module:
         if self._embedding is None:

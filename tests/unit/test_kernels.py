@@ -119,3 +119,19 @@ def test_bad_arguments_are_refused_not_crashed():
     blocks = torch.zeros((2, 18), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="fs_qmatmul failed"):
         k.matmul(kernels.FMT_Q4_0, 32, blocks, 2, 33, torch.zeros(1, 33))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_matrices_of_mixed_formats_equal_separate_products(variant):
+    """q/k/v of a Q4_K_M file mix Q4_K and Q6_K: one call, each part as its own matmul."""
+    from fastserve_edge.engine.quant import FusedLinear
+
+    k = kernels.load(variant)
+    parts = [raw_matrix(t, n, 512, seed=i) for i, (t, n) in enumerate([("Q4_K", 64), ("Q4_K", 32), ("Q6_K", 32)])]
+    linears = [QuantLinear(quant_tensor(raw, k), torch.randn(raw.shape[0]) if i == 2 else None)
+               for i, (raw, _) in enumerate(parts)]
+    fused = FusedLinear(linears)
+    assert fused.multi is not None
+    x = torch.randn(1, 3, 512)  # few rows: the fused integer kernel
+    for got, linear in zip(fused(x), linears):
+        torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)

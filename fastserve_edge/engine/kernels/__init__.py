@@ -67,6 +67,8 @@ class Kernels:
         p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i, i]
         self.lib.fs_qmatmul.restype = i
+        self.lib.fs_qmatmul_multi.argtypes = [i, p, p, p, p, p, i, p, i, p, i, i]
+        self.lib.fs_qmatmul_multi.restype = i
         self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
         self.lib.fs_dequant_rows.restype = i
 
@@ -83,6 +85,10 @@ class Kernels:
             raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
         return y
 
+    def multi(self, parts: list[tuple[int, int, torch.Tensor, int]], k: int) -> MultiMatmul:
+        """A prepared call for matrices (fmt, group, blocks, n) that share their input."""
+        return MultiMatmul(self, parts, k)
+
     def dequant_rows(self, fmt: int, group: int, w: torch.Tensor, k: int, rows: torch.Tensor | None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of W (all when `rows` is None) as float32 [R, K], into `out` when given."""
@@ -97,6 +103,30 @@ class Kernels:
         if rc != 0:
             raise RuntimeError(f"fs_dequant_rows failed ({rc})")
         return out
+
+
+class MultiMatmul:
+    """x [M, K] -> y [M, sum n] for several matrices at once; the ctypes arrays are built once."""
+
+    def __init__(self, kernels: Kernels, parts: list[tuple[int, int, torch.Tensor, int]], k: int):
+        count = len(parts)
+        self.kernels, self.k, self.blocks = kernels, k, [p[2] for p in parts]  # keep blocks alive
+        self.fmts = (ctypes.c_int * count)(*(p[0] for p in parts))
+        self.groups = (ctypes.c_int * count)(*(p[1] for p in parts))
+        self.ptrs = (ctypes.c_void_p * count)(*(p[2].data_ptr() for p in parts))
+        self.strides = (ctypes.c_long * count)(*(p[2].stride(0) for p in parts))
+        self.ns = (ctypes.c_int * count)(*(p[3] for p in parts))
+        self.count, self.total = count, sum(p[3] for p in parts)
+
+    def __call__(self, x: torch.Tensor, terms: int = 2) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], self.total), dtype=torch.float32)
+        rc = self.kernels.lib.fs_qmatmul_multi(self.count, self.fmts, self.groups, self.ptrs, self.strides, self.ns,
+                                               self.k, x.data_ptr(), x.shape[0], y.data_ptr(), terms,
+                                               torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fs_qmatmul_multi failed ({rc}) for K={self.k}")
+        return y
 
 
 @cache

@@ -201,11 +201,23 @@ static qrow row_of(qrow all, int m, int K) {
     return r;
 }
 
-/* y[M][N] = x[M][K] . W^T. W rows are `row_stride` bytes apart. terms: 1 (llama.cpp's
- * precision) or 2 (activations to ~14 bits). Returns 0, or < 0 on bad arguments. */
-int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
-               const float *x, int M, float *y, int terms, int nthreads) {
-    if (K % (fmt == FMT_Q4_K ? 256 : 32) != 0 || (fmt == FMT_Q8 && G != 32 && G != 16) || M <= 0 || N <= 0 || terms < 1 || terms > 2) return -1;
+/* Several matrices that read the same x (q/k/v, gate/up): x is quantized once and one
+ * parallel region covers all their rows. Matrix j: format fmts[j], group groups[j], blocks
+ * ws[j] (rows strides[j] bytes apart), ns[j] rows. y is [M][sum ns], matrix j's outputs in
+ * columns [off_j, off_j + ns[j]). terms: 1 (llama.cpp's precision) or 2 (x to ~14 bits).
+ * Returns 0, or < 0 on bad arguments. */
+int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
+                     const long *strides, const int *ns, int K, const float *x, int M, float *y,
+                     int terms, int nthreads) {
+    if (count < 1 || count > 8 || M <= 0 || K % 32 != 0 || terms < 1 || terms > 2) return -1;
+    int total = 0, offs[9];
+    for (int j = 0; j < count; j++) {
+        if (ns[j] <= 0 || K % (fmts[j] == FMT_Q4_K ? 256 : 32) != 0) return -1;
+        if (fmts[j] == FMT_Q8 && groups[j] != 32 && groups[j] != 16) return -1;
+        offs[j] = total;
+        total += ns[j];
+    }
+    offs[count] = total;
     const size_t ng = (size_t)M * (K / 32);
     int8_t *q = (int8_t *)malloc((size_t)M * K * 2);
     float *f = (float *)malloc(sizeof(float) * ng * 3);
@@ -213,15 +225,23 @@ int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
     qrow all = { q, q + (size_t)M * K, f, f + ng, f + 2 * ng };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, terms, row_of(all, m, K));
-    /* Each thread takes a slice of weight rows; a weight row is read from memory once per
-       call and reused from cache for every activation row. */
+    /* Each thread takes a slice of all weight rows; a weight row is read from memory once
+       per call and reused from cache for every activation row. */
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *wrow = w + (size_t)n * row_stride;
-        for (int m = 0; m < M; m++) y[(size_t)m * N + n] = row_dot(fmt, G, wrow, K, terms, row_of(all, m, K));
+    for (int r = 0; r < total; r++) {
+        int j = 0;
+        while (r >= offs[j + 1]) j++;
+        const uint8_t *wrow = ws[j] + (size_t)(r - offs[j]) * strides[j];
+        for (int m = 0; m < M; m++) y[(size_t)m * total + r] = row_dot(fmts[j], groups[j], wrow, K, terms, row_of(all, m, K));
     }
     free(q); free(f);
     return 0;
+}
+
+/* y[M][N] = x[M][K] . W^T for one matrix. */
+int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
+               const float *x, int M, float *y, int terms, int nthreads) {
+    return fs_qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, M, y, terms, nthreads);
 }
 
 /* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. */
