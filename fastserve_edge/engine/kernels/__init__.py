@@ -65,22 +65,19 @@ class Kernels:
         self.variant = variant
         self.lib = ctypes.CDLL(str(path))
         p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-        self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i, i]
+        self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i]
         self.lib.fs_qmatmul.restype = i
-        self.lib.fs_qmatmul_multi.argtypes = [i, p, p, p, p, p, i, p, i, p, i, i]
+        self.lib.fs_qmatmul_multi.argtypes = [i, p, p, p, p, p, i, p, i, p, i]
         self.lib.fs_qmatmul_multi.restype = i
         self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
         self.lib.fs_dequant_rows.restype = i
 
-    def matmul(self, fmt: int, group: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor, terms: int = 2) -> torch.Tensor:
-        """x: [M, K] float32 -> [M, N]; w: uint8 [N, bytes_per_row] blocks.
-
-        terms=1 quantizes x to int8 per 32 values (llama.cpp's precision); terms=2 adds the
-        int8 residual, making the product nearly exact for twice the integer work."""
+    def matmul(self, fmt: int, group: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [M, K] float32 -> [M, N]; w: uint8 [N, bytes_per_row] blocks."""
         x = x.contiguous()
         y = torch.empty((x.shape[0], n), dtype=torch.float32)
         rc = self.lib.fs_qmatmul(fmt, group, w.data_ptr(), w.stride(0), n, k, x.data_ptr(), x.shape[0],
-                                 y.data_ptr(), terms, torch.get_num_threads())
+                                 y.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
         return y
@@ -118,11 +115,11 @@ class MultiMatmul:
         self.ns = (ctypes.c_int * count)(*(p[3] for p in parts))
         self.count, self.total = count, sum(p[3] for p in parts)
 
-    def __call__(self, x: torch.Tensor, terms: int = 2) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty((x.shape[0], self.total), dtype=torch.float32)
         rc = self.kernels.lib.fs_qmatmul_multi(self.count, self.fmts, self.groups, self.ptrs, self.strides, self.ns,
-                                               self.k, x.data_ptr(), x.shape[0], y.data_ptr(), terms,
+                                               self.k, x.data_ptr(), x.shape[0], y.data_ptr(),
                                                torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fs_qmatmul_multi failed ({rc}) for K={self.k}")

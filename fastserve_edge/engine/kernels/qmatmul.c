@@ -1,19 +1,19 @@
 /* Quantized matrix products for the CPU: y[M][N] = x[M][K] . W[N][K]^T.
  *
- * W stays in GGUF-style blocks of G weights (G = 32, or 16 for repacked Q6_K):
- *   q4_0 : { fp16 d; u8 qs[16] }        w = d * (q - 8)      (GGUF Q4_0, read in place)
- *   q4_1 : { fp16 d; fp16 m; u8 qs[16] } w = d * q + m        (GGUF Q4_1; Q4_K repacked to it)
- *   q8   : { fp16 d; i8 qs[G] }         w = d * q            (GGUF Q8_0; Q5_0, Q6_K repacked)
- *   q4_k : GGUF Q4_K super-blocks of 256, read in place:
- *          { fp16 d, dmin; u8 scales[12] (6-bit sc, m pairs); u8 qs[128] }
- *          w = d * sc_j * q - dmin * m_j for sub-block j of 32 weights
- * Nibbles as GGUF lays them out: in Q4_0/Q4_1 byte i holds weight i (low) and weight i + 16
- * (high); in Q4_K each 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high nibbles).
+ * W stays in GGUF-style blocks (read in place from the memory-mapped file where it can):
+ *   q4_0 : { fp16 d; u8 qs[16] }         w = d * (q - 8)         GGUF Q4_0
+ *   q4_1 : { fp16 d; fp16 m; u8 qs[16] }  w = d * q + m           GGUF Q4_1
+ *   q8   : { fp16 d; i8 qs[G] }           w = d * q, G = 32 | 16  GGUF Q8_0; Q5_0, Q6_K repacked
+ *   q4_k : { fp16 d, dmin; u8 scales[12]; u8 qs[128] }, 256 weights in 8 sub-blocks j:
+ *          w = d * sc_j * q - dmin * m_j (6-bit sc, m packed in `scales`)   GGUF Q4_K
+ * Nibble order as GGUF: in Q4_0/Q4_1 byte i holds weight i (low) and i + 16 (high); in Q4_K
+ * each 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high nibbles).
  *
- * x is quantized per row in groups of 32 to int8 with one float scale (as llama.cpp's
- * Q8_0 activations); integer dot products then do the work: AVX-512 VNNI when the
- * compiler targets it, AVX2 otherwise, plain C as the portable fallback.
- * Built on first use with -march=native by kernels/__init__.py; called through ctypes.
+ * x is quantized per row in groups of 32 to int16 with one float scale: the integer dot
+ * products (vpdpwssd / vpmaddwd) then cost what llama.cpp's int8 ones do, while the result
+ * stays within ~1e-5 of the float product (int8 activations, llama.cpp's choice, give ~4e-2
+ * on the logits of SmolLM2). AVX-512 (BW, VNNI) when the compiler targets it, AVX2
+ * otherwise, plain C as the portable fallback. Built on first use by kernels/__init__.py.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,71 +37,86 @@ static inline float fp16_to_f32(uint16_t h) {
 #endif
 }
 
-/* One activation row quantized in groups of 32: x ~= d1 * q1 + d2 * q2 (q2 quantizes the
- * residual of q1 when two terms are asked for, which makes the product nearly exact).
- * s = the sum of the quantized x per group, for the min/offset terms of the weights. */
-typedef struct { int8_t *q1, *q2; float *d1, *d2, *s; } qrow;
+enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3 };
 
-static void quantize_row(const float *x, int K, int terms, qrow r) {
+/* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for offset terms) */
+typedef struct { int16_t *q; float *d, *s; } qrow;
+
+static void quantize_row(const float *x, int K, qrow r) {
     for (int g = 0; g < K / 32; g++) {
         const float *xg = x + g * 32;
         float amax = 0.f;
         for (int i = 0; i < 32; i++) { float a = fabsf(xg[i]); amax = a > amax ? a : amax; }
-        float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f, res[32], ramax = 0.f;
-        int32_t isum = 0;
-        for (int i = 0; i < 32; i++) {
-            int v = (int)lrintf(xg[i] * id);
-            r.q1[g * 32 + i] = (int8_t)v; isum += v;
-            res[i] = xg[i] - d * (float)v;
-            float a = fabsf(res[i]); ramax = a > ramax ? a : ramax;
-        }
-        r.d1[g] = d; r.s[g] = d * (float)isum;
-        if (terms == 2) {
-            float d2 = ramax / 127.f, id2 = d2 > 0.f ? 1.f / d2 : 0.f;
-            int32_t isum2 = 0;
-            for (int i = 0; i < 32; i++) { int v = (int)lrintf(res[i] * id2); r.q2[g * 32 + i] = (int8_t)v; isum2 += v; }
-            r.d2[g] = d2; r.s[g] += d2 * (float)isum2;
-        }
+        float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) { int v = (int)lrintf(xg[i] * id); r.q[g * 32 + i] = (int16_t)v; sum += v; }
+        r.d[g] = d; r.s[g] = d * (float)sum;
     }
 }
 
-/* Integer partial sums stay in a vector (ivec: 8 int32 lanes, or one int without SIMD) and
- * are scaled into a float vector accumulator (facc); one horizontal sum per output. */
-#if defined(__AVX2__)
+/* Integer partial sums of one group stay in a vector (ivec) and are scaled into a float
+ * vector accumulator (facc); one horizontal sum per output value. */
+#if defined(__AVX512BW__) && defined(__AVX512F__)
+typedef __m512i ivec;
+typedef __m512 facc;
+static inline facc facc_zero(void) { return _mm512_setzero_ps(); }
+static inline facc facc_add(facc acc, ivec v, float scale) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(scale), acc);
+}
+static inline float facc_sum(facc a) { return _mm512_reduce_add_ps(a); }
+static inline facc facc_plus(facc a, facc b) { return _mm512_add_ps(a, b); }
+/* 32 weights as bytes (unsigned if !is_signed) . 32 int16 activations -> 16 int32 lanes */
+static inline ivec dot_w8_x16(__m256i w8, int is_signed, const int16_t *a) {
+    __m512i w = is_signed ? _mm512_cvtepi8_epi16(w8) : _mm512_cvtepu8_epi16(w8);
+    __m512i x = _mm512_loadu_si512((const void *)a);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x);
+#else
+    return _mm512_madd_epi16(w, x);
+#endif
+}
+static inline ivec dot16_w8_x16(__m128i w8, const int16_t *a) {  /* 16 signed weights */
+    __m256i p = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
+    return _mm512_zextsi256_si512(p);
+}
+#elif defined(__AVX2__)
 typedef __m256i ivec;
 typedef __m256 facc;
 static inline facc facc_zero(void) { return _mm256_setzero_ps(); }
 static inline facc facc_add(facc acc, ivec v, float scale) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale), acc);
 }
+static inline facc facc_plus(facc a, facc b) { return _mm256_add_ps(a, b); }
 static inline float facc_sum(facc a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-/* unsigned bytes w (< 128) x signed bytes x, summed in groups of 4 into int32 lanes */
-static inline ivec dot_u8s8(__m256i w, __m256i x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)); /* |pair| <= 2*127*128 */
-#endif
+static inline ivec dot_w8_x16(__m256i w8, int is_signed, const int16_t *a) {
+    __m128i lo = _mm256_castsi256_si128(w8), hi = _mm256_extracti128_si256(w8, 1);
+    __m256i wl = is_signed ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
+    __m256i wh = is_signed ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
+    return _mm256_add_epi32(_mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)a)),
+                            _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(a + 16))));
+}
+static inline ivec dot16_w8_x16(__m128i w8, const int16_t *a) {
+    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
 }
 #else
-typedef int32_t ivec;
+typedef int32_t ivec;  /* |sum| <= 32 * 128 * 32767 < 2^31 */
 typedef float facc;
 static inline facc facc_zero(void) { return 0.f; }
 static inline facc facc_add(facc acc, ivec v, float scale) { return acc + (float)v * scale; }
 static inline float facc_sum(facc a) { return a; }
+static inline facc facc_plus(facc a, facc b) { return a + b; }
 #endif
 
-/* q4 (unsigned 0..15, Q4_0/Q4_1 nibble order: byte i = weights i and i + 16) . a[32] */
-static inline ivec dot_q4_32(const uint8_t *qs, const int8_t *a) {
+/* q4 (0..15, Q4_0/Q4_1 order) . a[32] */
+static inline ivec dot_q4_32(const uint8_t *qs, const int16_t *a) {
 #if defined(__AVX2__)
     __m128i packed = _mm_loadu_si128((const __m128i *)qs);
-    __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
-    return dot_u8s8(w, _mm256_loadu_si256((const __m256i *)a));
+    return dot_w8_x16(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f)), 0, a);
 #else
     int32_t sum = 0;
     for (int i = 0; i < 16; i++) sum += (qs[i] & 0x0f) * a[i] + (qs[i] >> 4) * a[i + 16];
@@ -110,11 +125,10 @@ static inline ivec dot_q4_32(const uint8_t *qs, const int8_t *a) {
 }
 
 /* the low or high nibbles of 32 bytes (Q4_K's layout) . a[32] */
-static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int8_t *a) {
+static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int16_t *a) {
 #if defined(__AVX2__)
     __m256i v = _mm256_loadu_si256((const __m256i *)qs);
-    __m256i w = _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f));
-    return dot_u8s8(w, _mm256_loadu_si256((const __m256i *)a));
+    return dot_w8_x16(_mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f)), 0, a);
 #else
     int32_t sum = 0;
     for (int i = 0; i < 32; i++) sum += (high ? qs[i] >> 4 : qs[i] & 0x0f) * a[i];
@@ -122,7 +136,18 @@ static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int8_t *a) {
 #endif
 }
 
-/* Q4_K's 12 bytes of packed 6-bit (scale, min) pairs for its 8 sub-blocks */
+/* int8 weights . a over n = 32 or 16 */
+static inline ivec dot_q8(const int8_t *qs, const int16_t *a, int n) {
+#if defined(__AVX2__)
+    if (n == 32) return dot_w8_x16(_mm256_loadu_si256((const __m256i *)qs), 1, a);
+    return dot16_w8_x16(_mm_loadu_si128((const __m128i *)qs), a);
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) sum += qs[i] * a[i];
+    return sum;
+#endif
+}
+
 static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
     for (int j = 0; j < 8; j++) {
         if (j < 4) { sc[j] = (float)(s[j] & 63); mn[j] = (float)(s[j + 4] & 63); }
@@ -133,30 +158,11 @@ static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
     }
 }
 
-/* int8 weights . a over n = 32 or 16 */
-static inline ivec dot_q8(const int8_t *qs, const int8_t *a, int n) {
-#if defined(__AVX2__)
-    if (n == 32) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)qs), x = _mm256_loadu_si256((const __m256i *)a);
-        /* |w| * sign(x, w): unsigned x signed (|w| <= 128 would overflow maddubs only at -128,
-           which GGUF's symmetric quantizers never produce) */
-        return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    }
-    __m128i w = _mm_loadu_si128((const __m128i *)qs), x = _mm_loadu_si128((const __m128i *)a);
-    __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(_mm_sign_epi8(w, w), _mm_sign_epi8(x, w)), _mm_set1_epi16(1));
-    return _mm256_set_m128i(_mm_setzero_si128(), p);
-#else
-    int32_t sum = 0;
-    for (int i = 0; i < n; i++) sum += qs[i] * a[i];
-    return sum;
-#endif
-}
 
-enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3 };
-
-/* One weight row against one quantized activation row (1 or 2 terms). */
-static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow a) {
-    facc acc = facc_zero();
+/* One weight row against one quantized activation row. */
+static float row_dot(int fmt, int G, const uint8_t *wrow, int K, qrow a) {
+    /* four independent accumulators: one fma chain would wait on its own latency each group */
+    facc acc[4] = { facc_zero(), facc_zero(), facc_zero(), facc_zero() };
     float offsets = 0.f;  /* the weights' min/offset terms: m * sum(x) */
     if (fmt == FMT_Q4_0 || fmt == FMT_Q4_1) {
         const int bs = fmt == FMT_Q4_0 ? 18 : 20, off = fmt == FMT_Q4_0 ? 2 : 4;
@@ -165,8 +171,7 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow
             float d = fp16_to_f32(*(const uint16_t *)b);
             float m = fmt == FMT_Q4_0 ? -8.f * d : fp16_to_f32(*(const uint16_t *)(b + 2));
             /* sum (d*q + m) * x = d * sum(q * x) + m * sum(x) */
-            acc = facc_add(acc, dot_q4_32(b + off, a.q1 + g * 32), d * a.d1[g]);
-            if (terms == 2) acc = facc_add(acc, dot_q4_32(b + off, a.q2 + g * 32), d * a.d2[g]);
+            acc[g & 3] = facc_add(acc[g & 3], dot_q4_32(b + off, a.q + g * 32), d * a.d[g]);
             offsets += m * a.s[g];
         }
     } else if (fmt == FMT_Q4_K) {
@@ -176,40 +181,33 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, int terms, qrow
             k4_scales(b + 4, sc, mn);
             for (int j = 0; j < 8; j++) {
                 int g = sb * 8 + j;
-                const uint8_t *q = qs + 32 * (j / 2);
-                float scale = d * sc[j];
-                acc = facc_add(acc, dot_q4k_32(q, j & 1, a.q1 + g * 32), scale * a.d1[g]);
-                if (terms == 2) acc = facc_add(acc, dot_q4k_32(q, j & 1, a.q2 + g * 32), scale * a.d2[g]);
-                offsets -= (dmin * mn[j]) * a.s[g];
+                acc[j & 3] = facc_add(acc[j & 3], dot_q4k_32(qs + 32 * (j / 2), j & 1, a.q + g * 32), d * sc[j] * a.d[g]);
+                offsets -= dmin * mn[j] * a.s[g];
             }
         }
     } else { /* FMT_Q8, blocks of G = 32 or 16 */
         for (int i = 0; i < K / G; i++) {
             const uint8_t *b = wrow + i * (2 + G);
-            float d = fp16_to_f32(*(const uint16_t *)b);
             int k = i * G;
-            acc = facc_add(acc, dot_q8((const int8_t *)(b + 2), a.q1 + k, G), d * a.d1[k / 32]);
-            if (terms == 2) acc = facc_add(acc, dot_q8((const int8_t *)(b + 2), a.q2 + k, G), d * a.d2[k / 32]);
+            acc[i & 3] = facc_add(acc[i & 3], dot_q8((const int8_t *)(b + 2), a.q + k, G), fp16_to_f32(*(const uint16_t *)b) * a.d[k / 32]);
         }
     }
-    return facc_sum(acc) + offsets;
+    return facc_sum(facc_plus(facc_plus(acc[0], acc[1]), facc_plus(acc[2], acc[3]))) + offsets;
 }
 
 static qrow row_of(qrow all, int m, int K) {
     const int ng = K / 32;
-    qrow r = { all.q1 + (size_t)m * K, all.q2 + (size_t)m * K, all.d1 + (size_t)m * ng, all.d2 + (size_t)m * ng, all.s + (size_t)m * ng };
+    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng };
     return r;
 }
 
 /* Several matrices that read the same x (q/k/v, gate/up): x is quantized once and one
  * parallel region covers all their rows. Matrix j: format fmts[j], group groups[j], blocks
  * ws[j] (rows strides[j] bytes apart), ns[j] rows. y is [M][sum ns], matrix j's outputs in
- * columns [off_j, off_j + ns[j]). terms: 1 (llama.cpp's precision) or 2 (x to ~14 bits).
- * Returns 0, or < 0 on bad arguments. */
+ * columns [off_j, off_j + ns[j]). Returns 0, or < 0 on bad arguments. */
 int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
-                     const long *strides, const int *ns, int K, const float *x, int M, float *y,
-                     int terms, int nthreads) {
-    if (count < 1 || count > 8 || M <= 0 || K % 32 != 0 || terms < 1 || terms > 2) return -1;
+                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads) {
+    if (count < 1 || count > 8 || M <= 0 || K % 32 != 0) return -1;
     int total = 0, offs[9];
     for (int j = 0; j < count; j++) {
         if (ns[j] <= 0 || K % (fmts[j] == FMT_Q4_K ? 256 : 32) != 0) return -1;
@@ -219,12 +217,12 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     }
     offs[count] = total;
     const size_t ng = (size_t)M * (K / 32);
-    int8_t *q = (int8_t *)malloc((size_t)M * K * 2);
-    float *f = (float *)malloc(sizeof(float) * ng * 3);
+    int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)M * K);
+    float *f = (float *)malloc(sizeof(float) * ng * 2);
     if (!q || !f) { free(q); free(f); return -2; }
-    qrow all = { q, q + (size_t)M * K, f, f + ng, f + 2 * ng };
+    qrow all = { q, f, f + ng };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
-    for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, terms, row_of(all, m, K));
+    for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, row_of(all, m, K));
     /* Each thread takes a slice of all weight rows; a weight row is read from memory once
        per call and reused from cache for every activation row. */
     #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -232,7 +230,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         int j = 0;
         while (r >= offs[j + 1]) j++;
         const uint8_t *wrow = ws[j] + (size_t)(r - offs[j]) * strides[j];
-        for (int m = 0; m < M; m++) y[(size_t)m * total + r] = row_dot(fmts[j], groups[j], wrow, K, terms, row_of(all, m, K));
+        for (int m = 0; m < M; m++) y[(size_t)m * total + r] = row_dot(fmts[j], groups[j], wrow, K, row_of(all, m, K));
     }
     free(q); free(f);
     return 0;
@@ -240,8 +238,8 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
 
 /* y[M][N] = x[M][K] . W^T for one matrix. */
 int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
-               const float *x, int M, float *y, int terms, int nthreads) {
-    return fs_qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, M, y, terms, nthreads);
+               const float *x, int M, float *y, int nthreads) {
+    return fs_qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, M, y, nthreads);
 }
 
 /* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. */
