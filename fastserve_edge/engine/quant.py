@@ -4,9 +4,8 @@ The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn
 an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
-    GGUF Q4_0, Q4_1, Q8_0, Q4_K   used in place: the memory-mapped blocks are the weights
+    GGUF Q4_0, Q4_1, Q8_0, Q4_K, Q6_K   used in place: the memory-mapped blocks are the weights
     Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact)
-    Q6_K                    repacked to 16-weight int8 blocks (fp16 scale d*sc: ~5e-4 rounding)
     everything else         dense fp32 (F32/F16/BF16, Q5_1, Q5_K), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
 rows it looks up, and a tied LM head shares the same blocks.
@@ -173,20 +172,12 @@ def _repack_q5_0(raw: np.ndarray) -> np.ndarray:
     return _repack_by_division(raw, QType.Q5_0, d, 32)
 
 
-def _repack_q6_k(raw: np.ndarray) -> np.ndarray:
-    b = raw.reshape(raw.shape[0], -1, 210)
-    d = b[..., 208:210].copy().view(np.float16).astype(np.float32)    # [rows, nb, 1]
-    sc = b[..., 192:208].copy().view(np.int8).astype(np.float32)       # [rows, nb, 16]
-    return _repack_by_division(raw, QType.Q6_K, (d * sc).reshape(raw.shape[0], -1), 16)
-
-
 IN_PLACE = {
     QType.Q4_0: (kernels.FMT_Q4_0, 32), QType.Q4_1: (kernels.FMT_Q4_1, 32),
-    QType.Q8_0: (kernels.FMT_Q8, 32), QType.Q4_K: (kernels.FMT_Q4_K, 256),
+    QType.Q8_0: (kernels.FMT_Q8, 32), QType.Q4_K: (kernels.FMT_Q4_K, 256), QType.Q6_K: (kernels.FMT_Q6_K, 256),
 }
 REPACKED = {
     QType.Q5_0: (kernels.FMT_Q8, 32, _repack_q5_0),
-    QType.Q6_K: (kernels.FMT_Q8, 16, _repack_q6_k),
 }
 
 

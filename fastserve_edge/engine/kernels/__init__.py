@@ -32,7 +32,7 @@ FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "portable": [],
 }
-FMT_Q4_0, FMT_Q4_1, FMT_Q8, FMT_Q4_K = 0, 1, 2, 3
+FMT_Q4_0, FMT_Q4_1, FMT_Q8, FMT_Q4_K, FMT_Q6_K = 0, 1, 2, 3, 4
 
 
 def _cpu_id() -> str:

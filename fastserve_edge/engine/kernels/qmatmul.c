@@ -3,9 +3,11 @@
  * W stays in GGUF-style blocks (read in place from the memory-mapped file where it can):
  *   q4_0 : { fp16 d; u8 qs[16] }         w = d * (q - 8)         GGUF Q4_0
  *   q4_1 : { fp16 d; fp16 m; u8 qs[16] }  w = d * q + m           GGUF Q4_1
- *   q8   : { fp16 d; i8 qs[G] }           w = d * q, G = 32 | 16  GGUF Q8_0; Q5_0, Q6_K repacked
+ *   q8   : { fp16 d; i8 qs[32] }          w = d * q               GGUF Q8_0; Q5_0 repacked
  *   q4_k : { fp16 d, dmin; u8 scales[12]; u8 qs[128] }, 256 weights in 8 sub-blocks j:
  *          w = d * sc_j * q - dmin * m_j (6-bit sc, m packed in `scales`)   GGUF Q4_K
+ *   q6_k : { u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d }, 256 weights, 16 per scale:
+ *          w = d * sc_j * (q - 32), q = 4 low bits from ql | 2 high bits from qh    GGUF Q6_K
  * Nibble order as GGUF: in Q4_0/Q4_1 byte i holds weight i (low) and i + 16 (high); in Q4_K
  * each 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high nibbles).
  *
@@ -37,10 +39,11 @@ static inline float fp16_to_f32(uint16_t h) {
 #endif
 }
 
-enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3 };
+enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4 };
 
-/* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for offset terms) */
-typedef struct { int16_t *q; float *d, *s; } qrow;
+/* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) and s16[K/16] the same
+ * per 16 values (for the weights' offset terms) */
+typedef struct { int16_t *q; float *d, *s, *s16; } qrow;
 
 static void quantize_row(const float *x, int K, qrow r) {
     for (int g = 0; g < K / 32; g++) {
@@ -48,9 +51,10 @@ static void quantize_row(const float *x, int K, qrow r) {
         float amax = 0.f;
         for (int i = 0; i < 32; i++) { float a = fabsf(xg[i]); amax = a > amax ? a : amax; }
         float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
-        int32_t sum = 0;
-        for (int i = 0; i < 32; i++) { int v = (int)lrintf(xg[i] * id); r.q[g * 32 + i] = (int16_t)v; sum += v; }
-        r.d[g] = d; r.s[g] = d * (float)sum;
+        int32_t sum[2] = { 0, 0 };
+        for (int i = 0; i < 32; i++) { int v = (int)lrintf(xg[i] * id); r.q[g * 32 + i] = (int16_t)v; sum[i / 16] += v; }
+        r.d[g] = d; r.s[g] = d * (float)(sum[0] + sum[1]);
+        r.s16[2 * g] = d * (float)sum[0]; r.s16[2 * g + 1] = d * (float)sum[1];
     }
 }
 
@@ -75,9 +79,8 @@ static inline ivec dot_w8_x16(__m256i w8, int is_signed, const int16_t *a) {
     return _mm512_madd_epi16(w, x);
 #endif
 }
-static inline ivec dot16_w8_x16(__m128i w8, const int16_t *a) {  /* 16 signed weights */
-    __m256i p = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
-    return _mm512_zextsi256_si512(p);
+static inline ivec dot16_u8_x16(__m128i w8, const int16_t *a) {  /* 16 unsigned weights */
+    return _mm512_zextsi256_si512(_mm256_madd_epi16(_mm256_cvtepu8_epi16(w8), _mm256_loadu_si256((const __m256i *)a)));
 }
 #elif defined(__AVX2__)
 typedef __m256i ivec;
@@ -100,8 +103,8 @@ static inline ivec dot_w8_x16(__m256i w8, int is_signed, const int16_t *a) {
     return _mm256_add_epi32(_mm256_madd_epi16(wl, _mm256_loadu_si256((const __m256i *)a)),
                             _mm256_madd_epi16(wh, _mm256_loadu_si256((const __m256i *)(a + 16))));
 }
-static inline ivec dot16_w8_x16(__m128i w8, const int16_t *a) {
-    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
+static inline ivec dot16_u8_x16(__m128i w8, const int16_t *a) {
+    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
 }
 #else
 typedef int32_t ivec;  /* |sum| <= 32 * 128 * 32767 < 2^31 */
@@ -136,14 +139,13 @@ static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int16_t *a) {
 #endif
 }
 
-/* int8 weights . a over n = 32 or 16 */
-static inline ivec dot_q8(const int8_t *qs, const int16_t *a, int n) {
+/* 32 int8 weights . a[32] */
+static inline ivec dot_q8(const int8_t *qs, const int16_t *a) {
 #if defined(__AVX2__)
-    if (n == 32) return dot_w8_x16(_mm256_loadu_si256((const __m256i *)qs), 1, a);
-    return dot16_w8_x16(_mm_loadu_si128((const __m128i *)qs), a);
+    return dot_w8_x16(_mm256_loadu_si256((const __m256i *)qs), 1, a);
 #else
     int32_t sum = 0;
-    for (int i = 0; i < n; i++) sum += qs[i] * a[i];
+    for (int i = 0; i < 32; i++) sum += qs[i] * a[i];
     return sum;
 #endif
 }
@@ -159,8 +161,42 @@ static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
 }
 
 
+/* Q6_K: one half super-block (128 weights) decoded to bytes 0..63 in weight order:
+ * out[32 i + l] = weight 32 i + l of the half, from ql[64], qh[32] */
+static inline void q6k_decode_half(const uint8_t *ql, const uint8_t *qh, uint8_t *out) {
+#if defined(__AVX2__)
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3);
+    __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+    #define HI2(shift) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, shift), m3), 4)
+    _mm256_storeu_si256((__m256i *)out, _mm256_or_si256(_mm256_and_si256(l0, m4), HI2(0)));
+    _mm256_storeu_si256((__m256i *)(out + 32), _mm256_or_si256(_mm256_and_si256(l1, m4), HI2(2)));
+    _mm256_storeu_si256((__m256i *)(out + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), HI2(4)));
+    _mm256_storeu_si256((__m256i *)(out + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), HI2(6)));
+    #undef HI2
+#else
+    for (int l = 0; l < 32; l++) {
+        out[l] = (ql[l] & 0x0f) | (((qh[l] >> 0) & 3) << 4);
+        out[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+        out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+        out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+    }
+#endif
+}
+
+/* 16 decoded Q6_K bytes (0..63) . a[16] */
+static inline ivec dot_q6_16(const uint8_t *q, const int16_t *a) {
+#if defined(__AVX2__)
+    return dot16_u8_x16(_mm_loadu_si128((const __m128i *)q), a);
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < 16; i++) sum += q[i] * a[i];
+    return sum;
+#endif
+}
+
 /* One weight row against one quantized activation row. */
-static float row_dot(int fmt, int G, const uint8_t *wrow, int K, qrow a) {
+static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
     /* four independent accumulators: one fma chain would wait on its own latency each group */
     facc acc[4] = { facc_zero(), facc_zero(), facc_zero(), facc_zero() };
     float offsets = 0.f;  /* the weights' min/offset terms: m * sum(x) */
@@ -185,11 +221,27 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, qrow a) {
                 offsets -= dmin * mn[j] * a.s[g];
             }
         }
-    } else { /* FMT_Q8, blocks of G = 32 or 16 */
-        for (int i = 0; i < K / G; i++) {
-            const uint8_t *b = wrow + i * (2 + G);
-            int k = i * G;
-            acc[i & 3] = facc_add(acc[i & 3], dot_q8((const int8_t *)(b + 2), a.q + k, G), fp16_to_f32(*(const uint16_t *)b) * a.d[k / 32]);
+    } else if (fmt == FMT_Q6_K) {
+        uint8_t q[128];
+        for (int sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = wrow + sb * 210;
+            const int8_t *sc = (const int8_t *)(b + 192);
+            float d = fp16_to_f32(*(const uint16_t *)(b + 208));
+            for (int half = 0; half < 2; half++) {
+                q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
+                for (int j = 0; j < 8; j++) {  /* 16 weights per scale; scale index 8 half + j */
+                    int k = sb * 256 + half * 128 + j * 16;  /* first weight of these 16 */
+                    float scale = d * (float)sc[8 * half + j];
+                    /* sum d*sc*(q - 32)*x = d*sc*(sum(q*x) - 32*sum(x)) */
+                    acc[j & 3] = facc_add(acc[j & 3], dot_q6_16(q + 16 * j, a.q + k), scale * a.d[k / 32]);
+                    offsets -= 32.f * scale * a.s16[k / 16];
+                }
+            }
+        }
+    } else { /* FMT_Q8 */
+        for (int g = 0; g < K / 32; g++) {
+            const uint8_t *b = wrow + g * 34;
+            acc[g & 3] = facc_add(acc[g & 3], dot_q8((const int8_t *)(b + 2), a.q + g * 32), fp16_to_f32(*(const uint16_t *)b) * a.d[g]);
         }
     }
     return facc_sum(facc_plus(facc_plus(acc[0], acc[1]), facc_plus(acc[2], acc[3]))) + offsets;
@@ -197,7 +249,7 @@ static float row_dot(int fmt, int G, const uint8_t *wrow, int K, qrow a) {
 
 static qrow row_of(qrow all, int m, int K) {
     const int ng = K / 32;
-    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng };
+    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.s16 + (size_t)m * 2 * ng };
     return r;
 }
 
@@ -210,17 +262,17 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     if (count < 1 || count > 8 || M <= 0 || K % 32 != 0) return -1;
     int total = 0, offs[9];
     for (int j = 0; j < count; j++) {
-        if (ns[j] <= 0 || K % (fmts[j] == FMT_Q4_K ? 256 : 32) != 0) return -1;
-        if (fmts[j] == FMT_Q8 && groups[j] != 32 && groups[j] != 16) return -1;
+        if (ns[j] <= 0 || K % (fmts[j] == FMT_Q4_K || fmts[j] == FMT_Q6_K ? 256 : 32) != 0) return -1;
+        if (groups[j] != (fmts[j] == FMT_Q4_K || fmts[j] == FMT_Q6_K ? 256 : 32)) return -1;
         offs[j] = total;
         total += ns[j];
     }
     offs[count] = total;
     const size_t ng = (size_t)M * (K / 32);
     int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)M * K);
-    float *f = (float *)malloc(sizeof(float) * ng * 2);
+    float *f = (float *)malloc(sizeof(float) * ng * 4);
     if (!q || !f) { free(q); free(f); return -2; }
-    qrow all = { q, f, f + ng };
+    qrow all = { q, f, f + ng, f + 2 * ng };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, row_of(all, m, K));
     /* Each thread takes a slice of all weight rows; a weight row is read from memory once
@@ -230,13 +282,13 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         int j = 0;
         while (r >= offs[j + 1]) j++;
         const uint8_t *wrow = ws[j] + (size_t)(r - offs[j]) * strides[j];
-        for (int m = 0; m < M; m++) y[(size_t)m * total + r] = row_dot(fmts[j], groups[j], wrow, K, row_of(all, m, K));
+        for (int m = 0; m < M; m++) y[(size_t)m * total + r] = row_dot(fmts[j], wrow, K, row_of(all, m, K));
     }
     free(q); free(f);
     return 0;
 }
 
-/* y[M][N] = x[M][K] . W^T for one matrix. */
+/* y[M][N] = x[M][K] . W^T for one matrix (G: weights per block, 32 or 256 for K-quants). */
 int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
                const float *x, int M, float *y, int nthreads) {
     return fs_qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, M, y, nthreads);
@@ -245,12 +297,24 @@ int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
 /* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. */
 int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R,
                     float *out, int nthreads) {
-    if (K % (fmt == FMT_Q4_K ? 256 : 32) != 0) return -1;
+    if (K % (fmt == FMT_Q4_K || fmt == FMT_Q6_K ? 256 : 32) != 0) return -1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 64)
     for (int r = 0; r < R; r++) {
         const uint8_t *wrow = w + (size_t)(rows ? rows[r] : r) * row_stride;
         float *o = out + (size_t)r * K;
-        if (fmt == FMT_Q4_K) {
+        if (fmt == FMT_Q6_K) {
+            uint8_t q[128];
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = wrow + sb * 210;
+                const int8_t *sc = (const int8_t *)(b + 192);
+                float dd = fp16_to_f32(*(const uint16_t *)(b + 208));
+                for (int half = 0; half < 2; half++) {
+                    q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
+                    for (int i = 0; i < 128; i++)
+                        o[sb * 256 + half * 128 + i] = dd * (float)sc[8 * half + i / 16] * (float)((int)q[i] - 32);
+                }
+            }
+        } else if (fmt == FMT_Q4_K) {
             for (int sb = 0; sb < K / 256; sb++) {
                 const uint8_t *b = wrow + sb * 144, *qs = b + 16;
                 float dd = fp16_to_f32(*(const uint16_t *)b), dmin = fp16_to_f32(*(const uint16_t *)(b + 2)), sc[8], mn[8];
@@ -263,10 +327,10 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
                 }
             }
         } else if (fmt == FMT_Q8) {
-            for (int i = 0; i < K / G; i++) {
-                const uint8_t *b = wrow + i * (2 + G);
+            for (int g = 0; g < K / 32; g++) {
+                const uint8_t *b = wrow + g * 34;
                 float dd = fp16_to_f32(*(const uint16_t *)b);
-                for (int j = 0; j < G; j++) o[i * G + j] = dd * (float)((const int8_t *)(b + 2))[j];
+                for (int j = 0; j < 32; j++) o[g * 32 + j] = dd * (float)((const int8_t *)(b + 2))[j];
             }
         } else {
             const int bs = fmt == FMT_Q4_0 ? 18 : 20;
