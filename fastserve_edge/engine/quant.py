@@ -24,7 +24,7 @@ from fastserve_edge.engine import kernels
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
-DENSE_PREFILL_ROWS = 16  # from this many rows on, dequantize the matrix into a scratch buffer
+DENSE_PREFILL_ROWS = 32  # from this many rows on, dequantize the matrix into a scratch buffer
                          # and let torch's fp32 GEMM do the work (prefill is compute-bound)
 
 
