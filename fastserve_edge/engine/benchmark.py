@@ -39,7 +39,16 @@ class BenchResult:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak resident memory. VmHWM, not ru_maxrss: a child process
+    inherits its parent's ru_maxrss on Linux, so a bench run from a big parent over-reports."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def prompt_ids(local: LocalModel, n: int) -> list[int]:

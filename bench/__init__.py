@@ -1,0 +1,1 @@
+"""Benchmarks that print a comparison table and write JSON (not installed with the package)."""

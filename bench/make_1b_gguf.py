@@ -1,0 +1,217 @@
+"""A Llama-3.2-1B-shaped GGUF with random weights: the speed of a 1B model without downloading one.
+
+Speed depends on shapes and weight formats, not on what the weights say, so a random model
+with the real shapes measures the same work. The vocabulary is SmolLM2's byte-level BPE
+(49,152 tokens, taken from its GGUF) padded with unreachable `<dummy_N>` tokens to Llama 3's
+128,256 rows, so both engines tokenize the same text and carry a full-size embedding and head.
+
+    python bench/make_1b_gguf.py OUT.gguf --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf
+    python bench/make_1b_gguf.py OUT-q4_0.gguf --pure-quantize Q4_0 --source OUT.gguf
+
+`--pure-quantize` is the fallback when llama.cpp's quantizer is not available: every 2-D
+weight becomes Q4_0 or Q8_0 (gguf-py's reference code), unlike llama.cpp's mixes, which keep
+some tensors (the tied embedding, for one) in Q6_K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+TOKENIZER_KEYS = (  # copied as they are from the tokenizer donor
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_space_prefix",
+    "tokenizer.chat_template",
+)
+ROW_CHUNK = 4096  # rows generated or quantized at a time: bounds the float32 scratch memory
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    vocab: int = 128256
+    dim: int = 2048
+    n_layers: int = 16
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    ffn_dim: int = 8192
+    context_length: int = 2048
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    std: float = 0.02  # a fresh model's initialiser: activations stay finite through 16 layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+LLAMA_32_1B = LlamaShape()
+
+
+def tensor_shapes(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """GGUF tensor names with numpy shapes [out, in]; the output head is tied to token_embd."""
+    kv = shape.n_kv_heads * shape.head_dim
+    yield "token_embd.weight", (shape.vocab, shape.dim)
+    for i in range(shape.n_layers):
+        yield f"blk.{i}.attn_norm.weight", (shape.dim,)
+        yield f"blk.{i}.attn_q.weight", (shape.dim, shape.dim)
+        yield f"blk.{i}.attn_k.weight", (kv, shape.dim)
+        yield f"blk.{i}.attn_v.weight", (kv, shape.dim)
+        yield f"blk.{i}.attn_output.weight", (shape.dim, shape.dim)
+        yield f"blk.{i}.ffn_norm.weight", (shape.dim,)
+        yield f"blk.{i}.ffn_gate.weight", (shape.ffn_dim, shape.dim)
+        yield f"blk.{i}.ffn_up.weight", (shape.ffn_dim, shape.dim)
+        yield f"blk.{i}.ffn_down.weight", (shape.dim, shape.ffn_dim)
+    yield "output_norm.weight", (shape.dim,)
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _add_metadata(writer: gguf.GGUFWriter, shape: LlamaShape, tokenizer_from: Path, file_type: int, name: str) -> None:
+    donor = gguf.GGUFReader(tokenizer_from)
+    tokens = list(_field(donor, "tokenizer.ggml.tokens") or [])
+    types = list(_field(donor, "tokenizer.ggml.token_type") or [])
+    if not tokens or len(tokens) > shape.vocab or len(types) != len(tokens):
+        raise ValueError(f"{tokenizer_from} has no usable tokenizer.ggml.tokens/token_type for a {shape.vocab}-token vocabulary")
+    pad = range(len(tokens), shape.vocab)
+    tokens += [f"<dummy_{i}>" for i in pad]
+    types += [int(gguf.TokenType.NORMAL)] * len(pad)
+
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_vocab_size(shape.vocab)
+    writer.add_context_length(shape.context_length)
+    writer.add_embedding_length(shape.dim)
+    writer.add_block_count(shape.n_layers)
+    writer.add_feed_forward_length(shape.ffn_dim)
+    writer.add_head_count(shape.n_heads)
+    writer.add_head_count_kv(shape.n_kv_heads)
+    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_freq_base(shape.rope_theta)
+    writer.add_layer_norm_rms_eps(shape.norm_eps)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for key in TOKENIZER_KEYS:
+        field = donor.get_field(key)
+        if field is None:
+            continue
+        value = field.contents()
+        main = field.types[0]
+        sub = field.types[1] if main == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, main, sub_type=sub)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _open_streaming(path: Path) -> gguf.GGUFWriter:
+    return gguf.GGUFWriter(path, arch="llama")
+
+
+def _finish_header(writer: gguf.GGUFWriter) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+
+def write_random_llama(out: Path, *, tokenizer_from: Path, shape: LlamaShape = LLAMA_32_1B, seed: int = 0) -> None:
+    """F16 matrices, F32 norms (all ones); written tensor by tensor, then renamed into place."""
+    part = out.with_name(out.name + ".part")
+    rng = np.random.default_rng(seed)
+    writer = _open_streaming(part)
+    try:
+        _add_metadata(writer, shape, tokenizer_from, int(gguf.LlamaFileType.MOSTLY_F16),
+                      "llama-3.2-1b-shape-random")
+        shapes = list(tensor_shapes(shape))
+        for name, dims in shapes:
+            dtype = np.float32 if len(dims) == 1 else np.float16
+            writer.add_tensor_info(name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize)
+        _finish_header(writer)
+        for _, dims in shapes:
+            if len(dims) == 1:
+                writer.write_tensor_data(np.ones(dims, dtype=np.float32))
+                continue
+            data = np.empty(dims, dtype=np.float16)
+            for r in range(0, dims[0], ROW_CHUNK):
+                rows = min(ROW_CHUNK, dims[0] - r)
+                data[r:r + rows] = rng.standard_normal((rows, dims[1]), dtype=np.float32) * shape.std
+            writer.write_tensor_data(data)
+        writer.close()
+        os.replace(part, out)
+    finally:
+        writer.close()
+        part.unlink(missing_ok=True)
+
+
+PURE_TYPES = {
+    "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+def quantize_pure(source: Path, out: Path, qtype_name: str, *, tokenizer_from: Path,
+                  shape: LlamaShape = LLAMA_32_1B) -> None:
+    """Every 2-D tensor of `source` (written by write_random_llama) in one block format."""
+    qtype, file_type = PURE_TYPES[qtype_name]
+    reader = gguf.GGUFReader(source)
+    tensors = {t.name: t for t in reader.tensors}
+    part = out.with_name(out.name + ".part")
+    writer = _open_streaming(part)
+    try:
+        _add_metadata(writer, shape, tokenizer_from, int(file_type), f"llama-3.2-1b-shape-random-{qtype_name.lower()}-pure")
+        shapes = list(tensor_shapes(shape))
+        for name, dims in shapes:
+            if len(dims) == 1:
+                writer.add_tensor_info(name, dims, np.dtype(np.float32), int(np.prod(dims)) * 4)
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(dims, qtype)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+        _finish_header(writer)
+        for name, dims in shapes:
+            src = tensors[name].data  # numpy view into the memory-mapped source: [out, in]
+            if len(dims) == 1:
+                writer.write_tensor_data(np.asarray(src, dtype=np.float32))
+                continue
+            data = np.empty(gguf.quant_shape_to_byte_shape(dims, qtype), dtype=np.uint8)
+            for r in range(0, dims[0], ROW_CHUNK):
+                rows = slice(r, min(r + ROW_CHUNK, dims[0]))
+                data[rows] = gguf.quants.quantize(np.asarray(src[rows], dtype=np.float32), qtype)
+            writer.write_tensor_data(data)
+        writer.close()
+        os.replace(part, out)
+    finally:
+        writer.close()
+        part.unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--tokenizer-from", type=Path, required=True, help="a GGUF with a gpt2-style BPE vocabulary")
+    parser.add_argument("--pure-quantize", choices=sorted(PURE_TYPES), help="quantize --source instead of writing F16")
+    parser.add_argument("--source", type=Path, help="the F16 file for --pure-quantize")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.pure_quantize:
+        if args.source is None:
+            parser.error("--pure-quantize needs --source")
+        quantize_pure(args.source, args.out, args.pure_quantize, tokenizer_from=args.tokenizer_from)
+    else:
+        write_random_llama(args.out, tokenizer_from=args.tokenizer_from, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
