@@ -28,9 +28,12 @@ DENSE_PREFILL_ROWS = 32  # from this many rows on, dequantize the matrix into a 
                          # and let torch's fp32 GEMM do the work (prefill is compute-bound)
 
 
+SCRATCH_FLOATS = 4 << 20  # 16 MiB of dequantized rows at a time during prefill
+
+
 class _Scratch:
-    """One growing fp32 buffer shared by every QuantLinear: holds one dequantized matrix at a
-    time during prefill (the engine runs one forward at a time per process)."""
+    """One fp32 buffer shared by every QuantLinear: holds a slice of one dequantized matrix
+    at a time during prefill (the engine runs one forward at a time per process)."""
 
     def __init__(self) -> None:
         self.buffer = torch.empty(0)
@@ -85,10 +88,15 @@ class QuantTensor:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] float32 -> [M, N]. Few rows: integer kernel; many: dequantize + GEMM."""
         n, k = self.shape
-        if x.shape[0] >= DENSE_PREFILL_ROWS:
-            w = self.k.dequant_rows(self.fmt, self.group, self.blocks, k, None, out=SCRATCH.take(n, k))
-            return F.linear(x, w)
-        return self.k.matmul(self.fmt, self.group, self.blocks, n, k, x)
+        if x.shape[0] < DENSE_PREFILL_ROWS:
+            return self.k.matmul(self.fmt, self.group, self.blocks, n, k, x)
+        y = torch.empty((x.shape[0], n))
+        step = max(1, SCRATCH_FLOATS // k)
+        for start in range(0, n, step):  # a slice of rows at a time keeps the buffer small
+            rows = self.blocks[start:start + step]
+            w = self.k.dequant_rows(self.fmt, self.group, rows, k, None, out=SCRATCH.take(rows.shape[0], k))
+            y[:, start:start + rows.shape[0]] = F.linear(x, w)
+        return y
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows [len(ids), K]."""

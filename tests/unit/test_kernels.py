@@ -122,3 +122,15 @@ def test_fused_matrices_of_mixed_formats_equal_separate_products(variant):
     x = torch.randn(1, 3, 512)  # few rows: the fused integer kernel
     for got, linear in zip(fused(x), linears):
         torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q4_K", "Q6_K"])
+def test_prefill_rows_go_through_dequantized_slices(monkeypatch, ttype):
+    """Many rows: the matrix is dequantized a slice at a time (here 3 rows) for torch's GEMM."""
+    from fastserve_edge.engine import quant
+
+    monkeypatch.setattr(quant, "SCRATCH_FLOATS", 3 * 256)
+    raw, ref = raw_matrix(ttype, 10, 256)
+    q = quant_tensor(raw, kernels.load())
+    x = torch.randn(quant.DENSE_PREFILL_ROWS + 3, 256)
+    torch.testing.assert_close(q.matmul(x), x @ ref.T, rtol=1e-5, atol=1e-5)
