@@ -74,21 +74,6 @@ static inline float facc_sum(facc a) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-/* 32 weights as bytes (unsigned unless is_signed) . 32 int16 activations -> 8 int32 lanes */
-static inline ivec dot_w8_x16(__m256i w8, int is_signed, const int16_t *a) {
-    __m128i lo = _mm256_castsi256_si128(w8), hi = _mm256_extracti128_si256(w8, 1);
-    __m256i wl = is_signed ? _mm256_cvtepi8_epi16(lo) : _mm256_cvtepu8_epi16(lo);
-    __m256i wh = is_signed ? _mm256_cvtepi8_epi16(hi) : _mm256_cvtepu8_epi16(hi);
-    __m256i xl = _mm256_loadu_si256((const __m256i *)a), xh = _mm256_loadu_si256((const __m256i *)(a + 16));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpwssd_epi32(_mm256_madd_epi16(wl, xl), wh, xh);
-#else
-    return _mm256_add_epi32(_mm256_madd_epi16(wl, xl), _mm256_madd_epi16(wh, xh));
-#endif
-}
-static inline ivec dot16_u8_x16(__m128i w8, const int16_t *a) {
-    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(w8), _mm256_loadu_si256((const __m256i *)a));
-}
 #else
 typedef int32_t ivec;  /* |sum| <= 32 * 128 * 32767 < 2^31 */
 typedef float facc;
@@ -98,11 +83,29 @@ static inline float facc_sum(facc a) { return a; }
 static inline facc facc_plus(facc a, facc b) { return a + b; }
 #endif
 
-/* q4 (0..15, Q4_0/Q4_1 order) . a[32] */
+/* 16 bytes widened to int16, then a nibble of each (and 0x0f, or shift right 4): weight
+ * bytes go straight to int16 lanes without any cross-lane shuffles */
+#if defined(__AVX2__)
+static inline __m256i nibbles16(const uint8_t *qs, int high) {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
+    return high ? _mm256_srli_epi16(v, 4) : _mm256_and_si256(v, _mm256_set1_epi16(0x0f));
+}
+/* w0 . a[0..16) + w1 . a[16..32) as 8 int32 lanes */
+static inline ivec dot2x16(__m256i w0, __m256i w1, const int16_t *a) {
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)a), x1 = _mm256_loadu_si256((const __m256i *)(a + 16));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(_mm256_madd_epi16(w0, x0), w1, x1);
+#else
+    return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+#endif
+}
+#endif
+
+/* q4 (0..15, Q4_0/Q4_1 order: byte i = weights i (low) and i + 16 (high)) . a[32] */
 static inline ivec dot_q4_32(const uint8_t *qs, const int16_t *a) {
 #if defined(__AVX2__)
-    __m128i packed = _mm_loadu_si128((const __m128i *)qs);
-    return dot_w8_x16(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f)), 0, a);
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
+    return dot2x16(_mm256_and_si256(v, _mm256_set1_epi16(0x0f)), _mm256_srli_epi16(v, 4), a);
 #else
     int32_t sum = 0;
     for (int i = 0; i < 16; i++) sum += (qs[i] & 0x0f) * a[i] + (qs[i] >> 4) * a[i + 16];
@@ -113,8 +116,7 @@ static inline ivec dot_q4_32(const uint8_t *qs, const int16_t *a) {
 /* the low or high nibbles of 32 bytes (Q4_K's layout) . a[32] */
 static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int16_t *a) {
 #if defined(__AVX2__)
-    __m256i v = _mm256_loadu_si256((const __m256i *)qs);
-    return dot_w8_x16(_mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f)), 0, a);
+    return dot2x16(nibbles16(qs, high), nibbles16(qs + 16, high), a);
 #else
     int32_t sum = 0;
     for (int i = 0; i < 32; i++) sum += (high ? qs[i] >> 4 : qs[i] & 0x0f) * a[i];
@@ -125,7 +127,8 @@ static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int16_t *a) {
 /* 32 int8 weights . a[32] */
 static inline ivec dot_q8(const int8_t *qs, const int16_t *a) {
 #if defined(__AVX2__)
-    return dot_w8_x16(_mm256_loadu_si256((const __m256i *)qs), 1, a);
+    return dot2x16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs)),
+                   _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16))), a);
 #else
     int32_t sum = 0;
     for (int i = 0; i < 32; i++) sum += qs[i] * a[i];
@@ -170,7 +173,7 @@ static inline void q6k_decode_half(const uint8_t *ql, const uint8_t *qh, uint8_t
 /* 16 decoded Q6_K bytes (0..63) . a[16] */
 static inline ivec dot_q6_16(const uint8_t *q, const int16_t *a) {
 #if defined(__AVX2__)
-    return dot16_u8_x16(_mm_loadu_si128((const __m128i *)q), a);
+    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q)), _mm256_loadu_si256((const __m256i *)a));
 #else
     int32_t sum = 0;
     for (int i = 0; i < 16; i++) sum += q[i] * a[i];
