@@ -66,14 +66,12 @@ class ChatSession:
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the answer to `text`. Closing the iterator early (Ctrl-C) keeps what was said."""
-        messages, dropped = self.messages + [{"role": "user", "content": text}], 0
+        messages = self.messages + [{"role": "user", "content": text}]
         ids, dropped = self._fit(messages)
+        self.messages = messages[dropped:]
         if dropped:
-            self.messages = messages = messages[dropped:]
             self.notice(f"the conversation outgrew the context ({self.pipeline.ctx} tokens): "
                         f"dropped the {dropped} oldest message(s)")
-        else:
-            self.messages = messages
         turn = self.last = Turn(dropped_messages=dropped)
         decoder = self.tokenizer.stream_decoder()
         sampler = Sampler(self.params)

@@ -40,6 +40,3 @@ class ModelConfig:
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"unsupported architecture {self.arch!r}")
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
-
-    def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_value

@@ -11,7 +11,6 @@ Conventions of llama.cpp that matter here:
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from functools import cached_property
 from pathlib import Path
@@ -149,6 +148,24 @@ def read_metadata(reader: GGUFFile) -> dict[str, Any]:
     return dict(reader.metadata)
 
 
+def parameter_count(reader: GGUFFile) -> int:
+    return sum(int(t.n_elements) for t in reader.tensors)
+
+
+def quantization_label(reader: GGUFFile) -> str | None:
+    """"Q4_1", "Q4_K_M"...: general.file_type when it names one, else the type holding most weights."""
+    file_type = reader.metadata.get("general.file_type")
+    if file_type is not None:
+        try:
+            return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    by_type: dict[str, int] = {}
+    for t in reader.tensors:
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return max(by_type, key=by_type.__getitem__) if by_type else None
+
+
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: Path) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -239,20 +256,9 @@ class GGUFModel:
         return Tokenizer.from_gguf_metadata(self.metadata)
 
     @cached_property
-    def quantization(self) -> str:
-        """The type that holds most of the weights, e.g. "Q4_1"."""
-        by_type: dict[str, int] = {}
-        for t in self.reader.tensors:
-            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_elements)
-        return max(by_type, key=by_type.__getitem__)
+    def quantization(self) -> str | None:
+        return quantization_label(self.reader)
 
     @cached_property
     def n_params(self) -> int:
-        return sum(int(t.n_elements) for t in self.reader.tensors)
-
-    @cached_property
-    def digest(self) -> str:
-        """A cheap identity: sha256 over size, header and tensor table (not the 1+ GB of weights)."""
-        h = hashlib.sha256(str(self.path.stat().st_size).encode())
-        h.update(self.reader.buf[: self.reader.data_offset].tobytes())
-        return h.hexdigest()
+        return parameter_count(self.reader)

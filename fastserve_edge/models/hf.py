@@ -156,21 +156,28 @@ class HFModel:
         return Tokenizer.from_hf_folder(self.path)
 
     @property
-    def quantization(self) -> str:
-        some = next(iter(self._where))
-        return self.tensor(some).qtype.name
+    def quantization(self) -> str | None:
+        return weights_summary(self.path)[1]
 
     @property
     def n_params(self) -> int:
-        total = 0
-        for file, hf_name in self._where.values():
-            total += _numel(self._files[str(file)], hf_name)
-        return total
+        return weights_summary(self.path)[0]
 
 
-def _numel(handle: Any, hf_name: str) -> int:
-    n = 1
-    for d in handle.get_slice(hf_name).get_shape():
-        n *= int(d)
-    return n
-
+def weights_summary(folder: Path) -> tuple[int, str | None]:
+    """(parameter count, dominant dtype such as "F16") from the safetensors headers alone."""
+    params = 0
+    by_dtype: dict[str, int] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="numpy") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    n = 1
+                    for dim in sl.get_shape():
+                        n *= int(dim)
+                    params += n
+                    by_dtype[sl.get_dtype()] = by_dtype.get(sl.get_dtype(), 0) + n
+        except (OSError, SafetensorError) as err:
+            raise ModelFormatError(f"{shard} is not a readable safetensors file ({err}); it may be truncated") from None
+    return params, (max(by_dtype, key=by_dtype.__getitem__).upper() if by_dtype else None)

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -622,52 +621,22 @@ def model_info(path: Path, kind: ModelKind) -> ModelInfo:
 
 
 def _gguf_info(path: Path) -> ModelInfo:
-    import gguf
-
-    from fastserve_edge.models.gguf import open_reader, read_metadata
+    from fastserve_edge.models.gguf import open_reader, parameter_count, quantization_label
 
     reader = open_reader(path)
-    metadata = read_metadata(reader)
-    arch = metadata.get("general.architecture")
-    params = sum(int(t.n_elements) for t in reader.tensors)
-    file_type = metadata.get("general.file_type")
-    quant: str | None = None
-    if file_type is not None:
-        try:
-            quant = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            quant = None
-    if quant is None and reader.tensors:
-        weight: Counter[str] = Counter()
-        for t in reader.tensors:
-            weight[t.tensor_type.name] += int(t.n_elements)
-        quant = weight.most_common(1)[0][0]
-    return ModelInfo(architecture=arch, parameters=params or None, quantization=quant)
+    return ModelInfo(architecture=reader.metadata.get("general.architecture"),
+                     parameters=parameter_count(reader) or None, quantization=quantization_label(reader))
 
 
 def _hf_info(folder: Path) -> ModelInfo:
-    from safetensors import SafetensorError, safe_open
+    from fastserve_edge.models.hf import weights_summary
 
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelFormatError(f"{folder / 'config.json'} is not readable JSON ({err})") from None
     arch = config.get("model_type") or next(iter(config.get("architectures") or []), None)
-    params = 0
-    dtypes: Counter[str] = Counter()
-    for shard in _weight_files(folder):
-        try:
-            with safe_open(str(shard), framework="numpy") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    n = 1
-                    for dim in sl.get_shape():
-                        n *= dim
-                    params += n
-                    dtypes[sl.get_dtype()] += n
-        except (OSError, SafetensorError) as err:
-            raise ModelFormatError(f"{shard} is not a readable safetensors file ({err})") from None
-    quant = dtypes.most_common(1)[0][0].upper() if dtypes else None
+    params, quant = weights_summary(folder)
     return ModelInfo(architecture=arch, parameters=params or None, quantization=quant)
 
 

@@ -16,7 +16,6 @@ from gguf.quants import dequantize
 
 from fastserve_edge.engine.config import ModelConfig
 
-FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 SUPPORTED_TYPES = (
     QType.F32, QType.F16, QType.BF16,
     QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,

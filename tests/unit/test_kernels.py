@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
 from fastserve_edge.engine import kernels
