@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -40,3 +40,15 @@ class ModelConfig:
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"unsupported architecture {self.arch!r}")
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields (the config travels to peers with their stage)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Inverse of to_dict; unknown or missing fields raise TypeError/ValueError."""
+        data = dict(data)
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        return cls(**data)

@@ -1,5 +1,7 @@
-"""The token loop over a list of stages. A stage may run here or (later) on a peer:
-the loop only needs `forward(session, x, pos)` and `drop(session)`.
+"""The token loop over a list of stages. A stage may run here or on a peer: the loop
+only needs `forward(session, x, pos)` and `drop(session)`. A last stage that can sample
+by itself (`forward_sample`, a peer) returns the token id instead of the logits, so only
+the id travels back.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class StageRunner(Protocol):
     def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor: ...
 
     def drop(self, session: str) -> None: ...
+
+
+class SamplingStage(StageRunner, Protocol):
+    def forward_sample(self, session: str, x: torch.Tensor, pos: int, sampler: Sampler,
+                       context: Sequence[int]) -> int: ...
 
 
 class LocalStage:
@@ -99,6 +106,17 @@ class Pipeline:
             x = stage.forward(session, x, pos, all_logits=all_logits)
         return x[0]  # [vocab] or [S, vocab]
 
+    def next_token(self, session: str, ids: Sequence[int], pos: int, sampler: Sampler,
+                   context: Sequence[int]) -> int:
+        """Run `ids` (at positions pos...) through every stage and sample the next token."""
+        last = self.stages[-1]
+        if not hasattr(last, "forward_sample"):
+            return sampler(self.forward(session, ids, pos), context)
+        x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
+        for stage in self.stages[:-1]:
+            x = stage.forward(session, x, pos)
+        return last.forward_sample(session, x, pos, sampler, context)
+
     def drop(self, session: str) -> None:
         self._seen.pop(session, None)
         for stage in self.stages:
@@ -119,13 +137,12 @@ class Pipeline:
         reuse = min(common_prefix(seen, prompt), len(prompt) - 1)  # always run >= 1 token
         stats.prompt_tokens, stats.cached_tokens, stats.stop_reason = len(prompt), reuse, "cancelled"
         self._seen[session] = history = list(prompt[:reuse])
-        logits = self.forward(session, prompt[reuse:], reuse)
-        history.extend(prompt[reuse:])
         answer: list[int] = []
         context = list(prompt)  # what the repetition penalty looks back over
+        token = self.next_token(session, prompt[reuse:], reuse, sampler, context)
+        history.extend(prompt[reuse:])
         first_at = None
         while True:
-            token = sampler(logits, context)
             if first_at is None:
                 first_at = time.perf_counter()
                 stats.ttft_s = first_at - started
@@ -140,6 +157,7 @@ class Pipeline:
             if len(answer) >= max_tokens or len(history) + 1 >= self.ctx:
                 stats.stop_reason = "length"
                 break
-            logits = self.forward(session, [token], len(history))
-            history.append(token)
+            token_in = token
+            token = self.next_token(session, [token_in], len(history), sampler, context)
+            history.append(token_in)
         stats.decode_s = time.perf_counter() - first_at

@@ -134,11 +134,14 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    """Layers [start, end) of a model; input ids if first, else hidden; output logits if last."""
+    """Layers [start, end) of a model; input ids if first, else hidden; output logits if last.
+
+    The first stage may hold no layers at all (start == end == 0): a cluster host whose
+    peers hold every layer still embeds the tokens."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, start: int, end: int, *, max_tokens: int):
         super().__init__()
-        assert 0 <= start < end <= cfg.n_layers, f"bad layer range [{start}, {end})"
+        assert 0 <= start <= end <= cfg.n_layers and (start < end or start == 0), f"bad layer range [{start}, {end})"
         self.cfg, self.start, self.end, self.max_tokens = cfg, start, end, max_tokens
         self.is_first, self.is_last = start == 0, end == cfg.n_layers
         self.embed = weights.embedding() if self.is_first else None

@@ -239,6 +239,9 @@ class GGUFModel:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
     def tensor(self, name: str) -> RawTensor:
         t = self._tensors.get(name)
         if t is None:

@@ -136,6 +136,9 @@ class HFModel:
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
     def tensor(self, name: str) -> RawTensor:
         where = self._where.get(name)
         if where is None:

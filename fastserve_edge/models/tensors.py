@@ -62,4 +62,6 @@ class ModelSource(Protocol):
 
     def has(self, name: str) -> bool: ...
 
+    def names(self) -> list[str]: ...
+
     def tokenizer(self): ...  # -> fastserve_edge.models.tokenizer.Tokenizer
