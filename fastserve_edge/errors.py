@@ -30,3 +30,7 @@ class ConfigError(FastServeError):
 
 class ContextOverflow(FastServeError):
     """A single message is longer than the whole context window."""
+
+
+class PlanError(FastServeError):
+    """The machines found cannot hold the model (or cannot give the spread asked for)."""

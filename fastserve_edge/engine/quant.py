@@ -189,6 +189,17 @@ REPACKED = {
 }
 
 
+def runtime_nbytes(raw: RawTensor) -> int:
+    """Bytes `raw` takes once loaded (what a machine must hold for it): the planner's unit."""
+    elements = int(np.prod(raw.shape))
+    if isinstance(raw.data, np.ndarray) and len(raw.shape) == 2:
+        if raw.qtype in IN_PLACE:
+            return raw.nbytes
+        if raw.qtype in REPACKED:
+            return elements // 32 * 34
+    return elements * 4  # dense fp32 (vectors, float matrices, formats without a kernel)
+
+
 def quant_tensor(raw: RawTensor, k: kernels.Kernels) -> QuantTensor | None:
     """The runtime form of a quantized GGUF matrix, or None when it has none (use dense)."""
     if not isinstance(raw.data, np.ndarray) or len(raw.shape) != 2:

@@ -1,0 +1,452 @@
+"""Who holds which layers, and why: a pure function from measurements to a pipeline plan.
+
+The cost model (milliseconds per decoded token, at batch 1):
+
+- A stage reads its weights once per token and does 2 * params FLOPs, so it costs
+  `max(weight bytes / bandwidth, FLOPs / decode GFLOP/s)`; the last stage adds the final
+  norm + LM head to both. The embedding is a lookup of one row: memory, no time.
+  KV reads are left out (the estimate is for short contexts).
+- Every peer stage costs one hop going in: `hop_ms + hidden_bytes / link rate`. When the
+  last stage is a peer, the sampled token id returns to the host: one more `hop_ms`.
+- A machine's usable memory is `memory_bytes * (1 - margin) - margin_bytes`; a stage needs
+  its layers' weights + their KV for `ctx` tokens (+ the embedding on the host, + the head
+  on the last stage; a tied head shares the embedding's bytes when both are on the host).
+
+The search is a dynamic program over (layers covered, stages holding layers) that walks the
+machines in one order, the host first, and lets each peer take a contiguous range or be
+skipped: it is exact over every subset of machines for that order, so the fastest machines
+get as many layers as their memory allows and a machine that only adds time is skipped.
+Orders tried: every order of the peers when that is cheap (a few peers); else fastest
+(ms per layer) first with each peer tried as the last stage, the one that carries the head
+(up to `ENUMERATE_TAILS` peers); else fastest first only. When the layers are all the same
+size only the tail matters, so the tail search is exact. A single machine holding the whole
+model is one of the plans searched, hence the promise: never slower than the best single
+machine that can hold the model alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fastserve_edge.errors import PlanError
+
+ENUMERATE_TAILS = 12  # peers up to which every peer is tried as the last stage (cost ~ peers^2 * layers^2)
+PERMUTATION_BUDGET = 2_000_000  # peers! * peers * layers^2 up to which every peer order is tried
+
+SUMMARY_COLUMNS = ("machine", "address", "free memory", "GFLOP/s", "GB/s", "layers", "est ms/token", "reason")
+
+
+@dataclass(frozen=True)
+class Machine:
+    node_id: str
+    name: str
+    address: str            # "ip:port" of its gRPC server; "" for the host itself
+    memory_bytes: int       # memory it offers (free RAM, already capped by --max-memory)
+    decode_gflops: float    # measured, decode-shaped (one row) matmul on quantized weights
+    prefill_gflops: float   # measured, many rows
+    bandwidth_gbs: float    # measured memory bandwidth
+    is_host: bool = False
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    layer_bytes: tuple[int, ...]    # runtime weight bytes of each layer (len == n_layers)
+    layer_flops: float              # FLOPs per token of one layer (2 * params)
+    kv_bytes_per_token: int         # per layer, K and V
+    embed_bytes: int                # token embedding (always on the host)
+    head_bytes: int                 # final norm + lm head (on the last stage; == embedding when tied)
+    hidden_bytes: int               # one token's hidden state on the wire
+    ctx: int                        # tokens of context to reserve KV for
+    tied_embeddings: bool = False   # the head reuses the embedding: one copy when the host holds both
+    head_flops: float = 0.0         # 2 * vocab * hidden; 0 counts only the head's bytes
+
+    def __post_init__(self):
+        if self.n_layers < 1 or len(self.layer_bytes) != self.n_layers:
+            raise ValueError(f"ModelShape: {self.n_layers} layers but {len(self.layer_bytes)} layer sizes")
+        if min(self.layer_bytes) < 0 or min(self.kv_bytes_per_token, self.embed_bytes, self.head_bytes,
+                                            self.hidden_bytes, self.ctx) < 0:
+            raise ValueError("ModelShape: sizes must be >= 0")
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes)
+
+    @property
+    def kv_bytes_per_layer(self) -> int:
+        return self.kv_bytes_per_token * self.ctx
+
+
+@dataclass(frozen=True)
+class Stage:
+    machine: Machine
+    start: int                      # layers [start, end)
+    end: int
+    memory_bytes: int               # weights + KV(ctx) (+ embedding / head where held)
+    est_ms: float                   # its share of one decode token: compute_ms + network_ms
+    compute_ms: float = 0.0
+    network_ms: float = 0.0         # the hop into it (and the token's return when it is last)
+    holds_embedding: bool = False
+    holds_head: bool = False
+
+    @property
+    def n_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.end)
+
+    def describe_layers(self) -> str:
+        return f"{self.start}-{self.end - 1}" if self.end > self.start else "none"
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]       # pipeline order; stages[0].machine is the host
+    est_ms_per_token: float
+    decisions: tuple[tuple[Machine, str], ...]  # every machine given, in/out and why
+
+    @property
+    def machines(self) -> tuple[Machine, ...]:
+        return tuple(s.machine for s in self.stages)
+
+    @property
+    def left_out(self) -> tuple[Machine, ...]:
+        used = {m.node_id for m in self.machines}
+        return tuple(m for m, _ in self.decisions if m.node_id not in used)
+
+    @property
+    def n_active(self) -> int:
+        """Machines that hold at least one layer."""
+        return sum(1 for s in self.stages if s.n_layers)
+
+    def reason(self, machine: Machine | str) -> str:
+        node_id = machine if isinstance(machine, str) else machine.node_id
+        for m, why in self.decisions:
+            if m.node_id == node_id:
+                return why
+        raise KeyError(node_id)
+
+    def stage_of(self, machine: Machine | str) -> Stage | None:
+        node_id = machine if isinstance(machine, str) else machine.node_id
+        return next((s for s in self.stages if s.machine.node_id == node_id), None)
+
+    def summary_rows(self) -> tuple[tuple[str, ...], ...]:
+        """One row of strings per machine, in SUMMARY_COLUMNS order: pipeline order, then left out."""
+        rows = []
+        for m, why in self.decisions:
+            st = self.stage_of(m)
+            rows.append((
+                m.name,
+                m.address or "(this machine)",
+                describe_bytes(m.memory_bytes),
+                f"{m.decode_gflops:.1f}",
+                f"{m.bandwidth_gbs:.1f}",
+                st.describe_layers() if st else "-",
+                f"{st.est_ms:.2f}" if st else "-",
+                why,
+            ))
+        return tuple(rows)
+
+
+def describe_bytes(n: float) -> str:
+    """1288490189 -> '1.2 GiB'; binary units, one decimal above KiB."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{sign}{n / size:.1f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+# --- the search ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cost:
+    """Everything the search needs, precomputed once per call."""
+    model: ModelShape
+    prefix: tuple[int, ...]         # prefix[i] = bytes of layers [0, i)
+    link_ms: float                  # one hop into a peer
+    hop_ms: float
+    margin: float
+    margin_bytes: int
+
+    def usable(self, m: Machine) -> int:
+        return math.floor(m.memory_bytes * (1 - self.margin)) - self.margin_bytes
+
+    def memory(self, m: Machine, i: int, j: int) -> int:
+        md = self.model
+        need = self.prefix[j] - self.prefix[i] + (j - i) * md.kv_bytes_per_layer
+        if m.is_host:
+            need += md.embed_bytes
+        if j == md.n_layers:
+            need += max(0, md.head_bytes - md.embed_bytes) if (m.is_host and md.tied_embeddings) else md.head_bytes
+        return need
+
+    def compute(self, m: Machine, i: int, j: int) -> float:
+        md = self.model
+        if j == i:
+            return 0.0
+        nbytes = self.prefix[j] - self.prefix[i]
+        flops = (j - i) * md.layer_flops
+        if j == md.n_layers:
+            nbytes += md.head_bytes
+            flops += md.head_flops
+        return max(nbytes / (m.bandwidth_gbs * 1e6), flops / (m.decode_gflops * 1e6))
+
+    def network(self, m: Machine, j: int) -> float:
+        if m.is_host:
+            return 0.0
+        return self.link_ms + (self.hop_ms if j == self.model.n_layers else 0.0)
+
+    def ms_per_layer(self, m: Machine) -> float:
+        md = self.model
+        avg = self.prefix[-1] / md.n_layers
+        return max(avg / (m.bandwidth_gbs * 1e6), md.layer_flops / (m.decode_gflops * 1e6))
+
+
+def _measured(m: Machine) -> bool:
+    return m.bandwidth_gbs > 0 and m.decode_gflops > 0
+
+
+def _search(order: Sequence[Machine], cost: _Cost, need_stages: int) -> tuple[float, list[tuple[Machine, int, int]]] | None:
+    """Exact DP for one machine order (order[0] is the host, always a stage).
+
+    dp[i][s]: least ms for layers [0, i) on the machines seen so far, s = stages holding
+    layers (capped at need_stages). Returns (ms, [(machine, start, end)]) or None.
+    """
+    n = cost.model.n_layers
+    prefix, kv, flops, link = cost.prefix, cost.model.kv_bytes_per_layer, cost.model.layer_flops, cost.link_ms
+    inf = math.inf
+    host = order[0]
+    dp = [[inf] * (need_stages + 1) for _ in range(n + 1)]
+    back: list[list[list[tuple[int, int, int] | None]]] = []  # per machine: [i][s] -> (prev i, prev s, taken?)
+    # the host: layers [0, j), j may be 0
+    hb = [[None] * (need_stages + 1) for _ in range(n + 1)]
+    cap = cost.usable(host)
+    for j in range(n + 1):
+        if cost.memory(host, 0, j) > cap:
+            if j < n:
+                break
+            continue
+        s = min(need_stages, 1 if j else 0)
+        dp[j][s] = cost.compute(host, 0, j)
+        hb[j][s] = (0, 0, 1)
+    back.append(hb)
+    for m in order[1:]:
+        new = [row[:] for row in dp]
+        mb: list[list[tuple[int, int, int] | None]] = [[(i, s, 0) for s in range(need_stages + 1)] for i in range(n + 1)]
+        cap = cost.usable(m)
+        # cost.memory / cost.compute / cost.network inlined: this loop is the whole search
+        per_byte, per_flop = 1 / (m.bandwidth_gbs * 1e6), 1 / (m.decode_gflops * 1e6)
+        for i in range(n):
+            row = dp[i]
+            if all(v == inf for v in row):
+                continue
+            for j in range(i + 1, n + 1):
+                if j < n:
+                    w = prefix[j] - prefix[i]
+                    if w + (j - i) * kv > cap:
+                        break
+                    c = max(w * per_byte, (j - i) * flops * per_flop) + link
+                else:
+                    if cost.memory(m, i, j) > cap:
+                        continue
+                    c = cost.compute(m, i, j) + cost.network(m, j)
+                for s in range(need_stages + 1):
+                    if row[s] == inf:
+                        continue
+                    s2 = min(need_stages, s + 1)
+                    v = row[s] + c
+                    if v < new[j][s2]:
+                        new[j][s2] = v
+                        mb[j][s2] = (i, s, 1)
+        dp = new
+        back.append(mb)
+    best = dp[n][need_stages]
+    if best == inf:
+        return None
+    # walk back
+    taken: list[tuple[Machine, int, int]] = []
+    i, s = n, need_stages
+    for k in range(len(order) - 1, -1, -1):
+        pi, ps, took = back[k][i][s]
+        if took:
+            taken.append((order[k], pi, i))
+        i, s = pi, ps
+    assert i == 0 and taken and taken[-1][0] is host
+    taken.reverse()
+    return best, taken
+
+
+def _best(host: Machine, peers: Sequence[Machine], cost: _Cost, need_stages: int, *, exhaustive: bool = True):
+    """Best over peer orders: every order when that is cheap, else fastest first with each
+    peer tried as the tail (up to ENUMERATE_TAILS peers), else fastest first only."""
+    peers = sorted(peers, key=lambda m: (cost.ms_per_layer(m), m.node_id))
+    k, n = len(peers), cost.model.n_layers
+    if not peers:
+        orders = [[host]]
+    elif exhaustive and math.factorial(k) * k * n * n <= PERMUTATION_BUDGET:
+        orders = [[host, *perm] for perm in itertools.permutations(peers)]
+    elif exhaustive and k <= ENUMERATE_TAILS:
+        orders = [[host, *(p for p in peers if p is not t), t] for t in peers]
+    else:
+        orders = [[host, *peers]]
+    best = None
+    for order in orders:
+        got = _search(order, cost, need_stages)
+        if got is not None and (best is None or got[0] < best[0] - 1e-12):
+            best = got
+    return best
+
+
+def plan(machines: Sequence[Machine], model: ModelShape, *, min_stages: int = 1,
+         link_gbps: float = 1.0, hop_ms: float = 0.5, margin: float = 0.10, margin_bytes: int = 64 << 20) -> Plan:
+    """Give each machine a contiguous range of layers, minimising estimated decode ms per token.
+
+    machines: exactly one with is_host=True. Raises PlanError when the model cannot fit (the
+    message says how much memory is missing) or min_stages cannot be met.
+    """
+    hosts = [m for m in machines if m.is_host]
+    if len(hosts) != 1:
+        raise ValueError(f"plan() needs exactly one host machine, got {len(hosts)}")
+    ids = [m.node_id for m in machines]
+    if len(set(ids)) != len(ids):
+        raise ValueError("plan(): two machines share a node_id")
+    if min_stages < 1:
+        raise ValueError("min_stages must be >= 1")
+    if not 0 <= margin < 1:
+        raise ValueError("margin must be in [0, 1)")
+    if link_gbps <= 0:
+        raise ValueError("link_gbps must be > 0")
+    host = hosts[0]
+    cost = _Cost(model, _prefix(model.layer_bytes), hop_ms + model.hidden_bytes * 8 / (link_gbps * 1e6),
+                 hop_ms, margin, margin_bytes)
+    everyone = sorted(machines, key=lambda m: m.node_id)
+    if min_stages > len(everyone):
+        raise PlanError(f"--min-stages {min_stages} needs {min_stages} machines but only {len(everyone)} "
+                        f"{'is' if len(everyone) == 1 else 'are'} here; start `fastserve join` on "
+                        f"{min_stages - len(everyone)} more or lower --min-stages")
+    if not _measured(host):
+        raise ValueError("plan(): the host has no measured speed (bandwidth_gbs and decode_gflops must be > 0)")
+    peers = [m for m in everyone if not m.is_host and _measured(m)]
+    got = _best(host, peers, cost, min_stages)
+    if got is None:
+        raise _no_fit(host, peers, everyone, cost, min_stages)
+    total, taken = got
+    stages = tuple(_stage(m, i, j, cost) for m, i, j in taken)
+    decisions = _decisions(stages, total, everyone, peers, cost, min_stages)
+    return Plan(stages=stages, est_ms_per_token=sum(s.est_ms for s in stages), decisions=decisions)
+
+
+def _prefix(sizes: Sequence[int]) -> tuple[int, ...]:
+    out = [0]
+    for b in sizes:
+        out.append(out[-1] + b)
+    return tuple(out)
+
+
+def _stage(m: Machine, i: int, j: int, cost: _Cost) -> Stage:
+    compute, network = cost.compute(m, i, j), cost.network(m, j)
+    return Stage(machine=m, start=i, end=j, memory_bytes=cost.memory(m, i, j), est_ms=compute + network,
+                 compute_ms=compute, network_ms=network, holds_embedding=m.is_host,
+                 holds_head=j == cost.model.n_layers)
+
+
+def _smallest_layer_need(cost: _Cost) -> int:
+    return min(cost.model.layer_bytes) + cost.model.kv_bytes_per_layer
+
+
+def _decisions(stages, total, everyone, peers, cost: _Cost, min_stages: int) -> tuple[tuple[Machine, str], ...]:
+    used = {s.machine.node_id for s in stages}
+    out: list[tuple[Machine, str]] = []
+    exhaustive = len(peers) <= 4  # counterfactuals: cheap single-order search beyond a few peers
+    for s in stages:
+        m = s.machine
+        what = f"layers {s.describe_layers()}" if s.n_layers else "no layers"
+        if m.is_host:
+            if len(stages) == 1:
+                why = f"{what} + embedding + head: the whole model, fastest on the host alone"
+            elif s.n_layers:
+                why = f"{what} + embedding: the host runs the first stage"
+            elif cost.usable(m) < cost.memory(m, 0, 1):
+                why = "embedding only: no room for a layer on the host"
+            else:
+                why = "embedding only: the peers run every layer faster"
+            out.append((m, why))
+            continue
+        head = " + head" if s.holds_head else ""
+        others = [p for p in peers if p.node_id != m.node_id]
+        without = _best(stages[0].machine, others, cost, min_stages, exhaustive=exhaustive)
+        if without is None:
+            feasible = _best(stages[0].machine, others, cost, 1, exhaustive=exhaustive) is not None
+            why = f"needed for --min-stages {min_stages}" if feasible and min_stages > 1 else "needed for memory"
+        else:
+            saved = without[0] - total
+            why = f"{saved:.2f} ms/token faster than without it" if saved > 0 else "as fast as without it"
+        out.append((m, f"{what}{head}: {why}"))
+    users = ", ".join(s.machine.name for s in stages if s.n_layers)
+    for m in everyone:
+        if m.node_id in used:
+            continue
+        usable = cost.usable(m)
+        if not _measured(m):
+            why = "no measured speed: run `fastserve join --reprofile` on it"
+        elif usable < _smallest_layer_need(cost):
+            why = (f"too little memory: {describe_bytes(max(0, usable))} usable, one layer with its KV "
+                   f"needs {describe_bytes(_smallest_layer_need(cost))}")
+        elif len(stages) == 1:
+            why = "not needed: the host holds the whole model faster alone"
+        else:
+            per = cost.ms_per_layer(m)
+            why = (f"slower than using {users}: {per:.2f} ms/layer + {cost.link_ms:.2f} ms per hop")
+        out.append((m, why))
+    return tuple(out)
+
+
+def _no_fit(host: Machine, peers: Sequence[Machine], everyone: Sequence[Machine], cost: _Cost,
+            min_stages: int) -> PlanError:
+    md = cost.model
+    if min_stages > 1 and _best(host, peers, cost, 1) is not None:
+        layer = _smallest_layer_need(cost)
+        roomy = [m for m in [host, *peers] if cost.usable(m) >= layer + (md.embed_bytes if m.is_host else 0)]
+        return PlanError(f"cannot spread the model over {min_stages} machines: only {len(roomy)} of "
+                         f"{len(everyone)} have room for a layer ({describe_bytes(layer)} with its KV); "
+                         f"lower --min-stages or start `fastserve join` on another machine")
+    if cost.usable(host) < md.embed_bytes:
+        short = md.embed_bytes - max(0, cost.usable(host))
+        return PlanError(f"{describe_bytes(short)} more memory is needed on the host: the embedding alone "
+                         f"needs {describe_bytes(md.embed_bytes)} and the host offers "
+                         f"{describe_bytes(max(0, cost.usable(host)))} usable after the safety margin; "
+                         f"free memory on the host or raise --max-memory")
+    need = md.weight_bytes + md.n_layers * md.kv_bytes_per_layer + md.embed_bytes + md.head_bytes
+    if md.tied_embeddings:
+        need -= min(md.embed_bytes, md.head_bytes)  # lower bound: the host may hold both
+    have = sum(max(0, cost.usable(m)) for m in [host, *peers])
+    # Whole layers may not divide among the machines, so the total shortfall is only a lower
+    # bound: search the least usable memory one more machine would have to add.
+    lo, hi = max(1, need - have), need
+    step = max(1 << 20, hi >> 10)
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        if _fits_with_newcomer(host, peers, mid, cost):
+            hi = mid
+        else:
+            lo = mid + 1
+    n_all = len(everyone)
+    return PlanError(f"{describe_bytes(hi)} more memory is needed: the model needs {describe_bytes(need)} "
+                     f"(weights + KV for {md.ctx} tokens + embedding/head) and the {n_all} "
+                     f"machine{'s' if n_all != 1 else ''} offer{'' if n_all != 1 else 's'} {describe_bytes(have)} "
+                     f"usable after the safety margin; start `fastserve join` on another machine "
+                     f"or raise --max-memory")
+
+
+def _fits_with_newcomer(host: Machine, peers: Sequence[Machine], usable: int, cost: _Cost) -> bool:
+    """Would the model fit if one more machine with `usable` bytes joined? (it sorts last: the tail)"""
+    offered = math.ceil((usable + cost.margin_bytes) / (1 - cost.margin)) + 1
+    newcomer = Machine("\uffff", "newcomer", "", offered, 1e-6, 1e-6, 1e-6)
+    return _best(host, [*peers, newcomer], cost, 1, exhaustive=False) is not None
