@@ -7,6 +7,7 @@ Interactive on a terminal; with -p, or with stdin not a terminal, one answer to 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -23,7 +24,8 @@ if TYPE_CHECKING:  # torch-heavy: imported when the command runs, so `fastserve 
     from fastserve_edge.engine.chat import ChatSession
     from fastserve_edge.engine.generate import GenerationStats
 
-HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
+HELP = ("Commands: /reset clears the conversation, /replan looks for peers and plans again (cluster), "
+        "/exit (or Ctrl-D) leaves; Ctrl-C stops an answer.")
 
 
 def command(
@@ -39,8 +41,19 @@ def command(
     max_tokens: Annotated[int | None, typer.Option(help="longest answer, in tokens")] = None,
     ctx: Annotated[int | None, typer.Option(help="context length (default: the model's, capped at 4096)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
+    token: Annotated[str | None, typer.Option(help="cluster token (default: this host's, created on first use)",
+                                              envvar="FASTSERVE_TOKEN")] = None,
+    peers: Annotated[int, typer.Option(help="wait until this many peers answered (error if they do not)")] = 0,
+    wait: Annotated[float, typer.Option(help="seconds to look for peers on the LAN")] = 2.0,
+    local_only: Annotated[bool, typer.Option(help="do not look for peers: this machine alone",
+                                             envvar="FASTSERVE_LOCAL_ONLY")] = False,
+    min_stages: Annotated[int, typer.Option(help="spread the model over at least N machines")] = 1,
+    max_memory: Annotated[str | None, typer.Option(help="memory this host may use for the model (e.g. 4G)")] = None,
+    interface: Annotated[str | None, typer.Option(help="network interface to look for peers on")] = None,
+    peer: Annotated[list[str] | None, typer.Option(help="a peer's ADDRESS:PORT, for networks without mDNS (repeatable)")] = None,
+    reprofile: Annotated[bool, typer.Option(help="measure this machine again instead of using the cached profile")] = False,
 ) -> None:
-    """Chat with a model in the terminal (pulls the default model when it is missing)."""
+    """Chat with a model in the terminal, on this machine or spread over `fastserve join` peers."""
     from fastserve_edge.engine.chat import ChatSession
     from fastserve_edge.engine.local import load_local_model, set_threads
     from fastserve_edge.engine.sampling import SamplingParams
@@ -60,22 +73,39 @@ def command(
         answer_limit = d.max_tokens if max_tokens is None else max_tokens
         if answer_limit < 1:
             raise ConfigError(f"--max-tokens must be at least 1, got {answer_limit}")
-        set_threads(threads)
+        n_threads = set_threads(threads)
+        if wait < 0 or peers < 0 or min_stages < 1:
+            raise ConfigError("--wait and --peers must be >= 0 and --min-stages >= 1")
         resolved = resolve_or_pull(model, settings)
-        with err_console.status(f"loading {resolved.name}…"):
-            local = load_local_model(resolved.path, ctx=ctx, max_ctx=d.max_ctx)
-        chat = ChatSession(local.pipeline, local.tokenizer, params, max_tokens=answer_limit, system=system,
-                           notice=lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False))
-        interactive = prompt is None and sys.stdin.isatty()
-        if not interactive:
-            text = prompt if prompt is not None else sys.stdin.read()
-            if not text.strip():
-                raise ConfigError("nothing to answer: give a message with -p TEXT or on stdin")
-            answer_once(chat, text)
-            return
-        err_console.print(f"[bold]{escape(resolved.name)}[/] · {local.config.arch} · ctx {local.pipeline.ctx} · {HELP}",
-                          highlight=False)
-        repl(chat)
+        notice = lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False)  # noqa: E731
+        coordinator = None
+        if local_only:
+            with err_console.status(f"loading {resolved.name}…"):
+                local = load_local_model(resolved.path, ctx=ctx, max_ctx=d.max_ctx)
+            pipeline, tokenizer, config = local.pipeline, local.tokenizer, local.config
+        else:
+            from cli.cluster_view import start_cluster
+
+            coordinator, pipeline, tokenizer, config = start_cluster(
+                resolved, settings, ctx=ctx, token=token, peers=peers, wait=wait, min_stages=min_stages,
+                max_memory=max_memory, interface=interface, static_peers=tuple(peer or ()), threads=n_threads,
+                reprofile=reprofile, notice=notice)
+        try:
+            chat = ChatSession(pipeline, tokenizer, params, max_tokens=answer_limit, system=system, notice=notice)
+            interactive = prompt is None and sys.stdin.isatty()
+            if not interactive:
+                text = prompt if prompt is not None else sys.stdin.read()
+                if not text.strip():
+                    raise ConfigError("nothing to answer: give a message with -p TEXT or on stdin")
+                answer_once(chat, text)
+                return
+            err_console.print(f"[bold]{escape(resolved.name)}[/] · {config.arch} · ctx {pipeline.ctx} · {HELP}",
+                              highlight=False)
+            commands = {"/replan": pipeline.replan} if coordinator is not None else {}
+            repl(chat, commands)
+        finally:
+            if coordinator is not None:
+                coordinator.close()
 
 
 def stats_line(s: GenerationStats) -> str:
@@ -108,8 +138,9 @@ def stream_answer(chat: ChatSession, text: str, console: Console) -> None:
     console.print(f"[dim]{stats_line(chat.last.stats)}[/]", highlight=False)
 
 
-def repl(chat: ChatSession) -> None:
+def repl(chat: ChatSession, commands: dict[str, Callable[[], object]] | None = None) -> None:
     console = Console()
+    commands = commands or {}
     interrupted = False
     while True:
         try:
@@ -136,6 +167,12 @@ def repl(chat: ChatSession) -> None:
             continue
         if text in ("/help", "/?"):
             console.print(HELP)
+            continue
+        if text in commands:
+            try:
+                commands[text]()
+            except FastServeError as err:
+                console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
             continue
         try:
             stream_answer(chat, text, console)

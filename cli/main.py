@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, chat, models, pull
+from cli import bench, chat, join, models, pull, status, token
 
 app = typer.Typer(
     name="fastserve",
@@ -17,6 +17,9 @@ app.command("pull")(pull.command)
 app.command("models")(models.command)
 app.command("chat")(chat.command)
 app.command("bench")(bench.command)
+app.command("join")(join.command)
+app.command("status")(status.command)
+app.command("token")(token.command)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# `fastserve chat` looks for peers on the LAN by default; tests must not send multicast onto
+# a real network. Cluster tests clear this inside the namespaces they build (tests/netns.py).
+os.environ["FASTSERVE_LOCAL_ONLY"] = "1"
 
 from tests.models_fixtures import TEST_HOME, smollm2_path as _smollm2_path  # noqa: F401
 

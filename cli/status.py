@@ -1,0 +1,51 @@
+"""`fastserve status`: every fastserve machine on the LAN, what it offers and what it does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.common import err_console, user_errors
+from fastserve_edge.errors import ConfigError
+
+
+def command(
+    wait: Annotated[float, typer.Option(help="seconds to listen for machines")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    interface: Annotated[str | None, typer.Option(help="network interface to listen on (default: every LAN interface)")] = None,
+) -> None:
+    """List the fastserve machines on the LAN: profile, state, and whether they are in our cluster."""
+    from fastserve_edge.cluster import discovery
+    from fastserve_edge.cluster.auth import cluster_id, load_or_create_token
+    from fastserve_edge.cluster.planner import describe_bytes
+    from fastserve_edge.settings import Paths
+
+    with user_errors():
+        if not 0 < wait <= 600:
+            raise ConfigError(f"--wait must be between 0 and 600 seconds, got {wait}")
+        paths = Paths.from_env()
+        ours = cluster_id(load_or_create_token(paths.config)[0]) if (paths.config / "cluster-token").is_file() else None
+        interfaces = discovery.lan_interfaces(interface)
+        with err_console.status(f"listening for fastserve machines for {wait:g} s…"):
+            nodes = discovery.browse_sync(timeout=wait, interfaces=interfaces)
+        if as_json:
+            print(json.dumps([asdict(n) | {"in_our_cluster": ours is not None and n.cluster_id == ours}
+                              for n in nodes], indent=2))
+            return
+        if not nodes:
+            err_console.print(f"no fastserve machine answered within {wait:g} s on "
+                              f"{', '.join(name for name, _ in interfaces)}; is `fastserve join` running?")
+            return
+        table = Table(title="fastserve machines on the LAN")
+        for column in ("machine", "address", "role", "cluster", "memory", "GFLOP/s", "GB/s", "state"):
+            table.add_column(column)
+        for n in nodes:
+            cluster = "ours" if ours is not None and n.cluster_id == ours else ("other" if n.cluster_id else "none")
+            table.add_row(n.name, ", ".join(f"{a}:{n.port}" for a in n.addresses), n.role, cluster,
+                          describe_bytes(n.memory_bytes), f"{n.decode_gflops:.1f}", f"{n.bandwidth_gbs:.1f}", n.state)
+        Console().print(table)

@@ -1,0 +1,342 @@
+"""The host: find the peers, plan, hand out stages, drive the pipeline, re-plan on loss.
+
+    discover()  mDNS (and --peer addresses) -> Hello each peer of our cluster -> Machines
+    plan()      planner.plan(host + peers, the model's shape) -> Plan
+    apply()     the host builds its own stage from the model file; each peer gets LoadStage
+                and fetches what its cache lacks from the host's FetchLayer
+    pipeline    a Pipeline over [LocalStage, RemoteStage, ...]; ClusterPipeline wraps it so
+                that a peer lost mid-answer costs a re-plan and a re-prefill, never the answer.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from fastserve_edge.cluster import discovery, planner
+from fastserve_edge.cluster.auth import cluster_id, serve
+from fastserve_edge.cluster.peer import ModelProvider, PeerNode, PeerService, part_to_pb
+from fastserve_edge.cluster.profile import Profile, load_profile
+from fastserve_edge.cluster.protocol import peer_pb2
+from fastserve_edge.cluster.remote import PeerClient, PeerLost, PeerRefused, RemoteStage, SessionLost
+from fastserve_edge.cluster.shard_cache import Manifest, ShardCache, build_manifest, parts_for_stage
+from fastserve_edge.engine.generate import GenerationStats, LocalStage, Pipeline, StageRunner
+from fastserve_edge.engine.model import Stage
+from fastserve_edge.engine.quant import RuntimeWeights
+from fastserve_edge.engine.sampling import Sampler
+from fastserve_edge.errors import FastServeError, PlanError
+from fastserve_edge.models.tensors import ModelSource
+from fastserve_edge.settings import Paths
+
+REPLAN_BROWSE_S = 1.0  # a short look for machines that joined since the last plan
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    token: str
+    want_peers: int = 0            # --peers: wait until this many peers of our cluster answered
+    wait_s: float = 2.0            # --wait: how long to look
+    min_stages: int = 1            # --min-stages: force a spread (tests, or people who want it)
+    max_memory: int | None = None  # --max-memory for the host's own share
+    interface: str | None = None   # --interface
+    static_peers: tuple[str, ...] = ()  # --peer ADDR: peers to use without mDNS
+    threads: int = 1
+    reprofile: bool = False
+
+
+@dataclass
+class PeerEntry:
+    client: PeerClient
+    hello: peer_pb2.HelloReply
+
+    @property
+    def machine(self) -> planner.Machine:
+        p = self.hello.profile
+        return planner.Machine(node_id=self.hello.node_id, name=self.hello.name, address=self.client.address,
+                               memory_bytes=p.memory_bytes, decode_gflops=p.decode_gflops,
+                               prefill_gflops=p.prefill_gflops, bandwidth_gbs=p.bandwidth_gbs)
+
+
+@dataclass
+class Transfer:
+    """What the host sent one peer while it loaded its stage (for the progress bars)."""
+    name: str
+    expected: int           # bytes of the parts its stage needs (all of them, if none are cached)
+    sent: int = 0
+    done: bool = False
+    reply: peer_pb2.LoadStageReply | None = None
+
+
+def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.ModelShape:
+    c = source.config
+    rb = manifest.runtime_bytes
+    attn = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.n_kv_heads * c.head_dim * 2
+    return planner.ModelShape(
+        n_layers=c.n_layers,
+        layer_bytes=tuple(rb.get(f"layer.{i}", 0) for i in range(c.n_layers)),
+        layer_flops=2.0 * (attn + 3 * c.dim * c.ffn_dim),
+        kv_bytes_per_token=2 * c.n_kv_heads * c.head_dim * 4,  # fp32 K and V, one layer
+        embed_bytes=rb.get("embed", 0) + rb.get("common", 0),
+        head_bytes=rb.get("head", 0) + rb.get("common", 0),
+        hidden_bytes=c.dim * 4,
+        ctx=ctx,
+        tied_embeddings=c.tie_embeddings,
+        head_flops=2.0 * c.vocab_size * c.dim,
+    )
+
+
+class Coordinator:
+    def __init__(self, *, paths: Paths, source: ModelSource, model_path: Path, model_name: str, ctx: int,
+                 options: ClusterOptions, notice: Callable[[str], None] = lambda message: None):
+        self.paths, self.source, self.model_name, self.ctx = paths, source, model_name, ctx
+        self.options, self.notice = options, notice
+        self.config = source.config
+        self.cluster_id = cluster_id(options.token)
+        self.node_id = discovery.load_node_id(paths.config)
+        self.name = socket.gethostname()
+        self.profile: Profile = load_profile(paths.cache, threads=options.threads, max_memory=options.max_memory,
+                                             reprofile=options.reprofile)
+        self.manifest = build_manifest(source, model_path, paths.cache)
+        self.shape = model_shape(source, self.manifest, ctx)
+        self.peers: dict[str, PeerEntry] = {}
+        self.refused: list[tuple[str, str]] = []  # (machine, why) seen but not usable
+        self.plan: planner.Plan | None = None
+        self.pipeline: Pipeline | None = None
+        self.transfers: dict[str, Transfer] = {}
+        self._weights = RuntimeWeights(source)
+        self._server: grpc.Server | None = None
+        self.address = ""
+
+    # -- finding machines -------------------------------------------------------------------
+    def _interfaces(self) -> list[tuple[str, str]]:
+        return discovery.lan_interfaces(self.options.interface)
+
+    def discover(self, *, wait_s: float | None = None, on_found: Callable[[int], None] = lambda n: None) -> None:
+        """Look for peers of our cluster (mDNS + --peer) and greet each new one."""
+        addresses = list(self.options.static_peers)
+        if not self.options.static_peers or self.options.interface:
+            interfaces = self._interfaces()
+            want = self.options.want_peers or None
+            nodes = discovery.browse_sync(timeout=self.options.wait_s if wait_s is None else wait_s,
+                                          interfaces=interfaces, want=want, cluster_id=self.cluster_id)
+            for node in nodes:
+                if node.role != "peer" or node.node_id == self.node_id or not node.addresses:
+                    continue
+                if node.cluster_id != self.cluster_id:
+                    self.refused.append((node.name, "belongs to another cluster (a different --token)"))
+                    continue
+                addresses.append(f"{node.addresses[0]}:{node.port}")
+        for address in addresses:
+            if any(entry.client.address == address for entry in self.peers.values()):
+                continue
+            client = PeerClient(address, self.options.token)
+            try:
+                hello = client.hello(self.node_id, self.name)
+            except (PeerLost, PeerRefused) as err:
+                client.close()
+                self.refused.append((address, str(err)))
+                continue
+            old = self.peers.get(hello.node_id)
+            if old is not None:
+                old.client.close()
+            self.peers[hello.node_id] = PeerEntry(client, hello)
+            on_found(len(self.peers))
+
+    def machines(self) -> list[planner.Machine]:
+        p = self.profile
+        host = planner.Machine(node_id=self.node_id, name=self.name, address="", memory_bytes=p.memory_bytes,
+                               decode_gflops=p.decode_gflops, prefill_gflops=p.prefill_gflops,
+                               bandwidth_gbs=p.bandwidth_gbs, is_host=True)
+        return [host] + [entry.machine for entry in self.peers.values()]
+
+    def make_plan(self, *, min_stages: int | None = None) -> planner.Plan:
+        want = self.options.min_stages if min_stages is None else min_stages
+        machines = self.machines()
+        self.plan = planner.plan(machines, self.shape, min_stages=min(want, len(machines)), margin=0.0, margin_bytes=0)
+        return self.plan
+
+    # -- handing out stages -------------------------------------------------------------------
+    def _serve_weights(self) -> None:
+        """The host's Peer service (FetchLayer only), on the address the peers reach us at."""
+        if self._server is not None:
+            return
+        if self.options.static_peers and not self.options.interface and all(
+                a.startswith(("127.", "localhost")) for a in self.options.static_peers):
+            ip = "127.0.0.1"
+        else:
+            ip = self._interfaces()[0][1]
+        node = PeerNode(node_id=self.node_id, name=self.name, profile=self.profile,
+                        cache=ShardCache(self.paths.cache / "shards"), token=self.options.token)
+        provider = ModelProvider(self.source, self.manifest, on_sent=self._sent)
+        self._server, port = serve(PeerService(node, provider), self.options.token, bind=f"{ip}:0")
+        self.address = f"{ip}:{port}"
+
+    def _sent(self, peer: str, nbytes: int) -> None:
+        ip = peer.split(":")[1] if peer.startswith("ipv4:") else peer
+        for address, transfer in self.transfers.items():
+            if address.rsplit(":", 1)[0] == ip:
+                transfer.sent += nbytes
+                return
+
+    def _load_request(self, stage: planner.Stage) -> peer_pb2.LoadStageRequest:
+        import json
+
+        manifest = [
+            peer_pb2.TensorEntry(name=name, sha256=sha, part=part_to_pb(part))
+            for part in parts_for_stage(self.config, stage.start, stage.end)
+            for name, sha in sorted(self.manifest.parts.get(part, {}).items())
+        ]
+        return peer_pb2.LoadStageRequest(
+            model_digest=self.manifest.digest, model_name=self.model_name,
+            model_config_json=json.dumps(self.config.to_dict()), layer_start=stage.start, layer_end=stage.end,
+            has_embedding=False, has_head=stage.end == self.config.n_layers, manifest=manifest,
+            source_address=self.address, ctx=self.ctx, host_name=self.name, host_node_id=self.node_id)
+
+    def apply(self, plan: planner.Plan) -> Pipeline:
+        """Build the host's stage and load every peer's; returns the ready pipeline."""
+        self.close_pipeline()
+        host_stage = plan.stages[0]
+        stages: list[StageRunner] = [LocalStage(Stage(self.config, self._weights, 0, host_stage.end,
+                                                      max_tokens=self.ctx))]
+        peer_stages = plan.stages[1:]
+        if peer_stages:
+            self._serve_weights()
+            self.transfers = {
+                self.peers[s.machine.node_id].client.address: Transfer(
+                    s.machine.name, sum(self.manifest.part_bytes.get(p, 0)
+                                        for p in parts_for_stage(self.config, s.start, s.end)))
+                for s in peer_stages
+            }
+
+            def load(s: planner.Stage) -> RemoteStage:
+                entry = self.peers[s.machine.node_id]
+                reply = entry.client.load_stage(self._load_request(s))
+                transfer = self.transfers[entry.client.address]
+                transfer.reply, transfer.done = reply, True
+                return RemoteStage(entry.client, s.start, s.end, is_last=s.end == self.config.n_layers,
+                                   max_elements=self.ctx * max(self.config.dim, self.config.vocab_size))
+
+            with ThreadPoolExecutor(max_workers=len(peer_stages)) as pool:
+                futures = [pool.submit(load, s) for s in peer_stages]
+                errors = []
+                for s, future in zip(peer_stages, futures):
+                    try:
+                        stages.append(future.result())
+                    except PeerLost as err:
+                        self.forget(err.node_id or s.machine.node_id)
+                        errors.append(err)
+                    except PeerRefused as err:
+                        self.forget(s.machine.node_id)
+                        errors.append(err)
+                if errors:
+                    raise errors[0]
+        self.pipeline = Pipeline(self.config, stages, self.ctx)
+        return self.pipeline
+
+    def forget(self, node_id: str) -> None:
+        entry = self.peers.pop(node_id, None)
+        if entry is not None:
+            entry.client.close()
+
+    def close_pipeline(self) -> None:
+        if self.pipeline is not None:
+            for stage in self.pipeline.stages:
+                if isinstance(stage, RemoteStage):
+                    stage.close()
+            self.pipeline = None
+
+    def recover(self, *, on_plan: Callable[[planner.Plan], None] = lambda p: None) -> Pipeline:
+        """Re-plan with the machines we still have (and any that joined), then load it.
+        Raises PlanError when they cannot hold the model."""
+        self.close_pipeline()
+        for node_id, entry in list(self.peers.items()):
+            try:
+                entry.client.health(timeout=2.0)
+            except FastServeError:
+                self.forget(node_id)
+        try:
+            self.discover(wait_s=REPLAN_BROWSE_S)
+        except discovery.DiscoveryError:
+            pass
+        while True:
+            plan = self.make_plan()
+            on_plan(plan)
+            try:
+                return self.apply(plan)
+            except PeerLost as err:  # another one went away while we loaded: plan again without it
+                self.notice(f"{err}; planning again")
+
+    def close(self) -> None:
+        self.close_pipeline()
+        for node_id in list(self.peers):
+            self.forget(node_id)
+        if self._server is not None:
+            self._server.stop(None)
+            self._server = None
+
+
+class ClusterPipeline:
+    """A Pipeline that survives peers leaving: the answer goes on after a re-plan."""
+
+    def __init__(self, coordinator: Coordinator, *, notice: Callable[[str], None] = lambda message: None,
+                 on_plan: Callable[[planner.Plan], None] = lambda plan: None):
+        self.coordinator = coordinator
+        self.notice, self.on_plan = notice, on_plan
+        self.ctx = coordinator.ctx
+        self._lock = threading.Lock()
+
+    def replan(self) -> planner.Plan:
+        self.coordinator.recover(on_plan=self.on_plan)
+        assert self.coordinator.plan is not None
+        return self.coordinator.plan
+
+    def drop(self, session: str) -> None:
+        if self.coordinator.pipeline is not None:
+            self.coordinator.pipeline.drop(session)
+
+    def generate(self, session: str, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int,
+                 stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None) -> Iterator[int]:
+        stats = stats if stats is not None else GenerationStats()
+        produced: list[int] = []
+        attempt = 0
+        while len(produced) < max_tokens:
+            pipeline = self.coordinator.pipeline
+            if pipeline is None:
+                try:
+                    pipeline = self.coordinator.recover(on_plan=self.on_plan)
+                except PlanError as err:
+                    raise PlanError(f"{err}. The conversation is kept: start `fastserve join` on a machine "
+                                    "(or restart the one that left), then type /replan or send a message again") from None
+            inner = GenerationStats()
+            try:
+                for token in pipeline.generate(session, list(prompt) + produced, sampler,
+                                               max_tokens=max_tokens - len(produced), stop_ids=stop_ids, stats=inner):
+                    produced.append(token)
+                    _merge(stats, inner, attempt, len(produced))
+                    yield token
+                _merge(stats, inner, attempt, len(produced))
+                return
+            except SessionLost as err:
+                self.notice(f"{err}: sending the conversation again")
+                pipeline.drop(session)
+            except PeerLost as err:
+                self.notice(f"{err}; re-planning with the machines left, then going on with the answer")
+                self.coordinator.forget(err.node_id)
+                self.coordinator.close_pipeline()
+            attempt += 1
+        stats.stop_reason = "length"
+
+
+def _merge(total: GenerationStats, step: GenerationStats, attempt: int, produced: int) -> None:
+    """Stats of an answer that may have been resumed after a re-plan."""
+    if attempt == 0:
+        total.prompt_tokens, total.cached_tokens, total.ttft_s = step.prompt_tokens, step.cached_tokens, step.ttft_s
+        total.decode_s = step.decode_s
+    total.generated_tokens = produced
+    total.stop_reason = step.stop_reason

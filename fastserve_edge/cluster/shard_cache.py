@@ -1,0 +1,203 @@
+"""Weights by the layer: what a stage needs, their hashes, and a peer's cache on disk.
+
+A model is cut into *parts*: `layer.N` (every `blk.N.*` tensor), `embed` (the token
+embedding, always on the host), `head` (final norm + output matrix, or the embedding again
+when tied) and `common` (what every stage reads, e.g. llama3's rope_freqs). The host hashes
+every tensor once (cached by file size and mtime) into a Manifest; the model digest is the
+hash of that manifest, so a peer's cache is keyed by content, not by file name.
+
+On a peer, `ShardCache` keeps each part as one safetensors file under
+`<cache>/shards/<digest>/<part>.safetensors`, written only after every tensor matched its
+manifest hash. A stage built later from the same parts reads them from disk: no transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastserve_edge.cluster.wire import WireError, pack_tensors, sha256_of, unpack_tensors
+from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.engine.quant import runtime_nbytes
+from fastserve_edge.models.tensors import ModelSource, RawTensor
+
+MANIFEST_VERSION = 1
+
+
+def part_of_layer(layer: int) -> str:
+    return f"layer.{layer}"
+
+
+def parts_for_stage(config: ModelConfig, start: int, end: int) -> list[str]:
+    """The parts a stage holding layers [start, end) needs (the host's embedding is not one:
+    a peer stage never embeds)."""
+    parts = ["common"] + [part_of_layer(i) for i in range(start, end)]
+    if end == config.n_layers:
+        parts.append("head")
+    return parts
+
+
+def _part_names(config: ModelConfig, names: Iterable[str]) -> dict[str, list[str]]:
+    parts: dict[str, list[str]] = {"common": [], "embed": [], "head": []}
+    for name in sorted(names):
+        if name.startswith("blk."):
+            parts.setdefault(part_of_layer(int(name.split(".")[1])), []).append(name)
+        elif name == "token_embd.weight":
+            parts["embed"].append(name)
+            if config.tie_embeddings:
+                parts["head"].append(name)
+        elif name.startswith("output"):
+            parts["head"].append(name)
+        else:
+            parts["common"].append(name)
+    return parts
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str                             # sha256 over every (part, name, hash): the model's identity
+    parts: dict[str, dict[str, str]]        # part -> tensor name -> sha256
+    part_bytes: dict[str, int]              # part -> bytes of its tensors (what a transfer costs)
+    runtime_bytes: dict[str, int]           # part -> bytes once loaded (what a machine must hold)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": MANIFEST_VERSION, "digest": self.digest, "parts": self.parts,
+                           "part_bytes": self.part_bytes, "runtime_bytes": self.runtime_bytes}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        if data.get("version") != MANIFEST_VERSION:
+            raise ValueError("manifest version differs")
+        sizes = {key: {k: int(v) for k, v in data[key].items()} for key in ("part_bytes", "runtime_bytes")}
+        return cls(data["digest"], data["parts"], sizes["part_bytes"], sizes["runtime_bytes"])
+
+
+def _digest(parts: dict[str, dict[str, str]]) -> str:
+    h = hashlib.sha256()
+    for part in sorted(parts):
+        for name, sha in sorted(parts[part].items()):
+            h.update(f"{part}\0{name}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+def build_manifest(source: ModelSource, model_file: Path, cache_dir: Path) -> Manifest:
+    """Hash every tensor of `source` once; reuse the result while the file is unchanged."""
+    st = os.stat(model_file)
+    key = hashlib.sha256(f"{Path(model_file).resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    cached = cache_dir / "manifests" / f"{key}.json"
+    try:
+        return Manifest.from_json(cached.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    parts: dict[str, dict[str, str]] = {}
+    part_bytes: dict[str, int] = {}
+    runtime_bytes: dict[str, int] = {}
+    hashes: dict[str, tuple[str, int, int]] = {}
+    for part, names in _part_names(source.config, source.names()).items():
+        parts[part] = {}
+        part_bytes[part] = runtime_bytes[part] = 0
+        for name in names:
+            if name not in hashes:
+                raw = source.tensor(name)
+                hashes[name] = (sha256_of(raw), raw.nbytes, runtime_nbytes(raw))
+            parts[part][name], size, runtime = hashes[name]
+            part_bytes[part] += size
+            runtime_bytes[part] += runtime
+    manifest = Manifest(_digest(parts), parts, part_bytes, runtime_bytes)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(cached, manifest.to_json().encode())
+    return manifest
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardError(WireError):
+    """Layer bytes that do not match the manifest (corrupt transfer, wrong model, bad peer)."""
+
+
+def check_part(part: str, tensors: Sequence[RawTensor], expected: dict[str, str]) -> None:
+    got = {t.name: t for t in tensors}
+    if set(got) != set(expected):
+        raise ShardError(f"part {part}: got tensors {sorted(got)}, the manifest lists {sorted(expected)}")
+    for name, sha in expected.items():
+        if sha256_of(got[name]) != sha:
+            raise ShardError(f"part {part}: tensor {name} does not match its manifest hash (corrupt transfer?)")
+
+
+class ShardCache:
+    """A peer's per-part weight files, keyed by model digest."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, digest: str, part: str) -> Path:
+        if not all(c in "0123456789abcdef" for c in digest) or "/" in part or part.startswith("."):
+            raise ShardError(f"refusing a shard name that is not a plain digest/part: {digest!r}/{part!r}")
+        return self.root / digest / f"{part}.safetensors"
+
+    def load(self, digest: str, part: str, expected: dict[str, str]) -> list[RawTensor] | None:
+        """The cached part, or None when missing or not matching `expected` (it is then removed)."""
+        path = self.path(digest, part)
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            tensors = unpack_tensors(blob)
+            check_part(part, tensors, expected)
+        except WireError:
+            path.unlink(missing_ok=True)
+            return None
+        return tensors
+
+    def store(self, digest: str, part: str, blob: bytes, expected: dict[str, str]) -> list[RawTensor]:
+        """Verify `blob` against the manifest, then keep it. Raises ShardError on mismatch."""
+        tensors = unpack_tensors(blob)
+        check_part(part, tensors, expected)
+        path = self.path(digest, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, blob)
+        return tensors
+
+
+def part_blob(source: ModelSource, manifest: Manifest, part: str) -> bytes:
+    """One part of the host's model as safetensors bytes (what FetchLayer streams)."""
+    names = manifest.parts.get(part)
+    if names is None:
+        raise ShardError(f"this model has no part {part!r}")
+    return pack_tensors([source.tensor(name) for name in sorted(names)])
+
+
+class ShardSource:
+    """A ModelSource over the parts a peer holds (the engine reads weights from it as from a file)."""
+
+    def __init__(self, config: ModelConfig, tensors: Iterable[RawTensor]):
+        self.config = config
+        self._tensors = {t.name: t for t in tensors}
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def tensor(self, name: str) -> RawTensor:
+        t = self._tensors.get(name)
+        if t is None:
+            raise ShardError(f"tensor {name} was not sent to this peer")
+        return t
+
+    def tokenizer(self):
+        raise ShardError("a peer has no tokenizer: the host tokenizes")
