@@ -1,0 +1,339 @@
+"""Discovery: the pure parts (interfaces, TXT records, node ids), then real mDNS between
+processes in three network namespaces on a bridge (tests/netns.py)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from fastserve_edge.cluster import discovery
+from fastserve_edge.cluster.auth import cluster_id
+from fastserve_edge.cluster.discovery import (
+    DiscoveryError,
+    Interface,
+    MalformedRecord,
+    NodeInfo,
+    load_node_id,
+    select_interfaces,
+)
+from tests import netns
+
+# --- interfaces --------------------------------------------------------------------------------
+
+def iface(name, ipv4="192.168.1.5", *, up=True, loopback=False, multicast=True):
+    return Interface(name, ipv4, up=up, loopback=loopback, multicast=multicast)
+
+
+HOME_PC = [
+    iface("lo", "127.0.0.1", loopback=True, multicast=False),
+    iface("enp3s0", "192.168.1.20"),
+    iface("wlp2s0", "10.0.0.7"),
+    iface("docker0", "172.17.0.1"),
+    iface("veth1a2b3c", "169.254.3.3"),
+    iface("virbr0", "192.168.122.1"),
+    iface("br-5f2e9a", "172.18.0.1"),
+    iface("eno2", None),                         # cable in, no address
+    iface("eno3", "192.168.9.9", up=False),      # down
+    iface("tun0", "10.8.0.2", multicast=False),  # VPN: no multicast, mDNS cannot work
+]
+
+
+def test_lan_interfaces_are_the_real_lan_ones():
+    assert select_interfaces(HOME_PC) == [("enp3s0", "192.168.1.20"), ("wlp2s0", "10.0.0.7")]
+
+
+def test_a_named_interface_is_used_whatever_its_kind():
+    assert select_interfaces(HOME_PC, "docker0") == [("docker0", "172.17.0.1")]
+    assert select_interfaces(HOME_PC, "lo") == [("lo", "127.0.0.1")]
+
+
+@pytest.mark.parametrize("named, says", [("eth7", "no network interface named 'eth7'"),
+                                          ("eno2", "without an IPv4 address"), ("eno3", "is down")])
+def test_a_named_interface_that_cannot_be_used_is_explained(named, says):
+    with pytest.raises(DiscoveryError, match=says) as err:
+        select_interfaces(HOME_PC, named)
+    assert "enp3s0 (192.168.1.20)" in str(err.value)  # lists what there is
+
+
+def test_no_lan_interface_says_to_pass_interface():
+    with pytest.raises(DiscoveryError, match="no LAN interface") as err:
+        select_interfaces([HOME_PC[0], HOME_PC[3], HOME_PC[4]])
+    assert "--interface" in str(err.value) and "docker0 (172.17.0.1)" in str(err.value)
+
+
+def test_this_machines_interfaces_are_read_without_ip():
+    found = {i.name: i for i in discovery.read_interfaces()}
+    assert found["lo"].loopback and found["lo"].ipv4 == "127.0.0.1"
+
+
+# --- TXT records and node ids ------------------------------------------------------------------
+
+NODE = NodeInfo(node_id="0123456789abcdef", name="old-thinkpad", port=50051, cluster_id=cluster_id("T0ken"),
+                state="holding 0-11 of smollm2 for host", role="peer", memory_bytes=7_500_000_000,
+                decode_gflops=41.25, prefill_gflops=97.5, bandwidth_gbs=11.3, addresses=("10.0.0.7",))
+
+
+def test_node_info_round_trips_through_txt_strings():
+    props = NODE.to_properties()
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in props.items())
+    assert sum(len(k) + len(v) + 2 for k, v in props.items()) < 400  # one small mDNS packet
+    assert NodeInfo.from_properties(props, addresses=["10.0.0.7"], port=50051) == NODE
+
+
+def test_the_cluster_id_is_a_hash_never_the_token():
+    props = NODE.to_properties()
+    assert "T0ken" not in json.dumps(props)
+    assert cluster_id("T0ken") == cluster_id("T0ken") != cluster_id("t0ken")
+
+
+def test_a_long_state_is_cut_to_fit_one_txt_string():
+    long = replace(NODE, state="holding layers " + "é" * 300)
+    props = long.to_properties()
+    assert len(f"st={props['st']}".encode()) <= 255
+    NodeInfo.from_properties(props, port=1)
+
+
+@pytest.mark.parametrize("change", [
+    {"id": None}, {"id": "not-hex"}, {"mem": "lots"}, {"dg": "nan"}, {"bw": "-1"}, {"ro": "boss"},
+    {"pv": "1.5"}, {"hn": None},
+])
+def test_malformed_txt_records_are_refused_with_a_reason(change):
+    props = NODE.to_properties() | change
+    with pytest.raises(MalformedRecord):
+        NodeInfo.from_properties(props, port=50051)
+
+
+def test_unknown_txt_keys_from_newer_versions_are_ignored():
+    assert NodeInfo.from_properties(NODE.to_properties() | {"new": "x"}, addresses=["10.0.0.7"], port=50051) == NODE
+
+
+def test_node_id_is_created_once_and_random_per_configuration_folder(tmp_path):
+    first = load_node_id(tmp_path / "a")
+    assert load_node_id(tmp_path / "a") == first
+    assert (tmp_path / "a" / "node-id").read_text().strip() == first
+    assert load_node_id(tmp_path / "b") != first
+    (tmp_path / "a" / "node-id").write_text("garbage\n")
+    assert load_node_id(tmp_path / "a") not in ("garbage", first)
+
+
+# --- real mDNS between namespaces --------------------------------------------------------------
+
+# A `fastserve join` stand-in: announce, then obey "state TEXT" / "quit" lines on stdin.
+ANNOUNCE = r"""
+import asyncio, json, sys
+from dataclasses import replace
+from pathlib import Path
+from fastserve_edge.cluster.discovery import Announcer, DiscoveryError, NodeInfo, lan_interfaces, load_node_id
+from zeroconf.asyncio import AsyncServiceInfo
+
+config, name, cluster, malformed = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+
+async def main():
+    ifaces = lan_interfaces()
+    info = NodeInfo(node_id=load_node_id(Path(config)), name=name, port=50051, cluster_id=cluster,
+                    memory_bytes=4_000_000_000, decode_gflops=12.5, prefill_gflops=30.25, bandwidth_gbs=8.5)
+    async with Announcer() as announcer:
+        try:
+            info = await announcer.start(info, ifaces)
+        except DiscoveryError as err:
+            print(json.dumps({"error": str(err)}), flush=True)
+            return
+        if malformed:  # a broken or foreign record on the same LAN must not disturb anyone
+            bad = AsyncServiceInfo("_fastserve._tcp.local.", "broken._fastserve._tcp.local.", port=1,
+                                   properties={"id": "zz", "pv": "1"}, server="broken.local.",
+                                   parsed_addresses=[ifaces[0][1]])
+            await (await announcer.zeroconf.async_register_service(bad))
+        print(json.dumps({"started": info.node_id, "interfaces": ifaces}), flush=True)
+        loop = asyncio.get_running_loop()
+        while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip() not in ("quit", ""):
+            info = replace(info, state=line.strip().removeprefix("state "))
+            await announcer.update(info)
+            print(json.dumps({"updated": info.state}), flush=True)
+    print(json.dumps({"closed": True}), flush=True)
+
+asyncio.run(main())
+"""
+
+# `fastserve status` stand-in: a live Browser printing the nodes it knows after each change.
+WATCH = r"""
+import asyncio, json, logging
+from dataclasses import asdict
+from fastserve_edge.cluster.discovery import Browser, open_zeroconf
+
+logging.basicConfig(level=logging.WARNING)
+
+async def main():
+    zc = open_zeroconf()
+    browser = Browser(zc)
+    browser.on_change = lambda: print(json.dumps([asdict(n) for n in browser.matching()]), flush=True)
+    async with browser:
+        print(json.dumps("watching"), flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+BROWSE = r"""
+import json, logging, sys, time
+from dataclasses import asdict
+from fastserve_edge.cluster.discovery import browse_sync
+
+logging.basicConfig(level=logging.WARNING)
+want = int(sys.argv[2]) if sys.argv[2] != "-" else None
+start = time.monotonic()
+nodes = browse_sync(timeout=float(sys.argv[1]), want=want, cluster_id=sys.argv[3] if sys.argv[3] != "-" else None)
+print(json.dumps({"seconds": time.monotonic() - start, "nodes": [asdict(n) for n in nodes]}))
+"""
+
+
+class Lines:
+    """A process's stdout, one JSON value per line, read with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.queue = proc, queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.queue.put(line)
+
+    def next(self, timeout: float = 10):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no output within {timeout} s (exit code {self.proc.poll()})") from None
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not ours
+
+    def until(self, predicate, timeout: float = 10):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.next(max(0.01, deadline - time.monotonic()))
+            if predicate(value):
+                return value
+
+
+def python(machine, script, *args, **kw):
+    return machine.popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=kw.pop("stderr", subprocess.DEVNULL), text=True, bufsize=1, **kw)
+
+
+def browse_in(machine, timeout, want=None, cluster=None):
+    result = machine.run([sys.executable, "-c", BROWSE, str(timeout), str(want or "-"), cluster or "-"])
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr
+
+
+@pytest.fixture(scope="module")
+def machines():
+    with netns.lan(3) as the_lan:
+        yield the_lan
+
+
+def test_two_announcers_seen_from_a_third_machine_then_updated_then_gone(machines, tmp_path):
+    a, b, c = machines
+    cluster = cluster_id("secret-token")
+    watcher = Lines(python(c, WATCH))
+    assert watcher.next() == "watching"
+    procs = {m.name: python(m, ANNOUNCE, str(tmp_path / m.name), f"box-{m.name}", cluster if m is a else "other",
+                            "1" if m is b else "0")
+             for m in (a, b)}
+    out = {name: Lines(p) for name, p in procs.items()}
+    started = {name: out[name].next(15) for name in procs}
+
+    # Each namespace announces on its eth0 only: lo is never a LAN interface.
+    assert started["m0"]["interfaces"] == [["eth0", a.ip]]
+    assert started["m1"]["interfaces"] == [["eth0", b.ip]]
+    ids = {name: s["started"] for name, s in started.items()}
+    assert ids["m0"] != ids["m1"]
+
+    # A fresh browse from the third machine sees both, with what they announced.
+    found, log = browse_in(c, timeout=8, want=2)
+    nodes = {n["name"]: n for n in found["nodes"]}
+    assert set(nodes) == {"box-m0", "box-m1"}, found
+    assert found["seconds"] < 6  # returned as soon as both answered
+    for m in (a, b):
+        n = nodes[f"box-{m.name}"]
+        assert (n["node_id"], n["addresses"], n["port"], n["version"]) == (ids[m.name], [m.ip], 50051, 1)
+        assert (n["memory_bytes"], n["decode_gflops"], n["prefill_gflops"], n["bandwidth_gbs"]) == \
+               (4_000_000_000, 12.5, 30.25, 8.5)
+        assert (n["state"], n["role"]) == ("idle", "peer")
+    assert nodes["box-m0"]["cluster_id"] == cluster and nodes["box-m1"]["cluster_id"] == "other"
+    assert "ignoring broken._fastserve._tcp.local." in log  # the malformed record: logged, skipped
+
+    # want counts only our cluster: one of ours is enough to stop early.
+    found, _ = browse_in(c, timeout=8, want=1, cluster=cluster)
+    assert found["seconds"] < 6 and cluster in [n["cluster_id"] for n in found["nodes"]]
+
+    # A state change reaches the live browser.
+    watcher.until(lambda nodes: len(nodes) == 2)
+    procs["m0"].stdin.write("state holding 0-11 of smollm2 for host\n")
+    assert out["m0"].next() == {"updated": "holding 0-11 of smollm2 for host"}
+    watcher.until(lambda nodes: any(n["state"] == "holding 0-11 of smollm2 for host" for n in nodes), timeout=5)
+
+    # A clean exit says goodbye: the live browser drops it at once (not after the 120 s record TTL).
+    procs["m0"].stdin.write("quit\n")
+    procs["m0"].stdin.flush()
+    assert out["m0"].until(lambda v: "closed" in v) == {"closed": True}
+    assert procs["m0"].wait(timeout=10) == 0
+    left = watcher.until(lambda nodes: [n["name"] for n in nodes] == ["box-m1"], timeout=5)
+    assert left[0]["node_id"] == ids["m1"]
+    found, _ = browse_in(c, timeout=2)
+    assert [n["name"] for n in found["nodes"]] == ["box-m1"]
+
+    procs["m1"].stdin.write("quit\n")
+    procs["m1"].stdin.flush()
+    assert procs["m1"].wait(timeout=10) == 0
+    watcher.until(lambda nodes: nodes == [], timeout=5)
+    watcher.proc.terminate()
+
+
+def test_a_copied_configuration_folder_is_refused_not_announced_twice(machines, tmp_path):
+    a, b, _ = machines
+    first = Lines(python(a, ANNOUNCE, str(tmp_path), "original", "c", "0"))
+    assert "started" in first.next(15)
+    copy = python(b, ANNOUNCE, str(tmp_path), "clone", "c", "0")
+    refused = Lines(copy).next(15)
+    assert "already announces node id" in refused["error"] and "configuration folder" in refused["error"]
+    assert copy.wait(timeout=10) == 0
+    first.proc.stdin.write("quit\n")
+    assert first.proc.wait(timeout=10) == 0
+
+
+def test_browse_on_an_empty_lan_finds_nobody_after_the_timeout(machines):
+    found, _ = browse_in(machines[2], timeout=1)
+    assert found["nodes"] == [] and 1 <= found["seconds"] < 3
+
+
+def test_the_namespace_lan_is_torn_down(tmp_path):
+    netns.require_netns()
+    with netns.lan(1) as the_lan:
+        ns, bridge = the_lan[0].ns, the_lan.bridge
+        the_lan[0].popen(["sleep", "60"])
+    assert ns not in subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    assert subprocess.run(["ip", "link", "show", bridge], check=False, capture_output=True).returncode != 0
+
+
+def test_a_failing_test_still_tears_down():
+    netns.require_netns()
+    with pytest.raises(RuntimeError), netns.lan(1) as the_lan:
+        ns = the_lan[0].ns
+        raise RuntimeError("test failed")
+    assert ns not in subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+
+
+def test_links_can_be_limited_for_benchmarks():
+    netns.require_netns()
+    with netns.lan(1) as the_lan:
+        netns.limit_link(the_lan[0], rate="100mbit")
+        assert "tbf" in the_lan[0].run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
