@@ -58,10 +58,10 @@ def apply_with_progress(coordinator, plan, console: Console = err_console):
     thread.join()
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
-    for t in coordinator.transfers.values():
+    for address, t in coordinator.transfers.items():
         if t.reply is not None:
             r = t.reply
-            console.print(f"[dim]{escape(t.name)}: {r.tensors_cached} tensors from its cache, {r.tensors_fetched} fetched "
+            console.print(f"[dim]{escape(t.name)} ({address}): {r.tensors_cached} tensors from its cache, {r.tensors_fetched} fetched "
                           f"({r.bytes_fetched / 1e6:.1f} MB), ready in {r.load_seconds:.2f} s[/]", highlight=False)
     return result["pipeline"]
 

@@ -260,7 +260,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 if request.threads:
                     torch.set_num_threads(request.threads)
                 source = ShardSource(config, tensors)
-                stage = Stage(config, RuntimeWeights(source), start, end, max_tokens=request.ctx)
+                stage = Stage(config, RuntimeWeights(source), start, end, max_tokens=request.ctx, embeds=False)
             except grpc.RpcError as err:
                 n._set_state(peer_pb2.PEER_STATE_IDLE)
                 _abort(context, grpc.StatusCode.UNAVAILABLE,

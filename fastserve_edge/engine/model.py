@@ -139,11 +139,14 @@ class Stage(nn.Module):
     The first stage may hold no layers at all (start == end == 0): a cluster host whose
     peers hold every layer still embeds the tokens."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, start: int, end: int, *, max_tokens: int):
+    def __init__(self, cfg: ModelConfig, weights: Weights, start: int, end: int, *, max_tokens: int,
+                 embeds: bool | None = None):
+        """embeds: this stage turns ids into hidden states (default: when it holds layer 0;
+        a peer holding layer 0 gets hidden states from the host, which embeds)."""
         super().__init__()
         assert 0 <= start <= end <= cfg.n_layers and (start < end or start == 0), f"bad layer range [{start}, {end})"
         self.cfg, self.start, self.end, self.max_tokens = cfg, start, end, max_tokens
-        self.is_first, self.is_last = start == 0, end == cfg.n_layers
+        self.is_first, self.is_last = (start == 0 if embeds is None else embeds), end == cfg.n_layers
         self.embed = weights.embedding() if self.is_first else None
         self.blocks = nn.ModuleList(Block(cfg, weights, i) for i in range(start, end))
         self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps) if self.is_last else None

@@ -1,0 +1,213 @@
+"""The cluster with real processes: `fastserve join` peers and a `fastserve chat` host.
+
+Loopback cases reach the peers with `--peer 127.0.0.1:PORT` (no mDNS on lo); the LAN case
+builds three network namespaces on a bridge and lets mDNS find the peers. Memory caps make
+the model fit only when spread, and every answer is compared with the same model's greedy
+answer on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests import netns
+
+pytestmark = pytest.mark.slow
+
+FASTSERVE = str(Path(sys.executable).parent / "fastserve")
+TOKEN = "cluster-test-token-0123456789"
+QUESTION = "What is the capital of France?"
+STORY = "Write a long story about a robot who learns to paint."
+# SmolLM2-135M at ctx 256 (MiB caps): the embedding/tied head is 30 MB, a layer 2.6 MB with its KV.
+# 60M each: host 12 layers, last peer 12, middle peer 24 -> only all three hold the 30 layers.
+TIGHT = "60M"
+# 100M each: any two machines hold the model (a lost peer can be replaced by a re-plan).
+ROOMY = "100M"
+TRANSFER = re.compile(r"^\S+ \((\S+)\): (\d+) tensors from its cache, (\d+) fetched", re.M)
+
+
+def env(home: Path) -> dict[str, str]:
+    e = {**os.environ, "FASTSERVE_HOME": str(home), "FASTSERVE_THREADS": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+    e.pop("FASTSERVE_LOCAL_ONLY", None)
+    return e
+
+
+@dataclass
+class Peer:
+    proc: subprocess.Popen
+    home: Path
+    address: str = ""
+    log: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "".join(self.log)
+
+
+def start_peer(home: Path, *, token: str = TOKEN, max_memory: str | None = None,
+               machine: netns.Machine | None = None) -> Peer:
+    argv = [FASTSERVE, "join", "--token", token, "--port", "0"]
+    if machine is None:
+        argv += ["--no-announce", "--bind", "127.0.0.1"]
+    if max_memory:
+        argv += ["--max-memory", max_memory]
+    spawn = machine.popen if machine is not None else subprocess.Popen
+    proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(home))
+    peer = Peer(proc, home)
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            peer.log.append(line)
+            found = re.search(r"listening on (\S+)", line)
+            if found:
+                peer.address = found.group(1)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert ready.wait(90) and peer.address, f"peer did not start:\n{peer.text()}"
+    return peer
+
+
+@pytest.fixture
+def peers():
+    started: list[Peer] = []
+
+    def make(home: Path, **kw) -> Peer:
+        started.append(start_peer(home, **kw))
+        return started[-1]
+
+    yield make
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGINT)
+    for p in started:
+        try:
+            p.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+
+
+def chat_argv(model: Path, prompt: str, max_tokens: int, *extra: str) -> list[str]:
+    return [FASTSERVE, "chat", str(model), "-p", prompt, "--temperature", "0", "--max-tokens", str(max_tokens),
+            "--ctx", "256", *extra]
+
+
+def host_argv(model: Path, prompt: str, max_tokens: int, peers: list[Peer], *, min_stages: int,
+              max_memory: str, token: str = TOKEN) -> list[str]:
+    addresses = [a for p in peers for a in ("--peer", p.address)]
+    return chat_argv(model, prompt, max_tokens, "--token", token, "--min-stages", str(min_stages),
+                     "--max-memory", max_memory, "--wait", "0", *addresses)
+
+
+_local: dict[tuple[str, int], str] = {}
+
+
+def one_machine(model: Path, prompt: str, max_tokens: int, home: Path) -> str:
+    if (prompt, max_tokens) not in _local:
+        run = subprocess.run(chat_argv(model, prompt, max_tokens, "--local-only"), capture_output=True, text=True,
+                             env=env(home), timeout=300)
+        assert run.returncode == 0, run.stderr
+        _local[(prompt, max_tokens)] = run.stdout
+    return _local[(prompt, max_tokens)]
+
+
+def transfers(stderr: str) -> dict[str, tuple[int, int]]:
+    return {m.group(1): (int(m.group(2)), int(m.group(3))) for m in TRANSFER.finditer(stderr)}
+
+
+def test_spread_over_three_machines_answers_as_one_and_reuses_peer_caches(smollm2_path, tmp_path, peers):
+    expected = one_machine(smollm2_path, QUESTION, 24, tmp_path / "single")
+    a, b = peers(tmp_path / "a", max_memory=TIGHT), peers(tmp_path / "b", max_memory=TIGHT)
+    argv = host_argv(smollm2_path, QUESTION, 24, [a, b], min_stages=1, max_memory=TIGHT)
+
+    first = subprocess.run(argv, capture_output=True, text=True, env=env(tmp_path / "host"), timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == expected
+    assert "Paris" in first.stdout
+    sent = transfers(first.stderr)
+    assert len(sent) == 2 and all(fetched > 0 for _, fetched in sent.values()), first.stderr
+    for p in (a, b):
+        assert "holding layers" in p.text()
+        assert not list(p.home.rglob("*.gguf")), "a peer must never need the model file"
+
+    second = subprocess.run(argv, capture_output=True, text=True, env=env(tmp_path / "host"), timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == expected
+    again = transfers(second.stderr)
+    assert len(again) == 2 and all(fetched == 0 and cached > 0 for cached, fetched in again.values()), second.stderr
+
+
+def run_and_kill(argv: list[str], home: Path, victim: Peer, *, after_chars: int = 8) -> subprocess.CompletedProcess:
+    """Start the host, kill `victim` once the answer has begun, collect everything."""
+    host = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(home))
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(host.stderr), daemon=True).start()
+    out = ""
+    while len(out) < after_chars:
+        piece = host.stdout.read(1)
+        if not piece:
+            break
+        out += piece
+    victim.proc.kill()
+    out += host.stdout.read()
+    host.wait(300)
+    time.sleep(0.2)
+    return subprocess.CompletedProcess(argv, host.returncode, out, "".join(err))
+
+
+def test_a_peer_killed_mid_answer_still_gives_the_whole_answer(smollm2_path, tmp_path, peers):
+    expected = one_machine(smollm2_path, STORY, 64, tmp_path / "single")
+    a, b = peers(tmp_path / "a", max_memory=ROOMY), peers(tmp_path / "b", max_memory=ROOMY)
+    argv = host_argv(smollm2_path, STORY, 64, [a, b], min_stages=3, max_memory=ROOMY)
+    run = run_and_kill(argv, tmp_path / "host", b)
+    assert run.returncode == 0, run.stderr
+    assert "stopped answering" in run.stderr and "re-planning" in run.stderr
+    assert run.stdout == expected
+
+
+def test_when_the_rest_cannot_hold_the_model_it_says_so_and_keeps_what_was_said(smollm2_path, tmp_path, peers):
+    expected = one_machine(smollm2_path, STORY, 64, tmp_path / "single")
+    a, b = peers(tmp_path / "a", max_memory=TIGHT), peers(tmp_path / "b", max_memory=TIGHT)
+    argv = host_argv(smollm2_path, STORY, 64, [a, b], min_stages=1, max_memory=TIGHT)
+    run = run_and_kill(argv, tmp_path / "host", a)
+    assert run.returncode == 1
+    assert "more memory is needed" in run.stderr and "conversation is kept" in run.stderr
+    assert run.stdout.strip() and expected.startswith(run.stdout.rstrip("\n"))
+
+
+def test_a_peer_with_another_token_is_refused(smollm2_path, tmp_path, peers):
+    stranger = peers(tmp_path / "a", token="some-other-cluster-token-42")
+    argv = host_argv(smollm2_path, QUESTION, 8, [stranger], min_stages=1, max_memory=ROOMY) + ["--peers", "1"]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env(tmp_path / "host"), timeout=300)
+    assert run.returncode == 1
+    assert "refused" in run.stderr and "only 0 of 1 peers" in run.stderr
+    time.sleep(0.5)
+    assert "PERMISSION_DENIED" in stranger.text() or "refused" in stranger.text().lower()
+
+
+def test_on_a_lan_of_namespaces_mdns_finds_the_peers(smollm2_path, tmp_path):
+    netns.require_netns()
+    expected = one_machine(smollm2_path, QUESTION, 24, tmp_path / "single")
+    with netns.lan(3) as lan:
+        a = start_peer(tmp_path / "a", max_memory=TIGHT, machine=lan[0])
+        b = start_peer(tmp_path / "b", max_memory=TIGHT, machine=lan[1])
+        argv = chat_argv(smollm2_path, QUESTION, 24, "--token", TOKEN, "--peers", "2", "--wait", "20",
+                         "--max-memory", TIGHT)
+        run = lan[2].run(argv, env=env(tmp_path / "host"), check=False, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == expected
+        assert len(transfers(run.stderr)) == 2, run.stderr
+        for p in (a, b):
+            assert "holding layers" in p.text()
+            assert p.address.startswith(lan[0].ip.rsplit(".", 1)[0])
