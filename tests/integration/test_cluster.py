@@ -1,16 +1,14 @@
-"""The cluster with real processes: `fastserve join` peers and a `fastserve chat` host.
+"""The cluster with real processes on a real LAN: three network namespaces on a bridge,
+`fastserve join` in two of them, `fastserve chat` in the third, peers found over mDNS.
 
-Loopback cases reach the peers with `--peer 127.0.0.1:PORT` (no mDNS on lo); the LAN case
-builds three network namespaces on a bridge and lets mDNS find the peers. Memory caps make
-the model fit only when spread, and every answer is compared with the same model's greedy
-answer on one machine.
+Memory caps make the model fit only when spread (or `--min-stages` forces a spread), and
+every answer is compared with the same model's greedy answer on one machine.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -80,22 +78,11 @@ def start_peer(home: Path, *, token: str = TOKEN, max_memory: str | None = None,
 
 
 @pytest.fixture
-def peers():
-    started: list[Peer] = []
-
-    def make(home: Path, **kw) -> Peer:
-        started.append(start_peer(home, **kw))
-        return started[-1]
-
-    yield make
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGINT)
-    for p in started:
-        try:
-            p.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            p.proc.kill()
+def lan():
+    """Three machines: lan[0] and lan[1] for peers, lan[2] for the host. Torn down always."""
+    netns.require_netns()
+    with netns.lan(3) as machines:
+        yield machines
 
 
 def chat_argv(model: Path, prompt: str, max_tokens: int, *extra: str) -> list[str]:
@@ -103,11 +90,11 @@ def chat_argv(model: Path, prompt: str, max_tokens: int, *extra: str) -> list[st
             "--ctx", "256", *extra]
 
 
-def host_argv(model: Path, prompt: str, max_tokens: int, peers: list[Peer], *, min_stages: int,
-              max_memory: str, token: str = TOKEN) -> list[str]:
-    addresses = [a for p in peers for a in ("--peer", p.address)]
+def host_argv(model: Path, prompt: str, max_tokens: int, *, min_stages: int, max_memory: str,
+              token: str = TOKEN) -> list[str]:
+    """The host waits (over mDNS) for both peers of its cluster."""
     return chat_argv(model, prompt, max_tokens, "--token", token, "--min-stages", str(min_stages),
-                     "--max-memory", max_memory, "--wait", "0", *addresses)
+                     "--max-memory", max_memory, "--peers", "2", "--wait", "30")
 
 
 _local: dict[tuple[str, int], str] = {}
@@ -126,31 +113,38 @@ def transfers(stderr: str) -> dict[str, tuple[int, int]]:
     return {m.group(1): (int(m.group(2)), int(m.group(3))) for m in TRANSFER.finditer(stderr)}
 
 
-def test_spread_over_three_machines_answers_as_one_and_reuses_peer_caches(smollm2_path, tmp_path, peers):
-    expected = one_machine(smollm2_path, QUESTION, 24, tmp_path / "single")
-    a, b = peers(tmp_path / "a", max_memory=TIGHT), peers(tmp_path / "b", max_memory=TIGHT)
-    argv = host_argv(smollm2_path, QUESTION, 24, [a, b], min_stages=1, max_memory=TIGHT)
+def start_peers(lan, tmp_path: Path, max_memory: str) -> tuple[Peer, Peer]:
+    return (start_peer(tmp_path / "a", max_memory=max_memory, machine=lan[0]),
+            start_peer(tmp_path / "b", max_memory=max_memory, machine=lan[1]))
 
-    first = subprocess.run(argv, capture_output=True, text=True, env=env(tmp_path / "host"), timeout=300)
+
+def test_spread_over_three_machines_answers_as_one_and_reuses_peer_caches(smollm2_path, tmp_path, lan):
+    expected = one_machine(smollm2_path, QUESTION, 24, tmp_path / "single")
+    a, b = start_peers(lan, tmp_path, TIGHT)
+    argv = host_argv(smollm2_path, QUESTION, 24, min_stages=1, max_memory=TIGHT)
+
+    first = lan[2].run(argv, env=env(tmp_path / "host"), check=False, timeout=300)
     assert first.returncode == 0, first.stderr
     assert first.stdout == expected
     assert "Paris" in first.stdout
     sent = transfers(first.stderr)
     assert len(sent) == 2 and all(fetched > 0 for _, fetched in sent.values()), first.stderr
-    for p in (a, b):
+    for p, machine in ((a, lan[0]), (b, lan[1])):
         assert "holding layers" in p.text()
+        assert p.address.startswith(machine.ip + ":")  # found over mDNS on its own LAN address
         assert not list(p.home.rglob("*.gguf")), "a peer must never need the model file"
 
-    second = subprocess.run(argv, capture_output=True, text=True, env=env(tmp_path / "host"), timeout=300)
+    second = lan[2].run(argv, env=env(tmp_path / "host"), check=False, timeout=300)
     assert second.returncode == 0, second.stderr
     assert second.stdout == expected
     again = transfers(second.stderr)
     assert len(again) == 2 and all(fetched == 0 and cached > 0 for cached, fetched in again.values()), second.stderr
 
 
-def run_and_kill(argv: list[str], home: Path, victim: Peer, *, after_chars: int = 8) -> subprocess.CompletedProcess:
+def run_and_kill(host_machine: netns.Machine, argv: list[str], home: Path, victim: Peer, *,
+                 after_chars: int = 8) -> subprocess.CompletedProcess:
     """Start the host, kill `victim` once the answer has begun, collect everything."""
-    host = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(home))
+    host = host_machine.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(home))
     err: list[str] = []
     threading.Thread(target=lambda: err.extend(host.stderr), daemon=True).start()
     out = ""
@@ -166,48 +160,36 @@ def run_and_kill(argv: list[str], home: Path, victim: Peer, *, after_chars: int 
     return subprocess.CompletedProcess(argv, host.returncode, out, "".join(err))
 
 
-def test_a_peer_killed_mid_answer_still_gives_the_whole_answer(smollm2_path, tmp_path, peers):
+def test_a_peer_killed_mid_answer_still_gives_the_whole_answer(smollm2_path, tmp_path, lan):
     expected = one_machine(smollm2_path, STORY, 64, tmp_path / "single")
-    a, b = peers(tmp_path / "a", max_memory=ROOMY), peers(tmp_path / "b", max_memory=ROOMY)
-    argv = host_argv(smollm2_path, STORY, 64, [a, b], min_stages=3, max_memory=ROOMY)
-    run = run_and_kill(argv, tmp_path / "host", b)
+    a, b = start_peers(lan, tmp_path, ROOMY)
+    argv = host_argv(smollm2_path, STORY, 64, min_stages=3, max_memory=ROOMY)
+    run = run_and_kill(lan[2], argv, tmp_path / "host", b)
     assert run.returncode == 0, run.stderr
     assert "stopped answering" in run.stderr and "re-planning" in run.stderr
     assert run.stdout == expected
 
 
-def test_when_the_rest_cannot_hold_the_model_it_says_so_and_keeps_what_was_said(smollm2_path, tmp_path, peers):
+def test_when_the_rest_cannot_hold_the_model_it_says_so_and_keeps_what_was_said(smollm2_path, tmp_path, lan):
     expected = one_machine(smollm2_path, STORY, 64, tmp_path / "single")
-    a, b = peers(tmp_path / "a", max_memory=TIGHT), peers(tmp_path / "b", max_memory=TIGHT)
-    argv = host_argv(smollm2_path, STORY, 64, [a, b], min_stages=1, max_memory=TIGHT)
-    run = run_and_kill(argv, tmp_path / "host", a)
+    a, b = start_peers(lan, tmp_path, TIGHT)
+    argv = host_argv(smollm2_path, STORY, 64, min_stages=1, max_memory=TIGHT)
+    run = run_and_kill(lan[2], argv, tmp_path / "host", a)
     assert run.returncode == 1
     assert "more memory is needed" in run.stderr and "conversation is kept" in run.stderr
     assert run.stdout.strip() and expected.startswith(run.stdout.rstrip("\n"))
 
 
-def test_a_peer_with_another_token_is_refused(smollm2_path, tmp_path, peers):
-    stranger = peers(tmp_path / "a", token="some-other-cluster-token-42")
-    argv = host_argv(smollm2_path, QUESTION, 8, [stranger], min_stages=1, max_memory=ROOMY) + ["--peers", "1"]
-    run = subprocess.run(argv, capture_output=True, text=True, env=env(tmp_path / "host"), timeout=300)
-    assert run.returncode == 1
-    assert "refused" in run.stderr and "only 0 of 1 peers" in run.stderr
+def test_another_cluster_is_not_used_and_a_client_without_the_token_is_refused(smollm2_path, tmp_path, lan):
+    stranger = start_peer(tmp_path / "a", token="some-other-cluster-token-42", machine=lan[0])
+    base = chat_argv(smollm2_path, QUESTION, 8, "--token", TOKEN, "--max-memory", ROOMY)
+    found = lan[2].run(base + ["--peers", "1", "--wait", "5"], env=env(tmp_path / "host"), check=False)
+    assert found.returncode == 1  # mDNS shows it, but its cluster id is not ours
+    assert "another cluster" in found.stderr and "only 0 of 1 peers" in found.stderr
+    named = lan[2].run(base + ["--peers", "1", "--wait", "0", "--peer", stranger.address],
+                       env=env(tmp_path / "host"), check=False)
+    assert named.returncode == 1  # called directly: it refuses the call
+    assert "refused our hello" in named.stderr and "only 0 of 1 peers" in named.stderr
     time.sleep(0.5)
     assert "PERMISSION_DENIED" in stranger.text() or "refused" in stranger.text().lower()
-
-
-def test_on_a_lan_of_namespaces_mdns_finds_the_peers(smollm2_path, tmp_path):
-    netns.require_netns()
-    expected = one_machine(smollm2_path, QUESTION, 24, tmp_path / "single")
-    with netns.lan(3) as lan:
-        a = start_peer(tmp_path / "a", max_memory=TIGHT, machine=lan[0])
-        b = start_peer(tmp_path / "b", max_memory=TIGHT, machine=lan[1])
-        argv = chat_argv(smollm2_path, QUESTION, 24, "--token", TOKEN, "--peers", "2", "--wait", "20",
-                         "--max-memory", TIGHT)
-        run = lan[2].run(argv, env=env(tmp_path / "host"), check=False, timeout=300)
-        assert run.returncode == 0, run.stderr
-        assert run.stdout == expected
-        assert len(transfers(run.stderr)) == 2, run.stderr
-        for p in (a, b):
-            assert "holding layers" in p.text()
-            assert p.address.startswith(lan[0].ip.rsplit(".", 1)[0])
+    assert "holding layers" not in stranger.text()
