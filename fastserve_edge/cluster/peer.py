@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,6 +43,7 @@ from fastserve_edge.models.tensors import ModelSource
 log = logging.getLogger("fastserve.peer")
 
 MAX_PART_BYTES = 16 << 30        # one layer's blob; a corrupt header must not make us allocate more
+FETCH_STREAMS = 3               # parts fetched at once
 FETCH_TIMEOUT_S = 600.0          # a whole part; a dead host is noticed sooner through keepalive
 TOKENS_PER_S_WINDOW_S = 5.0      # the tokens/s shown by `join` and Health
 
@@ -242,16 +244,25 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             n._set_state(peer_pb2.PEER_STATE_LOADING)
             try:
                 tensors, cached, fetched, nbytes = [], 0, 0, 0
+                missing = []
                 for part, expected in sorted(wanted.items()):
                     got = n.cache.load(request.model_digest, part, expected)
                     if got is None:
-                        blob = fetch_part(request.source_address, n.token, request.model_digest, part)
-                        got = n.cache.store(request.model_digest, part, blob, expected)
-                        fetched, nbytes = fetched + len(got), nbytes + len(blob)
-                        n.bytes_fetched += len(blob)
+                        missing.append(part)
                     else:
                         cached += len(got)
-                    tensors.extend(got)
+                        tensors.extend(got)
+
+                def fetch(part: str) -> tuple[list, int]:
+                    blob = fetch_part(request.source_address, n.token, request.model_digest, part)
+                    return n.cache.store(request.model_digest, part, blob, wanted[part]), len(blob)
+
+                # a few parts in flight at once: one stream alone leaves the link idle while we verify
+                with ThreadPoolExecutor(max_workers=FETCH_STREAMS) as pool:
+                    for got, size in pool.map(fetch, missing):
+                        fetched, nbytes = fetched + len(got), nbytes + size
+                        n.bytes_fetched += size
+                        tensors.extend(got)
                 need = sum(runtime_nbytes(t) for t in tensors)
                 need += 2 * config.n_kv_heads * config.head_dim * 4 * (end - start) * request.ctx
                 if need > n.profile.memory_bytes:
