@@ -7,6 +7,7 @@ every answer is compared with the same model's greedy answer on one machine.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -193,3 +194,21 @@ def test_another_cluster_is_not_used_and_a_client_without_the_token_is_refused(s
     time.sleep(0.5)
     assert "PERMISSION_DENIED" in stranger.text() or "refused" in stranger.text().lower()
     assert "holding layers" not in stranger.text()
+
+
+def test_status_lists_the_machines_on_the_lan_and_which_are_ours(tmp_path, lan):
+    ours = start_peer(tmp_path / "a", machine=lan[0])
+    start_peer(tmp_path / "b", token="some-other-cluster-token-42", machine=lan[1])
+    home = tmp_path / "host"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "cluster-token").write_text(TOKEN + "\n")
+    (home / "config" / "cluster-token").chmod(0o600)
+    listed = lan[2].run([FASTSERVE, "status", "--json", "--wait", "4"], env=env(home), check=False)
+    assert listed.returncode == 0, listed.stderr
+    nodes = {n["addresses"][0]: n for n in json.loads(listed.stdout)}
+    assert set(nodes) == {lan[0].ip, lan[1].ip}
+    assert nodes[lan[0].ip]["in_our_cluster"] and not nodes[lan[1].ip]["in_our_cluster"]
+    assert nodes[lan[0].ip]["state"] == "idle" and nodes[lan[0].ip]["memory_bytes"] > 0
+    assert f"{lan[0].ip}:{nodes[lan[0].ip]['port']}" == ours.address
+    table = lan[2].run([FASTSERVE, "status", "--wait", "4"], env=env(home), check=False)
+    assert table.returncode == 0 and "ours" in table.stdout and "other" in table.stdout
