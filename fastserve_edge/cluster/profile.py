@@ -176,7 +176,8 @@ def kernel_variant() -> str:
     lib = kernels.load()
     if lib is None:
         return "dense"
-    return f"{lib.variant}-{hashlib.sha256(kernels.SOURCE.read_bytes()).hexdigest()[:12]}"
+    source = b"".join(path.read_bytes() for path in kernels.SOURCES)
+    return f"{lib.variant}-{hashlib.sha256(source).hexdigest()[:12]}"
 
 
 def _bandwidth_gbs() -> float:

@@ -40,6 +40,15 @@ class KVCache:
             v[:, :, :, : self.capacity] = self.v
         self.k, self.v = k, v
 
+    def layer(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's whole k and v [Hkv, capacity, hd] (batch 1), with room for `end` positions:
+        the one-token decode kernel writes and reads them in place."""
+        if end > self.max_tokens:
+            raise IndexError(f"KV cache holds {self.max_tokens} positions, asked for {end}")
+        if end > self.capacity:
+            self._grow(min(self.max_tokens, max(end, 2 * self.capacity)))
+        return self.k[layer, 0], self.v[layer, 0]
+
     def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, Hkv, S, hd] at positions [pos, pos+S); return all keys/values so far."""
         end = pos + k.shape[2]

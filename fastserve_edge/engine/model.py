@@ -31,6 +31,8 @@ class Weights(Protocol):
     def embedding(self) -> nn.Module: ...
     def head(self, tied: bool) -> nn.Module: ...
 
+    kernels: object  # engine.kernels.Kernels (its one-token glue) or None: dense torch only
+
 
 def llama3_freq_factors(s: RopeScaling, head_dim: int, theta: float) -> torch.Tensor:
     """Divisors of each rope frequency [hd/2], as Llama 3.1 defines them (= GGUF rope_freqs)."""
@@ -128,9 +130,35 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps)
         self.ffn = FeedForward(w, prefix)
 
+        # One token at a time the glue between matmuls costs as much as they do: a C path
+        # (kernels/decode.c) takes one row through the whole block when every weight is quantized.
+        fused = (self.attn.wqkv, self.ffn.gate_up)
+        self.glue = getattr(w, "kernels", None) if all(getattr(f, "multi", None) is not None for f in fused) else None
+        self.cfg = cfg
+
     def forward(self, x, cos, sin, cache, layer, pos):
+        if self.glue is not None and x.shape[0] == 1 and x.shape[1] == 1:
+            return self.forward_one(x, cos, sin, cache, layer, pos)
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos)
         return x + self.ffn(self.ffn_norm(x))
+
+    def forward_one(self, x, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+        """x: [1, 1, D] -> [1, 1, D]; the same math as forward(), in fewer, larger calls."""
+        c, g, attn = self.cfg, self.glue, self.attn
+        row = x.reshape(1, -1)
+        qkv = attn.wqkv.project(g.rmsnorm(row, self.attn_norm.weight, self.attn_norm.eps))
+        if attn.q_norm is not None:  # qwen3: RMSNorm over each head of q and k, before rope
+            q_k = qkv[0, : (c.n_heads + c.n_kv_heads) * c.head_dim]
+            g.rmsnorm(q_k[: c.n_heads * c.head_dim], attn.q_norm.weight, attn.q_norm.eps,
+                      out=q_k[: c.n_heads * c.head_dim])
+            g.rmsnorm(q_k[c.n_heads * c.head_dim:], attn.k_norm.weight, attn.k_norm.eps,
+                      out=q_k[c.n_heads * c.head_dim:])
+        k_cache, v_cache = cache.layer(layer, pos + 1)
+        heads = g.attend_one(qkv, cos[0], sin[0], k_cache, v_cache, pos, c.n_heads, c.n_kv_heads, c.head_dim)
+        row = row + attn.wo(heads.reshape(1, -1))
+        gate_up = self.ffn.gate_up.project(g.rmsnorm(row, self.ffn_norm.weight, self.ffn_norm.eps))
+        row = row + self.ffn.down(g.swiglu(gate_up))
+        return row.reshape(1, 1, -1)
 
 
 class Stage(nn.Module):

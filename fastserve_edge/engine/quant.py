@@ -134,6 +134,15 @@ class FusedLinear(nn.Module):
         if len(quant) == len(parts):
             w = [p.weight for p in quant]
             self.multi = w[0].k.multi([(q.fmt, q.group, q.blocks, q.shape[0]) for q in w], self.in_features)
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+        self.bias = torch.cat(biases) if any(p.bias is not None for p in parts) else None
+
+    def project(self, row: torch.Tensor) -> torch.Tensor:
+        """One row [1, K] -> [1, sum of outputs], the parts side by side (biases added)."""
+        y = self.multi(row)
+        if self.bias is not None:
+            y += self.bias
+        return y
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lead = x.shape[:-1]

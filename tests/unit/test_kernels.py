@@ -133,3 +133,63 @@ def test_prefill_rows_go_through_dequantized_slices(monkeypatch, ttype):
     q = quant_tensor(raw, kernels.load())
     x = torch.randn(quant.DENSE_PREFILL_ROWS + 3, 256)
     torch.testing.assert_close(q.matmul(x), x @ ref.T, rtol=1e-5, atol=1e-5)
+
+
+# --- the one-token glue (decode.c) against the torch formulas of model.py --------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rmsnorm_and_swiglu_match_torch(variant):
+    k = kernels.load(variant)
+    x, w = torch.randn(3, 77), torch.randn(77)
+    torch.testing.assert_close(k.rmsnorm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (77,), w, 1e-5))
+    gu = torch.randn(1, 2 * 45)
+    torch.testing.assert_close(k.swiglu(gu), torch.nn.functional.silu(gu[:, :45]) * gu[:, 45:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n_heads,n_kv,hd,pos", [(4, 4, 8, 0), (6, 2, 10, 5), (9, 3, 64, 300)])
+def test_attend_one_matches_rope_cache_and_sdpa(variant, n_heads, n_kv, hd, pos):
+    from fastserve_edge.engine.kv_cache import KVCache
+    from fastserve_edge.engine.model import apply_rope
+
+    k = kernels.load(variant)
+    cap = pos + 7
+    kc, vc = torch.randn(n_kv, cap, hd), torch.randn(n_kv, cap, hd)
+    qkv = torch.randn(1, (n_heads + 2 * n_kv) * hd)
+    angles = torch.randn(1, hd // 2).repeat(1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    q = qkv[:, : n_heads * hd].view(1, 1, n_heads, hd).transpose(1, 2)
+    kk = qkv[:, n_heads * hd: (n_heads + n_kv) * hd].view(1, 1, n_kv, hd).transpose(1, 2)
+    v = qkv[:, (n_heads + n_kv) * hd:].view(1, 1, n_kv, hd).transpose(1, 2)
+    q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+    keys = torch.cat([kc[None, :, :pos], kk], dim=2)
+    values = torch.cat([vc[None, :, :pos], v], dim=2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=n_heads != n_kv)
+    out = k.attend_one(qkv.clone(), cos[0], sin[0], kc, vc, pos, n_heads, n_kv, hd)
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc[:, pos], kk[0, :, 0])  # the token's key went into the cache, rotated
+    torch.testing.assert_close(vc[:, pos], v[0, :, 0])
+    assert isinstance(KVCache(1, n_kv, hd, cap).layer(0, cap)[0], torch.Tensor)
+
+
+def test_the_one_token_block_path_equals_the_torch_path(tmp_path):
+    from fastserve_edge.engine.generate import local_stages
+    from fastserve_edge.models import open_model
+    from tests.models_fixtures import write_tiny_gguf
+
+    for arch in ("llama", "qwen2", "qwen3"):
+        source = open_model(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, tensor_type="Q4_0"))
+        (fast,) = local_stages(source, max_tokens=32)
+        (slow,) = local_stages(source, max_tokens=32)
+        assert all(b.glue is not None for b in fast.stage.blocks)
+        for block in slow.stage.blocks:
+            block.glue = None
+        prompt = torch.tensor([[1, 5, 9, 2]])
+        torch.testing.assert_close(fast.forward("s", prompt, 0), slow.forward("s", prompt, 0))
+        for pos, token in enumerate([7, 3, 11], start=4):
+            step = torch.tensor([[token]])
+            a, b = fast.forward("s", step, pos), slow.forward("s", step, pos)
+            # the same math summed in another order; the int16 activation rounding can then
+            # differ in a last bit, so compare as the engine tests do: relative to the logits' scale
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), arch
+            assert torch.equal(a.argmax(-1), b.argmax(-1))

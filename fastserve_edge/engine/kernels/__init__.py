@@ -26,7 +26,7 @@ import torch
 
 from fastserve_edge.settings import Paths
 
-SOURCE = Path(__file__).with_name("qmatmul.c")
+SOURCES = [Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("decode.c")]
 FLAGS = {
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -51,7 +51,7 @@ def _build(variant: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *FLAGS[variant], str(SOURCE), "-o", str(part), "-lm"]
+        cmd = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *FLAGS[variant], *map(str, SOURCES), "-o", str(part), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -71,6 +71,40 @@ class Kernels:
         self.lib.fs_qmatmul_multi.restype = i
         self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
         self.lib.fs_dequant_rows.restype = i
+        f = ctypes.c_float
+        self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
+        self.lib.fs_rmsnorm.restype = None
+        self.lib.fs_swiglu.argtypes = [p, p, i]
+        self.lib.fs_swiglu.restype = None
+        self.lib.fs_attend_one.argtypes = [p, p, p, p, p, i, i, i, i, i, p, p, i]
+        self.lib.fs_attend_one.restype = i
+
+    # -- one-token glue (decode.c): x is one contiguous float32 row ----------------------------
+    def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of x (last dim n) normalised and scaled by w; in place when out is x."""
+        n = w.numel()
+        out = torch.empty_like(x) if out is None else out
+        self.lib.fs_rmsnorm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+        return out
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[..., 2F] (gate | up) -> [..., F]: silu(gate) * up."""
+        n = gate_up.shape[-1] // 2
+        out = torch.empty((*gate_up.shape[:-1], n))
+        self.lib.fs_swiglu(gate_up.data_ptr(), out.data_ptr(), n)
+        return out
+
+    def attend_one(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, pos: int, n_heads: int, n_kv: int, hd: int) -> torch.Tensor:
+        """Rope, cache write and attention of one token; k_cache/v_cache: one layer's [n_kv, cap, hd]."""
+        out = torch.empty(n_heads * hd)
+        scratch = torch.empty(n_heads * (pos + 1))
+        rc = self.lib.fs_attend_one(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                    v_cache.data_ptr(), k_cache.shape[1], pos, n_heads, n_kv, hd, out.data_ptr(),
+                                    scratch.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fs_attend_one failed ({rc}) at pos {pos}")
+        return out
 
     def matmul(self, fmt: int, group: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] float32 -> [M, N]; w: uint8 [N, bytes_per_row] blocks."""
@@ -131,7 +165,8 @@ def load(variant: str = "native") -> Kernels | None:
     """The compiled kernels, building them on first use; None (with a warning) if that fails."""
     if os.environ.get("FASTSERVE_NO_KERNELS"):
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS[variant]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    key = hashlib.sha256(source + " ".join(FLAGS[variant]).encode() + _cpu_id().encode()).hexdigest()[:16]
     path = Paths.from_env().cache / "kernels" / f"qmatmul-{variant}-{key}.so"
     try:
         if not path.exists():

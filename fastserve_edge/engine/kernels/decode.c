@@ -1,0 +1,88 @@
+/* The glue between the matmuls of one decode step (one token, batch 1), in C.
+ *
+ * At one token per step the matmuls are a few hundred microseconds per layer, and the ~40
+ * small torch ops around them (norms, rope, cache writes, attention, SwiGLU) cost as much
+ * again in dispatch alone. These three functions replace them; model.py calls them only
+ * for a single row, and keeps the torch path for prefill and for dense weights.
+ * All float32; the same formulas as model.py (rotate-half rope, softmax with max shift).
+ */
+#include <math.h>
+#include <stddef.h>
+
+/* out[r][i] = x[r][i] * w[i] / sqrt(mean_i(x[r]^2) + eps), r < rows; out may be x. */
+void fs_rmsnorm(const float *x, const float *w, float *out, int rows, int n, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *o = out + (size_t)r * n;
+        double ss = 0.0;
+        #pragma omp simd reduction(+:ss)
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        const float inv = (float)(1.0 / sqrt(ss / n + eps));
+        for (int i = 0; i < n; i++) o[i] = xr[i] * inv * w[i];
+    }
+}
+
+/* out[i] = silu(gu[i]) * gu[n + i]: gate and up side by side, as the fused projection gives them. */
+void fs_swiglu(const float *gu, float *out, int n) {
+    for (int i = 0; i < n; i++) {
+        const float g = gu[i];
+        out[i] = g / (1.0f + expf(-g)) * gu[n + i];
+    }
+}
+
+static void rope(float *x, const float *cos, const float *sin, int hd) {
+    const int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* One token of attention for one layer.
+ *   qkv   [n_heads*hd | n_kv*hd | n_kv*hd]: this token's projections (biases added); q and
+ *         k are rotated in place
+ *   cos, sin [hd]: rope at position pos
+ *   kc, vc [n_kv][cap][hd]: this layer's cache; row pos is written, rows 0..pos are read
+ *   out   [n_heads*hd]
+ * Grouped-query: head h reads kv head h / (n_heads / n_kv). Returns 0, or -1 on bad sizes. */
+int fs_attend_one(float *qkv, const float *cos, const float *sin, float *kc, float *vc, int cap, int pos,
+                  int n_heads, int n_kv, int hd, float *out, float *scratch, int nthreads) {
+    if (pos < 0 || pos >= cap || n_kv <= 0 || n_heads % n_kv != 0 || hd % 2 != 0) return -1;
+    float *q = qkv, *k = qkv + (size_t)n_heads * hd, *v = k + (size_t)n_kv * hd;
+    for (int h = 0; h < n_heads; h++) rope(q + (size_t)h * hd, cos, sin, hd);
+    for (int g = 0; g < n_kv; g++) {
+        rope(k + (size_t)g * hd, cos, sin, hd);
+        float *kd = kc + ((size_t)g * cap + pos) * hd, *vd = vc + ((size_t)g * cap + pos) * hd;
+        for (int i = 0; i < hd; i++) { kd[i] = k[(size_t)g * hd + i]; vd[i] = v[(size_t)g * hd + i]; }
+    }
+    const int group = n_heads / n_kv, T = pos + 1;
+    const float scale = 1.0f / sqrtf((float)hd);
+    /* scratch: [n_heads][T] scores */
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if ((size_t)T * n_heads * hd > 65536)
+    for (int h = 0; h < n_heads; h++) {
+        const float *qh = q + (size_t)h * hd;
+        const float *kg = kc + (size_t)(h / group) * cap * hd, *vg = vc + (size_t)(h / group) * cap * hd;
+        float *s = scratch + (size_t)h * T, *o = out + (size_t)h * hd;
+        float best = -INFINITY;
+        for (int t = 0; t < T; t++) {
+            const float *kt = kg + (size_t)t * hd;
+            float dot = 0.f;
+            #pragma omp simd reduction(+:dot)
+            for (int i = 0; i < hd; i++) dot += qh[i] * kt[i];
+            s[t] = dot * scale;
+            if (s[t] > best) best = s[t];
+        }
+        float sum = 0.f;
+        for (int t = 0; t < T; t++) { s[t] = expf(s[t] - best); sum += s[t]; }
+        const float inv = 1.0f / sum;
+        for (int i = 0; i < hd; i++) o[i] = 0.f;
+        for (int t = 0; t < T; t++) {
+            const float p = s[t] * inv;
+            const float *vt = vg + (size_t)t * hd;
+            #pragma omp simd
+            for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+        }
+    }
+    return 0;
+}
