@@ -155,9 +155,9 @@ class Block(nn.Module):
                       out=q_k[c.n_heads * c.head_dim:])
         k_cache, v_cache = cache.layer(layer, pos + 1)
         heads = g.attend_one(qkv, cos[0], sin[0], k_cache, v_cache, pos, c.n_heads, c.n_kv_heads, c.head_dim)
-        row = row + attn.wo(heads.reshape(1, -1))
+        row = row + attn.wo.forward(heads.reshape(1, -1))
         gate_up = self.ffn.gate_up.project(g.rmsnorm(row, self.ffn_norm.weight, self.ffn_norm.eps))
-        row = row + self.ffn.down(g.swiglu(gate_up))
+        row = row + self.ffn.down.forward(g.swiglu(gate_up))
         return row.reshape(1, 1, -1)
 
 
@@ -199,7 +199,7 @@ class Stage(nn.Module):
         S = h.shape[1]
         cos, sin = self.cos[pos:pos + S], self.sin[pos:pos + S]
         for layer, block in enumerate(self.blocks):
-            h = block(h, cos, sin, cache, layer, pos)
+            h = block.forward(h, cos, sin, cache, layer, pos)  # no hooks: skip Module.__call__
         if not self.is_last:
             return h
         if not all_logits:
