@@ -14,7 +14,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -153,7 +153,9 @@ class Coordinator:
         host = planner.Machine(node_id=self.node_id, name=self.name, address="", memory_bytes=p.memory_bytes,
                                decode_gflops=p.decode_gflops, prefill_gflops=p.prefill_gflops,
                                bandwidth_gbs=p.bandwidth_gbs, is_host=True)
-        return [host] + [entry.machine for entry in self.peers.values()]
+        machines = [host] + [entry.machine for entry in self.peers.values()]
+        names = [m.name for m in machines]
+        return [replace(m, name=f"{m.name} ({m.node_id[:6]})") if names.count(m.name) > 1 else m for m in machines]
 
     def make_plan(self, *, min_stages: int | None = None) -> planner.Plan:
         want = self.options.min_stages if min_stages is None else min_stages
