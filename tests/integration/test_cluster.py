@@ -32,7 +32,7 @@ STORY = "Write a long story about a robot who learns to paint."
 TIGHT = "60M"
 # 100M each: any two machines hold the model (a lost peer can be replaced by a re-plan).
 ROOMY = "100M"
-TRANSFER = re.compile(r"^\S+ \((\S+)\): (\d+) tensors from its cache, (\d+) fetched", re.M)
+TRANSFER = re.compile(r"\((\d+\.\d+\.\d+\.\d+:\d+)\): (\d+) tensors from its cache, (\d+) fetched")
 
 
 def env(home: Path) -> dict[str, str]:
