@@ -29,7 +29,7 @@ HELP = ("Commands: /reset clears the conversation, /replan looks for peers and p
 
 
 def command(
-    model: Annotated[str | None, typer.Argument(help="alias, .gguf path, HF folder, hf:ORG/REPO[/FILE], ollama:NAME[:TAG]")] = None,
+    model: Annotated[str | None, typer.Argument(help="alias, .gguf path, HF folder, hf:ORG/REPO or hf:ORG/REPO/FILE.gguf, ollama:NAME or ollama:NAME:TAG")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="answer this one message, then exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy (reproducible)")] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import bench, chat, join, models, pull, status, token
+from cli import bench, chat, join, models, pull, serve, status, token
 
 app = typer.Typer(
     name="fastserve",
@@ -19,6 +19,7 @@ app.command("chat")(chat.command)
 app.command("bench")(bench.command)
 app.command("join")(join.command)
 app.command("status")(status.command)
+app.command("serve")(serve.command)
 app.command("token")(token.command)
 
 

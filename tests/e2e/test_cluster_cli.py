@@ -45,3 +45,9 @@ def test_join_refuses_a_short_token_and_bad_flags(tmp_path):
 def test_chat_flags_out_of_range_are_refused_before_anything_starts(tmp_path):
     r = run(tmp_path, "chat", "--min-stages", "0", "-p", "hi")
     assert r.returncode == 1 and "--min-stages" in r.stderr
+
+
+def test_every_command_has_working_help(tmp_path):
+    for command in ("pull", "models", "chat", "bench", "join", "status", "token", "serve"):
+        r = run(tmp_path, command, "--help")
+        assert r.returncode == 0 and "Usage" in r.stdout, (command, r.stderr[-500:])

@@ -1,0 +1,579 @@
+"""The OpenAI-compatible HTTP API of `fastserve serve` (aiohttp, HTTP/1.1).
+
+    POST /v1/chat/completions   messages, model, temperature, top_p, max_tokens, stop, seed, stream
+    POST /v1/completions        prompt instead of messages
+    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text)
+
+Behaviour worth knowing (where OpenAI leaves room):
+- Sampling: temperature and top_p from the request, else the [chat] settings; top_k, min_p
+  from the [chat] settings (llama.cpp's server does the same); no repetition penalty (OpenAI
+  has no such field), so temperature 0 equals `fastserve chat --temperature 0 --repeat-penalty 1`.
+- max_tokens (or max_completion_tokens) defaults to the [chat] max_tokens, and is cut to the
+  room the context leaves after the prompt (finish_reason "length"); only a prompt that does
+  not fit at all is an error.
+- Streaming: chat.completion.chunk / text_completion chunks, `data: [DONE]` last. Usage goes
+  in a final chunk with empty `choices` only when `stream_options.include_usage` is true, as
+  OpenAI does; the non-streaming response always carries it.
+- Errors: OpenAI's body {"error": {"message", "type", "param", "code"}} with its status codes.
+- A client that disconnects cancels its session: generation stops, its KV is freed.
+- With --api-key, every endpoint but /health wants 'Authorization: Bearer KEY' (/metrics too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from fastserve_edge.engine.generate import Pipeline
+from fastserve_edge.engine.sampling import Sampler, SamplingParams
+from fastserve_edge.errors import ConfigError, FastServeError
+from fastserve_edge.serving.engine_loop import (
+    EngineClosed,
+    EngineLoop,
+    Finished,
+    Session,
+    Token,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a context of text, far less than a memory problem
+MAX_STOP_STRINGS = 4      # OpenAI's limit
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_id: str
+    api_key: str | None = None
+    temperature: float = 0.7   # request defaults: the [chat] settings
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    max_tokens: int = 512
+
+
+CONFIG = web.AppKey("config", ServeConfig)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+TOKENIZER = web.AppKey("tokenizer", object)  # models.tokenizer.Tokenizer
+ENGINE_OPTIONS = web.AppKey("engine_options", dict)
+ENGINE = web.AppKey("engine", EngineLoop)
+REQUESTS = web.AppKey("requests", Counter)   # (endpoint, status) -> count
+STARTED = web.AppKey("started", int)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status)
+
+
+def _from_http(err: web.HTTPException) -> APIError:
+    if err.status == 413:
+        return APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes; send a shorter one",
+                        code="request_too_large")
+    if err.status == 404:
+        return APIError(404, "no such endpoint; see GET /v1/models, POST /v1/chat/completions, "
+                             "POST /v1/completions", code="unknown_url")
+    if err.status == 405:
+        allowed = ", ".join(sorted(getattr(err, "allowed_methods", ()))) or "another method"
+        return APIError(405, f"this endpoint takes {allowed}", code="method_not_allowed")
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    return APIError(err.status, err.reason or "error", type=kind)
+
+
+def _endpoint(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def errors_and_counts(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every failure becomes OpenAI's error JSON; every request is counted by status."""
+    try:
+        _check_key(request)
+        response = await handler(request)
+    except APIError as err:
+        response = err.response()
+    except asyncio.CancelledError:  # the client went away (handler_cancellation): nginx's 499
+        request.app[REQUESTS][(_endpoint(request), 499)] += 1
+        raise
+    except web.HTTPException as err:
+        if err.status < 400:  # redirects and the like pass through
+            raise
+        response = _from_http(err).response()
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        response = APIError(500, "internal server error; the server log has the details",
+                            type="server_error").response()
+    request.app[REQUESTS][(_endpoint(request), response.status)] += 1
+    return response
+
+
+def _check_key(request: web.Request) -> None:
+    key = request.app[CONFIG].api_key
+    if key is None or request.path == "/health":
+        return
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        what = "no API key was given" if not given else "the API key is wrong"
+        raise APIError(401, f"{what}; send the --api-key the server was started with as "
+                            "'Authorization: Bearer KEY'", code="invalid_api_key")
+
+
+# -- request parsing ---------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _bad_type(name: str, expected: str, value: Any) -> APIError:
+    return APIError(400, f"invalid type for '{name}': expected {expected}, got {type(value).__name__}",
+                    param=name, code="invalid_type")
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad_type(name, "a number", value)
+    if not (lo < value if lo_open else lo <= value) or not value <= hi:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise APIError(400, f"'{name}' must be in {interval}, got {value}", param=name, code="invalid_value")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad_type(name, "an integer", value)
+    if value < lo or (hi is not None and value > hi):
+        limits = f"at least {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise APIError(400, f"'{name}' must be {limits}, got {value}", param=name, code="invalid_value")
+    return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad_type(name, "a boolean", value)
+    return value
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _bad_type("stop", "a string or a list of strings", value)
+    if len(items) > MAX_STOP_STRINGS or any(not s for s in items):
+        raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings", param="stop",
+                       code="invalid_value")
+    return tuple(items)
+
+
+def _check_model(body: dict, config: ServeConfig) -> None:
+    model = body.get("model")
+    if model is None:
+        raise APIError(400, f"'model' is required; this server serves '{config.model_id}'", param="model",
+                       code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise _bad_type("model", "a string (see GET /v1/models)", model)
+    if model != config.model_id:
+        raise APIError(404, f"the model '{model}' does not exist here; this server serves '{config.model_id}'",
+                       param="model", code="model_not_found")
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                               param=f"messages[{i}].content", code="invalid_value")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _bad_type(f"messages[{i}].content", "a string or a list of text parts", content)
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise APIError(400, "'messages' is required", param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _bad_type("messages", "a list", messages)
+    if not messages:
+        raise APIError(400, "'messages' is empty; send at least one message", param="messages",
+                       code="invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad_type(f"messages[{i}]", "an object", m)
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                           param=f"messages[{i}].role", code="invalid_value")
+        out.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+    return out
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
+    app = request.app
+    config, tokenizer, ctx = app[CONFIG], app[TOKENIZER], app[PIPELINE].ctx
+    body = await _json_body(request)
+    _check_model(body, config)
+    temperature = _number(body, "temperature", config.temperature, 0.0, 2.0)
+    top_p = _number(body, "top_p", config.top_p, 0.0, 1.0, lo_open=True)
+    max_tokens = _integer(body, "max_completion_tokens", None, 1) if chat else None
+    max_tokens = _integer(body, "max_tokens", max_tokens or config.max_tokens, 1)
+    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+    if (n := _integer(body, "n", 1, 1)) != 1:
+        raise APIError(400, f"'n' must be 1 here (one answer per request), got {n}", param="n",
+                       code="invalid_value")
+    stops = _stops(body)
+    stream = _flag(body, "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad_type("stream_options", "an object", options)
+    include_usage = _flag(options, "include_usage")
+    if chat:
+        messages = _messages(body)
+        try:
+            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
+        except FastServeError as err:  # the template refused this conversation
+            raise APIError(400, str(err), param="messages", code="invalid_value") from None
+        what = "messages"
+    else:
+        text = body.get("prompt")
+        if isinstance(text, list) and len(text) == 1 and isinstance(text[0], str):
+            text = text[0]
+        if text is None:
+            raise APIError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
+        if not isinstance(text, str):
+            raise _bad_type("prompt", "a string", text)
+        prompt = await asyncio.to_thread(tokenizer.encode, text, add_bos=tokenizer.add_bos_token)
+        if not prompt:
+            raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
+        what = "prompt"
+    if len(prompt) >= ctx:
+        raise APIError(400, f"the {what} {'are' if chat else 'is'} {len(prompt)} tokens but the context holds {ctx} "
+                            "(and the answer needs room too); send less, or start the server with a larger --ctx",
+                       param=what, code="context_length_exceeded")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=config.top_k, min_p=config.min_p,
+                            repeat_penalty=1.0, seed=seed)
+    return GenRequest(prompt, params, max_tokens, stops, stream, include_usage)
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+
+class TextStream:
+    """Token ids -> text pieces, cut at the first stop string. Text that could be the start
+    of a stop string is held back until it is known not to be one."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = stops
+        self.held = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        return self._release(self.decoder.push(token), final=False)
+
+    def flush(self) -> str:
+        return self._release(self.decoder.flush(), final=True)
+
+    def _release(self, piece: str, *, final: bool) -> str:
+        self.held += piece
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.held = self.held[: min(hits)], ""
+            return out
+        keep = 0 if final else max((k for s in self.stops for k in range(1, len(s))
+                                    if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+
+async def _generate(engine: EngineLoop, session: Session, text: TextStream) -> AsyncIterator[str | Finished]:
+    """Text pieces of a session's answer, then its Finished (reason "stop" or "length").
+    The caller cancels the session when it stops listening, whatever the reason."""
+    while True:
+        event = await session.events.get()
+        if isinstance(event, Token):
+            piece = text.push(event.id)
+            if piece:
+                yield piece
+            if text.stopped:
+                engine.cancel(session, reason="stop")
+                yield Finished("stop")
+                return
+            continue
+        if event.reason == "error":
+            raise APIError(500, event.message or "generation failed", type="server_error")
+        tail = text.flush()
+        if tail:
+            yield tail
+        yield Finished("stop" if event.reason in ("stop", "cancelled") else "length")
+        return
+
+
+def _usage(gen: GenRequest, session: Session) -> dict[str, int]:
+    done = session.completion_tokens
+    return {"prompt_tokens": len(gen.prompt), "completion_tokens": done, "total_tokens": len(gen.prompt) + done}
+
+
+async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    app = request.app
+    gen = await _parse(request, chat=chat)
+    engine, config = app[ENGINE], app[CONFIG]
+    try:
+        session = engine.submit(gen.prompt, Sampler(gen.params), max_tokens=gen.max_tokens,
+                                stop_ids=app[TOKENIZER].stop_ids)
+    except EngineClosed:
+        raise APIError(503, "the server is shutting down; try again when it is back", type="server_error",
+                       code="shutting_down") from None
+    text = TextStream(app[TOKENIZER], gen.stops)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{session.id}"
+    created = int(time.time())
+    try:
+        if gen.stream:
+            return await _stream(request, engine, session, text, gen, rid, created, chat=chat)
+        pieces: list[str] = []
+        reason = "stop"
+        async for item in _generate(engine, session, text):
+            if isinstance(item, Finished):
+                reason = item.reason
+            else:
+                pieces.append(item)
+        answer = "".join(pieces)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": answer}, "logprobs": None,
+                   "finish_reason": reason} if chat else
+                  {"index": 0, "text": answer, "logprobs": None, "finish_reason": reason})
+        return web.json_response({
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": config.model_id, "choices": [choice], "usage": _usage(gen, session),
+        })
+    finally:
+        engine.cancel(session)  # no-op when it finished; frees the KV when the client went away
+
+
+async def _stream(request: web.Request, engine: EngineLoop, session: Session, text: TextStream,
+                  gen: GenRequest, rid: str, created: int, *, chat: bool) -> web.StreamResponse:
+    model = request.app[CONFIG].model_id
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: dict[str, str] | str, reason: str | None = None) -> bytes:
+        choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason} if chat else
+                  {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason})
+        data: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+        if gen.include_usage:
+            data["usage"] = None
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        if chat:
+            await response.write(chunk({"role": "assistant", "content": ""}))
+        async for item in _generate(engine, session, text):
+            if isinstance(item, Finished):
+                await response.write(chunk({} if chat else "", item.reason))
+            else:
+                await response.write(chunk({"content": item} if chat else item))
+        if gen.include_usage:
+            final = {"id": rid, "object": kind, "created": created, "model": model, "choices": [],
+                     "usage": _usage(gen, session)}
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        pass  # the client went away: the caller's finally cancels the session
+    except APIError as err:  # after the headers: the error travels as an event, as OpenAI's does
+        try:
+            await response.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+            await response.write_eof()
+        except ConnectionError:
+            pass
+    return response
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, chat=False)
+
+
+def _model_card(app: web.Application) -> dict[str, Any]:
+    return {"id": app[CONFIG].model_id, "object": "model", "created": app[STARTED], "owned_by": "fastserve"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    _check_model({"model": request.match_info["model"]}, request.app[CONFIG])
+    return web.json_response(_model_card(request.app))
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return web.json_response({"status": "ok", "model": request.app[CONFIG].model_id,
+                              "active_sessions": engine.active_sessions, "queue_length": engine.queue_length})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    engine, m = app[ENGINE], app[ENGINE].metrics
+    lines = ["# HELP fastserve_requests_total HTTP requests by endpoint and status.",
+             "# TYPE fastserve_requests_total counter"]
+    for (endpoint, status), n in sorted(app[REQUESTS].items()):
+        lines.append(f'fastserve_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+    lines += ["# HELP fastserve_tokens_generated_total Tokens generated for clients (stop tokens excluded).",
+              "# TYPE fastserve_tokens_generated_total counter",
+              f"fastserve_tokens_generated_total {m.tokens_generated}",
+              "# HELP fastserve_preemptions_total Times a running session was made to wait by the scheduler.",
+              "# TYPE fastserve_preemptions_total counter",
+              f"fastserve_preemptions_total {m.preemptions}",
+              "# HELP fastserve_evictions_total Times a session's KV was dropped for room (it re-prefills).",
+              "# TYPE fastserve_evictions_total counter",
+              f"fastserve_evictions_total {m.evictions}",
+              "# HELP fastserve_sessions_finished_total Sessions ended, by reason.",
+              "# TYPE fastserve_sessions_finished_total counter"]
+    for reason, n in sorted(m.sessions_finished.items()):
+        lines.append(f'fastserve_sessions_finished_total{{reason="{reason}"}} {n}')
+    lines += m.ttft.render("fastserve_time_to_first_token_seconds", "Request arrival to its first token.")
+    lines += m.per_token.render("fastserve_time_per_output_token_seconds", "Time between a session's tokens.")
+    gauges = [
+        ("fastserve_queue_length", "Sessions waiting (not in the current step).", engine.queue_length),
+        ("fastserve_active_sessions", "Sessions whose KV cache is held.", engine.active_sessions),
+        ("fastserve_kv_tokens", "Tokens of KV held by all sessions.", engine.kv_tokens),
+        ("fastserve_max_sessions", "Sessions that may take a step together (--max-sessions).", engine.max_sessions),
+    ]
+    for name, help_text, value in gauges:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    return web.Response(body=("\n".join(lines) + "\n").encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = EngineLoop(app[PIPELINE], **app[ENGINE_OPTIONS])
+    engine.start()
+    app[ENGINE] = engine
+    yield
+    await engine.close()
+
+
+async def _end_sessions(app: web.Application) -> None:
+    """on_shutdown runs before aiohttp waits for open requests: end the generations so that
+    streams close now rather than after their last token (a Ctrl-C must not take minutes)."""
+    app[ENGINE].shutdown()
+
+
+def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessions: int = 4,
+               scheduler: str = "fcfs", threads: int | None = None) -> web.Application:
+    """The API over a loaded model. The engine loop starts and stops with the app (cleanup_ctx).
+    Run it with handler_cancellation=True (as `fastserve serve` does) so that a client leaving
+    a non-streaming request also cancels its generation; streams notice on their next write."""
+    app = web.Application(middlewares=[errors_and_counts], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = config
+    app[PIPELINE] = pipeline
+    app[TOKENIZER] = tokenizer
+    app[ENGINE_OPTIONS] = {"max_sessions": max_sessions, "scheduler": scheduler, "threads": threads}
+    app[REQUESTS] = Counter()
+    app[STARTED] = int(time.time())
+    app.cleanup_ctx.append(_engine_ctx)
+    app.on_shutdown.append(_end_sessions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to serve beyond this machine without an API key, unless told to (--insecure)."""
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("--api-key is empty; give a real key, or leave the flag out on loopback")
+    if api_key or insecure or _is_loopback(host):
+        return
+    raise ConfigError(
+        f"--host {host} is reachable from other machines, and without --api-key anyone there could use "
+        "this server (and its CPU); give --api-key KEY (clients send 'Authorization: Bearer KEY'), "
+        "bind to 127.0.0.1, or pass --insecure if the network is yours alone"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -1,0 +1,315 @@
+"""The token loop behind `fastserve serve`: many requests, one model, one compute thread.
+
+Requests live on the asyncio side; the model computes in ONE worker thread (torch). The loop
+asks the scheduler (scheduler.py) which sessions take the next step, runs one token for each
+of them in the worker, and hands every token to its request's queue:
+
+    batch = sched.next_batch(now, max_batch=max_sessions, kv_budget_tokens=max_sessions * ctx)
+    drop batch.evict; end batch.oversized ("length")
+    worker: for id in batch.run: one forward (prefill if id in batch.prefill, else one decode token)
+    sched.on_step(batch, now, step_seconds); deliver tokens; end finished / stopped sessions
+
+This slice runs the sessions of a step one after another (no batched forward yet, no
+pipelining over a cluster): a step costs the sum of its sessions' forwards, and the scheduler
+is told so. Each request is its own pipeline session (its own KV), dropped when it ends.
+
+Same arithmetic as `Pipeline.generate`: a fresh session prefills its whole prompt at position
+0, then feeds one token at a time, so greedy answers equal `fastserve chat`'s. A session whose
+KV the scheduler evicted (MLFQ under KV pressure) re-prefills prompt + answer so far; nothing
+it already produced is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from fastserve_edge.engine.generate import Pipeline
+from fastserve_edge.engine.sampling import Sampler
+from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
+
+log = logging.getLogger(__name__)
+
+# seconds; TTFT spans a queued wait plus a prefill, per-token a CPU decode step of a small model
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum, count."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.bounds = tuple(buckets) + (math.inf,)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+    def render(self, name: str, help_text: str) -> list[str]:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        for bound, total in zip(self.bounds, itertools.accumulate(self.counts)):
+            le = "+Inf" if math.isinf(bound) else repr(bound)
+            lines.append(f'{name}_bucket{{le="{le}"}} {total}')
+        lines += [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+        return lines
+
+
+@dataclass
+class EngineMetrics:
+    tokens_generated: int = 0
+    preemptions: int = 0      # a session that ran in one step and waits in the next (MLFQ)
+    evictions: int = 0        # KV dropped under the KV budget; the session re-prefills later
+    sessions_finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    per_token: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
+
+
+class EngineClosed(Exception):
+    """submit() after shutdown()."""
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str               # "stop" | "length" | "cancelled" | "error"
+    message: str = ""         # for "error"
+
+
+@dataclass(eq=False)
+class Session:
+    """One request as the loop sees it. `events` receives Token(...) then one Finished(...)."""
+
+    id: str
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int
+    stop_ids: frozenset[int]
+    arrival: float
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    answer: list[int] = field(default_factory=list)
+    last_token_at: float | None = None
+    done: bool = False
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.answer)
+
+
+class EngineLoop:
+    """Owns the pipeline while serving: nothing else may call it. Start with `start()` inside a
+    running event loop, stop with `await close()` (the aiohttp cleanup_ctx does both)."""
+
+    def __init__(self, pipeline: Pipeline, *, max_sessions: int = 4, scheduler: str = "fcfs",
+                 threads: int | None = None):
+        self.pipeline = pipeline
+        self.max_sessions = max_sessions
+        self.scheduler_name = scheduler
+        self.sched: Scheduler = make_scheduler(scheduler)
+        self.kv_budget_tokens = max_sessions * pipeline.ctx  # what max_sessions full contexts hold
+        self.metrics = EngineMetrics()
+        self._threads = threads
+        self._sessions: dict[str, Session] = {}
+        self._running: tuple[str, ...] = ()  # the last step's batch
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._stepping = False             # a step runs in the worker: KV drops wait for its end
+        self._drop_after_step: list[str] = []
+        self._task: asyncio.Task | None = None
+        self._worker: ThreadPoolExecutor | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        init, args = (torch.set_num_threads, (self._threads,)) if self._threads else (None, ())
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastserve-engine",
+                                          initializer=init, initargs=args)
+        self._task = asyncio.create_task(self._run(), name="fastserve-engine-loop")
+
+    def shutdown(self) -> None:
+        """End every session now ("error": the server is stopping) and take no new ones, so
+        that open streams close instead of holding the shutdown until they finish."""
+        self._closing = True
+        for s in list(self._sessions.values()):
+            self._finish(s, Finished("error", "the server is shutting down"))
+
+    async def close(self) -> None:
+        self.shutdown()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)  # a step in flight finishes; nothing new starts
+
+    # -- what requests call ------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int,
+               stop_ids: frozenset[int]) -> Session:
+        """Queue one generation. The caller checked that the prompt fits the context."""
+        assert 0 < len(prompt) < self.pipeline.ctx and max_tokens >= 1
+        if self._closing:
+            raise EngineClosed("the server is shutting down")
+        now = time.monotonic()
+        s = Session(uuid.uuid4().hex, list(prompt), sampler,
+                    min(max_tokens, self.pipeline.ctx - len(prompt)), stop_ids, now)
+        self._sessions[s.id] = s
+        self.sched.add(Job(s.id, arrival=now, prompt_tokens=len(prompt), max_tokens=s.max_tokens), now)
+        self._wake.set()
+        return s
+
+    def cancel(self, session: Session, *, reason: str = "cancelled") -> None:
+        """The client went away ("cancelled") or a stop string matched ("stop"): stop
+        generating, free the KV. Safe to call at any time, also after the session finished."""
+        if not session.done:
+            self._finish(session, Finished(reason))
+
+    # -- what /metrics reads -----------------------------------------------------------------
+
+    @property
+    def active_sessions(self) -> int:
+        """Sessions whose KV the pipeline holds (running or preempted)."""
+        return sum(1 for i in self._sessions if i in self.sched and self.sched.job(i).kv_tokens > 0)
+
+    @property
+    def queue_length(self) -> int:
+        """Sessions waiting for a step: not in the last step's batch."""
+        return sum(1 for i in self._sessions if i not in self._running)
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(self.sched.job(i).kv_tokens for i in self._sessions if i in self.sched)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _finish(self, s: Session, event: Finished) -> None:
+        s.done = True
+        self.sched.remove(s.id)
+        self._sessions.pop(s.id, None)
+        # the worker is idle whenever this runs on the loop outside a step, and a session that
+        # ends during a step is dropped by the loop after it (see _run): never a race on KV
+        if not self._stepping:
+            self.pipeline.drop(s.id)
+        else:
+            self._drop_after_step.append(s.id)
+        self.metrics.sessions_finished[event.reason] = self.metrics.sessions_finished.get(event.reason, 0) + 1
+        s.events.put_nowait(event)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._sessions:
+                self._running = ()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._one_step()
+            except Exception:  # a bug in the loop ends the sessions it holds, never the server
+                log.exception("engine loop step failed; ending %d session(s)", len(self._sessions))
+                self._stepping = False
+                for s in list(self._sessions.values()):
+                    self._finish(s, Finished("error", "the engine failed; the server log has the details"))
+                for sid in self._drop_after_step:
+                    self.pipeline.drop(sid)
+                self._drop_after_step.clear()
+
+    async def _one_step(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch = self.sched.next_batch(time.monotonic(), max_batch=self.max_sessions,
+                                      kv_budget_tokens=self.kv_budget_tokens)
+        self.metrics.preemptions += len(batch.preempt)
+        self.metrics.evictions += len(batch.evict)
+        for sid in batch.evict:
+            self.pipeline.drop(sid)
+        for sid in batch.oversized:
+            if sid in self._sessions:
+                self._finish(self._sessions[sid], Finished("length"))
+        self._running = batch.run
+        if not batch.run:
+            # nothing fits (cannot happen with a budget of max_sessions full contexts)
+            await asyncio.sleep(0.01)
+            return
+        work = [(self._sessions[sid], sid in batch.prefill) for sid in batch.run]
+        started = time.monotonic()
+        self._stepping = True
+        # shielded: on shutdown the step in flight finishes in the worker (close() waits for it)
+        results = await asyncio.shield(loop.run_in_executor(self._worker, self._step, work))
+        self._stepping = False
+        for sid in self._drop_after_step:
+            self.pipeline.drop(sid)
+        self._drop_after_step.clear()
+        now = time.monotonic()
+        self._account(batch, results, now, now - started)
+
+    def _step(self, work: list[tuple[Session, bool]]) -> list[tuple[int | Exception, float, int]]:
+        """Worker thread: one token for each session. -> (token or error, seconds, tokens fed)."""
+        out: list[tuple[int | Exception, float, int]] = []
+        for s, prefill in work:
+            t0 = time.perf_counter()
+            context = s.prompt + s.answer  # what the repetition penalty looks back over
+            try:
+                if prefill:
+                    self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
+                    token = self.pipeline.next_token(s.id, context, 0, s.sampler, context)
+                    fed = len(context)
+                else:
+                    token = self.pipeline.next_token(s.id, [s.answer[-1]], len(context) - 1, s.sampler, context)
+                    fed = 1
+            except Exception as err:  # a bug or an exhausted resource ends this request, not the server
+                log.exception("generation failed for session %s", s.id)
+                out.append((err, time.perf_counter() - t0, 0))
+                continue
+            out.append((token, time.perf_counter() - t0, fed))
+        return out
+
+    def _account(self, batch: Batch, results: list, now: float, step_s: float) -> None:
+        observe_prefill = getattr(self.sched, "observe_prefill", None)
+        ended: list[tuple[Session, Finished]] = []
+        for sid, (token, seconds, fed) in zip(batch.run, results):
+            s = self._sessions.get(sid)
+            if s is None or s.done:  # cancelled while the step ran
+                continue
+            if isinstance(token, Exception):
+                ended.append((s, Finished("error", f"generation failed: {type(token).__name__}: {token}")))
+                continue
+            if fed > 1 and observe_prefill is not None:
+                observe_prefill(fed, seconds)
+            if s.last_token_at is None:
+                self.metrics.ttft.observe(now - s.arrival)
+            else:
+                self.metrics.per_token.observe(now - s.last_token_at)
+            s.last_token_at = now
+            if token in s.stop_ids:
+                ended.append((s, Finished("stop")))
+                continue
+            s.answer.append(token)
+            self.metrics.tokens_generated += 1
+            s.events.put_nowait(Token(token))
+        reached = set(self.sched.on_step(batch, now, step_s))
+        for s, event in ended:
+            self._finish(s, event)
+        for sid in reached:
+            s = self._sessions.get(sid)
+            if s is not None and not s.done:
+                self._finish(s, Finished("length"))
