@@ -1,7 +1,8 @@
 """`fastserve chat [MODEL]`: talk to a model in the terminal.
 
 Interactive on a terminal; with -p, or with stdin not a terminal, one answer to stdout
-(and nothing else there: notices and statistics go to stderr).
+(and nothing else there: notices and statistics go to stderr). With --url the same chat
+talks to a running `fastserve serve` instead of loading the model (serving/client.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ from fastserve_edge.settings import load_settings
 if TYPE_CHECKING:  # torch-heavy: imported when the command runs, so `fastserve --help` stays quick
     from fastserve_edge.engine.chat import ChatSession
     from fastserve_edge.engine.generate import GenerationStats
+    from fastserve_edge.serving.client import RemoteChat
+
+# what only the side that holds the model decides: refused with --url (when given on the command line)
+SERVER_SIDE = ("top_k", "min_p", "repeat_penalty", "ctx", "threads", "token", "peers", "wait", "local_only",
+               "min_stages", "max_memory", "interface", "peer", "reprofile")
 
 HELP = ("Commands: /reset clears the conversation, /replan looks for peers and plans again (cluster), "
         "/exit (or Ctrl-D) leaves; Ctrl-C stops an answer.")
 
 
 def command(
+    context: typer.Context,
     model: Annotated[str | None, typer.Argument(help="alias, .gguf path, HF folder, hf:ORG/REPO or hf:ORG/REPO/FILE.gguf, ollama:NAME or ollama:NAME:TAG")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="answer this one message, then exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
@@ -52,13 +59,29 @@ def command(
     interface: Annotated[str | None, typer.Option(help="network interface to look for peers on")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="a peer's ADDRESS:PORT, for networks without mDNS (repeatable)")] = None,
     reprofile: Annotated[bool, typer.Option(help="measure this machine again instead of using the cached profile")] = False,
+    url: Annotated[str | None, typer.Option(help="talk to a running `fastserve serve` at this URL (http://HOST:PORT) "
+                                                 "instead of loading the model here")] = None,
+    api_key: Annotated[str | None, typer.Option(help="the server's --api-key (with --url)",
+                                                envvar="FASTSERVE_API_KEY")] = None,
 ) -> None:
-    """Chat with a model in the terminal, on this machine or spread over `fastserve join` peers."""
+    """Chat with a model in the terminal: here, over `fastserve join` peers, or on a `fastserve serve` (--url)."""
+    def on_command_line(name: str) -> bool:  # not from an env var or a default; by name: typer has its own click
+        return getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+    if url is not None:
+        with user_errors():
+            given = [name for name in SERVER_SIDE if on_command_line(name)]
+            chat_with_server(url=url, api_key=api_key, model=model, prompt=prompt, system=system,
+                             temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                             server_side=given)
+        return
     from fastserve_edge.engine.chat import ChatSession
     from fastserve_edge.engine.local import load_local_model, set_threads
     from fastserve_edge.engine.sampling import SamplingParams
 
     with user_errors():
+        if on_command_line("api_key"):
+            raise ConfigError("--api-key is the key of a `fastserve serve`: give it together with --url")
         settings = load_settings()
         d = settings.chat
         params = SamplingParams(
@@ -108,13 +131,41 @@ def command(
                 coordinator.close()
 
 
+def chat_with_server(*, url: str, api_key: str | None, model: str | None, prompt: str | None,
+                     system: str | None, temperature: float | None, top_p: float | None,
+                     max_tokens: int | None, seed: int | None, server_side: list[str]) -> None:
+    """`chat --url`: the same chat, with the model on a `fastserve serve`; unset sampling
+    flags are left to the server's defaults."""
+    from fastserve_edge.serving.client import RemoteChat
+
+    if server_side:
+        flags = ", ".join("--" + name.replace("_", "-") for name in server_side)
+        raise ConfigError(f"{flags} apply to the server, not to `chat --url`: set them where `fastserve serve` "
+                          "runs; with --url, chat sends only --system, --temperature, --top-p, --max-tokens "
+                          "and --seed")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
+    interactive = prompt is None and sys.stdin.isatty()
+    text = None if interactive else (prompt if prompt is not None else sys.stdin.read())
+    if text is not None and not text.strip():
+        raise ConfigError("nothing to answer: give a message with -p TEXT or on stdin")
+    notice = lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False)  # noqa: E731
+    chat = RemoteChat(url, api_key=api_key, model=model, system=system, temperature=temperature,
+                      top_p=top_p, max_tokens=max_tokens, seed=seed, notice=notice)
+    if text is not None:
+        answer_once(chat, text)
+        return
+    err_console.print(f"[bold]{escape(chat.model)}[/] · {escape(chat.url)} · {HELP}", highlight=False)
+    repl(chat)
+
+
 def stats_line(s: GenerationStats) -> str:
     cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
     return (f"{s.prompt_tokens} prompt tokens{cached} · {s.generated_tokens} generated · "
             f"first token {s.ttft_s:.2f} s · {s.decode_tok_s:.1f} tok/s")
 
 
-def answer_once(chat: ChatSession, text: str) -> None:
+def answer_once(chat: ChatSession | RemoteChat, text: str) -> None:
     out = sys.stdout
     for piece in chat.ask(text):
         out.write(piece)
@@ -124,7 +175,7 @@ def answer_once(chat: ChatSession, text: str) -> None:
     err_console.print(f"[dim]{stats_line(chat.last.stats)}[/]", highlight=False)
 
 
-def stream_answer(chat: ChatSession, text: str, console: Console) -> None:
+def stream_answer(chat: ChatSession | RemoteChat, text: str, console: Console) -> None:
     """Print the answer as it comes; Ctrl-C stops it and keeps what was said."""
     stream = chat.ask(text)
     try:
@@ -138,7 +189,7 @@ def stream_answer(chat: ChatSession, text: str, console: Console) -> None:
     console.print(f"[dim]{stats_line(chat.last.stats)}[/]", highlight=False)
 
 
-def repl(chat: ChatSession, commands: dict[str, Callable[[], object]] | None = None) -> None:
+def repl(chat: ChatSession | RemoteChat, commands: dict[str, Callable[[], object]] | None = None) -> None:
     console = Console()
     commands = commands or {}
     interrupted = False
