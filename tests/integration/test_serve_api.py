@@ -183,10 +183,16 @@ async def stream_all(server: str, model_id: str, questions: list[str], max_token
         await aclient.close()
 
 
-def test_four_concurrent_streams_each_get_their_single_user_answer(server, client, model_id):
-    alone = [chat(client, model_id, q, max_tokens=24).choices[0].message.content for q in QUESTIONS]
-    assert asyncio.run(stream_all(server, model_id, QUESTIONS, 24)) == alone
-    assert metrics(server)["fastserve_active_sessions"] == 0
+EIGHT = QUESTIONS + ["What color is the sky?", "Name a large animal.", "What is the opposite of hot?",
+                     "Count from one to five."]
+
+
+def test_eight_concurrent_streams_each_get_their_single_user_answer(server, client, model_id):
+    """8 clients at once against --max-sessions 4: four run, four queue, all complete."""
+    alone = [chat(client, model_id, q, max_tokens=24).choices[0].message.content for q in EIGHT]
+    assert asyncio.run(stream_all(server, model_id, EIGHT, 24)) == alone
+    m = metrics(server)
+    assert m["fastserve_active_sessions"] == 0 and m["fastserve_queue_length"] == 0
 
 
 def test_mlfq_with_fewer_slots_than_clients_queues_and_everyone_completes(model, client, model_id):
