@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -187,8 +188,6 @@ class Coordinator:
                 return
 
     def _load_request(self, stage: planner.Stage) -> peer_pb2.LoadStageRequest:
-        import json
-
         manifest = [
             peer_pb2.TensorEntry(name=name, sha256=sha, part=part_to_pb(part))
             for part in parts_for_stage(self.config, stage.start, stage.end)
@@ -271,7 +270,7 @@ class Coordinator:
             on_plan(plan)
             try:
                 return self.apply(plan)
-            except PeerLost as err:  # another one went away while we loaded: plan again without it
+            except (PeerLost, PeerRefused) as err:  # one went away or refused while we loaded: plan without it
                 self.notice(f"{err}; planning again")
 
     def close(self) -> None:
