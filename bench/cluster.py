@@ -69,7 +69,6 @@ if str(REPO) not in sys.path:  # `python bench/cluster.py`: tests.netns and benc
 from bench.vs_llamacpp import (  # stdlib-only helpers shared with the other benchmark
     NOISE_SHARE,
     BenchError,
-    _cpu_name,
     _git,
     _machine_cpu_s,
     _rate,
@@ -77,6 +76,7 @@ from bench.vs_llamacpp import (  # stdlib-only helpers shared with the other ben
     smollm2_path,
     wait_for_quiet,
 )
+from fastserve_edge.cluster.profile import cpu_name  # noqa: E402  (no torch: this process stays light)
 
 FASTSERVE = [sys.executable, "-m", "cli.main"]  # run with cwd=REPO, as bench/vs_llamacpp.py does
 PORT = 7411
@@ -872,7 +872,7 @@ def main(argv: list[str]) -> int:
     root = Path(tempfile.mkdtemp(prefix="fastserve-bench-cluster-"))
     results: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "usable_cores": cores, "platform": platform.platform()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": cores, "platform": platform.platform()},
         "fastserve": {"commit": _git("rev-parse", "--short", "HEAD") or "?", "dirty": bool(_git("status", "--porcelain"))},
         "settings": {"stages": args.stage_counts, "repeats": args.repeats, "cold_repeats": args.cold_repeats,
                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "ctx": args.ctx,

@@ -704,17 +704,6 @@ def _git(*args: str) -> str:
         return ""
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
@@ -759,6 +748,8 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
     from rich.markup import escape
 
+    from fastserve_edge.cluster.profile import cpu_name  # no torch: this process stays light
+
     args = parse_args(argv)
     if args.report is not None:
         return report_only(args)
@@ -772,7 +763,7 @@ def main(argv: list[str]) -> int:
     cache = bench_cache()
     results: dict[str, Any] = {
         "date": datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
         "fastserve": {"commit": _git("rev-parse", "--short", "HEAD") or "?", "dirty": bool(_git("status", "--porcelain"))},
         "settings": {"models": args.model_keys, "threads": args.thread_counts, "repeats": args.repeats,
                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,

@@ -326,8 +326,8 @@ class AuthServerInterceptor(grpc.ServerInterceptor):
 # -- channels and servers ----------------------------------------------------------------
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Client side: message size limits, and keepalive that notices a dead peer in ~4 s."""
+def _both_ends(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message size limits, and keepalive that notices a dead other end in ~4 s."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -335,6 +335,12 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection that is only waiting
+    ]
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Client side: the limits and keepalive, and quick reconnects."""
+    return _both_ends(max_message_bytes) + [
         ("grpc.initial_reconnect_backoff_ms", 500),  # a peer that comes back is used again soon ...
         ("grpc.max_reconnect_backoff_ms", 5000),     # ... not after gRPC's default 2 minutes
     ]
@@ -343,13 +349,7 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Server side: the same limits, keepalive towards the clients, and a ping policy that
     accepts the clients' 2 s keepalive (gRPC's default would answer it with GOAWAY)."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+    return _both_ends(max_message_bytes) + [
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second silent listener

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -290,7 +289,6 @@ class ClusterPipeline:
         self.coordinator = coordinator
         self.notice, self.on_plan = notice, on_plan
         self.ctx = coordinator.ctx
-        self._lock = threading.Lock()
 
     def replan(self) -> planner.Plan:
         self.coordinator.recover(on_plan=self.on_plan)
