@@ -28,7 +28,8 @@ DENSE_PREFILL_ROWS = 32  # from this many rows on, dequantize the matrix into a 
                          # and let torch's fp32 GEMM do the work (prefill is compute-bound)
 
 
-SCRATCH_FLOATS = 4 << 20  # 16 MiB of dequantized rows at a time during prefill
+SCRATCH_FLOATS = 1 << 20  # 4 MiB of dequantized rows at a time during prefill: as fast as
+                          # 16 MiB (a GEMM of >= 128 weight rows), and 12 MiB less to hold
 
 
 class _Scratch:

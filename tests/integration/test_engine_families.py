@@ -14,6 +14,10 @@ from tests import models_fixtures as mf
 VOCAB = 2048  # a slice of SmolLM2's vocabulary keeps transformers' GGUF parsing fast
 IDS = [1, 1690, 198, 237, 359, 1789, 28, 253, 1593, 30, 2, 198, 1, 520, 931, 198, 57, 548]  # all < VOCAB
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
+# Keys and values are cached as fp16 (kv_cache.KV_DTYPE, as llama.cpp): 3-4e-4 of relative
+# logit error against transformers' fp32 on these models, where the math alone gives < 1e-5.
+# A real mistake (rope, GQA, a scale) shows as 1e-1 and more.
+CLOSE = 1e-3
 
 
 def pipeline(path, **kw) -> Pipeline:
@@ -36,8 +40,8 @@ def test_gguf_logits_match_transformers(tmp_path, arch, ttype):
     ref = mf.hf_logits(mf.hf_model_from_gguf(path), IDS)
     assert ours.shape == ref.shape == (len(IDS), VOCAB)
     # the same blocks on both sides; ours multiplies them in place with activations held to
-    # 16 bits per 32 values, so only float rounding differs
-    assert rel_error(ours, ref) < 1e-4
+    # 16 bits per 32 values, so only float rounding (and the fp16 KV cache) differs
+    assert rel_error(ours, ref) < CLOSE
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
@@ -54,7 +58,7 @@ def test_llama3_rope_scaling_from_gguf_rope_freqs(tmp_path):
     long_ids = (IDS * 6)[:100]  # scaling matters past the (fixture's) original context of 64
     ours = pipeline(path).forward("s", long_ids, 0, all_logits=True)
     ref = mf.hf_logits(mf.hf_model_from_gguf(path), long_ids)
-    assert rel_error(ours, ref) < 1e-4
+    assert rel_error(ours, ref) < CLOSE
 
 
 @pytest.mark.parametrize("arch", mf.ARCHS)
@@ -64,7 +68,7 @@ def test_hf_folder_logits_match_transformers(tmp_path, arch, dtype):
                                      rope_scaling_llama3=arch == "llama", context_length=512)
     ours = pipeline(folder).forward("s", IDS, 0, all_logits=True)
     ref = mf.hf_logits(mf.hf_model_from_folder(folder), IDS)
-    assert rel_error(ours, ref) < (1e-4 if dtype == "float32" else 2e-2)
+    assert rel_error(ours, ref) < (CLOSE if dtype == "float32" else 2e-2)
 
 
 @pytest.mark.parametrize("arch", mf.ARCHS)

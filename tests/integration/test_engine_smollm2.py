@@ -37,7 +37,7 @@ def test_logits_match_transformers(whole, tokenizer, smollm2_hf):
     with torch.no_grad():
         ref = smollm2_hf(torch.tensor([ids])).logits[0]
     rel = ((ours - ref).norm() / ref.norm()).item()
-    assert rel < 1e-4, rel
+    assert rel < 2e-3, rel  # ~9e-4 with the fp16 KV cache (llama.cpp's default too), ~1e-4 without
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
     whole.drop("logits")
 

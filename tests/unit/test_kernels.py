@@ -154,7 +154,7 @@ def test_attend_one_matches_rope_cache_and_sdpa(variant, n_heads, n_kv, hd, pos)
 
     k = kernels.load(variant)
     cap = pos + 7
-    kc, vc = torch.randn(n_kv, cap, hd), torch.randn(n_kv, cap, hd)
+    kc, vc = torch.randn(n_kv, cap, hd).half(), torch.randn(n_kv, cap, hd).half()  # the cache's dtype
     qkv = torch.randn(1, (n_heads + 2 * n_kv) * hd)
     angles = torch.randn(1, hd // 2).repeat(1, 2)
     cos, sin = angles.cos(), angles.sin()
@@ -162,13 +162,14 @@ def test_attend_one_matches_rope_cache_and_sdpa(variant, n_heads, n_kv, hd, pos)
     kk = qkv[:, n_heads * hd: (n_heads + n_kv) * hd].view(1, 1, n_kv, hd).transpose(1, 2)
     v = qkv[:, (n_heads + n_kv) * hd:].view(1, 1, n_kv, hd).transpose(1, 2)
     q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-    keys = torch.cat([kc[None, :, :pos], kk], dim=2)
-    values = torch.cat([vc[None, :, :pos], v], dim=2)
+    kk, v = kk.half().float(), v.half().float()  # the new token's k and v are stored as half floats too
+    keys = torch.cat([kc[None, :, :pos].float(), kk], dim=2)
+    values = torch.cat([vc[None, :, :pos].float(), v], dim=2)
     ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=n_heads != n_kv)
     out = k.attend_one(qkv.clone(), cos[0], sin[0], kc, vc, pos, n_heads, n_kv, hd)
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kc[:, pos], kk[0, :, 0])  # the token's key went into the cache, rotated
-    torch.testing.assert_close(vc[:, pos], v[0, :, 0])
+    torch.testing.assert_close(kc[:, pos].float(), kk[0, :, 0])  # the token's key went into the cache, rotated
+    torch.testing.assert_close(vc[:, pos].float(), v[0, :, 0])
     assert isinstance(KVCache(1, n_kv, hd, cap).layer(0, cap)[0], torch.Tensor)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, KVCache
+from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, KV_DTYPE, KVCache
 
 
 def test_grows_on_demand_and_keeps_what_it_held():
@@ -10,9 +10,28 @@ def test_grows_on_demand_and_keeps_what_it_held():
     first = torch.randn(1, 3, 10, 4)
     cache.update(1, 0, first, -first)
     keys, values = cache.update(1, INITIAL_TOKENS + 5, torch.ones(1, 3, 1, 4), torch.ones(1, 3, 1, 4))
-    assert cache.capacity == 2 * INITIAL_TOKENS
-    assert torch.equal(keys[:, :, :10], first) and torch.equal(values[:, :, :10], -first)
-    assert keys.shape[2] == INITIAL_TOKENS + 6
+    assert cache.k[1].shape[2] == 2 * INITIAL_TOKENS
+    assert cache.capacity == INITIAL_TOKENS  # layer 0 has not needed more yet: layers grow one at a time
+    stored = first.to(KV_DTYPE).float()
+    assert torch.equal(keys[:, :, :10], stored) and torch.equal(values[:, :, :10], -stored)
+    assert keys.dtype == torch.float32 and keys.shape[2] == INITIAL_TOKENS + 6
+
+
+def test_holds_half_floats_and_keeps_them_within_fp16_rounding():
+    cache = KVCache(1, 2, 64, max_tokens=8)
+    assert cache.nbytes == 2 * 2 * 8 * 64 * 2  # K and V, 2 heads, 8 positions, 64 dims, 2 bytes each
+    k = torch.randn(1, 2, 3, 64)
+    keys, _ = cache.update(0, 0, k, k)
+    torch.testing.assert_close(keys, k, rtol=1e-3, atol=1e-3)
+
+
+def test_decode_layer_view_is_the_stored_cache():
+    cache = KVCache(2, 1, 4, max_tokens=600)
+    k, v = cache.layer(1, 300)
+    assert k.shape == (1, 512, 4) and k.dtype == KV_DTYPE and k.is_contiguous()
+    k[0, 299] = 2.0
+    keys, _ = cache.update(1, 300, torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+    assert torch.equal(keys[0, 0, 299], torch.full((4,), 2.0))
 
 
 def test_never_beyond_max_tokens():

@@ -96,7 +96,9 @@ class Kernels:
 
     def attend_one(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, pos: int, n_heads: int, n_kv: int, hd: int) -> torch.Tensor:
-        """Rope, cache write and attention of one token; k_cache/v_cache: one layer's [n_kv, cap, hd]."""
+        """Rope, cache write and attention of one token; k_cache/v_cache: one layer's [n_kv, cap, hd]
+        in float16 (kv_cache.KV_DTYPE)."""
+        assert k_cache.dtype == v_cache.dtype == torch.float16 and k_cache.is_contiguous() and v_cache.is_contiguous()
         out = torch.empty(n_heads * hd)
         scratch = torch.empty(n_heads * (pos + 1))
         rc = self.lib.fs_attend_one(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),

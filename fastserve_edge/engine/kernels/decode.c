@@ -4,10 +4,13 @@
  * small torch ops around them (norms, rope, cache writes, attention, SwiGLU) cost as much
  * again in dispatch alone. These three functions replace them; model.py calls them only
  * for a single row, and keeps the torch path for prefill and for dense weights.
- * All float32; the same formulas as model.py (rotate-half rope, softmax with max shift).
+ * Float32 math, the same formulas as model.py (rotate-half rope, softmax with max shift);
+ * the KV cache holds IEEE half floats (kv_cache.KV_DTYPE), widened as they are read.
  */
 #include <math.h>
 #include <stddef.h>
+
+typedef _Float16 kv_t;  /* GCC >= 12 and clang on x86-64/arm64; F16C instructions under -march=native */
 
 /* out[r][i] = x[r][i] * w[i] / sqrt(mean_i(x[r]^2) + eps), r < rows; out may be x. */
 void fs_rmsnorm(const float *x, const float *w, float *out, int rows, int n, float eps) {
@@ -43,18 +46,18 @@ static void rope(float *x, const float *cos, const float *sin, int hd) {
  *   qkv   [n_heads*hd | n_kv*hd | n_kv*hd]: this token's projections (biases added); q and
  *         k are rotated in place
  *   cos, sin [hd]: rope at position pos
- *   kc, vc [n_kv][cap][hd]: this layer's cache; row pos is written, rows 0..pos are read
+ *   kc, vc [n_kv][cap][hd] half floats: this layer's cache; row pos is written, rows 0..pos are read
  *   out   [n_heads*hd]
  * Grouped-query: head h reads kv head h / (n_heads / n_kv). Returns 0, or -1 on bad sizes. */
-int fs_attend_one(float *qkv, const float *cos, const float *sin, float *kc, float *vc, int cap, int pos,
+int fs_attend_one(float *qkv, const float *cos, const float *sin, kv_t *kc, kv_t *vc, int cap, int pos,
                   int n_heads, int n_kv, int hd, float *out, float *scratch, int nthreads) {
     if (pos < 0 || pos >= cap || n_kv <= 0 || n_heads % n_kv != 0 || hd % 2 != 0) return -1;
     float *q = qkv, *k = qkv + (size_t)n_heads * hd, *v = k + (size_t)n_kv * hd;
     for (int h = 0; h < n_heads; h++) rope(q + (size_t)h * hd, cos, sin, hd);
     for (int g = 0; g < n_kv; g++) {
         rope(k + (size_t)g * hd, cos, sin, hd);
-        float *kd = kc + ((size_t)g * cap + pos) * hd, *vd = vc + ((size_t)g * cap + pos) * hd;
-        for (int i = 0; i < hd; i++) { kd[i] = k[(size_t)g * hd + i]; vd[i] = v[(size_t)g * hd + i]; }
+        kv_t *kd = kc + ((size_t)g * cap + pos) * hd, *vd = vc + ((size_t)g * cap + pos) * hd;
+        for (int i = 0; i < hd; i++) { kd[i] = (kv_t)k[(size_t)g * hd + i]; vd[i] = (kv_t)v[(size_t)g * hd + i]; }
     }
     const int group = n_heads / n_kv, T = pos + 1;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -62,14 +65,14 @@ int fs_attend_one(float *qkv, const float *cos, const float *sin, float *kc, flo
     #pragma omp parallel for num_threads(nthreads) schedule(static) if ((size_t)T * n_heads * hd > 65536)
     for (int h = 0; h < n_heads; h++) {
         const float *qh = q + (size_t)h * hd;
-        const float *kg = kc + (size_t)(h / group) * cap * hd, *vg = vc + (size_t)(h / group) * cap * hd;
+        const kv_t *kg = kc + (size_t)(h / group) * cap * hd, *vg = vc + (size_t)(h / group) * cap * hd;
         float *s = scratch + (size_t)h * T, *o = out + (size_t)h * hd;
         float best = -INFINITY;
         for (int t = 0; t < T; t++) {
-            const float *kt = kg + (size_t)t * hd;
+            const kv_t *kt = kg + (size_t)t * hd;
             float dot = 0.f;
             #pragma omp simd reduction(+:dot)
-            for (int i = 0; i < hd; i++) dot += qh[i] * kt[i];
+            for (int i = 0; i < hd; i++) dot += qh[i] * (float)kt[i];
             s[t] = dot * scale;
             if (s[t] > best) best = s[t];
         }
@@ -79,9 +82,9 @@ int fs_attend_one(float *qkv, const float *cos, const float *sin, float *kc, flo
         for (int i = 0; i < hd; i++) o[i] = 0.f;
         for (int t = 0; t < T; t++) {
             const float p = s[t] * inv;
-            const float *vt = vg + (size_t)t * hd;
+            const kv_t *vt = vg + (size_t)t * hd;
             #pragma omp simd
-            for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+            for (int i = 0; i < hd; i++) o[i] += p * (float)vt[i];
         }
     }
     return 0;

@@ -41,9 +41,8 @@ static inline float fp16_to_f32(uint16_t h) {
 
 enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4 };
 
-/* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) and s16[K/16] the same
- * per 16 values (for the weights' offset terms) */
-typedef struct { int16_t *q; float *d, *s, *s16; } qrow;
+/* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset terms) */
+typedef struct { int16_t *q; float *d, *s; } qrow;
 
 static void quantize_row(const float *x, int K, qrow r) {
     for (int g = 0; g < K / 32; g++) {
@@ -51,10 +50,9 @@ static void quantize_row(const float *x, int K, qrow r) {
         float amax = 0.f;
         for (int i = 0; i < 32; i++) { float a = fabsf(xg[i]); amax = a > amax ? a : amax; }
         float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
-        int32_t sum[2] = { 0, 0 };
-        for (int i = 0; i < 32; i++) { int v = (int)lrintf(xg[i] * id); r.q[g * 32 + i] = (int16_t)v; sum[i / 16] += v; }
-        r.d[g] = d; r.s[g] = d * (float)(sum[0] + sum[1]);
-        r.s16[2 * g] = d * (float)sum[0]; r.s16[2 * g + 1] = d * (float)sum[1];
+        int32_t sum = 0;
+        for (int i = 0; i < 32; i++) { int v = (int)lrintf(xg[i] * id); r.q[g * 32 + i] = (int16_t)v; sum += v; }
+        r.d[g] = d; r.s[g] = d * (float)sum;
     }
 }
 
@@ -101,14 +99,16 @@ static inline ivec dot2x16(__m256i w0, __m256i w1, const int16_t *a) {
 }
 #endif
 
-/* q4 (0..15, Q4_0/Q4_1 order: byte i = weights i (low) and i + 16 (high)) . a[32] */
-static inline ivec dot_q4_32(const uint8_t *qs, const int16_t *a) {
+/* q4 (0..15, Q4_0/Q4_1 order: byte i = weights i (low) and i + 16 (high)), less `zero`, . a[32].
+ * Q4_0 subtracts its 8 here, in the integer lanes: no per-group offset term to add up. */
+static inline ivec dot_q4_32(const uint8_t *qs, int zero, const int16_t *a) {
 #if defined(__AVX2__)
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
-    return dot2x16(_mm256_and_si256(v, _mm256_set1_epi16(0x0f)), _mm256_srli_epi16(v, 4), a);
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs)), z = _mm256_set1_epi16((short)zero);
+    return dot2x16(_mm256_sub_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x0f)), z),
+                   _mm256_sub_epi16(_mm256_srli_epi16(v, 4), z), a);
 #else
     int32_t sum = 0;
-    for (int i = 0; i < 16; i++) sum += (qs[i] & 0x0f) * a[i] + (qs[i] >> 4) * a[i + 16];
+    for (int i = 0; i < 16; i++) sum += ((qs[i] & 0x0f) - zero) * a[i] + ((qs[i] >> 4) - zero) * a[i + 16];
     return sum;
 #endif
 }
@@ -147,33 +147,35 @@ static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
 }
 
 
-/* Q6_K: one half super-block (128 weights) decoded to bytes 0..63 in weight order:
+/* Q6_K: one half super-block (128 weights) decoded to q - 32 (-32..31) in weight order:
  * out[32 i + l] = weight 32 i + l of the half, from ql[64], qh[32] */
-static inline void q6k_decode_half(const uint8_t *ql, const uint8_t *qh, uint8_t *out) {
+static inline void q6k_decode_half(const uint8_t *ql, const uint8_t *qh, int8_t *out) {
 #if defined(__AVX2__)
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3), z = _mm256_set1_epi8(32);
     __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
     __m256i h = _mm256_loadu_si256((const __m256i *)qh);
     #define HI2(shift) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, shift), m3), 4)
-    _mm256_storeu_si256((__m256i *)out, _mm256_or_si256(_mm256_and_si256(l0, m4), HI2(0)));
-    _mm256_storeu_si256((__m256i *)(out + 32), _mm256_or_si256(_mm256_and_si256(l1, m4), HI2(2)));
-    _mm256_storeu_si256((__m256i *)(out + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), HI2(4)));
-    _mm256_storeu_si256((__m256i *)(out + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), HI2(6)));
+    #define PUT(at, lo4, shift) _mm256_storeu_si256((__m256i *)(out + (at)), _mm256_sub_epi8(_mm256_or_si256(lo4, HI2(shift)), z))
+    PUT(0, _mm256_and_si256(l0, m4), 0);
+    PUT(32, _mm256_and_si256(l1, m4), 2);
+    PUT(64, _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), 4);
+    PUT(96, _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), 6);
+    #undef PUT
     #undef HI2
 #else
     for (int l = 0; l < 32; l++) {
-        out[l] = (ql[l] & 0x0f) | (((qh[l] >> 0) & 3) << 4);
-        out[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
-        out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-        out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        out[l] = (int8_t)(((ql[l] & 0x0f) | (((qh[l] >> 0) & 3) << 4)) - 32);
+        out[l + 32] = (int8_t)(((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) - 32);
+        out[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+        out[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
     }
 #endif
 }
 
-/* 16 decoded Q6_K bytes (0..63) . a[16] */
-static inline ivec dot_q6_16(const uint8_t *q, const int16_t *a) {
+/* 16 decoded Q6_K weights (-32..31) . a[16] */
+static inline ivec dot_q6_16(const int8_t *q, const int16_t *a) {
 #if defined(__AVX2__)
-    return _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q)), _mm256_loadu_si256((const __m256i *)a));
+    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q)), _mm256_loadu_si256((const __m256i *)a));
 #else
     int32_t sum = 0;
     for (int i = 0; i < 16; i++) sum += q[i] * a[i];
@@ -181,20 +183,22 @@ static inline ivec dot_q6_16(const uint8_t *q, const int16_t *a) {
 #endif
 }
 
-/* One weight row against one quantized activation row. */
+/* One weight row against one quantized activation row.
+ * No sum runs through one register from group to group: a single fma chain (an offset term
+ * added per group) costs its 4-cycle latency per 32 weights, more than the dot products. */
 static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
-    /* four independent accumulators: one fma chain would wait on its own latency each group */
     facc acc[4] = { facc_zero(), facc_zero(), facc_zero(), facc_zero() };
-    float offsets = 0.f;  /* the weights' min/offset terms: m * sum(x) */
-    if (fmt == FMT_Q4_0 || fmt == FMT_Q4_1) {
-        const int bs = fmt == FMT_Q4_0 ? 18 : 20, off = fmt == FMT_Q4_0 ? 2 : 4;
+    float offsets[8] = { 0.f };  /* the weights' min terms, m * sum(x), in 8 independent sums */
+    if (fmt == FMT_Q4_0) {  /* w = d * (q - 8) */
         for (int g = 0; g < K / 32; g++) {
-            const uint8_t *b = wrow + g * bs;
-            float d = fp16_to_f32(*(const uint16_t *)b);
-            float m = fmt == FMT_Q4_0 ? -8.f * d : fp16_to_f32(*(const uint16_t *)(b + 2));
-            /* sum (d*q + m) * x = d * sum(q * x) + m * sum(x) */
-            acc[g & 3] = facc_add(acc[g & 3], dot_q4_32(b + off, a.q + g * 32), d * a.d[g]);
-            offsets += m * a.s[g];
+            const uint8_t *b = wrow + g * 18;
+            acc[g & 3] = facc_add(acc[g & 3], dot_q4_32(b + 2, 8, a.q + g * 32), fp16_to_f32(*(const uint16_t *)b) * a.d[g]);
+        }
+    } else if (fmt == FMT_Q4_1) {  /* sum (d*q + m) * x = d * sum(q * x) + m * sum(x) */
+        for (int g = 0; g < K / 32; g++) {
+            const uint8_t *b = wrow + g * 20;
+            acc[g & 3] = facc_add(acc[g & 3], dot_q4_32(b + 4, 0, a.q + g * 32), fp16_to_f32(*(const uint16_t *)b) * a.d[g]);
+            offsets[g & 7] += fp16_to_f32(*(const uint16_t *)(b + 2)) * a.s[g];
         }
     } else if (fmt == FMT_Q4_K) {
         for (int sb = 0; sb < K / 256; sb++) {
@@ -204,11 +208,11 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
             for (int j = 0; j < 8; j++) {
                 int g = sb * 8 + j;
                 acc[j & 3] = facc_add(acc[j & 3], dot_q4k_32(qs + 32 * (j / 2), j & 1, a.q + g * 32), d * sc[j] * a.d[g]);
-                offsets -= dmin * mn[j] * a.s[g];
             }
+            for (int j = 0; j < 8; j++) offsets[j] -= dmin * mn[j] * a.s[sb * 8 + j];  /* one vector fma */
         }
-    } else if (fmt == FMT_Q6_K) {
-        uint8_t q[128];
+    } else if (fmt == FMT_Q6_K) {  /* w = d * sc_j * (q - 32), the 32 taken off in decoding */
+        int8_t q[128];
         for (int sb = 0; sb < K / 256; sb++) {
             const uint8_t *b = wrow + sb * 210;
             const int8_t *sc = (const int8_t *)(b + 192);
@@ -217,10 +221,7 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
                 q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
                 for (int j = 0; j < 8; j++) {  /* 16 weights per scale; scale index 8 half + j */
                     int k = sb * 256 + half * 128 + j * 16;  /* first weight of these 16 */
-                    float scale = d * (float)sc[8 * half + j];
-                    /* sum d*sc*(q - 32)*x = d*sc*(sum(q*x) - 32*sum(x)) */
-                    acc[j & 3] = facc_add(acc[j & 3], dot_q6_16(q + 16 * j, a.q + k), scale * a.d[k / 32]);
-                    offsets -= 32.f * scale * a.s16[k / 16];
+                    acc[j & 3] = facc_add(acc[j & 3], dot_q6_16(q + 16 * j, a.q + k), d * (float)sc[8 * half + j] * a.d[k / 32]);
                 }
             }
         }
@@ -230,12 +231,14 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
             acc[g & 3] = facc_add(acc[g & 3], dot_q8((const int8_t *)(b + 2), a.q + g * 32), fp16_to_f32(*(const uint16_t *)b) * a.d[g]);
         }
     }
-    return facc_sum(facc_plus(facc_plus(acc[0], acc[1]), facc_plus(acc[2], acc[3]))) + offsets;
+    float off = 0.f;
+    for (int j = 0; j < 8; j++) off += offsets[j];
+    return facc_sum(facc_plus(facc_plus(acc[0], acc[1]), facc_plus(acc[2], acc[3]))) + off;
 }
 
 static qrow row_of(qrow all, int m, int K) {
     const int ng = K / 32;
-    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.s16 + (size_t)m * 2 * ng };
+    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng };
     return r;
 }
 
@@ -256,9 +259,9 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     offs[count] = total;
     const size_t ng = (size_t)M * (K / 32);
     int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)M * K);
-    float *f = (float *)malloc(sizeof(float) * ng * 4);
+    float *f = (float *)malloc(sizeof(float) * ng * 2);
     if (!q || !f) { free(q); free(f); return -2; }
-    qrow all = { q, f, f + ng, f + 2 * ng };
+    qrow all = { q, f, f + ng };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * K, K, row_of(all, m, K));
     /* Each thread takes a slice of all weight rows; a weight row is read from memory once
@@ -289,7 +292,7 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
         const uint8_t *wrow = w + (size_t)(rows ? rows[r] : r) * row_stride;
         float *o = out + (size_t)r * K;
         if (fmt == FMT_Q6_K) {
-            uint8_t q[128];
+            int8_t q[128];
             for (int sb = 0; sb < K / 256; sb++) {
                 const uint8_t *b = wrow + sb * 210;
                 const int8_t *sc = (const int8_t *)(b + 192);
@@ -297,7 +300,7 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
                 for (int half = 0; half < 2; half++) {
                     q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
                     for (int i = 0; i < 128; i++)
-                        o[sb * 256 + half * 128 + i] = dd * (float)sc[8 * half + i / 16] * (float)((int)q[i] - 32);
+                        o[sb * 256 + half * 128 + i] = dd * (float)sc[8 * half + i / 16] * (float)q[i];
                 }
             }
         } else if (fmt == FMT_Q4_K) {
