@@ -123,6 +123,22 @@ def test_fused_matrices_of_mixed_formats_equal_separate_products(variant):
         torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("m", [1, 3])
+def test_row_pairs_that_straddle_fused_matrices_are_right(variant, m):
+    """Rows go through the kernel two at a time: odd row counts put a pair across two
+    matrices of different formats, which must fall back to one row at a time."""
+    from fastserve_edge.engine.quant import FusedLinear
+
+    k = kernels.load(variant)
+    parts = [raw_matrix(t, n, 96, seed=i) for i, (t, n) in enumerate([("Q4_0", 33), ("Q8_0", 7), ("Q4_1", 5), ("Q4_0", 2)])]
+    fused = FusedLinear([QuantLinear(quant_tensor(raw, k)) for raw, _ in parts])
+    x = torch.randn(m, 96)
+    for got, (_, ref) in zip(fused(x), parts):
+        scale = x.norm(dim=1)[:, None] * ref.norm(dim=1)[None, :]
+        assert ((got - x @ ref.T).abs() / scale).max().item() < 5e-5
+
+
 @pytest.mark.parametrize("ttype", ["Q4_0", "Q4_K", "Q6_K"])
 def test_prefill_rows_go_through_dequantized_slices(monkeypatch, ttype):
     """Many rows: the matrix is dequantized a slice at a time (here 3 rows) for torch's GEMM."""

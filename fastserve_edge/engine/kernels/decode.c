@@ -10,7 +10,37 @@
 #include <math.h>
 #include <stddef.h>
 
-typedef _Float16 kv_t;  /* GCC >= 12 and clang on x86-64/arm64; F16C instructions under -march=native */
+typedef _Float16 kv_t;  /* GCC >= 12 and clang on x86-64/arm64 */
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+/* q . k for one cached key (the compilers do not vectorize _Float16 widening themselves) */
+static inline float dot_kv(const float *q, const kv_t *k, int n) {
+    float dot = 0.f;
+    int i = 0;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    dot = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#endif
+    for (; i < n; i++) dot += q[i] * (float)k[i];
+    return dot;
+}
+
+/* o += p * v for one cached value */
+static inline void axpy_kv(float *o, float p, const kv_t *v, int n) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    const __m256 pv = _mm256_set1_ps(p);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + i))), _mm256_loadu_ps(o + i)));
+#endif
+    for (; i < n; i++) o[i] += p * (float)v[i];
+}
 
 /* out[r][i] = x[r][i] * w[i] / sqrt(mean_i(x[r]^2) + eps), r < rows; out may be x. */
 void fs_rmsnorm(const float *x, const float *w, float *out, int rows, int n, float eps) {
@@ -69,23 +99,14 @@ int fs_attend_one(float *qkv, const float *cos, const float *sin, kv_t *kc, kv_t
         float *s = scratch + (size_t)h * T, *o = out + (size_t)h * hd;
         float best = -INFINITY;
         for (int t = 0; t < T; t++) {
-            const kv_t *kt = kg + (size_t)t * hd;
-            float dot = 0.f;
-            #pragma omp simd reduction(+:dot)
-            for (int i = 0; i < hd; i++) dot += qh[i] * (float)kt[i];
-            s[t] = dot * scale;
+            s[t] = dot_kv(qh, kg + (size_t)t * hd, hd) * scale;
             if (s[t] > best) best = s[t];
         }
         float sum = 0.f;
         for (int t = 0; t < T; t++) { s[t] = expf(s[t] - best); sum += s[t]; }
         const float inv = 1.0f / sum;
         for (int i = 0; i < hd; i++) o[i] = 0.f;
-        for (int t = 0; t < T; t++) {
-            const float p = s[t] * inv;
-            const kv_t *vt = vg + (size_t)t * hd;
-            #pragma omp simd
-            for (int i = 0; i < hd; i++) o[i] += p * (float)vt[i];
-        }
+        for (int t = 0; t < T; t++) axpy_kv(o, s[t] * inv, vg + (size_t)t * hd, hd);
     }
     return 0;
 }

@@ -236,6 +236,63 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
     return facc_sum(facc_plus(facc_plus(acc[0], acc[1]), facc_plus(acc[2], acc[3]))) + off;
 }
 
+/* Two weight rows of a 32-weight-block format (Q4_0, Q4_1, Q8) against one activation row:
+ * each activation group is loaded once for both, and each row's sum stays in its own
+ * register (no accumulator array on the stack). out[0], out[1] = row 0, row 1.
+ * The rows are w0 and w0 + stride. */
+static void two_rows_dot(int fmt, const uint8_t *w0, long stride, int K, qrow a, float *out) {
+    const uint8_t *w1 = w0 + stride;
+#if defined(__AVX2__)
+    const int bs = fmt == FMT_Q4_0 ? 18 : fmt == FMT_Q4_1 ? 20 : 34, at = fmt == FMT_Q4_1 ? 4 : 2;
+    const __m256i low4 = _mm256_set1_epi16(0x0f), eight = _mm256_set1_epi16(fmt == FMT_Q4_0 ? 8 : 0);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float off0 = 0.f, off1 = 0.f;  /* Q4_1's m * sum(x) */
+    for (int g = 0; g < K / 32; g++) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32 + 16));
+        const uint8_t *b0 = w0 + (size_t)g * bs, *b1 = w1 + (size_t)g * bs;
+        __m256i p0, p1;
+        if (fmt == FMT_Q8) {
+            p0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b0 + 2))), x0),
+                                  _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b0 + 18))), x1));
+            p1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b1 + 2))), x0),
+                                  _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b1 + 18))), x1));
+        } else {
+            const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b0 + at)));
+            const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b1 + at)));
+            p0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_sub_epi16(_mm256_and_si256(v0, low4), eight), x0),
+                                  _mm256_madd_epi16(_mm256_sub_epi16(_mm256_srli_epi16(v0, 4), eight), x1));
+            p1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_sub_epi16(_mm256_and_si256(v1, low4), eight), x0),
+                                  _mm256_madd_epi16(_mm256_sub_epi16(_mm256_srli_epi16(v1, 4), eight), x1));
+            if (fmt == FMT_Q4_1) {
+                off0 += fp16_to_f32(*(const uint16_t *)(b0 + 2)) * a.s[g];
+                off1 += fp16_to_f32(*(const uint16_t *)(b1 + 2)) * a.s[g];
+            }
+        }
+        const float ad = a.d[g];
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(*(const uint16_t *)b0) * ad), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(*(const uint16_t *)b1) * ad), acc1);
+    }
+    out[0] = facc_sum(acc0) + off0;
+    out[1] = facc_sum(acc1) + off1;
+#else
+    out[0] = row_dot(fmt, w0, K, a);
+    out[1] = row_dot(fmt, w1, K, a);
+#endif
+}
+
+/* Weight rows are short streams (1-2 KiB) that the hardware prefetcher learns too late:
+ * each thread asks for the rows it takes PREFETCH_ROWS rows from now (measured: Q4_0 from
+ * memory 6 -> 7.5 GB/s on one core; reading two rows at once without it falls to 3.6). */
+#define PREFETCH_ROWS 4
+static inline void prefetch(const uint8_t *p, long bytes) {
+#if defined(__AVX2__)
+    for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
 static qrow row_of(qrow all, int m, int K) {
     const int ng = K / 32;
     qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng };
@@ -267,11 +324,26 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     /* Each thread takes a slice of all weight rows; a weight row is read from memory once
        per call and reused from cache for every activation row. */
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int r = 0; r < total; r++) {
+    for (int pair = 0; pair < (total + 1) / 2; pair++) {
+        const int r = 2 * pair;
         int j = 0;
         while (r >= offs[j + 1]) j++;
         const uint8_t *wrow = ws[j] + (size_t)(r - offs[j]) * strides[j];
-        for (int m = 0; m < M; m++) y[(size_t)m * total + r] = row_dot(fmts[j], wrow, K, row_of(all, m, K));
+        if (r + PREFETCH_ROWS + 1 < offs[j + 1]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
+        if (r + 1 < offs[j + 1] && fmts[j] != FMT_Q4_K && fmts[j] != FMT_Q6_K) {  /* both rows in matrix j */
+            float two[2];
+            for (int m = 0; m < M; m++) {
+                two_rows_dot(fmts[j], wrow, strides[j], K, row_of(all, m, K), two);
+                y[(size_t)m * total + r] = two[0];
+                y[(size_t)m * total + r + 1] = two[1];
+            }
+            continue;
+        }
+        for (int i = r; i < r + 2 && i < total; i++) {  /* a matrix's last odd row, the next one's first */
+            while (i >= offs[j + 1]) j++;
+            const uint8_t *w = ws[j] + (size_t)(i - offs[j]) * strides[j];
+            for (int m = 0; m < M; m++) y[(size_t)m * total + i] = row_dot(fmts[j], w, K, row_of(all, m, K));
+        }
     }
     free(q); free(f);
     return 0;
