@@ -118,7 +118,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        return self.down(F.silu(gate, inplace=True).mul_(up))  # in place: prefill's [S, F] are the largest activations
+        hidden = F.silu(gate, inplace=True).mul_(up)
+        del gate, up  # prefill's [S, F] are the largest activations: one of them, not two, while down runs
+        return self.down(hidden)
 
 
 class Block(nn.Module):

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 from torch import nn
 
-from fastserve_edge.engine import kernels
+from fastserve_edge.engine import kernels, memory
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
@@ -235,6 +235,7 @@ class RuntimeWeights:
         self.source = source
         self.dtype = dtype
         self.kernels = kernels.load(variant) if quantized else None
+        memory.release_large_frees()  # a process that runs a model gives back prefill's activations
         self._embedding: nn.Module | None = None
 
     def has(self, name: str) -> bool:

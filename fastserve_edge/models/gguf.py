@@ -247,11 +247,21 @@ class GGUFModel:
         if t is None:
             raise ModelFormatError(f"{self.path.name}: tensor {name} is missing; the file is incomplete or not a {self.config.arch} model")
         shape = tuple(int(n) for n in reversed(t.shape))
-        raw = RawTensor(name, t.tensor_type, shape, t.data)
         if self.config.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = self.config.n_heads if "attn_q" in name else self.config.n_kv_heads
-            raw = raw.take_rows(_unpermute_rows(shape[0], heads))
-        return raw
+            # read, not mapped: the file's row order is used once, for this copy, and its pages
+            # would otherwise stay resident beside it (47 MiB of a 1B model's q and k)
+            return RawTensor(name, t.tensor_type, shape, self._read(t)).take_rows(_unpermute_rows(shape[0], heads))
+        return RawTensor(name, t.tensor_type, shape, t.data)
+
+    def _read(self, t: GGUFTensorInfo) -> np.ndarray:
+        """A tensor's bytes read into memory of its own, shaped like its mapped view."""
+        with open(self.path, "rb") as f:
+            f.seek(t.data_offset)
+            data = np.fromfile(f, dtype=np.uint8, count=t.n_bytes)
+        if data.size != t.n_bytes:
+            raise ModelFormatError(f"{self.path} is truncated inside tensor {t.name}; download it again (`fastserve pull`)")
+        return data.reshape(t.data.shape)
 
     def tokenizer(self):
         from fastserve_edge.models.tokenizer import Tokenizer

@@ -66,6 +66,11 @@ static inline facc facc_add(facc acc, ivec v, float scale) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale), acc);
 }
 static inline facc facc_plus(facc a, facc b) { return _mm256_add_ps(a, b); }
+/* acc + (v0 * s0 + v1 * s1) * scale: two sub-blocks' sums, each with its own scale */
+static inline facc facc_add2(facc acc, ivec v0, float s0, ivec v1, float s1, float scale) {
+    __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v0), _mm256_set1_ps(s0), _mm256_mul_ps(_mm256_cvtepi32_ps(v1), _mm256_set1_ps(s1)));
+    return _mm256_fmadd_ps(t, _mm256_set1_ps(scale), acc);
+}
 static inline float facc_sum(facc a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -79,6 +84,9 @@ static inline facc facc_zero(void) { return 0.f; }
 static inline facc facc_add(facc acc, ivec v, float scale) { return acc + (float)v * scale; }
 static inline float facc_sum(facc a) { return a; }
 static inline facc facc_plus(facc a, facc b) { return a + b; }
+static inline facc facc_add2(facc acc, ivec v0, float s0, ivec v1, float s1, float scale) {
+    return acc + ((float)v0 * s0 + (float)v1 * s1) * scale;
+}
 #endif
 
 /* 16 bytes widened to int16, then a nibble of each (and 0x0f, or shift right 4): weight
@@ -212,19 +220,50 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
             for (int j = 0; j < 8; j++) offsets[j] -= dmin * mn[j] * a.s[sb * 8 + j];  /* one vector fma */
         }
     } else if (fmt == FMT_Q6_K) {  /* w = d * sc_j * (q - 32), the 32 taken off in decoding */
-        int8_t q[128];
+#if defined(__AVX2__)
+        /* decoded in registers: a round trip through memory costs more than the arithmetic */
+        const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3), z = _mm256_set1_epi8(32);
         for (int sb = 0; sb < K / 256; sb++) {
             const uint8_t *b = wrow + sb * 210;
             const int8_t *sc = (const int8_t *)(b + 192);
-            float d = fp16_to_f32(*(const uint16_t *)(b + 208));
+            const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
             for (int half = 0; half < 2; half++) {
-                q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
-                for (int j = 0; j < 8; j++) {  /* 16 weights per scale; scale index 8 half + j */
-                    int k = sb * 256 + half * 128 + j * 16;  /* first weight of these 16 */
-                    acc[j & 3] = facc_add(acc[j & 3], dot_q6_16(q + 16 * j, a.q + k), d * (float)sc[8 * half + j] * a.d[k / 32]);
+                const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+                const __m256i lo4[4] = { _mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                                         _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4) };
+                for (int j = 0; j < 4; j++) {  /* weights 32 j .. 32 j + 31 of the half: activation group g */
+                    const __m256i hi2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * j), m3), 4);
+                    const __m256i w = _mm256_sub_epi8(_mm256_or_si256(lo4[j], hi2), z);
+                    const int g = sb * 8 + half * 4 + j;
+                    const __m256i p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
+                                                         _mm256_loadu_si256((const __m256i *)(a.q + g * 32)));
+                    const __m256i p1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)),
+                                                         _mm256_loadu_si256((const __m256i *)(a.q + g * 32 + 16)));
+                    const int s = 8 * half + 2 * j;
+                    acc[j] = facc_add2(acc[j], p0, d * (float)sc[s], p1, d * (float)sc[s + 1], a.d[g]);
                 }
             }
         }
+#else
+        int8_t q[128];
+        float s16[16];
+        for (int sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = wrow + sb * 210;
+            const int8_t *sc = (const int8_t *)(b + 192);
+            const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
+            for (int i = 0; i < 16; i++) s16[i] = d * (float)sc[i];  /* 16 weights per scale */
+            for (int half = 0; half < 2; half++) {
+                q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
+                for (int j = 0; j < 4; j++) {  /* activation group g: two scales' 16 weights each */
+                    const int g = sb * 8 + half * 4 + j;
+                    acc[j] = facc_add2(acc[j], dot_q6_16(q + 32 * j, a.q + g * 32), s16[8 * half + 2 * j],
+                                       dot_q6_16(q + 32 * j + 16, a.q + g * 32 + 16), s16[8 * half + 2 * j + 1], a.d[g]);
+                }
+            }
+        }
+#endif
     } else { /* FMT_Q8 */
         for (int g = 0; g < K / 32; g++) {
             const uint8_t *b = wrow + g * 34;
@@ -284,7 +323,9 @@ static void two_rows_dot(int fmt, const uint8_t *w0, long stride, int K, qrow a,
 /* Weight rows are short streams (1-2 KiB) that the hardware prefetcher learns too late:
  * each thread asks for the rows it takes PREFETCH_ROWS rows from now (measured: Q4_0 from
  * memory 6 -> 7.5 GB/s on one core; reading two rows at once without it falls to 3.6). */
+#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4
+#endif
 static inline void prefetch(const uint8_t *p, long bytes) {
 #if defined(__AVX2__)
     for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
