@@ -27,7 +27,7 @@ from fastserve_edge.cluster.protocol import peer_pb2
 from fastserve_edge.cluster.remote import PeerClient, PeerLost, PeerRefused, RemoteStage, SessionLost
 from fastserve_edge.cluster.shard_cache import Manifest, ShardCache, build_manifest, parts_for_stage
 from fastserve_edge.engine.generate import GenerationStats, LocalStage, Pipeline, StageRunner
-from fastserve_edge.engine.kv_cache import KV_BYTES
+from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights
 from fastserve_edge.engine.sampling import Sampler
@@ -82,7 +82,7 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
         n_layers=c.n_layers,
         layer_bytes=tuple(rb.get(f"layer.{i}", 0) for i in range(c.n_layers)),
         layer_flops=2.0 * (attn + 3 * c.dim * c.ffn_dim),
-        kv_bytes_per_token=2 * c.n_kv_heads * c.head_dim * KV_BYTES,  # K and V, one layer
+        kv_bytes_per_token=kv_bytes_per_token(c.n_kv_heads, c.head_dim),
         embed_bytes=rb.get("embed", 0) + rb.get("common", 0),
         head_bytes=rb.get("head", 0) + rb.get("common", 0),
         hidden_bytes=c.dim * 4,

@@ -34,6 +34,7 @@ from fastserve_edge.cluster.wire import (
 )
 from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.generate import LocalStage
+from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights, runtime_nbytes
 from fastserve_edge.engine.sampling import Sampler
@@ -264,7 +265,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                         n.bytes_fetched += size
                         tensors.extend(got)
                 need = sum(runtime_nbytes(t) for t in tensors)
-                need += 2 * config.n_kv_heads * config.head_dim * 4 * (end - start) * request.ctx
+                need += kv_bytes_per_token(config.n_kv_heads, config.head_dim) * (end - start) * request.ctx
                 if need > n.profile.memory_bytes:
                     raise ShardError(f"this stage needs {need / 2**20:.0f} MiB but {n.name} offers "
                                      f"{n.profile.memory_bytes / 2**20:.0f} MiB (--max-memory); re-plan")

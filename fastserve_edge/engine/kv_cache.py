@@ -10,6 +10,11 @@ KV_DTYPE = torch.float16  # as llama.cpp's default cache: half the memory of fp3
 KV_BYTES = torch.finfo(KV_DTYPE).bits // 8
 
 
+def kv_bytes_per_token(n_kv_heads: int, head_dim: int) -> int:
+    """K and V of one token in one layer, as the cache holds them."""
+    return 2 * n_kv_heads * head_dim * KV_BYTES
+
+
 class KVCache:
     """Per layer k, v: [B, n_kv_heads, capacity, head_dim] in KV_DTYPE; positions are the caller's.
 
