@@ -17,7 +17,7 @@ from functools import cache
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-LARGE_BLOCK = 1 << 20  # 1 MiB: mmap/munmap for blocks this big cost microseconds, prefill's layers milliseconds
+LARGE_BLOCK = 128 << 10  # glibc's own default, kept fixed: mmap/munmap cost microseconds, prefill's layers milliseconds
 
 
 @cache

@@ -123,6 +123,12 @@ class FeedForward(nn.Module):
         return self.down(hidden)
 
 
+def _one_call(linear: nn.Module):
+    """A quantized linear's kernel form (QuantLinear.one_call); None for dense weights or a bias."""
+    one_call = getattr(linear, "one_call", None)
+    return one_call() if one_call is not None else None
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, w: Weights, index: int):
         super().__init__()
@@ -137,6 +143,17 @@ class Block(nn.Module):
         fused = (self.attn.wqkv, self.ffn.gate_up)
         self.glue = getattr(w, "kernels", None) if all(getattr(f, "multi", None) is not None for f in fused) else None
         self.cfg = cfg
+        # ... and when wo and down are quantized too, the whole block is one C call
+        single = [_one_call(m) for m in (self.attn.wo, self.ffn.down)]
+        self.program = None
+        if self.glue is not None and all(m is not None for m in single):
+            attn = self.attn
+            self.program = self.glue.block(
+                dim=cfg.dim, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                ffn=self.ffn.gate_up.sizes[0], eps=cfg.norm_eps, attn_norm=self.attn_norm.weight,
+                ffn_norm=self.ffn_norm.weight, q_norm=attn.q_norm.weight if attn.q_norm is not None else None,
+                k_norm=attn.k_norm.weight if attn.k_norm is not None else None, qkv_bias=attn.wqkv.bias,
+                qkv=attn.wqkv.multi, wo=single[0], gate_up=self.ffn.gate_up.multi, down=single[1])
 
     def forward(self, x, cos, sin, cache, layer, pos):
         if self.glue is not None and x.shape[0] == 1 and x.shape[1] == 1:
@@ -147,6 +164,11 @@ class Block(nn.Module):
     def forward_one(self, x, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
         """x: [1, 1, D] -> [1, 1, D]; the same math as forward(), in fewer, larger calls."""
         c, g, attn = self.cfg, self.glue, self.attn
+        if self.program is not None:
+            row = x.reshape(-1).clone()  # updated in place; x may be the caller's
+            k_cache, v_cache = cache.layer(layer, pos + 1)
+            self.program(row, k_cache, v_cache, pos, cos[0], sin[0])
+            return row.reshape(1, 1, -1)
         row = x.reshape(1, -1)
         qkv = attn.wqkv.project(g.rmsnorm(row, self.attn_norm.weight, self.attn_norm.eps))
         if attn.q_norm is not None:  # qwen3: RMSNorm over each head of q and k, before rope

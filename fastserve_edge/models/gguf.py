@@ -217,6 +217,9 @@ def _unpermute_rows(n_out: int, n_head: int) -> np.ndarray:
     return np.arange(n_out).reshape(n_head, half, 2).swapaxes(1, 2).reshape(-1)
 
 
+VOCABULARY_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
+
+
 class GGUFModel:
     """A GGUF file opened in place: config, tokenizer metadata, tensors by canonical name."""
 
@@ -228,6 +231,7 @@ class GGUFModel:
         self.metadata = read_metadata(self.reader)
         self._tensors = {t.name: t for t in self.reader.tensors}
         self.config = config_from_metadata(self.metadata, set(self._tensors), self.path)
+        self._tokenizer = None
         for t in self.reader.tensors:
             if t.tensor_type not in SUPPORTED_TYPES:
                 raise ModelFormatError(
@@ -264,9 +268,16 @@ class GGUFModel:
         return data.reshape(t.data.shape)
 
     def tokenizer(self):
+        """Built once; then the vocabulary's Python lists (~5 MiB on SmolLM2, more on a 128k
+        vocabulary) are dropped: the tokenizer holds its own copy."""
         from fastserve_edge.models.tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf_metadata(self.metadata)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_gguf_metadata(self.metadata)
+            for key in VOCABULARY_ARRAYS:
+                self.metadata.pop(key, None)
+                self.reader.metadata.pop(key, None)
+        return self._tokenizer
 
     @cached_property
     def quantization(self) -> str | None:

@@ -194,19 +194,26 @@ def test_the_one_token_block_path_equals_the_torch_path(tmp_path):
     from fastserve_edge.models import open_model
     from tests.models_fixtures import write_tiny_gguf
 
-    for arch in ("llama", "qwen2", "qwen3"):
+    for arch in ("llama", "qwen2", "qwen3"):  # qwen2: q/k/v biases; qwen3: per-head q/k norms
         source = open_model(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, tensor_type="Q4_0"))
-        (fast,) = local_stages(source, max_tokens=32)
-        (slow,) = local_stages(source, max_tokens=32)
-        assert all(b.glue is not None for b in fast.stage.blocks)
+        (whole,) = local_stages(source, max_tokens=32)  # one C call per block
+        (glue,) = local_stages(source, max_tokens=32)   # the C glue between kernel calls from Python
+        (slow,) = local_stages(source, max_tokens=32)   # torch ops between kernel calls
+        assert all(b.program is not None for b in whole.stage.blocks)
+        for block in glue.stage.blocks:
+            block.program = None
         for block in slow.stage.blocks:
-            block.glue = None
+            block.glue = block.program = None
         prompt = torch.tensor([[1, 5, 9, 2]])
-        torch.testing.assert_close(fast.forward("s", prompt, 0), slow.forward("s", prompt, 0))
+        expected = slow.forward("s", prompt, 0)
+        for fast in (whole, glue):
+            torch.testing.assert_close(fast.forward("s", prompt, 0), expected)
         for pos, token in enumerate([7, 3, 11], start=4):
             step = torch.tensor([[token]])
-            a, b = fast.forward("s", step, pos), slow.forward("s", step, pos)
-            # the same math summed in another order; the int16 activation rounding can then
-            # differ in a last bit, so compare as the engine tests do: relative to the logits' scale
-            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), arch
-            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            b = slow.forward("s", step, pos)
+            for fast in (whole, glue):
+                a = fast.forward("s", step, pos)
+                # the same math summed in another order; the int16 activation rounding can then
+                # differ in a last bit, so compare as the engine tests do: relative to the logits' scale
+                assert (a - b).abs().max() <= 1e-4 * b.abs().max(), arch
+                assert torch.equal(a.argmax(-1), b.argmax(-1))

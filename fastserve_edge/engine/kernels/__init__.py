@@ -78,6 +78,10 @@ class Kernels:
         self.lib.fs_swiglu.restype = None
         self.lib.fs_attend_one.argtypes = [p, p, p, p, p, i, i, i, i, i, p, p, i]
         self.lib.fs_attend_one.restype = i
+        self.lib.fs_block_work_floats.argtypes = [p, i]
+        self.lib.fs_block_work_floats.restype = l
+        self.lib.fs_block_one.argtypes = [p, p, p, p, i, i, p, p, p, i]
+        self.lib.fs_block_one.restype = i
 
     # -- one-token glue (decode.c): x is one contiguous float32 row ----------------------------
     def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,6 +122,10 @@ class Kernels:
             raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
         return y
 
+    def block(self, **spec) -> BlockProgram:
+        """A decoder block run for one token in one call (BlockProgram's arguments)."""
+        return BlockProgram(self, **spec)
+
     def multi(self, parts: list[tuple[int, int, torch.Tensor, int]], k: int) -> MultiMatmul:
         """A prepared call for matrices (fmt, group, blocks, n) that share their input."""
         return MultiMatmul(self, parts, k)
@@ -138,6 +146,51 @@ class Kernels:
         return out
 
 
+class _Mats(ctypes.Structure):  # decode.c fs_mats
+    _fields_ = [("count", ctypes.c_int), ("k", ctypes.c_int), ("fmts", ctypes.c_int * 8), ("groups", ctypes.c_int * 8),
+                ("ns", ctypes.c_int * 8), ("ws", ctypes.c_void_p * 8), ("strides", ctypes.c_long * 8)]
+
+
+class _Block(ctypes.Structure):  # decode.c fs_block
+    _fields_ = [("dim", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv", ctypes.c_int), ("hd", ctypes.c_int),
+                ("ffn", ctypes.c_int), ("eps", ctypes.c_float),
+                ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
+                ("qkv", _Mats), ("wo", _Mats), ("gate_up", _Mats), ("down", _Mats)]
+
+
+class BlockProgram:
+    """One decoder block described once for decode.c's fs_block_one: a token through the
+    whole block in one call. Holds every tensor it points at."""
+
+    def __init__(self, kernels: Kernels, *, dim: int, n_heads: int, n_kv: int, head_dim: int, ffn: int, eps: float,
+                 attn_norm: torch.Tensor, ffn_norm: torch.Tensor, q_norm: torch.Tensor | None,
+                 k_norm: torch.Tensor | None, qkv_bias: torch.Tensor | None,
+                 qkv: MultiMatmul, wo: MultiMatmul, gate_up: MultiMatmul, down: MultiMatmul):
+        self.kernels = kernels
+        vectors = [attn_norm, ffn_norm, q_norm, k_norm, qkv_bias]
+        self._keep = [v.contiguous().float() if v is not None else None for v in vectors]
+        ptr = [v.data_ptr() if v is not None else None for v in self._keep]
+        self.spec = _Block(dim, n_heads, n_kv, head_dim, ffn, eps, *ptr,
+                           qkv.as_struct(), wo.as_struct(), gate_up.as_struct(), down.as_struct())
+        self._mats = (qkv, wo, gate_up, down)  # their blocks stay alive
+        self.n_heads = n_heads
+        self._work = torch.empty(0)
+
+    def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                 cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """x: one contiguous float32 row [dim], updated in place; caches as attend_one's."""
+        cap = k_cache.shape[1]
+        need = self.kernels.lib.fs_block_work_floats(ctypes.byref(self.spec), cap)
+        if self._work.numel() < need:
+            self._work = torch.empty(need)
+        rc = self.kernels.lib.fs_block_one(ctypes.byref(self.spec), x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                           cap, pos, cos.data_ptr(), sin.data_ptr(), self._work.data_ptr(),
+                                           torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fs_block_one failed ({rc}) at pos {pos}")
+
+
 class MultiMatmul:
     """x [M, K] -> y [M, sum n] for several matrices at once; the ctypes arrays are built once."""
 
@@ -150,6 +203,10 @@ class MultiMatmul:
         self.strides = (ctypes.c_long * count)(*(p[2].stride(0) for p in parts))
         self.ns = (ctypes.c_int * count)(*(p[3] for p in parts))
         self.count, self.total = count, sum(p[3] for p in parts)
+
+    def as_struct(self) -> _Mats:
+        return _Mats(self.count, self.k, (ctypes.c_int * 8)(*self.fmts), (ctypes.c_int * 8)(*self.groups),
+                     (ctypes.c_int * 8)(*self.ns), (ctypes.c_void_p * 8)(*self.ptrs), (ctypes.c_long * 8)(*self.strides))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef _Float16 kv_t;  /* GCC >= 12 and clang on x86-64/arm64 */
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -108,5 +109,63 @@ int fs_attend_one(float *qkv, const float *cos, const float *sin, kv_t *kc, kv_t
         for (int i = 0; i < hd; i++) o[i] = 0.f;
         for (int t = 0; t < T; t++) axpy_kv(o, s[t] * inv, vg + (size_t)t * hd, hd);
     }
+    return 0;
+}
+
+/* ---- one decoder block for one token, in one call ----------------------------------------
+ * Per layer the Python side made ~10 calls (norms, projections, attention, SwiGLU, residual
+ * adds, output buffers); at one token per step their dispatch cost as much as a small
+ * model's matmuls. The block is described once (fs_block, filled by kernels/__init__.py)
+ * and run here with the same functions and order as Block.forward_one. */
+
+int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
+                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads);
+
+typedef struct {  /* matrices that read the same input, outputs side by side */
+    int count, k;
+    int fmts[8], groups[8], ns[8];
+    const uint8_t *ws[8];
+    long strides[8];
+} fs_mats;
+
+typedef struct {
+    int dim, n_heads, n_kv, hd, ffn;
+    float eps;
+    const float *attn_norm, *ffn_norm;  /* [dim] */
+    const float *q_norm, *k_norm;       /* [hd] per-head norms (qwen3), or NULL */
+    const float *qkv_bias;              /* [(n_heads + 2 n_kv) hd] (qwen2), or NULL */
+    fs_mats qkv, wo, gate_up, down;
+} fs_block;
+
+static int run_mats(const fs_mats *m, const float *x, float *y, int nthreads) {
+    return fs_qmatmul_multi(m->count, m->fmts, m->groups, m->ws, m->strides, m->ns, m->k, x, 1, y, nthreads);
+}
+
+/* x [dim] in place: x += attn(norm(x)); x += ffn(norm(x)). kc, vc, cap, pos as fs_attend_one.
+ * work: fs_block_work_floats(b, cap) floats. Returns 0, or < 0 on bad arguments. */
+long fs_block_work_floats(const fs_block *b, int cap) {
+    return 2L * b->dim + (long)(2 * b->n_heads + 2 * b->n_kv) * b->hd + 3L * b->ffn + (long)b->n_heads * cap;
+}
+
+int fs_block_one(const fs_block *b, float *x, kv_t *kc, kv_t *vc, int cap, int pos, const float *cos,
+                 const float *sin, float *work, int nthreads) {
+    const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd;
+    float *h = work, *qkv = h + b->dim, *heads = qkv + qkv_dim, *o = heads + q_dim;
+    float *gu = o + b->dim, *act = gu + 2 * b->ffn, *scores = act + b->ffn;
+    fs_rmsnorm(x, b->attn_norm, h, 1, b->dim, b->eps);
+    if (run_mats(&b->qkv, h, qkv, nthreads) != 0) return -2;
+    if (b->qkv_bias) for (int i = 0; i < qkv_dim; i++) qkv[i] += b->qkv_bias[i];
+    if (b->q_norm) {  /* before rope, over each head of q and of k */
+        fs_rmsnorm(qkv, b->q_norm, qkv, b->n_heads, b->hd, b->eps);
+        fs_rmsnorm(qkv + q_dim, b->k_norm, qkv + q_dim, b->n_kv, b->hd, b->eps);
+    }
+    if (fs_attend_one(qkv, cos, sin, kc, vc, cap, pos, b->n_heads, b->n_kv, b->hd, heads, scores, nthreads) != 0) return -3;
+    if (run_mats(&b->wo, heads, o, nthreads) != 0) return -4;
+    for (int i = 0; i < b->dim; i++) x[i] += o[i];
+    fs_rmsnorm(x, b->ffn_norm, h, 1, b->dim, b->eps);
+    if (run_mats(&b->gate_up, h, gu, nthreads) != 0) return -5;
+    fs_swiglu(gu, act, b->ffn);
+    if (run_mats(&b->down, act, o, nthreads) != 0) return -6;
+    for (int i = 0; i < b->dim; i++) x[i] += o[i];
     return 0;
 }
