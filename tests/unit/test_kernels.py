@@ -183,8 +183,10 @@ def test_attend_one_matches_rope_cache_and_sdpa(variant, n_heads, n_kv, hd, pos)
     values = torch.cat([vc[None, :, :pos].float(), v], dim=2)
     ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=n_heads != n_kv)
     out = k.attend_one(qkv.clone(), cos[0], sin[0], kc, vc, pos, n_heads, n_kv, hd)
-    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kc[:, pos].float(), kk[0, :, 0])  # the token's key went into the cache, rotated
+    # C's rope may round a last float bit differently (fused multiply-add), and a key rounded
+    # to fp16 can then land on the neighbouring half float: compare to half-float precision
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(-1), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(kc[:, pos].float(), kk[0, :, 0], rtol=2e-3, atol=2e-3)  # the token's key went into the cache, rotated
     torch.testing.assert_close(vc[:, pos].float(), v[0, :, 0])
     assert isinstance(KVCache(1, n_kv, hd, cap).layer(0, cap)[0], torch.Tensor)
 
