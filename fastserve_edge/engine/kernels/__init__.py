@@ -174,16 +174,17 @@ class BlockProgram:
         self.spec = _Block(dim, n_heads, n_kv, head_dim, ffn, eps, *ptr,
                            qkv.as_struct(), wo.as_struct(), gate_up.as_struct(), down.as_struct())
         self._mats = (qkv, wo, gate_up, down)  # their blocks stay alive
-        self.n_heads = n_heads
-        self._work = torch.empty(0)
+        self._work, self._work_cap = torch.empty(0), -1
 
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
                  cos: torch.Tensor, sin: torch.Tensor) -> None:
         """x: one contiguous float32 row [dim], updated in place; caches as attend_one's."""
         cap = k_cache.shape[1]
-        need = self.kernels.lib.fs_block_work_floats(ctypes.byref(self.spec), cap)
-        if self._work.numel() < need:
-            self._work = torch.empty(need)
+        if cap != self._work_cap:  # the cache grew: the scores need more room
+            need = self.kernels.lib.fs_block_work_floats(ctypes.byref(self.spec), cap)
+            if self._work.numel() < need:
+                self._work = torch.empty(need)
+            self._work_cap = cap
         rc = self.kernels.lib.fs_block_one(ctypes.byref(self.spec), x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                            cap, pos, cos.data_ptr(), sin.data_ptr(), self._work.data_ptr(),
                                            torch.get_num_threads())

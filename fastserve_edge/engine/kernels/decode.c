@@ -2,8 +2,9 @@
  *
  * At one token per step the matmuls are a few hundred microseconds per layer, and the ~40
  * small torch ops around them (norms, rope, cache writes, attention, SwiGLU) cost as much
- * again in dispatch alone. These three functions replace them; model.py calls them only
- * for a single row, and keeps the torch path for prefill and for dense weights.
+ * again in dispatch alone. These functions replace them, and fs_block_one runs a whole
+ * block; model.py calls them only for a single row, and keeps the torch path for prefill
+ * and for dense weights.
  * Float32 math, the same formulas as model.py (rotate-half rope, softmax with max shift);
  * the KV cache holds IEEE half floats (kv_cache.KV_DTYPE), widened as they are read.
  */

@@ -157,19 +157,23 @@ static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
 
 /* Q6_K: one half super-block (128 weights) decoded to q - 32 (-32..31) in weight order:
  * out[32 i + l] = weight 32 i + l of the half, from ql[64], qh[32] */
+#if defined(__AVX2__)
+static inline void q6k_half_regs(const uint8_t *ql, const uint8_t *qh, __m256i out[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3), z = _mm256_set1_epi8(32);
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+    const __m256i lo4[4] = { _mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4) };
+    for (int i = 0; i < 4; i++)
+        out[i] = _mm256_sub_epi8(_mm256_or_si256(lo4[i], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * i), m3), 4)), z);
+}
+#endif
+
 static inline void q6k_decode_half(const uint8_t *ql, const uint8_t *qh, int8_t *out) {
 #if defined(__AVX2__)
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3), z = _mm256_set1_epi8(32);
-    __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-    __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-    #define HI2(shift) _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, shift), m3), 4)
-    #define PUT(at, lo4, shift) _mm256_storeu_si256((__m256i *)(out + (at)), _mm256_sub_epi8(_mm256_or_si256(lo4, HI2(shift)), z))
-    PUT(0, _mm256_and_si256(l0, m4), 0);
-    PUT(32, _mm256_and_si256(l1, m4), 2);
-    PUT(64, _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), 4);
-    PUT(96, _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), 6);
-    #undef PUT
-    #undef HI2
+    __m256i w[4];
+    q6k_half_regs(ql, qh, w);
+    for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(out + 32 * i), w[i]);
 #else
     for (int l = 0; l < 32; l++) {
         out[l] = (int8_t)(((ql[l] & 0x0f) | (((qh[l] >> 0) & 3) << 4)) - 32);
@@ -222,20 +226,15 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
     } else if (fmt == FMT_Q6_K) {  /* w = d * sc_j * (q - 32), the 32 taken off in decoding */
 #if defined(__AVX2__)
         /* decoded in registers: a round trip through memory costs more than the arithmetic */
-        const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3), z = _mm256_set1_epi8(32);
         for (int sb = 0; sb < K / 256; sb++) {
             const uint8_t *b = wrow + sb * 210;
             const int8_t *sc = (const int8_t *)(b + 192);
             const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
             for (int half = 0; half < 2; half++) {
-                const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
-                const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-                const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-                const __m256i lo4[4] = { _mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
-                                         _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4) };
+                __m256i ws[4];
+                q6k_half_regs(b + 64 * half, b + 128 + 32 * half, ws);
                 for (int j = 0; j < 4; j++) {  /* weights 32 j .. 32 j + 31 of the half: activation group g */
-                    const __m256i hi2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * j), m3), 4);
-                    const __m256i w = _mm256_sub_epi8(_mm256_or_si256(lo4[j], hi2), z);
+                    const __m256i w = ws[j];
                     const int g = sb * 8 + half * 4 + j;
                     const __m256i p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
                                                          _mm256_loadu_si256((const __m256i *)(a.q + g * 32)));
@@ -275,6 +274,18 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
     return facc_sum(facc_plus(facc_plus(acc[0], acc[1]), facc_plus(acc[2], acc[3]))) + off;
 }
 
+#if defined(__AVX2__)
+/* The 32 weights at qs (Q8: int8; Q4: nibbles less `eight`) . activations x0 | x1, as 8 int32 lanes */
+static inline __m256i block32_dot(int fmt, const uint8_t *qs, __m256i x0, __m256i x1, __m256i low4, __m256i eight) {
+    if (fmt == FMT_Q8)
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs)), x0),
+                                _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16))), x1));
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_sub_epi16(_mm256_and_si256(v, low4), eight), x0),
+                            _mm256_madd_epi16(_mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight), x1));
+}
+#endif
+
 /* Two weight rows of a 32-weight-block format (Q4_0, Q4_1, Q8) against one activation row:
  * each activation group is loaded once for both, and each row's sum stays in its own
  * register (no accumulator array on the stack). out[0], out[1] = row 0, row 1.
@@ -290,23 +301,10 @@ static void two_rows_dot(int fmt, const uint8_t *w0, long stride, int K, qrow a,
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32));
         const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32 + 16));
         const uint8_t *b0 = w0 + (size_t)g * bs, *b1 = w1 + (size_t)g * bs;
-        __m256i p0, p1;
-        if (fmt == FMT_Q8) {
-            p0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b0 + 2))), x0),
-                                  _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b0 + 18))), x1));
-            p1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b1 + 2))), x0),
-                                  _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b1 + 18))), x1));
-        } else {
-            const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b0 + at)));
-            const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b1 + at)));
-            p0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_sub_epi16(_mm256_and_si256(v0, low4), eight), x0),
-                                  _mm256_madd_epi16(_mm256_sub_epi16(_mm256_srli_epi16(v0, 4), eight), x1));
-            p1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_sub_epi16(_mm256_and_si256(v1, low4), eight), x0),
-                                  _mm256_madd_epi16(_mm256_sub_epi16(_mm256_srli_epi16(v1, 4), eight), x1));
-            if (fmt == FMT_Q4_1) {
-                off0 += fp16_to_f32(*(const uint16_t *)(b0 + 2)) * a.s[g];
-                off1 += fp16_to_f32(*(const uint16_t *)(b1 + 2)) * a.s[g];
-            }
+        const __m256i p0 = block32_dot(fmt, b0 + at, x0, x1, low4, eight), p1 = block32_dot(fmt, b1 + at, x0, x1, low4, eight);
+        if (fmt == FMT_Q4_1) {
+            off0 += fp16_to_f32(*(const uint16_t *)(b0 + 2)) * a.s[g];
+            off1 += fp16_to_f32(*(const uint16_t *)(b1 + 2)) * a.s[g];
         }
         const float ad = a.d[g];
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(*(const uint16_t *)b0) * ad), acc0);
@@ -323,9 +321,7 @@ static void two_rows_dot(int fmt, const uint8_t *w0, long stride, int K, qrow a,
 /* Weight rows are short streams (1-2 KiB) that the hardware prefetcher learns too late:
  * each thread asks for the rows it takes PREFETCH_ROWS rows from now (measured: Q4_0 from
  * memory 6 -> 7.5 GB/s on one core; reading two rows at once without it falls to 3.6). */
-#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4
-#endif
 static inline void prefetch(const uint8_t *p, long bytes) {
 #if defined(__AVX2__)
     for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
