@@ -1,7 +1,8 @@
 """`fastserve serve [MODEL]`: an OpenAI-compatible HTTP API over a model on this machine.
 
-This slice serves from one machine (no peers yet). The URL goes to stdout, one line;
-everything else to stderr.
+Like `fastserve chat`, it looks for peers of its cluster and spreads the model over them
+(`--local-only`: this machine alone); a peer that leaves costs a re-plan, and every open
+answer goes on. The URL goes to stdout, one line; everything else to stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
@@ -33,15 +35,43 @@ def command(
     ctx: Annotated[int | None, typer.Option(help="context length (default: the model's, capped at 4096)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
     insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host without --api-key")] = False,
+    token: Annotated[str | None, typer.Option(help="cluster token (default: this host's, created on first use)",
+                                              envvar="FASTSERVE_TOKEN")] = None,
+    peers: Annotated[int, typer.Option(help="wait until this many peers answered (error if they do not)")] = 0,
+    wait: Annotated[float, typer.Option(help="seconds to look for peers on the LAN")] = 2.0,
+    local_only: Annotated[bool, typer.Option(help="do not look for peers: this machine alone")] = False,
+    min_stages: Annotated[int, typer.Option(help="spread the model over at least N machines")] = 1,
+    max_memory: Annotated[str | None, typer.Option(help="memory this host may use for the model (e.g. 4G)")] = None,
+    interface: Annotated[str | None, typer.Option(help="network interface to look for peers on")] = None,
+    peer: Annotated[list[str] | None, typer.Option(help="a peer's ADDRESS:PORT, for networks without mDNS (repeatable)")] = None,
+    reprofile: Annotated[bool, typer.Option(help="measure this machine again instead of using the cached profile")] = False,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, metrics)."""
+    """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, metrics),
+    on this machine and the peers it finds, as `fastserve chat` does."""
     with user_errors():
+        cluster = None if local_only else ClusterFlags(token=token, peers=peers, wait=wait, min_stages=min_stages,
+                                                       max_memory=max_memory, interface=interface,
+                                                       static_peers=tuple(peer or ()), reprofile=reprofile)
         serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions,
-              scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure)
+              scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure, cluster=cluster)
+
+
+@dataclass(frozen=True)
+class ClusterFlags:
+    """chat's cluster flags, as serve takes them."""
+
+    token: str | None
+    peers: int
+    wait: float
+    min_stages: int
+    max_memory: str | None
+    interface: str | None
+    static_peers: tuple[str, ...]
+    reprofile: bool
 
 
 def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_sessions: int, scheduler: str,
-          ctx: int | None, threads: int | None, insecure: bool) -> None:
+          ctx: int | None, threads: int | None, insecure: bool, cluster: ClusterFlags | None = None) -> None:
     from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
 
     # every check that needs no model first: a refusal must not wait for a model load
@@ -57,19 +87,36 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
 
     settings = load_settings()
     n_threads = set_threads(threads)
+    if cluster is not None and (cluster.wait < 0 or cluster.peers < 0 or cluster.min_stages < 1):
+        raise ConfigError("--wait and --peers must be >= 0 and --min-stages >= 1")
     resolved = resolve_or_pull(model, settings)
-    with err_console.status(f"loading {resolved.name}…"):
-        local = load_local_model(resolved.path, ctx=ctx, max_ctx=settings.chat.max_ctx)
-    d = settings.chat
-    config = ServeConfig(model_id=resolved.name, api_key=api_key, temperature=d.temperature, top_p=d.top_p,
-                         top_k=d.top_k, min_p=d.min_p, max_tokens=d.max_tokens)
-    app = create_app(local.pipeline, local.tokenizer, config, max_sessions=max_sessions,
-                     scheduler=scheduler, threads=n_threads)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    coordinator = None
+    if cluster is None:
+        with err_console.status(f"loading {resolved.name}…"):
+            local = load_local_model(resolved.path, ctx=ctx, max_ctx=settings.chat.max_ctx)
+        pipeline, tokenizer = local.pipeline, local.tokenizer
+    else:
+        from cli.cluster_view import start_cluster
+
+        notice = lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False)  # noqa: E731
+        coordinator, pipeline, tokenizer, _ = start_cluster(
+            resolved, settings, ctx=ctx, token=cluster.token, peers=cluster.peers, wait=cluster.wait,
+            min_stages=cluster.min_stages, max_memory=cluster.max_memory, interface=cluster.interface,
+            static_peers=cluster.static_peers, threads=n_threads, reprofile=cluster.reprofile, notice=notice)
     try:
-        asyncio.run(_run(app, host, port, resolved.name, local.pipeline.ctx, max_sessions, scheduler))
-    except KeyboardInterrupt:
-        pass
+        d = settings.chat
+        config = ServeConfig(model_id=resolved.name, api_key=api_key, temperature=d.temperature, top_p=d.top_p,
+                             top_k=d.top_k, min_p=d.min_p, max_tokens=d.max_tokens)
+        app = create_app(pipeline, tokenizer, config, max_sessions=max_sessions,
+                         scheduler=scheduler, threads=n_threads)
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            asyncio.run(_run(app, host, port, resolved.name, pipeline.ctx, max_sessions, scheduler))
+        except KeyboardInterrupt:
+            pass
+    finally:
+        if coordinator is not None:
+            coordinator.close()
 
 
 async def _run(app, host: str, port: int, name: str, n_ctx: int, max_sessions: int, scheduler: str) -> None:

@@ -18,8 +18,17 @@ def command(
     wait: Annotated[float, typer.Option(help="seconds to listen for machines")] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     interface: Annotated[str | None, typer.Option(help="network interface to listen on (default: every LAN interface)")] = None,
+    url: Annotated[str | None, typer.Option(help="a running `fastserve serve` (http://HOST:PORT): its sessions "
+                                                 "and the tokens/s of each stage, instead of the LAN")] = None,
+    api_key: Annotated[str | None, typer.Option(help="the server's --api-key (with --url)",
+                                                envvar="FASTSERVE_API_KEY")] = None,
 ) -> None:
-    """List the fastserve machines on the LAN: profile, state, and whether they are in our cluster."""
+    """List the fastserve machines on the LAN (profile, state, our cluster or not), or with --url
+    what a running `fastserve serve` is doing."""
+    if url is not None:
+        with user_errors():
+            show_server(url, api_key, as_json)
+        return
     from fastserve_edge.cluster import discovery
     from fastserve_edge.cluster.auth import cluster_id, load_or_create_token
     from fastserve_edge.cluster.planner import describe_bytes
@@ -49,3 +58,35 @@ def command(
             table.add_row(n.name, ", ".join(f"{a}:{n.port}" for a in n.addresses), n.role, cluster,
                           describe_bytes(n.memory_bytes), f"{n.decode_gflops:.1f}", f"{n.bandwidth_gbs:.1f}", n.state)
         Console().print(table)
+
+
+def show_server(url: str, api_key: str | None, as_json: bool) -> None:
+    from fastserve_edge.cluster.planner import describe_bytes
+    from fastserve_edge.serving.client import server_status
+
+    status = server_status(url, api_key)
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{status['model']}[/] · {status['scheduler']} · max {status['max_sessions']} sessions · "
+                  f"ctx {status['ctx']} · up {status['uptime_s']} s · {status['tokens_generated']} tokens generated · "
+                  f"mean decode batch {status['mean_decode_batch']:.1f}", highlight=False)
+    stages = Table(title="stages")
+    for column in ("stage", "layers", "machine", "tokens", "busy s", "tokens/s", "KV held", "KV budget"):
+        stages.add_column(column)
+    for r in status["stages"]:
+        stages.add_row(str(r["index"]), f"{r['start']}-{r['end']}", r["machine"], str(r["tokens"]),
+                       f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}", describe_bytes(r["kv_bytes"]),
+                       describe_bytes(r["kv_budget_bytes"]))
+    console.print(stages)
+    if not status["sessions"]:
+        console.print("[dim]no active sessions[/]")
+        return
+    sessions = Table(title=f"sessions ({status['active_sessions']} holding KV, {status['queue_length']} waiting)")
+    for column in ("session", "state", "prompt", "generated", "max", "KV tokens", "queue", "age s"):
+        sessions.add_column(column)
+    for s in status["sessions"]:
+        sessions.add_row(s["id"], s["state"], str(s["prompt_tokens"]), str(s["generated"]), str(s["max_tokens"]),
+                         str(s["kv_tokens"]), str(s["level"]), f"{s['age_s']:.1f}")
+    console.print(sessions)

@@ -26,7 +26,14 @@ from fastserve_edge.cluster.profile import Profile, load_profile
 from fastserve_edge.cluster.protocol import peer_pb2
 from fastserve_edge.cluster.remote import PeerClient, PeerLost, PeerRefused, RemoteStage, SessionLost
 from fastserve_edge.cluster.shard_cache import Manifest, ShardCache, build_manifest, parts_for_stage
-from fastserve_edge.engine.generate import GenerationStats, LocalStage, Pipeline, StageRunner
+from fastserve_edge.engine.generate import (
+    DecodeStep,
+    GenerationStats,
+    LocalStage,
+    Pipeline,
+    PipelineReset,
+    StageRunner,
+)
 from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights
@@ -299,6 +306,55 @@ class ClusterPipeline:
     def drop(self, session: str) -> None:
         if self.coordinator.pipeline is not None:
             self.coordinator.pipeline.drop(session)
+
+    # -- the serving loop's interface (serving/engine_loop.py): a step at a time ----------------
+
+    @property
+    def config(self):
+        return self.coordinator.config
+
+    @property
+    def stages(self) -> list[StageRunner]:
+        pipeline = self.coordinator.pipeline
+        return pipeline.stages if pipeline is not None else []
+
+    @property
+    def meters(self) -> list:
+        pipeline = self.coordinator.pipeline
+        return pipeline.meters if pipeline is not None else []
+
+    def _current(self) -> Pipeline:
+        if self.coordinator.pipeline is None:
+            try:
+                self.coordinator.recover(on_plan=self.on_plan)
+            except PlanError as err:
+                raise PlanError(f"{err}. Start `fastserve join` on a machine (or restart the one that left), "
+                                "then send the request again") from None
+            raise PipelineReset("the cluster was planned again")
+        return self.coordinator.pipeline
+
+    def _step(self, call):
+        """Run one step on the current pipeline; a peer that left costs a re-plan, and the
+        caller hears PipelineReset (every session re-prefills: nothing it produced is lost)."""
+        pipeline = self._current()
+        try:
+            return call(pipeline)
+        except SessionLost as err:
+            self.notice(f"{err}: every session is sent again")
+            self.coordinator.close_pipeline()
+        except PeerLost as err:
+            self.notice(f"{err}; re-planning with the machines left, then going on with every answer")
+            self.coordinator.forget(err.node_id)
+            self.coordinator.close_pipeline()
+        self._current()  # re-plans, and raises PipelineReset
+        raise AssertionError("unreachable")
+
+    def next_token(self, session: str, ids: Sequence[int], pos: int, sampler: Sampler,
+                   context: Sequence[int]) -> int:
+        return self._step(lambda p: p.next_token(session, ids, pos, sampler, context))
+
+    def next_tokens(self, steps: Sequence[DecodeStep]) -> list[int]:
+        return self._step(lambda p: p.next_tokens(steps))
 
     def generate(self, session: str, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int,
                  stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None) -> Iterator[int]:

@@ -50,8 +50,19 @@ class LocalStage:
         with torch.inference_mode():
             return self.stage(x, cache, pos, all_logits=all_logits)
 
+    def forward_batch(self, sessions: Sequence[str], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """One new token for each session (sessions[r] at positions[r]; they must hold their
+        earlier tokens' KV). x: ids [M] or hidden [M, D] -> hidden [M, D] or logits [M, vocab]."""
+        caches = [self._caches[s] for s in sessions]
+        with torch.inference_mode():
+            return self.stage.forward_batch(x, caches, list(positions))
+
     def drop(self, session: str) -> None:
         self._caches.pop(session, None)
+
+    def kv_bytes(self) -> int:
+        """What the KV caches of every session hold here, allocated (they grow by doubling)."""
+        return sum(c.nbytes for c in self._caches.values())
 
 
 def local_stages(source: ModelSource, *, max_tokens: int, boundaries: Sequence[int] | None = None,
@@ -82,6 +93,17 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.decode_s if self.decode_s and self.generated_tokens > 1 else 0.0
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One session's part of a batched decode step: feed `token` at `pos`, sample the next."""
+
+    session: str
+    token: int
+    pos: int
+    sampler: Sampler
+    context: Sequence[int]  # what the repetition penalty looks back over
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -91,6 +113,20 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass
+class StageMeter:
+    """What one stage did while serving: wall time spent in its calls, tokens through it."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    calls: int = 0
+
+
+class PipelineReset(Exception):
+    """The stages were rebuilt (a peer left and the cluster re-planned, or a peer lost a
+    session): no session's KV survives; the caller re-prefills what it still needs."""
+
+
 class Pipeline:
     """Runs token ids through the stages in order; remembers what each session's KV holds."""
 
@@ -98,12 +134,23 @@ class Pipeline:
         self.config = config
         self.stages = list(stages)
         self.ctx = ctx
+        self.meters = [StageMeter() for _ in self.stages]
         self._seen: dict[str, list[int]] = {}  # session -> tokens whose KV the stages hold
+
+    def _timed(self, i: int, tokens: int, call, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            m = self.meters[i]
+            m.seconds += time.perf_counter() - t0
+            m.tokens += tokens
+            m.calls += 1
 
     def forward(self, session: str, ids: Sequence[int], pos: int, *, all_logits: bool = False) -> torch.Tensor:
         x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
-        for stage in self.stages:
-            x = stage.forward(session, x, pos, all_logits=all_logits)
+        for i, stage in enumerate(self.stages):
+            x = self._timed(i, len(ids), stage.forward, session, x, pos, all_logits=all_logits)
         return x[0]  # [vocab] or [S, vocab]
 
     def next_token(self, session: str, ids: Sequence[int], pos: int, sampler: Sampler,
@@ -113,9 +160,43 @@ class Pipeline:
         if not hasattr(last, "forward_sample"):
             return sampler(self.forward(session, ids, pos), context)
         x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
-        for stage in self.stages[:-1]:
-            x = stage.forward(session, x, pos)
-        return last.forward_sample(session, x, pos, sampler, context)
+        for i, stage in enumerate(self.stages[:-1]):
+            x = self._timed(i, len(ids), stage.forward, session, x, pos)
+        return self._timed(len(self.stages) - 1, len(ids), last.forward_sample, session, x, pos, sampler, context)
+
+    def next_tokens(self, steps: Sequence[DecodeStep]) -> list[int]:
+        """One decode token for each of several sessions that hold their KV: the serving
+        loop's batched step. Stages that take a batch (`forward_batch`) run all sessions in one
+        forward; others run them one after another. Each session gets the token
+        next_token would give it alone."""
+        if not steps:
+            return []
+        sessions = [s.session for s in steps]
+        positions = [s.pos for s in steps]
+        x: torch.Tensor = torch.tensor([s.token for s in steps], dtype=torch.long)  # [M]
+        last = self.stages[-1]
+        sample_there = hasattr(last, "forward_sample")
+        for i, stage in enumerate(self.stages[:-1] if sample_there else self.stages):
+            x = self._timed(i, len(steps), self._stage_batch, stage, sessions, x, positions)
+        if not sample_there:
+            return [s.sampler(x[r], s.context) for r, s in enumerate(steps)]
+
+        def sample_all() -> list[int]:
+            return [last.forward_sample(s.session, x[r:r + 1].unsqueeze(0), s.pos, s.sampler, s.context)
+                    for r, s in enumerate(steps)]
+
+        return self._timed(len(self.stages) - 1, len(steps), sample_all)
+
+    @staticmethod
+    def _stage_batch(stage: StageRunner, sessions: list[str], x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        batched = getattr(stage, "forward_batch", None)
+        if batched is not None:
+            return batched(sessions, x, positions)
+        rows = []
+        for r, (session, pos) in enumerate(zip(sessions, positions)):
+            one = x[r:r + 1].view(1, 1) if x.dim() == 1 else x[r:r + 1].unsqueeze(0)  # [1, 1] ids or [1, 1, D]
+            rows.append(stage.forward(session, one, pos).reshape(1, -1))
+        return torch.cat(rows)
 
     def drop(self, session: str) -> None:
         self._seen.pop(session, None)

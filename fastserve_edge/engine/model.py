@@ -229,3 +229,23 @@ class Stage(nn.Module):
         if not all_logits:
             h = h[:, -1]
         return self.head(self.norm(h))
+
+    def forward_batch(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+        """One new token for each of M sessions, session r at positions[r] of caches[r].
+        x: ids [M] (first stage) or hidden [M, D]. Returns hidden [M, D], or logits [M, vocab]
+        if last. Row r equals forward() of that token alone, bit for bit: with every block in
+        C the projections run as one M-row product (each weight read once per step, not once
+        per session); otherwise the sessions run one after another."""
+        M = x.shape[0]
+        assert M == len(caches) == len(positions) >= 1
+        if any(block.program is None for block in self.blocks):
+            rows = [self.forward(x[r:r + 1].unsqueeze(1), caches[r], positions[r]) for r in range(M)]
+            return torch.cat([row.reshape(1, -1) for row in rows])
+        h = self.embed(x.view(M, 1)).reshape(M, -1) if self.is_first else x.float()
+        h = h.contiguous().clone()  # updated in place; x may be the caller's
+        for layer, block in enumerate(self.blocks):
+            kv = [cache.layer(layer, pos + 1) for cache, pos in zip(caches, positions)]
+            block.program.batch(h, kv, positions, self.cos, self.sin)
+        if not self.is_last:
+            return h
+        return self.head(self.norm(h))

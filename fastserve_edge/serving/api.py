@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   messages, model, temperature, top_p, max_tokens, stop, seed, stream
     POST /v1/completions        prompt instead of messages
-    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text), /v1/status (JSON: sessions, stages)
 
 Behaviour worth knowing (where OpenAI leaves room):
 - Sampling: temperature and top_p from the request, else the [chat] settings; top_k, min_p
@@ -29,7 +29,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from aiohttp import web
@@ -64,7 +64,7 @@ class ServeConfig:
 
 
 CONFIG = web.AppKey("config", ServeConfig)
-PIPELINE = web.AppKey("pipeline", Pipeline)
+PIPELINE = web.AppKey("pipeline", object)  # engine.generate.Pipeline, or cluster.coordinator.ClusterPipeline
 TOKENIZER = web.AppKey("tokenizer", object)  # models.tokenizer.Tokenizer
 ENGINE_OPTIONS = web.AppKey("engine_options", dict)
 ENGINE = web.AppKey("engine", EngineLoop)
@@ -513,8 +513,46 @@ async def metrics(request: web.Request) -> web.Response:
     ]
     for name, help_text, value in gauges:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    lines += ["# HELP fastserve_decode_steps_total Batched decode forwards (every decoding session in one).",
+              "# TYPE fastserve_decode_steps_total counter", f"fastserve_decode_steps_total {m.decode_steps}",
+              "# HELP fastserve_decode_rows_total Session tokens those forwards carried (/ steps = mean batch).",
+              "# TYPE fastserve_decode_rows_total counter", f"fastserve_decode_rows_total {m.decode_rows}",
+              "# HELP fastserve_pipeline_resets_total Steps lost to a re-plan (a peer left); sessions re-prefilled.",
+              "# TYPE fastserve_pipeline_resets_total counter", f"fastserve_pipeline_resets_total {m.resets}"]
+    stages = engine.stage_report()
+    per_stage = [
+        ("fastserve_stage_seconds_total", "counter", "Wall time spent in each stage (a peer's includes its link).",
+         lambda r: f"{r.seconds:.6f}"),
+        ("fastserve_stage_tokens_total", "counter", "Tokens through each stage.", lambda r: r.tokens),
+        ("fastserve_stage_kv_bytes", "gauge", "KV the sessions hold on each stage.", lambda r: r.kv_bytes),
+        ("fastserve_stage_kv_budget_bytes", "gauge", "KV each stage may hold (--max-sessions full contexts).",
+         lambda r: r.kv_budget_bytes),
+    ]
+    for name, kind, help_text, value in per_stage:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{stage="{r.index}",layers="{r.start}-{r.end}",machine="{_label(r.machine)}"}} {value(r)}'
+                  for r in stages]
     return web.Response(body=("\n".join(lines) + "\n").encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+async def status(request: web.Request) -> web.Response:
+    """What `fastserve status --url` shows: the sessions and every stage, as JSON."""
+    app = request.app
+    engine, m = app[ENGINE], app[ENGINE].metrics
+    return web.json_response({
+        "model": app[CONFIG].model_id, "scheduler": engine.scheduler_name, "max_sessions": engine.max_sessions,
+        "ctx": engine.pipeline.ctx, "uptime_s": int(time.time()) - app[STARTED],
+        "tokens_generated": m.tokens_generated, "queue_length": engine.queue_length,
+        "active_sessions": engine.active_sessions, "kv_tokens": engine.kv_tokens,
+        "mean_decode_batch": m.decode_rows / m.decode_steps if m.decode_steps else 0.0,
+        "sessions": engine.session_report(),
+        "stages": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in engine.stage_report()],
+    })
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -554,6 +592,7 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/status", status)
     return app
 
 

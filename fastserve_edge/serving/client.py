@@ -156,31 +156,43 @@ class RemoteChat:
         return data[0]["id"]
 
     def _open(self, method: str, path: str, body: dict[str, Any] | None = None) -> HTTPResponse:
-        headers = {"Accept": "text/event-stream" if body and body.get("stream") else "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        return open_api(self.url, self.api_key, method, path, body, timeout=self.timeout)
+
+
+def server_status(url: str, api_key: str | None = None, *, timeout: float = 10.0) -> dict[str, Any]:
+    """A running serve's GET /v1/status: its sessions and its stages (`fastserve status --url`)."""
+    with open_api(base_url(url), api_key, "GET", "/v1/status", timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def open_api(url: str, api_key: str | None, method: str, path: str, body: dict[str, Any] | None = None, *,
+             timeout: float = TIMEOUT_S) -> HTTPResponse:
+    """One request to the server at `url`; its OpenAI error body becomes ServerError."""
+    headers = {"Accept": "text/event-stream" if body and body.get("stream") else "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        with err:
+            raw = err.read()
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as err:
-            with err:
-                raw = err.read()
-            try:
-                error = json.loads(raw)["error"]
-                message, code = error["message"], error.get("code")
-            except (ValueError, KeyError, TypeError):
-                message, code = raw.decode(errors="replace").strip()[:200] or err.reason, None
-            raise ServerError(f"{self.url} answered {err.code}: {message}", code) from None
-        except urllib.error.URLError as err:
-            why = err.reason.strerror if isinstance(err.reason, OSError) and err.reason.strerror else err.reason
-            raise FastServeError(f"no fastserve serve answers at {self.url} ({why}); "
-                                 "start it with `fastserve serve`, or check --url") from None
-        except (TimeoutError, ConnectionError) as err:
-            raise FastServeError(f"no fastserve serve answers at {self.url} ({err}); "
-                                 "start it with `fastserve serve`, or check --url") from None
+            error = json.loads(raw)["error"]
+            message, code = error["message"], error.get("code")
+        except (ValueError, KeyError, TypeError):
+            message, code = raw.decode(errors="replace").strip()[:200] or err.reason, None
+        raise ServerError(f"{url} answered {err.code}: {message}", code) from None
+    except urllib.error.URLError as err:
+        why = err.reason.strerror if isinstance(err.reason, OSError) and err.reason.strerror else err.reason
+        raise FastServeError(f"no fastserve serve answers at {url} ({why}); "
+                             "start it with `fastserve serve`, or check --url") from None
+    except (TimeoutError, ConnectionError) as err:
+        raise FastServeError(f"no fastserve serve answers at {url} ({err}); "
+                             "start it with `fastserve serve`, or check --url") from None
 
 
 def _events(response: HTTPResponse) -> Iterator[dict[str, Any]]:

@@ -6,12 +6,13 @@ of them in the worker, and hands every token to its request's queue:
 
     batch = sched.next_batch(now, max_batch=max_sessions, kv_budget_tokens=max_sessions * ctx)
     drop batch.evict; end batch.oversized ("length")
-    worker: for id in batch.run: one forward (prefill if id in batch.prefill, else one decode token)
+    worker: each id in batch.prefill: one prefill forward; all other ids: one batched decode forward
     sched.on_step(batch, now, step_seconds); deliver tokens; end finished / stopped sessions
 
-This slice runs the sessions of a step one after another (no batched forward yet, no
-pipelining over a cluster): a step costs the sum of its sessions' forwards, and the scheduler
-is told so. Each request is its own pipeline session (its own KV), dropped when it ends.
+Continuous batching: the decode steps of every session in a step run as ONE batched forward
+(Pipeline.next_tokens: each weight is read once per step, not once per session), and
+sessions join and leave between steps; prefills run one by one beside it. Each request is
+its own pipeline session (its own KV), dropped when it ends.
 
 Same arithmetic as `Pipeline.generate`: a fresh session prefills its whole prompt at position
 0, then feeds one token at a time, so greedy answers equal `fastserve chat`'s. A session whose
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastserve_edge.engine.generate import Pipeline
+from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset
+from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
 
@@ -73,11 +75,32 @@ class Histogram:
 @dataclass
 class EngineMetrics:
     tokens_generated: int = 0
+    decode_steps: int = 0     # batched decode forwards
+    decode_rows: int = 0      # session-tokens they carried (rows / steps = the mean batch)
+    resets: int = 0           # steps lost to a re-plan (a peer left); their sessions re-prefilled
     preemptions: int = 0      # a session that ran in one step and waits in the next (MLFQ)
     evictions: int = 0        # KV dropped under the KV budget; the session re-prefills later
     sessions_finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     per_token: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
+
+
+@dataclass(frozen=True)
+class StageReport:
+    index: int
+    start: int                # layers [start, end)
+    end: int
+    machine: str
+    seconds: float            # wall time spent in this stage's calls (for a peer: network included)
+    tokens: int               # tokens that went through it
+    calls: int
+    kv_bytes: int             # KV the sessions hold on it, by the scheduler's accounting
+    kv_budget_bytes: int      # what --max-sessions full contexts would hold on it
+    kv_allocated_bytes: int | None  # what its caches hold allocated (this machine only)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
 
 
 class EngineClosed(Exception):
@@ -201,6 +224,38 @@ class EngineLoop:
     def kv_tokens(self) -> int:
         return sum(self.sched.job(i).kv_tokens for i in self._sessions if i in self.sched)
 
+    def stage_report(self) -> list[StageReport]:
+        """Per stage of the pipeline: where it runs, the time spent in it, and its KV."""
+        cfg = self.pipeline.config
+        per_token_layer = kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim)
+        held, budget = self.kv_tokens, self.kv_budget_tokens
+        out = []
+        for i, (stage, meter) in enumerate(zip(self.pipeline.stages, self.pipeline.meters)):
+            layers = stage.end - stage.start
+            client = getattr(stage, "client", None)
+            allocated = stage.kv_bytes() if hasattr(stage, "kv_bytes") else None
+            out.append(StageReport(index=i, start=stage.start, end=stage.end,
+                                   machine=client.name if client is not None else "this machine",
+                                   seconds=meter.seconds, tokens=meter.tokens, calls=meter.calls,
+                                   kv_bytes=held * per_token_layer * layers,
+                                   kv_budget_bytes=budget * per_token_layer * layers,
+                                   kv_allocated_bytes=allocated))
+        return out
+
+    def session_report(self, now: float | None = None) -> list[dict]:
+        """The sessions the loop holds, highest priority first: for `fastserve status`."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for job in self.sched.jobs():
+            s = self._sessions.get(job.id)
+            if s is None:
+                continue
+            state = "running" if job.id in self._running else ("preempted" if job.kv_tokens else "queued")
+            out.append({"id": job.id[:12], "state": state, "prompt_tokens": job.prompt_tokens,
+                        "generated": len(s.answer), "max_tokens": s.max_tokens, "kv_tokens": job.kv_tokens,
+                        "level": job.level, "age_s": round(now - s.arrival, 3)})
+        return out
+
     # -- the loop ----------------------------------------------------------------------------
 
     def _finish(self, s: Session, event: Finished) -> None:
@@ -260,28 +315,58 @@ class EngineLoop:
             self.pipeline.drop(sid)
         self._drop_after_step.clear()
         now = time.monotonic()
+        if results is None:
+            self._reset()
+            return
         self._account(batch, results, now, now - started)
 
-    def _step(self, work: list[tuple[Session, bool]]) -> list[tuple[int | Exception, float, int]]:
-        """Worker thread: one token for each session. -> (token or error, seconds, tokens fed)."""
-        out: list[tuple[int | Exception, float, int]] = []
+    def _reset(self) -> None:
+        """The pipeline was rebuilt mid-step: no stage holds any session's KV now. The step's
+        tokens were never sent, so they are simply not delivered; every session re-prefills
+        its prompt and the answer so far on the new pipeline."""
+        self.metrics.resets += 1
+        self.sched.lost_kv([sid for sid in self._sessions if sid in self.sched])
+
+    def _step(self, work: list[tuple[Session, bool]]) -> list[tuple[int | Exception, float, int]] | None:
+        """Worker thread: one token for each session. -> (token or error, seconds, tokens fed),
+        or None when the pipeline was rebuilt during the step (PipelineReset).
+
+        Prefills run one by one (each is a many-row forward already); the decode steps of
+        all other sessions run as one batched forward (Pipeline.next_tokens)."""
+        out: dict[str, tuple[int | Exception, float, int]] = {}
+        decode: list[Session] = []
         for s, prefill in work:
+            if not prefill:
+                decode.append(s)
+                continue
             t0 = time.perf_counter()
             context = s.prompt + s.answer  # what the repetition penalty looks back over
             try:
-                if prefill:
-                    self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
-                    token = self.pipeline.next_token(s.id, context, 0, s.sampler, context)
-                    fed = len(context)
-                else:
-                    token = self.pipeline.next_token(s.id, [s.answer[-1]], len(context) - 1, s.sampler, context)
-                    fed = 1
+                self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
+                out[s.id] = (self.pipeline.next_token(s.id, context, 0, s.sampler, context),
+                             time.perf_counter() - t0, len(context))
+            except PipelineReset:
+                return None
             except Exception as err:  # a bug or an exhausted resource ends this request, not the server
-                log.exception("generation failed for session %s", s.id)
-                out.append((err, time.perf_counter() - t0, 0))
-                continue
-            out.append((token, time.perf_counter() - t0, fed))
-        return out
+                log.exception("prefill failed for session %s", s.id)
+                out[s.id] = (err, time.perf_counter() - t0, 0)
+        if decode:
+            t0 = time.perf_counter()
+            steps = [DecodeStep(s.id, s.answer[-1], len(s.prompt) + len(s.answer) - 1, s.sampler, s.prompt + s.answer)
+                     for s in decode]
+            try:
+                tokens: list[int | Exception] = list(self.pipeline.next_tokens(steps))
+            except PipelineReset:
+                return None
+            except Exception as err:
+                log.exception("batched decode step failed for %d session(s)", len(decode))
+                tokens = [err] * len(decode)
+            seconds = time.perf_counter() - t0
+            self.metrics.decode_steps += 1
+            self.metrics.decode_rows += len(decode)
+            for s, token in zip(decode, tokens):
+                out[s.id] = (token, seconds, 1)
+        return [out[s.id] for s, _ in work]
 
     def _account(self, batch: Batch, results: list, now: float, step_s: float) -> None:
         observe_prefill = getattr(self.sched, "observe_prefill", None)

@@ -11,6 +11,7 @@ The loop the serving layer runs:
     # forward for batch.run; end batch.oversized with finish_reason "length"
     finished = sched.on_step(batch, now, step_seconds)   # now: the step's end; -> reached max_tokens
     sched.remove(job_id)                                 # stop token, or the client went away
+    sched.lost_kv(job_ids)                               # the pipeline was rebuilt: they re-prefill
 
 KV accounting, in tokens (the same count on every stage, each stage holding its own layers).
 The step that produces a job's token g+1 feeds its context, `prompt_tokens + generated`
@@ -104,6 +105,7 @@ class Scheduler(Protocol):
     def next_batch(self, now: float, *, max_batch: int, kv_budget_tokens: int) -> Batch: ...
     def on_step(self, batch: Batch, now: float, step_seconds: float) -> tuple[str, ...]: ...
     def job(self, job_id: str) -> Job: ...
+    def lost_kv(self, job_ids: Iterable[str]) -> None: ...
     def __len__(self) -> int: ...
 
 
@@ -140,6 +142,12 @@ class _Base:
         job.waiting_since = now
         job.level, job.level_service = self._join_level(job), 0.0
         self._jobs[job.id] = job
+
+    def lost_kv(self, job_ids: Iterable[str]) -> None:
+        """The stages no longer hold these jobs' KV (the pipeline was rebuilt): their next
+        step is a re-prefill of everything they produced so far."""
+        for job_id in job_ids:
+            self._jobs[job_id].kv_tokens = 0
 
     def remove(self, job_id: str) -> None:
         """Forget a job (finished, or its client went away). Unknown ids are ignored: a

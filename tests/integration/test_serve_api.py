@@ -44,7 +44,8 @@ def model(smollm2_path) -> str:
 def running_server(model: str, *flags: str) -> Iterator[str]:
     """`fastserve serve` on a free loopback port; yields its base URL; SIGTERM must end it cleanly."""
     proc = subprocess.Popen(
-        [FASTSERVE, "serve", model, "--port", "0", "--api-key", KEY, "--ctx", CTX, "--threads", THREADS, *flags],
+        [FASTSERVE, "serve", model, "--port", "0", "--api-key", KEY, "--ctx", CTX, "--threads", THREADS,
+         *(() if "--token" in flags else ("--local-only",)), *flags],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # the one line on stdout: "serving NAME on http://HOST:PORT/v1"
@@ -190,9 +191,42 @@ EIGHT = QUESTIONS + ["What color is the sky?", "Name a large animal.", "What is 
 def test_eight_concurrent_streams_each_get_their_single_user_answer(server, client, model_id):
     """8 clients at once against --max-sessions 4: four run, four queue, all complete."""
     alone = [chat(client, model_id, q, max_tokens=24).choices[0].message.content for q in EIGHT]
+    before = metrics(server)
     assert asyncio.run(stream_all(server, model_id, EIGHT, 24)) == alone
     m = metrics(server)
     assert m["fastserve_active_sessions"] == 0 and m["fastserve_queue_length"] == 0
+    # continuous batching: decode steps carried several sessions each (one forward for all)
+    steps = m["fastserve_decode_steps_total"] - before["fastserve_decode_steps_total"]
+    rows = m["fastserve_decode_rows_total"] - before["fastserve_decode_rows_total"]
+    assert steps > 0 and rows / steps > 1.5, (steps, rows)
+
+
+def test_status_shows_sessions_and_per_stage_time(server, model_id):
+    """`fastserve status --url` while a stream runs: the session is listed, the stage has time."""
+    sock = _send(server, {"model": model_id, "stream": True, **LONG_ASK})
+    try:
+        seen = b""
+        while seen.count(b"data: ") < 2:
+            seen += sock.recv(65536)
+        result = subprocess.run([FASTSERVE, "status", "--url", server, "--api-key", KEY, "--json"], env=env(),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert [s["state"] for s in status["sessions"]] == ["running"]
+        assert status["sessions"][0]["generated"] >= 1
+        (stage,) = status["stages"]
+        assert stage["machine"] == "this machine" and stage["tokens"] > 0 and stage["seconds"] > 0
+        assert stage["kv_bytes"] > 0 and stage["kv_budget_bytes"] >= stage["kv_bytes"]
+        table = subprocess.run([FASTSERVE, "status", "--url", server, "--api-key", KEY], env=env(),
+                               capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0 and "tokens/s" in table.stdout and "running" in table.stdout, table.stdout
+    finally:
+        sock.close()
+    m = metrics(server)
+    assert m['fastserve_stage_seconds_total{stage="0",layers="0-30",machine="this machine"}'] > 0
+    wrong = subprocess.run([FASTSERVE, "status", "--url", server, "--api-key", "wrong"], env=env(),
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and "401" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_mlfq_with_fewer_slots_than_clients_queues_and_everyone_completes(model, client, model_id):

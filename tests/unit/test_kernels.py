@@ -219,3 +219,45 @@ def test_the_one_token_block_path_equals_the_torch_path(tmp_path):
                 # differ in a last bit, so compare as the engine tests do: relative to the logits' scale
                 assert (a - b).abs().max() <= 1e-4 * b.abs().max(), arch
                 assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("m", [2, 4, 7])
+def test_m_rows_at_once_give_the_bits_of_one_row_at_a_time(variant, m):
+    """The batched decode step relies on it: session r's row of an M-row product is the
+    product of its row alone, bit for bit, for every format (and for the odd last row)."""
+    k = kernels.load(variant)
+    parts = [raw_matrix(t, n, 256, seed=i)[0] for i, (t, n) in enumerate([("Q4_0", 5), ("Q4_1", 6), ("Q8_0", 4),
+                                                                          ("Q4_K", 3), ("Q6_K", 2)])]
+    tensors = [quant_tensor(p, k) for p in parts]
+    multi = k.multi([(q.fmt, q.group, q.blocks, q.shape[0]) for q in tensors], 256)
+    x = torch.randn(m, 256)
+    together = multi(x)
+    for r in range(m):
+        assert torch.equal(together[r], multi(x[r:r + 1])[0]), r
+
+
+def test_a_batched_decode_step_gives_each_session_its_own_step_bit_for_bit(tmp_path):
+    from fastserve_edge.engine.generate import local_stages
+    from fastserve_edge.models import open_model
+    from tests.models_fixtures import write_tiny_gguf
+
+    for arch in ("llama", "qwen2", "qwen3"):
+        source = open_model(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, tensor_type="Q4_0"))
+        (batched,) = local_stages(source, max_tokens=64)
+        (alone,) = local_stages(source, max_tokens=64)
+        (fallback,) = local_stages(source, max_tokens=64)  # no C block program: sessions one by one
+        for block in fallback.stage.blocks:
+            block.program = None
+        prompts = {"a": [1, 5, 9], "b": [2, 4, 6, 8, 10, 12], "c": [3]}  # different lengths: own positions
+        for stage in (batched, alone, fallback):
+            for sid, ids in prompts.items():
+                stage.forward(sid, torch.tensor([ids]), 0)
+        positions = [len(ids) for ids in prompts.values()]
+        for step, tokens in enumerate([[7, 3, 11], [13, 2, 5]]):
+            pos = [p + step for p in positions]
+            got = batched.forward_batch(list(prompts), torch.tensor(tokens), pos)
+            assert got.shape == (3, source.config.vocab_size)
+            for r, sid in enumerate(prompts):
+                assert torch.equal(got[r], alone.forward(sid, torch.tensor([[tokens[r]]]), pos[r])[0]), (arch, sid)
+            torch.testing.assert_close(fallback.forward_batch(list(prompts), torch.tensor(tokens), pos), got)

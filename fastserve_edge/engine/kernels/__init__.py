@@ -82,6 +82,10 @@ class Kernels:
         self.lib.fs_block_work_floats.restype = l
         self.lib.fs_block_one.argtypes = [p, p, p, p, i, i, p, p, p, i]
         self.lib.fs_block_one.restype = i
+        self.lib.fs_block_batch_work_floats.argtypes = [p, i, i]
+        self.lib.fs_block_batch_work_floats.restype = l
+        self.lib.fs_block_batch.argtypes = [p, i, p, p, p, p, p, p, p, p, i]
+        self.lib.fs_block_batch.restype = i
 
     # -- one-token glue (decode.c): x is one contiguous float32 row ----------------------------
     def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,6 +194,26 @@ class BlockProgram:
                                            torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fs_block_one failed ({rc}) at pos {pos}")
+
+
+    def batch(self, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int],
+              cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """x: [M, dim] contiguous float32, row r the newest token of a session whose cache is
+        caches[r] at positions[r]; updated in place. cos, sin: the stage's whole rope tables."""
+        m = x.shape[0]
+        assert x.is_contiguous() and x.dtype == torch.float32 and len(caches) == len(positions) == m
+        caps = [k.shape[1] for k, _ in caches]
+        need = self.kernels.lib.fs_block_batch_work_floats(ctypes.byref(self.spec), m, max(caps))
+        if self._work.numel() < need:
+            self._work = torch.empty(need)
+        pointers = ctypes.c_void_p * m
+        rc = self.kernels.lib.fs_block_batch(
+            ctypes.byref(self.spec), m, x.data_ptr(), pointers(*(k.data_ptr() for k, _ in caches)),
+            pointers(*(v.data_ptr() for _, v in caches)), (ctypes.c_int * m)(*caps), (ctypes.c_int * m)(*positions),
+            pointers(*(cos[p].data_ptr() for p in positions)), pointers(*(sin[p].data_ptr() for p in positions)),
+            self._work.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fs_block_batch failed ({rc}) for {m} sessions at positions {positions}")
 
 
 class MultiMatmul:

@@ -138,8 +138,8 @@ typedef struct {
     fs_mats qkv, wo, gate_up, down;
 } fs_block;
 
-static int run_mats(const fs_mats *m, const float *x, float *y, int nthreads) {
-    return fs_qmatmul_multi(m->count, m->fmts, m->groups, m->ws, m->strides, m->ns, m->k, x, 1, y, nthreads);
+static int run_mats(const fs_mats *m, const float *x, int rows, float *y, int nthreads) {
+    return fs_qmatmul_multi(m->count, m->fmts, m->groups, m->ws, m->strides, m->ns, m->k, x, rows, y, nthreads);
 }
 
 /* x [dim] in place: x += attn(norm(x)); x += ffn(norm(x)). kc, vc, cap, pos as fs_attend_one.
@@ -154,19 +154,62 @@ int fs_block_one(const fs_block *b, float *x, kv_t *kc, kv_t *vc, int cap, int p
     float *h = work, *qkv = h + b->dim, *heads = qkv + qkv_dim, *o = heads + q_dim;
     float *gu = o + b->dim, *act = gu + 2 * b->ffn, *scores = act + b->ffn;
     fs_rmsnorm(x, b->attn_norm, h, 1, b->dim, b->eps);
-    if (run_mats(&b->qkv, h, qkv, nthreads) != 0) return -2;
+    if (run_mats(&b->qkv, h, 1, qkv, nthreads) != 0) return -2;
     if (b->qkv_bias) for (int i = 0; i < qkv_dim; i++) qkv[i] += b->qkv_bias[i];
     if (b->q_norm) {  /* before rope, over each head of q and of k */
         fs_rmsnorm(qkv, b->q_norm, qkv, b->n_heads, b->hd, b->eps);
         fs_rmsnorm(qkv + q_dim, b->k_norm, qkv + q_dim, b->n_kv, b->hd, b->eps);
     }
     if (fs_attend_one(qkv, cos, sin, kc, vc, cap, pos, b->n_heads, b->n_kv, b->hd, heads, scores, nthreads) != 0) return -3;
-    if (run_mats(&b->wo, heads, o, nthreads) != 0) return -4;
+    if (run_mats(&b->wo, heads, 1, o, nthreads) != 0) return -4;
     for (int i = 0; i < b->dim; i++) x[i] += o[i];
     fs_rmsnorm(x, b->ffn_norm, h, 1, b->dim, b->eps);
-    if (run_mats(&b->gate_up, h, gu, nthreads) != 0) return -5;
+    if (run_mats(&b->gate_up, h, 1, gu, nthreads) != 0) return -5;
     fs_swiglu(gu, act, b->ffn);
-    if (run_mats(&b->down, act, o, nthreads) != 0) return -6;
+    if (run_mats(&b->down, act, 1, o, nthreads) != 0) return -6;
     for (int i = 0; i < b->dim; i++) x[i] += o[i];
+    return 0;
+}
+
+/* ---- one decoder block for one token of each of M sessions ------------------------------
+ * The serving loop's batched decode step: row r of x is session r's newest token, at
+ * position poss[r] of its own cache (kcs[r], vcs[r], caps[r] as fs_attend_one's; cos/sin
+ * rows at that position). The projections run as one M-row product, so each weight block is
+ * read and decoded once for all sessions; attention runs per session. Every row gets the
+ * operations fs_block_one gives it, in its order: the same bits as a step of its own.
+ * work: fs_block_batch_work_floats(b, M, largest cap) floats. */
+static long block_row_floats(const fs_block *b) {
+    return 2L * b->dim + (long)(2 * b->n_heads + 2 * b->n_kv) * b->hd + 3L * b->ffn;
+}
+
+long fs_block_batch_work_floats(const fs_block *b, int M, int max_cap) {
+    return M * block_row_floats(b) + (long)b->n_heads * max_cap;
+}
+
+int fs_block_batch(const fs_block *b, int M, float *x, kv_t *const *kcs, kv_t *const *vcs, const int *caps,
+                   const int *poss, const float *const *coss, const float *const *sins, float *work, int nthreads) {
+    if (M < 1) return -1;
+    const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd, D = b->dim, F = b->ffn;
+    float *h = work, *qkv = h + (size_t)M * D, *heads = qkv + (size_t)M * qkv_dim, *o = heads + (size_t)M * q_dim;
+    float *gu = o + (size_t)M * D, *act = gu + (size_t)M * 2 * F, *scores = act + (size_t)M * F;
+    fs_rmsnorm(x, b->attn_norm, h, M, D, b->eps);
+    if (run_mats(&b->qkv, h, M, qkv, nthreads) != 0) return -2;
+    for (int r = 0; r < M; r++) {
+        float *row = qkv + (size_t)r * qkv_dim;
+        if (b->qkv_bias) for (int i = 0; i < qkv_dim; i++) row[i] += b->qkv_bias[i];
+        if (b->q_norm) {
+            fs_rmsnorm(row, b->q_norm, row, b->n_heads, b->hd, b->eps);
+            fs_rmsnorm(row + q_dim, b->k_norm, row + q_dim, b->n_kv, b->hd, b->eps);
+        }
+        if (fs_attend_one(row, coss[r], sins[r], kcs[r], vcs[r], caps[r], poss[r], b->n_heads, b->n_kv, b->hd,
+                          heads + (size_t)r * q_dim, scores, nthreads) != 0) return -3;
+    }
+    if (run_mats(&b->wo, heads, M, o, nthreads) != 0) return -4;
+    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
+    fs_rmsnorm(x, b->ffn_norm, h, M, D, b->eps);
+    if (run_mats(&b->gate_up, h, M, gu, nthreads) != 0) return -5;
+    for (int r = 0; r < M; r++) fs_swiglu(gu + (size_t)r * 2 * F, act + (size_t)r * F, F);
+    if (run_mats(&b->down, act, M, o, nthreads) != 0) return -6;
+    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     return 0;
 }

@@ -286,35 +286,85 @@ static inline __m256i block32_dot(int fmt, const uint8_t *qs, __m256i x0, __m256
 }
 #endif
 
-/* Two weight rows of a 32-weight-block format (Q4_0, Q4_1, Q8) against one activation row:
- * each activation group is loaded once for both, and each row's sum stays in its own
- * register (no accumulator array on the stack). out[0], out[1] = row 0, row 1.
- * The rows are w0 and w0 + stride. */
-static void two_rows_dot(int fmt, const uint8_t *w0, long stride, int K, qrow a, float *out) {
-    const uint8_t *w1 = w0 + stride;
+static qrow row_of(qrow all, int m, int K) {
+    const int ng = K / 32;
+    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng };
+    return r;
+}
+
 #if defined(__AVX2__)
+/* The 32 weights at qs as two int16 vectors (weights 0..15, 16..31), as block32_dot reads them */
+static inline void block32_regs(int fmt, const uint8_t *qs, __m256i low4, __m256i eight, __m256i *lo, __m256i *hi) {
+    if (fmt == FMT_Q8) {
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)));
+        return;
+    }
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
+    *lo = _mm256_sub_epi16(_mm256_and_si256(v, low4), eight);
+    *hi = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
+}
+
+/* Two weight rows of a 32-weight-block format (Q4_0, Q4_1, Q8; rows w0 and w0 + stride)
+ * against N activation rows m0 .. m0 + N: each activation group is loaded once for both
+ * rows, each weight block decoded once for all N, and every sum stays in a register (N is a
+ * constant at every call). Each output takes the same operations in the same order for
+ * any N, so a batched decode step gives every session the bits a step of its own gives. */
+static inline __attribute__((always_inline)) void two_rows_dot_n(
+        int fmt, const uint8_t *w0, long stride, int K, qrow all, int m0, const int N, float *y, int total) {
+    const uint8_t *w1 = w0 + stride;
     const int bs = fmt == FMT_Q4_0 ? 18 : fmt == FMT_Q4_1 ? 20 : 34, at = fmt == FMT_Q4_1 ? 4 : 2;
     const __m256i low4 = _mm256_set1_epi16(0x0f), eight = _mm256_set1_epi16(fmt == FMT_Q4_0 ? 8 : 0);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float off0 = 0.f, off1 = 0.f;  /* Q4_1's m * sum(x) */
-    for (int g = 0; g < K / 32; g++) {
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32 + 16));
+    __m256 acc0[4], acc1[4];
+    float off0[4], off1[4];
+    for (int i = 0; i < N; i++) { acc0[i] = acc1[i] = _mm256_setzero_ps(); off0[i] = off1[i] = 0.f; }
+    const int groups = K / 32;
+    for (int g = 0; g < groups; g++) {
         const uint8_t *b0 = w0 + (size_t)g * bs, *b1 = w1 + (size_t)g * bs;
-        const __m256i p0 = block32_dot(fmt, b0 + at, x0, x1, low4, eight), p1 = block32_dot(fmt, b1 + at, x0, x1, low4, eight);
-        if (fmt == FMT_Q4_1) {
-            off0 += fp16_to_f32(*(const uint16_t *)(b0 + 2)) * a.s[g];
-            off1 += fp16_to_f32(*(const uint16_t *)(b1 + 2)) * a.s[g];
+        __m256i a0, a1, c0, c1;
+        block32_regs(fmt, b0 + at, low4, eight, &a0, &a1);
+        block32_regs(fmt, b1 + at, low4, eight, &c0, &c1);
+        const float d0 = fp16_to_f32(*(const uint16_t *)b0), d1 = fp16_to_f32(*(const uint16_t *)b1);
+        const float mn0 = fmt == FMT_Q4_1 ? fp16_to_f32(*(const uint16_t *)(b0 + 2)) : 0.f;
+        const float mn1 = fmt == FMT_Q4_1 ? fp16_to_f32(*(const uint16_t *)(b1 + 2)) : 0.f;
+        for (int i = 0; i < N; i++) {
+            const qrow a = row_of(all, m0 + i, K);
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(a.q + g * 32 + 16));
+            const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1));
+            const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(c0, x0), _mm256_madd_epi16(c1, x1));
+            if (fmt == FMT_Q4_1) {
+                off0[i] += mn0 * a.s[g];
+                off1[i] += mn1 * a.s[g];
+            }
+            const float ad = a.d[g];
+            acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d0 * ad), acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d1 * ad), acc1[i]);
         }
-        const float ad = a.d[g];
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_f32(*(const uint16_t *)b0) * ad), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_f32(*(const uint16_t *)b1) * ad), acc1);
     }
-    out[0] = facc_sum(acc0) + off0;
-    out[1] = facc_sum(acc1) + off1;
+    for (int i = 0; i < N; i++) {
+        y[(size_t)(m0 + i) * total] = facc_sum(acc0[i]) + off0[i];
+        y[(size_t)(m0 + i) * total + 1] = facc_sum(acc1[i]) + off1[i];
+    }
+}
+#endif
+
+/* Two weight rows (as two_rows_dot) against all M activation rows: y[m * total], y[m * total + 1]. */
+static void two_rows_dot_all(int fmt, const uint8_t *w0, long stride, int K, qrow all, int M, float *y, int total) {
+#if defined(__AVX2__)
+    int m = 0;
+    for (; m + 4 <= M; m += 4) two_rows_dot_n(fmt, w0, stride, K, all, m, 4, y, total);
+    switch (M - m) {
+        case 3: two_rows_dot_n(fmt, w0, stride, K, all, m, 3, y, total); break;
+        case 2: two_rows_dot_n(fmt, w0, stride, K, all, m, 2, y, total); break;
+        case 1: two_rows_dot_n(fmt, w0, stride, K, all, m, 1, y, total); break;
+        default: break;
+    }
 #else
-    out[0] = row_dot(fmt, w0, K, a);
-    out[1] = row_dot(fmt, w1, K, a);
+    for (int m = 0; m < M; m++) {
+        y[(size_t)m * total] = row_dot(fmt, w0, K, row_of(all, m, K));
+        y[(size_t)m * total + 1] = row_dot(fmt, w0 + stride, K, row_of(all, m, K));
+    }
 #endif
 }
 
@@ -328,12 +378,6 @@ static inline void prefetch(const uint8_t *p, long bytes) {
 #else
     (void)p; (void)bytes;
 #endif
-}
-
-static qrow row_of(qrow all, int m, int K) {
-    const int ng = K / 32;
-    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng };
-    return r;
 }
 
 /* Several matrices that read the same x (q/k/v, gate/up): x is quantized once and one
@@ -368,12 +412,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         const uint8_t *wrow = ws[j] + (size_t)(r - offs[j]) * strides[j];
         if (r + PREFETCH_ROWS + 1 < offs[j + 1]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
         if (r + 1 < offs[j + 1] && fmts[j] != FMT_Q4_K && fmts[j] != FMT_Q6_K) {  /* both rows in matrix j */
-            float two[2];
-            for (int m = 0; m < M; m++) {
-                two_rows_dot(fmts[j], wrow, strides[j], K, row_of(all, m, K), two);
-                y[(size_t)m * total + r] = two[0];
-                y[(size_t)m * total + r + 1] = two[1];
-            }
+            two_rows_dot_all(fmts[j], wrow, strides[j], K, all, M, y + r, total);
             continue;
         }
         for (int i = r; i < r + 2 && i < total; i++) {  /* a matrix's last odd row, the next one's first */
