@@ -98,16 +98,17 @@ def host_argv(model: Path, prompt: str, max_tokens: int, *, min_stages: int, max
                      "--max-memory", max_memory, "--peers", "2", "--wait", "30")
 
 
-_local: dict[tuple[str, int], str] = {}
+_local: dict[tuple, str] = {}
 
 
-def one_machine(model: Path, prompt: str, max_tokens: int, home: Path) -> str:
-    if (prompt, max_tokens) not in _local:
-        run = subprocess.run(chat_argv(model, prompt, max_tokens, "--local-only"), capture_output=True, text=True,
-                             env=env(home), timeout=300)
+def one_machine(model: Path, prompt: str, max_tokens: int, home: Path, *extra: str) -> str:
+    key = (prompt, max_tokens, *extra)
+    if key not in _local:
+        run = subprocess.run(chat_argv(model, prompt, max_tokens, "--local-only", *extra), capture_output=True,
+                             text=True, env=env(home), timeout=300)
         assert run.returncode == 0, run.stderr
-        _local[(prompt, max_tokens)] = run.stdout
-    return _local[(prompt, max_tokens)]
+        _local[key] = run.stdout
+    return _local[key]
 
 
 def transfers(stderr: str) -> dict[str, tuple[int, int]]:
@@ -212,3 +213,46 @@ def test_status_lists_the_machines_on_the_lan_and_which_are_ours(tmp_path, lan):
     assert f"{lan[0].ip}:{nodes[lan[0].ip]['port']}" == ours.address
     table = lan[2].run([FASTSERVE, "status", "--wait", "4"], env=env(home), check=False)
     assert table.returncode == 0 and "ours" in table.stdout and "other" in table.stdout
+
+
+SERVE_QUESTIONS = [STORY, "Write a long story about a cat who sails the sea.",
+                   "Describe a walk through a forest in autumn.", "Explain how bread is made, step by step."]
+SERVE_KEY = "serve-test-key"
+
+
+def test_serve_over_the_cluster_survives_a_peer_killed_while_four_clients_stream(smollm2_path, tmp_path, lan):
+    """`fastserve serve --token --peers 2`: four streaming clients at once; one peer is killed
+    mid-answer; the server re-plans on the two machines left and every answer completes,
+    equal to that question's greedy answer on one machine."""
+    expected = [one_machine(smollm2_path, q, 48, tmp_path / "single", "--repeat-penalty", "1.0")
+                for q in SERVE_QUESTIONS]
+    a, b = start_peers(lan, tmp_path, ROOMY)
+    host = lan[2]
+    server = host.popen([FASTSERVE, "serve", str(smollm2_path), "--host", "127.0.0.1", "--port", "0",
+                         "--api-key", SERVE_KEY, "--ctx", "256", "--max-sessions", "4", "--token", TOKEN,
+                         "--min-stages", "3", "--max-memory", ROOMY, "--peers", "2", "--wait", "30"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path / "host"))
+    err: list[str] = []
+    try:
+        line = server.stdout.readline()
+        threading.Thread(target=lambda: err.extend(server.stderr), daemon=True).start()
+        found = re.search(r"(http://\S+)/v1", line)
+        assert found, f"no URL from serve: {line!r}\n{''.join(err)}"
+        url = found.group(1)
+        clients = host.popen([sys.executable, str(Path(__file__).with_name("stream_clients.py")), url, SERVE_KEY,
+                              "48", *SERVE_QUESTIONS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env(tmp_path / "host"))
+        assert clients.stderr.readline().strip() == "streaming", clients.stderr.read()
+        b.proc.kill()
+        out, client_err = clients.communicate(timeout=300)
+        assert clients.returncode == 0, client_err
+        status = json.loads(host.run([FASTSERVE, "status", "--url", url, "--api-key", SERVE_KEY, "--json"],
+                                     env=env(tmp_path / "host")).stdout)
+    finally:
+        server.terminate()
+        server.wait(60)
+    log = "".join(err)
+    assert "stopped answering" in log and "re-planning" in log, log
+    assert json.loads(out) == [e.rstrip("\n") for e in expected]
+    assert len(status["stages"]) == 2 and status["sessions"] == []  # re-planned on two machines; all freed
+    assert all(stage["kv_bytes"] == 0 for stage in status["stages"])
