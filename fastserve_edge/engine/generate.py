@@ -6,8 +6,10 @@ the id travels back.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +21,9 @@ from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.models.tensors import ModelSource
+
+
+PIPELINE_THREADS = 32  # sessions whose rows go through the peers at once (>= any --max-sessions in use)
 
 
 class StageRunner(Protocol):
@@ -135,6 +140,8 @@ class Pipeline:
         self.stages = list(stages)
         self.ctx = ctx
         self.meters = [StageMeter() for _ in self.stages]
+        self._pool: ThreadPoolExecutor | None = None
+        self._meter_lock = threading.Lock()  # next_tokens' per-session rows through peers
         self._seen: dict[str, list[int]] = {}  # session -> tokens whose KV the stages hold
 
     def _timed(self, i: int, tokens: int, call, *args, **kwargs):
@@ -142,10 +149,11 @@ class Pipeline:
         try:
             return call(*args, **kwargs)
         finally:
-            m = self.meters[i]
-            m.seconds += time.perf_counter() - t0
-            m.tokens += tokens
-            m.calls += 1
+            with self._meter_lock:  # next_tokens' threads meter the peers' stages at once
+                m = self.meters[i]
+                m.seconds += time.perf_counter() - t0
+                m.tokens += tokens
+                m.calls += 1
 
     def forward(self, session: str, ids: Sequence[int], pos: int, *, all_logits: bool = False) -> torch.Tensor:
         x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
@@ -166,37 +174,40 @@ class Pipeline:
 
     def next_tokens(self, steps: Sequence[DecodeStep]) -> list[int]:
         """One decode token for each of several sessions that hold their KV: the serving
-        loop's batched step. Stages that take a batch (`forward_batch`) run all sessions in one
-        forward; others run them one after another. Each session gets the token
-        next_token would give it alone."""
+        loop's batched step. Each session gets the token next_token would give it alone.
+
+        The leading stages that take a batch (`forward_batch`: this machine's) run all
+        sessions in one forward. The stages after them (peers, one stream per session) get
+        every session's row at once, each on its own thread: while the last peer works on one
+        session the one before it already works on the next, so the machines of a pipeline
+        are busy together rather than in turn."""
         if not steps:
             return []
         sessions = [s.session for s in steps]
         positions = [s.pos for s in steps]
         x: torch.Tensor = torch.tensor([s.token for s in steps], dtype=torch.long)  # [M]
-        last = self.stages[-1]
-        sample_there = hasattr(last, "forward_sample")
-        for i, stage in enumerate(self.stages[:-1] if sample_there else self.stages):
-            x = self._timed(i, len(steps), self._stage_batch, stage, sessions, x, positions)
-        if not sample_there:
+        batched = 0
+        while batched < len(self.stages) and hasattr(self.stages[batched], "forward_batch"):
+            x = self._timed(batched, len(steps), self.stages[batched].forward_batch, sessions, x, positions)
+            batched += 1
+        if batched == len(self.stages):
             return [s.sampler(x[r], s.context) for r, s in enumerate(steps)]
+        rows = [x[r:r + 1].view(1, 1) if x.dim() == 1 else x[r:r + 1].unsqueeze(0) for r in range(len(steps))]
+        if len(steps) == 1:
+            return [self._rest(batched, steps[0], rows[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=PIPELINE_THREADS, thread_name_prefix="fastserve-pipeline")
+        return list(self._pool.map(lambda r: self._rest(batched, steps[r], rows[r]), range(len(steps))))
 
-        def sample_all() -> list[int]:
-            return [last.forward_sample(s.session, x[r:r + 1].unsqueeze(0), s.pos, s.sampler, s.context)
-                    for r, s in enumerate(steps)]
-
-        return self._timed(len(self.stages) - 1, len(steps), sample_all)
-
-    @staticmethod
-    def _stage_batch(stage: StageRunner, sessions: list[str], x: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        batched = getattr(stage, "forward_batch", None)
-        if batched is not None:
-            return batched(sessions, x, positions)
-        rows = []
-        for r, (session, pos) in enumerate(zip(sessions, positions)):
-            one = x[r:r + 1].view(1, 1) if x.dim() == 1 else x[r:r + 1].unsqueeze(0)  # [1, 1] ids or [1, 1, D]
-            rows.append(stage.forward(session, one, pos).reshape(1, -1))
-        return torch.cat(rows)
+    def _rest(self, first: int, step: DecodeStep, x: torch.Tensor) -> int:
+        """One session's row through stages first.. (one at a time), then its token."""
+        last = len(self.stages) - 1
+        for i in range(first, last):
+            x = self._timed(i, 1, self.stages[i].forward, step.session, x, step.pos)
+        stage = self.stages[last]
+        if hasattr(stage, "forward_sample"):
+            return self._timed(last, 1, stage.forward_sample, step.session, x, step.pos, step.sampler, step.context)
+        return step.sampler(self._timed(last, 1, stage.forward, step.session, x, step.pos).reshape(-1), step.context)
 
     def drop(self, session: str) -> None:
         self._seen.pop(session, None)
