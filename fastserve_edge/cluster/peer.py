@@ -195,9 +195,24 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str):
     context.abort(code, message)
 
 
+class _Pending:
+    """One Forward request waiting for the stage, and what it got."""
+
+    def __init__(self, req: peer_pb2.ForwardRequest):
+        self.req = req
+        self.reply: peer_pb2.ForwardReply | None = None
+        self.error: Exception | None = None  # WireError: the request was wrong; else a bug
+        self.done = False
+
+    def finish(self, *, reply: peer_pb2.ForwardReply | None = None, error: Exception | None = None) -> None:
+        self.reply, self.error, self.done = reply, error, True
+
+
 class PeerService(peer_pb2_grpc.PeerServicer):
     def __init__(self, node: PeerNode, provider: LayerProvider | None = None):
         self.node = node
+        self._pending: list[_Pending] = []  # Forward requests that wait for the stage (see _step)
+        self._pending_lock = threading.Lock()
         self.provider = provider or CacheProvider(node.cache)
 
     # Hello / Health ---------------------------------------------------------------------
@@ -310,43 +325,98 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     n._set_state(peer_pb2.PEER_STATE_READY)
 
     def _step(self, req: peer_pb2.ForwardRequest) -> peer_pb2.ForwardReply:
+        """One request of one stream. Steps of other streams that wait for the stage while it
+        computes are run together by whichever stream gets the stage first: the decode steps
+        among them as ONE batched forward (every session's row gets the bits of a step of its
+        own), so a host that sends many sessions' rows at once gets them back in one pass."""
+        item = _Pending(req)
+        with self._pending_lock:
+            self._pending.append(item)
+        with self.node.lock:
+            if not item.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    self._run(batch)
+                except Exception as err:  # a bug: every stream of the batch hears of it, not only this one
+                    for other in batch:
+                        if not other.done:
+                            other.finish(error=err)
+                    raise
+        if item.error is not None:
+            raise item.error
+        return item.reply
+
+    def _run(self, batch: list[_Pending]) -> None:
+        """Under the node lock: check every request, then one batched forward for the plain
+        decode steps and one forward each for the rest (prefills, all_logits)."""
         n = self.node
-        with n.lock:
-            h = n.holding
-            if h is None:
-                raise WireError("this peer holds no stage (it was restarted or re-planned): send LoadStage first")
-            if req.reset:
-                h.stage.drop(req.session)
-                n.sessions.pop(req.session, None)
-            session = n.sessions.get(req.session)
-            if session is None:
-                session = n.sessions[req.session] = Session()
-            if req.pos > len(session.tokens):  # we never saw the positions before this step
-                h.stage.drop(req.session)
-                del n.sessions[req.session]
-                return peer_pb2.ForwardReply(session=req.session, seq=req.seq, kv_lost=True)
-            x = unpack_hidden(req.hidden, max_elements=h.ctx * h.dim)
-            if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != h.dim or req.pos + x.shape[1] > h.ctx:
-                raise WireError(f"hidden states of shape {tuple(x.shape)} at position {req.pos} do not fit "
-                                f"this stage ([1, S, {h.dim}] within a context of {h.ctx})")
-            if req.sample and not h.has_head:
-                raise WireError("asked to sample, but this stage does not hold the head")
-            if n.state != peer_pb2.PEER_STATE_SERVING:
-                n._set_state(peer_pb2.PEER_STATE_SERVING)
-            started = time.perf_counter()
-            out = h.stage.forward(req.session, x, req.pos, all_logits=req.all_logits)
-            del session.tokens[req.pos:]
-            session.tokens.extend(req.tokens if req.tokens else [0] * x.shape[1])
-            if x.shape[1] == 1:
-                n._decode_steps.append(time.monotonic())
-            if req.sample:
-                if req.new_sampler or session.sampler is None:
-                    session.sampler = Sampler(sampling_from_pb(req.sampling))
-                token = session.sampler(out[0], session.tokens)
-                return peer_pb2.ForwardReply(session=req.session, seq=req.seq, token=token,
-                                             seconds=time.perf_counter() - started)
-            return peer_pb2.ForwardReply(session=req.session, seq=req.seq, hidden=pack_hidden(out),
-                                         seconds=time.perf_counter() - started)
+        decode: list[tuple[_Pending, torch.Tensor]] = []
+        for item in batch:
+            try:
+                x = self._admit(item.req)
+            except WireError as err:
+                item.finish(error=err)
+                continue
+            if x is None:
+                item.finish(reply=peer_pb2.ForwardReply(session=item.req.session, seq=item.req.seq, kv_lost=True))
+            elif x.shape[1] == 1 and not item.req.all_logits:
+                decode.append((item, x))
+            else:
+                started = time.perf_counter()
+                out = n.holding.stage.forward(item.req.session, x, item.req.pos, all_logits=item.req.all_logits)
+                item.finish(reply=self._reply(item.req, out, time.perf_counter() - started))
+        if not decode:
+            return
+        started = time.perf_counter()
+        sessions = [item.req.session for item, _ in decode]
+        rows = torch.cat([x.reshape(1, -1) for _, x in decode])
+        out = n.holding.stage.forward_batch(sessions, rows, [item.req.pos for item, _ in decode])
+        seconds = time.perf_counter() - started
+        for r, (item, _) in enumerate(decode):
+            n._decode_steps.append(time.monotonic())
+            item.finish(reply=self._reply(item.req, out[r:r + 1], seconds))
+
+    def _admit(self, req: peer_pb2.ForwardRequest) -> torch.Tensor | None:
+        """Check a request against the stage and the session; record the tokens it feeds.
+        -> its hidden states [1, S, D], or None when the session's KV is gone (kv_lost)."""
+        n = self.node
+        h = n.holding
+        if h is None:
+            raise WireError("this peer holds no stage (it was restarted or re-planned): send LoadStage first")
+        if req.reset:
+            h.stage.drop(req.session)
+            n.sessions.pop(req.session, None)
+        session = n.sessions.get(req.session)
+        if session is None:
+            session = n.sessions[req.session] = Session()
+        if req.pos > len(session.tokens):  # we never saw the positions before this step
+            h.stage.drop(req.session)
+            del n.sessions[req.session]
+            return None
+        x = unpack_hidden(req.hidden, max_elements=h.ctx * h.dim)
+        if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != h.dim or req.pos + x.shape[1] > h.ctx:
+            raise WireError(f"hidden states of shape {tuple(x.shape)} at position {req.pos} do not fit "
+                            f"this stage ([1, S, {h.dim}] within a context of {h.ctx})")
+        if req.sample and not h.has_head:
+            raise WireError("asked to sample, but this stage does not hold the head")
+        if n.state != peer_pb2.PEER_STATE_SERVING:
+            n._set_state(peer_pb2.PEER_STATE_SERVING)
+        del session.tokens[req.pos:]
+        session.tokens.extend(req.tokens if req.tokens else [0] * x.shape[1])
+        return x
+
+    def _reply(self, req: peer_pb2.ForwardRequest, out: torch.Tensor, seconds: float) -> peer_pb2.ForwardReply:
+        """out: this request's hidden [1, S, D] or logits ([1, V], [1, S, V])."""
+        if req.sample:
+            session = self.node.sessions[req.session]
+            if req.new_sampler or session.sampler is None:
+                session.sampler = Sampler(sampling_from_pb(req.sampling))
+            token = session.sampler(out.reshape(-1, out.shape[-1])[-1], session.tokens)
+            return peer_pb2.ForwardReply(session=req.session, seq=req.seq, token=token, seconds=seconds)
+        if out.dim() == 2 and not self.node.holding.has_head:
+            out = out.unsqueeze(1)  # a batched decode row [1, D] -> [1, 1, D], as forward gives it
+        return peer_pb2.ForwardReply(session=req.session, seq=req.seq, hidden=pack_hidden(out), seconds=seconds)
 
     def DropSession(self, request, context):
         n = self.node

@@ -48,17 +48,21 @@ class LocalStage:
         self.start, self.end = stage.start, stage.end
         self._caches: dict[str, KVCache] = {}
 
-    def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor:
+    def _cache(self, session: str) -> KVCache:
         cache = self._caches.get(session)
         if cache is None:
             cache = self._caches[session] = self.stage.new_cache()
+        return cache
+
+    def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor:
+        cache = self._cache(session)
         with torch.inference_mode():
             return self.stage(x, cache, pos, all_logits=all_logits)
 
     def forward_batch(self, sessions: Sequence[str], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
-        """One new token for each session (sessions[r] at positions[r]; they must hold their
-        earlier tokens' KV). x: ids [M] or hidden [M, D] -> hidden [M, D] or logits [M, vocab]."""
-        caches = [self._caches[s] for s in sessions]
+        """One new token for each session (sessions[r] at positions[r], after the tokens whose
+        KV it holds). x: ids [M] or hidden [M, D] -> hidden [M, D] or logits [M, vocab]."""
+        caches = [self._cache(s) for s in sessions]
         with torch.inference_mode():
             return self.stage.forward_batch(x, caches, list(positions))
 

@@ -79,3 +79,38 @@ def test_garbage_and_unknown_sessions_are_refused_and_the_peer_keeps_serving(clu
     assert 0 <= token < source.config.vocab_size
     assert client.health().sessions >= 1
     client.close()
+
+
+def test_many_sessions_at_once_are_batched_on_the_peer_and_each_gets_its_own_answer(cluster, monkeypatch):
+    """The serving loop's decode step sends every session's row to the peer at once; the peer
+    runs the rows that wait for it as one batched forward, and each session's tokens stay
+    those of a single machine."""
+    source, node, coordinator, _ = cluster
+    pipeline = coordinator.apply(coordinator.make_plan())
+    alone = Pipeline(source.config, local_stages(source, max_tokens=32), 32)
+    greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
+    prompts = {f"s{i}": [1 + i, 4, 9, 3 + 2 * i][: 2 + i % 3] for i in range(6)}
+    batch_sizes: list[int] = []
+    forward_batch = type(node.holding.stage).forward_batch
+
+    def counting(stage, sessions, x, positions):
+        batch_sizes.append(len(sessions))
+        return forward_batch(stage, sessions, x, positions)
+
+    monkeypatch.setattr(type(node.holding.stage), "forward_batch", counting)
+    from fastserve_edge.engine.generate import DecodeStep
+    want: dict[str, list[int]] = {}
+    got: dict[str, list[int]] = {}
+    last: dict[str, int] = {}
+    for sid, ids in prompts.items():
+        want[sid] = list(alone.generate(sid, ids, Sampler(greedy), max_tokens=8))
+        last[sid] = pipeline.next_token(sid, ids, 0, Sampler(greedy), ids)
+        got[sid] = [last[sid]]
+    samplers = {sid: Sampler(greedy) for sid in prompts}
+    for _ in range(7):
+        steps = [DecodeStep(sid, got[sid][-1], len(prompts[sid]) + len(got[sid]) - 1, samplers[sid],
+                            prompts[sid] + got[sid]) for sid in prompts]
+        for sid, token in zip(prompts, pipeline.next_tokens(steps)):
+            got[sid].append(token)
+    assert got == want
+    assert max(batch_sizes) > 1, batch_sizes  # rows that waited for the stage ran together
