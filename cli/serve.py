@@ -31,6 +31,8 @@ def command(
     api_key: Annotated[str | None, typer.Option(help="clients must send 'Authorization: Bearer KEY'",
                                                 envvar="FASTSERVE_API_KEY")] = None,
     max_sessions: Annotated[int, typer.Option(help="sessions that generate at the same time; others queue")] = 4,
+    kv_memory: Annotated[str | None, typer.Option(help="memory all sessions' KV may use on each machine, e.g. 2G "
+                                                       "(default: what is free there once the weights are in)")] = None,
     scheduler: Annotated[str, typer.Option(help=f"which waiting session runs next: {' | '.join(SCHEDULERS)}")] = "fcfs",
     ctx: Annotated[int | None, typer.Option(help="context length (default: the model's, capped at 4096)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
@@ -52,7 +54,7 @@ def command(
         cluster = None if local_only else ClusterFlags(token=token, peers=peers, wait=wait, min_stages=min_stages,
                                                        max_memory=max_memory, interface=interface,
                                                        static_peers=tuple(peer or ()), reprofile=reprofile)
-        serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions,
+        serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions, kv_memory=kv_memory,
               scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure, cluster=cluster)
 
 
@@ -71,7 +73,8 @@ class ClusterFlags:
 
 
 def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_sessions: int, scheduler: str,
-          ctx: int | None, threads: int | None, insecure: bool, cluster: ClusterFlags | None = None) -> None:
+          ctx: int | None, threads: int | None, insecure: bool, cluster: ClusterFlags | None = None,
+          kv_memory: str | None = None) -> None:
     from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
 
     # every check that needs no model first: a refusal must not wait for a model load
@@ -81,6 +84,12 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
     if max_sessions < 1:
         raise ConfigError(f"--max-sessions must be at least 1, got {max_sessions}")
     make_scheduler(scheduler)
+    from fastserve_edge.cluster.profile import parse_size, read_memory
+
+    try:
+        kv_cap = parse_size(kv_memory) if kv_memory is not None else None
+    except ConfigError as err:
+        raise ConfigError(f"--kv-memory: {err}") from None
     scheduler = scheduler.strip().lower()
 
     from fastserve_edge.engine.local import load_local_model, set_threads
@@ -107,8 +116,9 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
         d = settings.chat
         config = ServeConfig(model_id=resolved.name, api_key=api_key, temperature=d.temperature, top_p=d.top_p,
                              top_k=d.top_k, min_p=d.min_p, max_tokens=d.max_tokens)
-        app = create_app(pipeline, tokenizer, config, max_sessions=max_sessions,
-                         scheduler=scheduler, threads=n_threads)
+        app = create_app(pipeline, tokenizer, config, max_sessions=max_sessions, scheduler=scheduler,
+                         threads=n_threads, kv_room=kv_room(pipeline, local=cluster is None, cap=kv_cap,
+                                                            free_now=read_memory()[0]))
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             asyncio.run(_run(app, host, port, resolved.name, pipeline.ctx, max_sessions, scheduler))
@@ -117,6 +127,31 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
     finally:
         if coordinator is not None:
             coordinator.close()
+
+
+def kv_room(pipeline, *, local: bool, cap: int | None, free_now: int):
+    """What bounds the KV of all sessions, in tokens: on this machine alone, the memory free
+    once the weights are in (or --kv-memory); over a cluster, the tightest stage of the plan
+    (asked again after a re-plan), and --kv-memory on every machine."""
+    from fastserve_edge.engine.kv_cache import kv_bytes_per_token
+
+    cfg = pipeline.config
+    per_layer = kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim)
+
+    def cap_tokens() -> int | None:
+        widest = max((s.end - s.start for s in pipeline.stages), default=0) or 1
+        return None if cap is None else cap // (per_layer * widest)
+
+    if local:
+        room = (cap if cap is not None else free_now) // (per_layer * cfg.n_layers)
+        return lambda: room
+
+    def room() -> int:
+        tokens = pipeline.kv_room_tokens()
+        limit = cap_tokens()
+        return tokens if limit is None else min(tokens, limit)
+
+    return room
 
 
 async def _run(app, host: str, port: int, name: str, n_ctx: int, max_sessions: int, scheduler: str) -> None:

@@ -323,6 +323,14 @@ class ClusterPipeline:
         pipeline = self.coordinator.pipeline
         return pipeline.meters if pipeline is not None else []
 
+    def kv_room_tokens(self) -> int:
+        """KV tokens every stage of the current plan has room for (planner.kv_room_tokens)."""
+        plan = self.coordinator.plan
+        if plan is None:
+            return self.ctx
+        cfg = self.coordinator.config
+        return planner.kv_room_tokens(plan, kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim), self.ctx)
+
     def _current(self) -> Pipeline:
         if self.coordinator.pipeline is None:
             try:

@@ -450,3 +450,18 @@ def _fits_with_newcomer(host: Machine, peers: Sequence[Machine], usable: int, co
     offered = math.ceil((usable + cost.margin_bytes) / (1 - cost.margin)) + 1
     newcomer = Machine("\uffff", "newcomer", "", offered, 1e-6, 1e-6, 1e-6)
     return _best(host, [*peers, newcomer], cost, 1, exhaustive=False) is not None
+
+
+def kv_room_tokens(plan: Plan, kv_bytes_per_token: int, ctx: int) -> int:
+    """Tokens of KV that every stage of `plan` can hold for all sessions together: what its
+    machine offers, less the stage's weights (a stage's memory_bytes counts one context of
+    KV; that is given back here), over its layers' KV bytes per token. The serving loop bounds
+    the KV of all its sessions by this."""
+    rooms = []
+    for s in plan.stages:
+        if s.n_layers == 0:
+            continue
+        per_token = kv_bytes_per_token * s.n_layers
+        free = s.machine.memory_bytes - s.memory_bytes + per_token * ctx
+        rooms.append(max(0, free) // per_token)
+    return min(rooms) if rooms else ctx * 1024  # no layer anywhere: the host embeds only

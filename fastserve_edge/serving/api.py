@@ -509,6 +509,8 @@ async def metrics(request: web.Request) -> web.Response:
         ("fastserve_queue_length", "Sessions waiting (not in the current step).", engine.queue_length),
         ("fastserve_active_sessions", "Sessions whose KV cache is held.", engine.active_sessions),
         ("fastserve_kv_tokens", "Tokens of KV held by all sessions.", engine.kv_tokens),
+        ("fastserve_kv_budget_tokens", "Tokens of KV all sessions may hold (memory, --kv-memory, --max-sessions).",
+         engine.kv_budget_tokens),
         ("fastserve_max_sessions", "Sessions that may take a step together (--max-sessions).", engine.max_sessions),
     ]
     for name, help_text, value in gauges:
@@ -573,7 +575,8 @@ async def _end_sessions(app: web.Application) -> None:
 
 
 def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessions: int = 4,
-               scheduler: str = "fcfs", threads: int | None = None) -> web.Application:
+               scheduler: str = "fcfs", threads: int | None = None,
+               kv_room: Callable[[], int] | None = None) -> web.Application:
     """The API over a loaded model. The engine loop starts and stops with the app (cleanup_ctx).
     Run it with handler_cancellation=True (as `fastserve serve` does) so that a client leaving
     a non-streaming request also cancels its generation; streams notice on their next write."""
@@ -581,7 +584,8 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app[CONFIG] = config
     app[PIPELINE] = pipeline
     app[TOKENIZER] = tokenizer
-    app[ENGINE_OPTIONS] = {"max_sessions": max_sessions, "scheduler": scheduler, "threads": threads}
+    app[ENGINE_OPTIONS] = {"max_sessions": max_sessions, "scheduler": scheduler, "threads": threads,
+                           "kv_room": kv_room}
     app[REQUESTS] = Counter()
     app[STARTED] = int(time.time())
     app.cleanup_ctx.append(_engine_ctx)

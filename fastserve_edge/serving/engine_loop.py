@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 # seconds; TTFT spans a queued wait plus a prefill, per-token a CPU decode step of a small model
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+KV_GROWTH = 2  # kv_cache.KVCache doubles its capacity as a session grows
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -143,12 +144,15 @@ class EngineLoop:
     running event loop, stop with `await close()` (the aiohttp cleanup_ctx does both)."""
 
     def __init__(self, pipeline: Pipeline, *, max_sessions: int = 4, scheduler: str = "fcfs",
-                 threads: int | None = None):
+                 threads: int | None = None, kv_room: Callable[[], int] | None = None):
+        """kv_room: KV tokens the stages have memory for (asked before every step: a re-plan
+        may change it); the budget is the smaller of that and max_sessions full contexts."""
         self.pipeline = pipeline
         self.max_sessions = max_sessions
         self.scheduler_name = scheduler
         self.sched: Scheduler = make_scheduler(scheduler)
-        self.kv_budget_tokens = max_sessions * pipeline.ctx  # what max_sessions full contexts hold
+        self._kv_room = kv_room
+        self.kv_budget_tokens = self._budget()
         self.metrics = EngineMetrics()
         self._threads = threads
         self._sessions: dict[str, Session] = {}
@@ -159,6 +163,13 @@ class EngineLoop:
         self._drop_after_step: list[str] = []
         self._task: asyncio.Task | None = None
         self._worker: ThreadPoolExecutor | None = None
+
+    def _budget(self) -> int:
+        full = self.max_sessions * self.pipeline.ctx  # what max_sessions full contexts hold
+        if self._kv_room is None:
+            return full
+        # a cache grows by doubling: what it allocates may be twice what it holds
+        return max(self.pipeline.ctx, min(full, self._kv_room() // KV_GROWTH))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -291,6 +302,7 @@ class EngineLoop:
 
     async def _one_step(self) -> None:
         loop = asyncio.get_running_loop()
+        self.kv_budget_tokens = self._budget()
         batch = self.sched.next_batch(time.monotonic(), max_batch=self.max_sessions,
                                       kv_budget_tokens=self.kv_budget_tokens)
         self.metrics.preemptions += len(batch.preempt)

@@ -201,6 +201,31 @@ def test_eight_concurrent_streams_each_get_their_single_user_answer(server, clie
     assert steps > 0 and rows / steps > 1.5, (steps, rows)
 
 
+def test_kv_memory_bounds_the_sessions_and_the_rest_queue(model, client, model_id):
+    """--kv-memory with room for about one context: four clients at once never hold more KV
+    than that; they take turns (queue), and every answer is still its single-user answer."""
+    alone = [chat(client, model_id, q, max_tokens=24).choices[0].message.content for q in QUESTIONS]
+    with running_server(model, "--max-sessions", "4", "--kv-memory", "24M") as url:
+        budget = metrics(url)["fastserve_kv_budget_tokens"]
+        assert int(CTX) <= budget < 2 * int(CTX)  # 24 MB over 23 KB per token, halved for the caches' doubling
+        peak_kv = peak_queue = 0.0
+
+        async def run() -> list[str]:
+            nonlocal peak_kv, peak_queue
+            task = asyncio.ensure_future(stream_all(url, model_id, QUESTIONS, 24))
+            while not task.done():
+                m = await asyncio.to_thread(metrics, url)
+                peak_kv, peak_queue = max(peak_kv, m["fastserve_kv_tokens"]), max(peak_queue, m["fastserve_queue_length"])
+                await asyncio.sleep(0.01)
+            return await task
+
+        assert asyncio.run(run()) == alone
+        assert 0 < peak_kv <= budget and peak_queue >= 1
+    bad = subprocess.run([FASTSERVE, "serve", "--local-only", "--kv-memory", "0"], env=env(), capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "--kv-memory" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_status_shows_sessions_and_per_stage_time(server, model_id):
     """`fastserve status --url` while a stream runs: the session is listed, the stage has time."""
     sock = _send(server, {"model": model_id, "stream": True, **LONG_ASK})

@@ -483,3 +483,17 @@ def test_bad_input_is_a_bug_not_a_plan_error():
                                      (int(1.25 * GiB), "1.2 GiB"), (-2 * GiB, "-2.0 GiB")])
 def test_describe_bytes(n, text):
     assert describe_bytes(n) == text
+
+
+def test_kv_room_is_the_tightest_stage_s_free_memory_over_its_kv_per_token():
+    md = shape(n=4, layer=100 * MiB, kv=4096, ctx=1000)
+    big, small = host(mem=8 * GiB), peer("b", mem=800 * MiB)
+    p = Plan(stages=(planner.Stage(big, 0, 2, memory_bytes=1 * GiB, est_ms=1.0),
+                     planner.Stage(small, 2, 4, memory_bytes=500 * MiB, est_ms=1.0)),
+             est_ms_per_token=2.0, decisions=())
+    # the small peer: 800 MiB - 500 MiB + one context of KV given back, over 2 layers x 4096 B per token
+    expected = (300 * MiB + 2 * 4096 * 1000) // (2 * 4096)
+    assert planner.kv_room_tokens(p, 4096, 1000) == expected
+    embed_only = Plan(stages=(planner.Stage(big, 0, 0, memory_bytes=GiB, est_ms=0.0),), est_ms_per_token=0.0,
+                      decisions=())
+    assert planner.kv_room_tokens(embed_only, 4096, 1000) >= 1000
