@@ -403,7 +403,8 @@ class EngineLoop:
             s.answer.append(token)
             self.metrics.tokens_generated += 1
             s.events.put_nowait(Token(token))
-        reached = set(self.sched.on_step(batch, now, step_s))
+        charged = {sid: seconds for sid, (_, seconds, _) in zip(batch.run, results)}  # its prefill, or the shared decode
+        reached = set(self.sched.on_step(batch, now, step_s, charged))
         for s, event in ended:
             self._finish(s, event)
         for sid in reached:

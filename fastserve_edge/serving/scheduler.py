@@ -31,9 +31,9 @@ Two policies share that accounting:
   Distributed Inference Serving for Large Language Models"). K queues, quantum
   q_i = base_quantum_s * 2**i. A new job joins the highest queue whose quantum covers its
   estimated prefill time (prompt_tokens * prefill_s_per_token), so a long prompt does not
-  spend its first quanta only to be demoted. Each step time a job takes part in counts
-  against its queue's quantum (a batched step costs every member the whole step); using it
-  up demotes the job one queue. Every step picks the highest-priority jobs afresh
+  spend its first quanta only to be demoted. The time of its own part of each step counts
+  against its queue's quantum (its prefill, or the batched decode forward every decoding
+  member shares); using it up demotes the job one queue. Every step picks the highest-priority jobs afresh
   (preemption at token granularity); within a queue, earliest arrival first. A job that
   has waited longer than `starvation_s` since it last ran goes back to the top queue.
   Preempted jobs keep their KV while the budget allows; a job that needs room takes it
@@ -49,7 +49,7 @@ with no new arrivals every job finishes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,7 +103,8 @@ class Scheduler(Protocol):
     def add(self, job: Job, now: float) -> None: ...
     def remove(self, job_id: str) -> None: ...
     def next_batch(self, now: float, *, max_batch: int, kv_budget_tokens: int) -> Batch: ...
-    def on_step(self, batch: Batch, now: float, step_seconds: float) -> tuple[str, ...]: ...
+    def on_step(self, batch: Batch, now: float, step_seconds: float,
+                job_seconds: Mapping[str, float] | None = None) -> tuple[str, ...]: ...
     def job(self, job_id: str) -> Job: ...
     def lost_kv(self, job_ids: Iterable[str]) -> None: ...
     def __len__(self) -> int: ...
@@ -220,21 +221,26 @@ class _Base:
             kv_tokens=held,
         )
 
-    def on_step(self, batch: Batch, now: float, step_seconds: float) -> tuple[str, ...]:
+    def on_step(self, batch: Batch, now: float, step_seconds: float,
+                job_seconds: Mapping[str, float] | None = None) -> tuple[str, ...]:
         """Account the step `batch` describes, which ended at `now` and took `step_seconds`.
-        Each job in it produced one token. Returns the jobs that reached max_tokens; they
-        are removed. Jobs removed since next_batch are skipped."""
-        if step_seconds < 0:
-            raise ValueError(f"scheduler: step_seconds {step_seconds} < 0")
+        Each job in it produced one token and is charged its own part of the step,
+        `job_seconds[id]` (its prefill, or the batched decode forward it shared), or the whole
+        step where that is not given: a short chat that decodes beside another's long prefill
+        is not charged that prefill. Returns the jobs that reached max_tokens; they are
+        removed. Jobs removed since next_batch are skipped."""
+        if step_seconds < 0 or (job_seconds is not None and any(v < 0 for v in job_seconds.values())):
+            raise ValueError(f"scheduler: step_seconds {step_seconds} (and every job's seconds) must be >= 0")
         finished = []
         for job_id in batch.run:
             j = self._jobs.get(job_id)
             if j is None:
                 continue
+            charged = job_seconds.get(job_id, step_seconds) if job_seconds is not None else step_seconds
             j.kv_tokens = j.context
             j.generated += 1
-            j.service += step_seconds
-            j.level_service += step_seconds
+            j.service += charged
+            j.level_service += charged
             j.waiting_since = now
             self._after_step(j)
             if j.generated >= j.max_tokens:
@@ -275,9 +281,14 @@ class MLFQ(_Base):
     def __init__(
         self,
         *,
-        levels: int = 6,                   # quanta base .. base * 32: a 0.25 s base reaches 8 s
-        base_quantum_s: float = 0.25,      # a few decode steps of a CPU pipeline
-        starvation_s: float = 10.0,        # no one waits longer than this for a token (plus one step)
+        # Defaults from a simulated sweep (bench/serve.py's mix: 70% short chats, 30% long answers
+        # with long prompts; a SmolLM2-sized step cost, batches of 1-4): skip-join then puts long
+        # prompts into the last queue and short chats three queues above it, which is where the
+        # gain comes from; a 0.25 s base or 8+ queues let demoted short chats sink to the long
+        # answers' queues, and a 10 s starvation limit brought old long answers back on top.
+        levels: int = 6,                   # quanta base .. base * 16, then the last queue
+        base_quantum_s: float = 0.05,      # about three decode steps of a small model on a CPU
+        starvation_s: float = 30.0,        # no one waits longer than this for a token (plus one step)
         prefill_s_per_token: float = 2e-3, # a first guess for a small model on a CPU; measure it
     ) -> None:
         if levels < 1 or not base_quantum_s > 0 or not starvation_s > 0 or not prefill_s_per_token >= 0:

@@ -155,6 +155,22 @@ def test_demotion_after_quantum_is_used_up():
     assert s.job("a").level == 2 and s.job("a").generated == 28
 
 
+def test_each_job_is_charged_its_own_part_of_a_step():
+    """A chat that decodes in the same step as another request's long prefill is charged the
+    batched decode forward it took part in, not the prefill: it keeps its queue."""
+    s = MLFQ(levels=3, base_quantum_s=0.1, starvation_s=100, prefill_s_per_token=1e-4)
+    s.add(Job("chat", 0.0, 4, 100), 0.0)
+    step(s, 0.0, 0.02)  # its prefill
+    s.add(Job("essay", 0.0, 400, 100), 0.02)
+    batch = s.next_batch(0.02, max_batch=4, kv_budget_tokens=10_000)
+    assert set(batch.run) == {"chat", "essay"} and batch.prefill == ("essay",)
+    s.on_step(batch, 1.02, 1.0, {"essay": 0.98, "chat": 0.02})
+    assert (s.job("chat").level, s.job("chat").service) == (0, 0.04)
+    assert s.job("essay").service == 0.98
+    with pytest.raises(ValueError):
+        s.on_step(batch, 1.1, 0.1, {"chat": -1.0})
+
+
 def test_new_short_job_preempts_long_running_job_next_step():
     s = MLFQ(levels=4, base_quantum_s=0.1, starvation_s=100)
     s.add(Job("long", 0.0, 10, 1000), 0.0)
