@@ -817,10 +817,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def unavailable() -> str | None:
+def unavailable(what: str = "this benchmark", command: str = "") -> str | None:
+    """Why the namespace LAN cannot be built here (None: it can). `command`: how to run again."""
     if os.geteuid() != 0:
-        return ("this benchmark builds a LAN of network namespaces (ip netns, veth, a bridge, tc): it needs root. "
-                f"Run it as root, e.g. `sudo {sys.executable} {Path(__file__).relative_to(REPO)}`")
+        command = command or f"{sys.executable} {Path(__file__).relative_to(REPO)}"
+        return (f"{what} builds a LAN of network namespaces (ip netns, veth, a bridge, tc): it needs root. "
+                f"Run it as root, e.g. `sudo {command}`")
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         return f"{' and '.join(missing)} (iproute2) not found: install iproute2"

@@ -84,6 +84,7 @@ from bench.cluster import (  # noqa: E402  (stdlib-only helpers of the cluster b
     child_env,
     start_peer,
     stop_peer,
+    unavailable,
 )
 from bench.vs_llamacpp import (  # noqa: E402
     NOISE_SHARE,
@@ -713,17 +714,7 @@ def report_only(args: argparse.Namespace) -> int:
 
 
 def cluster_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return ("--cluster builds a LAN of network namespaces (ip netns, veth, a bridge, tc): it needs root. "
-                f"Run it as root, e.g. `sudo {sys.executable} {Path(__file__).relative_to(REPO)} --cluster`")
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
-        return f"{' and '.join(missing)} (iproute2) not found: install iproute2"
-    try:
-        import pytest  # noqa: F401  (tests/netns.py is written for the test suite and imports it)
-    except ImportError:
-        return f"tests/netns.py needs pytest in this Python ({sys.executable}); use the project's dev environment"
-    return None
+    return unavailable("--cluster", f"{sys.executable} {Path(__file__).relative_to(REPO)} --cluster")
 
 
 def cluster_serve_extra(token: str) -> list[str]:

@@ -76,6 +76,7 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
           ctx: int | None, threads: int | None, insecure: bool, cluster: ClusterFlags | None = None,
           kv_memory: str | None = None) -> None:
     from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
+    from fastserve_edge.serving.engine_loop import kv_room
 
     # every check that needs no model first: a refusal must not wait for a model load
     check_exposure(host, api_key, insecure)
@@ -127,31 +128,6 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
     finally:
         if coordinator is not None:
             coordinator.close()
-
-
-def kv_room(pipeline, *, local: bool, cap: int | None, free_now: int):
-    """What bounds the KV of all sessions, in tokens: on this machine alone, the memory free
-    once the weights are in (or --kv-memory); over a cluster, the tightest stage of the plan
-    (asked again after a re-plan), and --kv-memory on every machine."""
-    from fastserve_edge.engine.kv_cache import kv_bytes_per_token
-
-    cfg = pipeline.config
-    per_layer = kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim)
-
-    def cap_tokens() -> int | None:
-        widest = max((s.end - s.start for s in pipeline.stages), default=0) or 1
-        return None if cap is None else cap // (per_layer * widest)
-
-    if local:
-        room = (cap if cap is not None else free_now) // (per_layer * cfg.n_layers)
-        return lambda: room
-
-    def room() -> int:
-        tokens = pipeline.kv_room_tokens()
-        limit = cap_tokens()
-        return tokens if limit is None else min(tokens, limit)
-
-    return room
 
 
 async def _run(app, host: str, port: int, name: str, n_ctx: int, max_sessions: int, scheduler: str) -> None:

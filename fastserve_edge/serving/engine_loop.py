@@ -411,3 +411,26 @@ class EngineLoop:
             s = self._sessions.get(sid)
             if s is not None and not s.done:
                 self._finish(s, Finished("length"))
+
+
+def kv_room(pipeline: Pipeline, *, local: bool, cap: int | None, free_now: int) -> Callable[[], int]:
+    """What bounds the KV of all sessions, in tokens: on this machine alone, the memory free
+    once the weights are in (or --kv-memory); over a cluster, the tightest stage of the plan
+    (asked again after a re-plan), and --kv-memory on every machine."""
+    cfg = pipeline.config
+    per_layer = kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim)
+
+    def cap_tokens() -> int | None:
+        widest = max((s.end - s.start for s in pipeline.stages), default=0) or 1
+        return None if cap is None else cap // (per_layer * widest)
+
+    if local:
+        room = (cap if cap is not None else free_now) // (per_layer * cfg.n_layers)
+        return lambda: room
+
+    def room() -> int:
+        tokens = pipeline.kv_room_tokens()
+        limit = cap_tokens()
+        return tokens if limit is None else min(tokens, limit)
+
+    return room
