@@ -254,6 +254,7 @@ class Coordinator:
 
     def close_pipeline(self) -> None:
         if self.pipeline is not None:
+            self.pipeline.close()
             for stage in self.pipeline.stages:
                 if isinstance(stage, RemoteStage):
                     stage.close()

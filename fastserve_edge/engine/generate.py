@@ -213,6 +213,12 @@ class Pipeline:
             return self._timed(last, 1, stage.forward_sample, step.session, x, step.pos, step.sampler, step.context)
         return step.sampler(self._timed(last, 1, stage.forward, step.session, x, step.pos).reshape(-1), step.context)
 
+    def close(self) -> None:
+        """Stop next_tokens' threads (the stages themselves are their owner's to close)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
     def drop(self, session: str) -> None:
         self._seen.pop(session, None)
         for stage in self.stages:
