@@ -4,10 +4,12 @@ Requests live on the asyncio side; the model computes in ONE worker thread (torc
 asks the scheduler (scheduler.py) which sessions take the next step, runs one token for each
 of them in the worker, and hands every token to its request's queue:
 
-    batch = sched.next_batch(now, max_batch=max_sessions, kv_budget_tokens=max_sessions * ctx)
+    budget = min(max_sessions * ctx, KV room of the tightest stage / 2)   # see kv_room()
+    batch = sched.next_batch(now, max_batch=max_sessions, kv_budget_tokens=budget)
     drop batch.evict; end batch.oversized ("length")
     worker: each id in batch.prefill: one prefill forward; all other ids: one batched decode forward
-    sched.on_step(batch, now, step_seconds); deliver tokens; end finished / stopped sessions
+    sched.on_step(batch, now, step_seconds, each job's seconds); deliver tokens; end finished ones
+    a PipelineReset (a peer left, the cluster re-planned): every session re-prefills
 
 Continuous batching: the decode steps of every session in a step run as ONE batched forward
 (Pipeline.next_tokens: each weight is read once per step, not once per session), and
