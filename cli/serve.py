@@ -76,7 +76,7 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
           ctx: int | None, threads: int | None, insecure: bool, cluster: ClusterFlags | None = None,
           kv_memory: str | None = None) -> None:
     from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
-    from fastserve_edge.serving.engine_loop import kv_room
+    from fastserve_edge.serving.engine_loop import KV_GROWTH, kv_room
 
     # every check that needs no model first: a refusal must not wait for a model load
     check_exposure(host, api_key, insecure)
@@ -97,8 +97,16 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
 
     settings = load_settings()
     n_threads = set_threads(threads)
-    if cluster is not None and (cluster.wait < 0 or cluster.peers < 0 or cluster.min_stages < 1):
-        raise ConfigError("--wait and --peers must be >= 0 and --min-stages >= 1")
+    if cluster is not None:
+        from fastserve_edge.cluster.coordinator import ClusterPipeline
+
+        if cluster.wait < 0 or cluster.peers < 0 or cluster.min_stages < 1:
+            raise ConfigError(f"--wait ({cluster.wait:g}) and --peers ({cluster.peers}) must be >= 0 and "
+                              f"--min-stages ({cluster.min_stages}) >= 1")
+        if max_sessions > ClusterPipeline.max_open_sessions:
+            raise ConfigError(f"--max-sessions {max_sessions} is more than a cluster keeps open at once "
+                              f"({ClusterPipeline.max_open_sessions}: one stream per session on every peer); "
+                              "lower it, or serve with --local-only")
     resolved = resolve_or_pull(model, settings)
     coordinator = None
     if cluster is None:
@@ -117,9 +125,16 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
         d = settings.chat
         config = ServeConfig(model_id=resolved.name, api_key=api_key, temperature=d.temperature, top_p=d.top_p,
                              top_k=d.top_k, min_p=d.min_p, max_tokens=d.max_tokens)
+        room = kv_room(pipeline, local=cluster is None, cap=kv_cap, free_now=read_memory()[0])
+        if (tokens := room() // KV_GROWTH) < pipeline.ctx:
+            why = (f"--kv-memory {kv_memory}" if kv_cap is not None else "the free memory") + \
+                  f" holds {tokens} tokens of KV, less than one context ({pipeline.ctx})"
+            if kv_cap is not None:
+                raise ConfigError(f"{why}; raise --kv-memory or lower --ctx")
+            err_console.print(f"[yellow]{escape(why)}: one session at a time may still run out of memory; "
+                              "lower --ctx[/]", highlight=False)
         app = create_app(pipeline, tokenizer, config, max_sessions=max_sessions, scheduler=scheduler,
-                         threads=n_threads, kv_room=kv_room(pipeline, local=cluster is None, cap=kv_cap,
-                                                            free_now=read_memory()[0]))
+                         threads=n_threads, kv_room=room)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             asyncio.run(_run(app, host, port, resolved.name, pipeline.ctx, max_sessions, scheduler))

@@ -51,7 +51,7 @@ CLOCK_WINDOW_S = 60.0     # machines of a home lab without NTP drift; more than 
 MAX_NONCES = 100_000      # replay cache bound (~800 calls/s over the window; a call is a stream, not a token)
 KEEPALIVE_TIME_MS = 2000  # ping an idle or busy connection every 2 s ...
 KEEPALIVE_TIMEOUT_MS = 2000  # ... and call the peer dead 2 s after an unanswered ping
-DEFAULT_MAX_WORKERS = 32  # sync server: each open Forward stream holds one worker thread
+DEFAULT_MAX_WORKERS = 64  # sync server: each open Forward stream holds one worker thread
 
 _PROOF_VERSION = "v1"
 _KEY_LABEL = b"fastserve peer call key v1"

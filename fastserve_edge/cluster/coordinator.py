@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from fastserve_edge.cluster import discovery, planner
-from fastserve_edge.cluster.auth import cluster_id, serve
+from fastserve_edge.cluster.auth import DEFAULT_MAX_WORKERS, cluster_id, serve
 from fastserve_edge.cluster.peer import ModelProvider, PeerNode, PeerService, part_to_pb
 from fastserve_edge.cluster.profile import Profile, load_profile
 from fastserve_edge.cluster.protocol import peer_pb2
@@ -292,6 +292,10 @@ class Coordinator:
 
 class ClusterPipeline:
     """A Pipeline that survives peers leaving: the answer goes on after a re-plan."""
+
+    # Sessions that may hold KV at once: each keeps a Forward stream open on every peer, and a
+    # peer serves DEFAULT_MAX_WORKERS calls at a time (room left for Health, DropSession, ...)
+    max_open_sessions = DEFAULT_MAX_WORKERS - 16
 
     def __init__(self, coordinator: Coordinator, *, notice: Callable[[str], None] = lambda message: None,
                  on_plan: Callable[[planner.Plan], None] = lambda plan: None):

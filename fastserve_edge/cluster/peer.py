@@ -203,6 +203,7 @@ class _Pending:
         self.reply: peer_pb2.ForwardReply | None = None
         self.error: Exception | None = None  # WireError: the request was wrong; else a bug
         self.done = False
+        self.wake = threading.Event()  # its reply is ready, or it is to lead the next batch
 
     def finish(self, *, reply: peer_pb2.ForwardReply | None = None, error: Exception | None = None) -> None:
         self.reply, self.error, self.done = reply, error, True
@@ -212,6 +213,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def __init__(self, node: PeerNode, provider: LayerProvider | None = None):
         self.node = node
         self._pending: list[_Pending] = []  # Forward requests that wait for the stage (see _step)
+        self._leader: _Pending | None = None  # the request whose stream runs the next batch
         self._pending_lock = threading.Lock()
         self.provider = provider or CacheProvider(node.cache)
 
@@ -325,27 +327,43 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     n._set_state(peer_pb2.PEER_STATE_READY)
 
     def _step(self, req: peer_pb2.ForwardRequest) -> peer_pb2.ForwardReply:
-        """One request of one stream. Steps of other streams that wait for the stage while it
-        computes are run together by whichever stream gets the stage first: the decode steps
-        among them as ONE batched forward (every session's row gets the bits of a step of its
-        own), so a host that sends many sessions' rows at once gets them back in one pass."""
+        """One request of one stream. Requests of other streams that arrive while the stage
+        computes wait in a list; one stream at a time leads: it takes everything that waits,
+        runs it (the decode steps among it as ONE batched forward, every session's row with
+        the bits of a step of its own), wakes each stream as its reply is ready, and hands the
+        lead to the first request that came in meanwhile. So a host that sends many sessions'
+        rows at once gets them back in one pass, and no finished reply waits for a later one."""
         item = _Pending(req)
         with self._pending_lock:
             self._pending.append(item)
-        with self.node.lock:
-            if not item.done:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                try:
-                    self._run(batch)
-                except Exception as err:  # a bug: every stream of the batch hears of it, not only this one
-                    for other in batch:
-                        if not other.done:
-                            other.finish(error=err)
-                    raise
+            if self._leader is None:
+                self._leader = item
+                item.wake.set()
+        item.wake.wait()
+        if not item.done:  # woken to lead
+            self._lead()
         if item.error is not None:
             raise item.error
         return item.reply
+
+    def _lead(self) -> None:
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        try:
+            with self.node.lock:
+                self._run(batch)
+        except Exception as err:  # a bug: every stream of the batch hears of it, not only this one
+            log.exception("a batch of %d Forward steps failed", len(batch))
+            for other in batch:
+                if not other.done:
+                    other.finish(error=err)
+        finally:
+            for other in batch:
+                other.wake.set()
+            with self._pending_lock:
+                self._leader = self._pending[0] if self._pending else None
+                if self._leader is not None:
+                    self._leader.wake.set()
 
     def _run(self, batch: list[_Pending]) -> None:
         """Under the node lock: check every request, then one batched forward for the plain

@@ -118,9 +118,12 @@ class RemoteStage:
         self._streams: dict[str, _Stream] = {}
         self._sampler_of: dict[str, Sampler] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def _call(self, request: peer_pb2.ForwardRequest) -> peer_pb2.ForwardReply:
         with self._lock:
+            if self._closed:  # the pipeline was closed (a re-plan): no new stream on this peer
+                raise PeerLost(self.client.name, self.client.node_id, "the pipeline was closed for a re-plan")
             stream = self._streams.get(request.session)
             if stream is None:
                 stream = self._streams[request.session] = _Stream(self.client.stub)
@@ -169,5 +172,7 @@ class RemoteStage:
             pass  # a peer that is gone holds nothing
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         for session in list(self._streams):
             self._forget(session)

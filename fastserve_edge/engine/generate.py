@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,7 @@ from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.models.tensors import ModelSource
 
 
-PIPELINE_THREADS = 32  # sessions whose rows go through the peers at once (>= any --max-sessions in use)
+PIPELINE_THREADS = 32  # sessions whose rows go through the peers at once (more wait their turn)
 
 
 class StageRunner(Protocol):
@@ -71,7 +71,7 @@ class LocalStage:
 
     def kv_bytes(self) -> int:
         """What the KV caches of every session hold here, allocated (they grow by doubling)."""
-        return sum(c.nbytes for c in self._caches.values())
+        return sum(c.nbytes for c in list(self._caches.values()))  # read while the worker adds and drops
 
 
 def local_stages(source: ModelSource, *, max_tokens: int, boundaries: Sequence[int] | None = None,
@@ -201,7 +201,12 @@ class Pipeline:
             return [self._rest(batched, steps[0], rows[0])]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=PIPELINE_THREADS, thread_name_prefix="fastserve-pipeline")
-        return list(self._pool.map(lambda r: self._rest(batched, steps[r], rows[r]), range(len(steps))))
+        futures = [self._pool.submit(self._rest, batched, step, row) for step, row in zip(steps, rows)]
+        wait(futures)  # every row has left the stages before a failure is raised (and the caller re-plans)
+        for future in futures:
+            if future.exception() is not None:
+                raise future.exception()
+        return [future.result() for future in futures]
 
     def _rest(self, first: int, step: DecodeStep, x: torch.Tensor) -> int:
         """One session's row through stages first.. (one at a time), then its token."""

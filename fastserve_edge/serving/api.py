@@ -527,7 +527,7 @@ async def metrics(request: web.Request) -> web.Response:
          lambda r: f"{r.seconds:.6f}"),
         ("fastserve_stage_tokens_total", "counter", "Tokens through each stage.", lambda r: r.tokens),
         ("fastserve_stage_kv_bytes", "gauge", "KV the sessions hold on each stage.", lambda r: r.kv_bytes),
-        ("fastserve_stage_kv_budget_bytes", "gauge", "KV each stage may hold (--max-sessions full contexts).",
+        ("fastserve_stage_kv_budget_bytes", "gauge", "KV each stage may hold (the KV budget: memory, --kv-memory, --max-sessions).",
          lambda r: r.kv_budget_bytes),
     ]
     for name, kind, help_text, value in per_stage:

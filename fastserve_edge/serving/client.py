@@ -161,8 +161,21 @@ class RemoteChat:
 
 def server_status(url: str, api_key: str | None = None, *, timeout: float = 10.0) -> dict[str, Any]:
     """A running serve's GET /v1/status: its sessions and its stages (`fastserve status --url`)."""
-    with open_api(base_url(url), api_key, "GET", "/v1/status", timeout=timeout) as response:
-        return json.loads(response.read())
+    url = base_url(url)
+    try:
+        with open_api(url, api_key, "GET", "/v1/status", timeout=timeout) as response:
+            status = json.loads(response.read())
+    except ServerError as err:
+        if err.code == "unknown_url" or " 404:" in str(err):
+            raise ServerError(f"{err}; is it a `fastserve serve` of this version (older ones have no /v1/status)?",
+                              err.code) from None
+        raise
+    except (ValueError, OSError) as err:  # not JSON (another server on that port), or the read timed out
+        raise FastServeError(f"{url} did not answer GET /v1/status as `fastserve serve` does ({err}); "
+                             "check --url") from None
+    if not isinstance(status, dict) or "stages" not in status:
+        raise FastServeError(f"{url} answered GET /v1/status with something else than a serve's status; check --url")
+    return status
 
 
 def open_api(url: str, api_key: str | None, method: str, path: str, body: dict[str, Any] | None = None, *,

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # seconds; TTFT spans a queued wait plus a prefill, per-token a CPU decode step of a small model
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 KV_GROWTH = 2  # kv_cache.KVCache doubles its capacity as a session grows
+MAX_RESETS = 3  # re-plans in a row without a good step before the sessions end with an error
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -98,7 +99,7 @@ class StageReport:
     tokens: int               # tokens that went through it
     calls: int
     kv_bytes: int             # KV the sessions hold on it, by the scheduler's accounting
-    kv_budget_bytes: int      # what --max-sessions full contexts would hold on it
+    kv_budget_bytes: int      # what all sessions may hold on it (the loop's KV budget)
     kv_allocated_bytes: int | None  # what its caches hold allocated (this machine only)
 
     @property
@@ -155,6 +156,10 @@ class EngineLoop:
         self.sched: Scheduler = make_scheduler(scheduler)
         self._kv_room = kv_room
         self.kv_budget_tokens = self._budget()
+        # a cluster holds a peer stream per session with KV: it bounds how many may hold some
+        limit = getattr(pipeline, "max_open_sessions", None)
+        self._max_held = None if limit is None else max(limit, max_sessions)
+        self._resets_in_a_row = 0
         self.metrics = EngineMetrics()
         self._threads = threads
         self._sessions: dict[str, Session] = {}
@@ -306,7 +311,7 @@ class EngineLoop:
         loop = asyncio.get_running_loop()
         self.kv_budget_tokens = self._budget()
         batch = self.sched.next_batch(time.monotonic(), max_batch=self.max_sessions,
-                                      kv_budget_tokens=self.kv_budget_tokens)
+                                      kv_budget_tokens=self.kv_budget_tokens, max_held=self._max_held)
         self.metrics.preemptions += len(batch.preempt)
         self.metrics.evictions += len(batch.evict)
         for sid in batch.evict:
@@ -332,13 +337,22 @@ class EngineLoop:
         if results is None:
             self._reset()
             return
+        self._resets_in_a_row = 0
         self._account(batch, results, now, now - started)
 
     def _reset(self) -> None:
         """The pipeline was rebuilt mid-step: no stage holds any session's KV now. The step's
         tokens were never sent, so they are simply not delivered; every session re-prefills
-        its prompt and the answer so far on the new pipeline."""
+        its prompt and the answer so far on the new pipeline. A cluster that keeps failing
+        (MAX_RESETS re-plans without one good step) ends its sessions with the reason."""
         self.metrics.resets += 1
+        self._resets_in_a_row += 1
+        if self._resets_in_a_row >= MAX_RESETS:
+            for s in list(self._sessions.values()):
+                self._finish(s, Finished("error", f"the cluster was re-planned {MAX_RESETS} times in a row without "
+                                                  "a step going through; see the server log and the peers' logs"))
+            self._resets_in_a_row = 0
+            return
         self.sched.lost_kv([sid for sid in self._sessions if sid in self.sched])
 
     def _step(self, work: list[tuple[Session, bool]]) -> list[tuple[int | Exception, float, int]] | None:

@@ -102,7 +102,8 @@ class Batch:
 class Scheduler(Protocol):
     def add(self, job: Job, now: float) -> None: ...
     def remove(self, job_id: str) -> None: ...
-    def next_batch(self, now: float, *, max_batch: int, kv_budget_tokens: int) -> Batch: ...
+    def next_batch(self, now: float, *, max_batch: int, kv_budget_tokens: int,
+                   max_held: int | None = None) -> Batch: ...
     def on_step(self, batch: Batch, now: float, step_seconds: float,
                 job_seconds: Mapping[str, float] | None = None) -> tuple[str, ...]: ...
     def job(self, job_id: str) -> Job: ...
@@ -155,9 +156,13 @@ class _Base:
         disconnect can race with the step that finished the job."""
         self._jobs.pop(job_id, None)
 
-    def next_batch(self, now: float, *, max_batch: int, kv_budget_tokens: int) -> Batch:
-        if max_batch < 1 or kv_budget_tokens < 0:
-            raise ValueError(f"scheduler: max_batch {max_batch} must be >= 1 and kv_budget_tokens {kv_budget_tokens} >= 0")
+    def next_batch(self, now: float, *, max_batch: int, kv_budget_tokens: int,
+                   max_held: int | None = None) -> Batch:
+        """max_held: at most this many jobs hold KV after the step (a cluster keeps one peer
+        stream open per such job); a new job takes the place of the lowest-priority one."""
+        if max_batch < 1 or kv_budget_tokens < 0 or (max_held is not None and max_held < max_batch):
+            raise ValueError(f"scheduler: max_batch {max_batch} must be >= 1, kv_budget_tokens {kv_budget_tokens} "
+                             f">= 0 and max_held {max_held} >= max_batch")
         self._before_pick(now)
         order = self._order()
         held = sum(j.kv_tokens for j in order)
@@ -192,6 +197,13 @@ class _Base:
                 if self.strict:
                     break
                 continue
+            if max_held is not None and j.kv_tokens == 0 and sum(1 for o in order if o.kv_tokens) >= max_held:
+                victim = next((v for v in reversed(order[i + 1:]) if v.kv_tokens), None)
+                if victim is None:
+                    if self.strict:
+                        break
+                    continue
+                held -= evict([victim])
             extra = j.context - j.kv_tokens
             if held + extra > kv_budget_tokens:
                 # room comes from behind: the lowest-priority jobs not running that hold KV

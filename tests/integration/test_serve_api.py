@@ -224,6 +224,9 @@ def test_kv_memory_bounds_the_sessions_and_the_rest_queue(model, client, model_i
     bad = subprocess.run([FASTSERVE, "serve", "--local-only", "--kv-memory", "0"], env=env(), capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "--kv-memory" in bad.stderr and "Traceback" not in bad.stderr
+    small = subprocess.run([FASTSERVE, "serve", model, "--local-only", "--kv-memory", "1M", "--ctx", CTX], env=env(),
+                           capture_output=True, text=True, timeout=120)
+    assert small.returncode == 1 and "less than one context" in small.stderr, small.stderr
 
 
 def test_status_shows_sessions_and_per_stage_time(server, model_id):

@@ -338,3 +338,26 @@ def test_make_scheduler_names_and_errors():
     s.remove("x")
     s.remove("x")  # a disconnect racing the last step: no error
     assert len(s) == 0
+
+
+@pytest.mark.parametrize("name", ["fcfs", "mlfq"])
+def test_max_held_bounds_the_jobs_that_hold_kv_and_everyone_finishes(name):
+    """A cluster keeps a peer stream open per job with KV: never more than max_held of them,
+    and new jobs (which preempt under mlfq) take the place of the lowest-priority ones."""
+    s = make_scheduler(name) if name == "fcfs" else MLFQ(levels=3, base_quantum_s=0.05, starvation_s=100)
+    now, done = 0.0, set()
+    for i in range(10):
+        s.add(Job(f"j{i}", now, 5, 12 - i), now)
+        for _ in range(3):
+            batch = s.next_batch(now, max_batch=2, kv_budget_tokens=BIG, max_held=3)
+            now += 0.03
+            done.update(s.on_step(batch, now, 0.03))
+            assert sum(1 for j in s.jobs() if j.kv_tokens) <= 3
+    while len(s):
+        batch = s.next_batch(now, max_batch=2, kv_budget_tokens=BIG, max_held=3)
+        now += 0.03
+        done.update(s.on_step(batch, now, 0.03))
+        assert sum(1 for j in s.jobs() if j.kv_tokens) <= 3
+    assert done == {f"j{i}" for i in range(10)}
+    with pytest.raises(ValueError):
+        s.next_batch(now, max_batch=4, kv_budget_tokens=BIG, max_held=3)
