@@ -73,6 +73,7 @@ from bench.vs_llamacpp import (  # stdlib-only helpers shared with the other ben
     _machine_cpu_s,
     _rate,
     markdown,
+    progress,
     smollm2_path,
     wait_for_quiet,
 )
@@ -846,11 +847,7 @@ def main(argv: list[str]) -> int:
         return 2
     from tests import netns
 
-    started = time.perf_counter()
-
-    def say(msg: str, style: str = "") -> None:
-        text = escape(msg) if not style else f"[{style}]{escape(msg)}[/]"
-        err.print(f"[dim]{time.perf_counter() - started:7.0f}s[/] {text}", highlight=False)
+    say = progress(err)
 
     try:
         model = args.model if args.model is not None else smollm2_path()

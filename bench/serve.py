@@ -93,6 +93,7 @@ from bench.vs_llamacpp import (  # noqa: E402
     _machine_cpu_s,
     _rate,
     markdown,
+    progress,
     smollm2_path,
     wait_for_quiet,
 )
@@ -788,11 +789,7 @@ def main(argv: list[str]) -> int:
     if args.report is not None:
         return report_only(args)
     err = Console(stderr=True)
-    started = time.perf_counter()
-
-    def say(msg: str, style: str = "") -> None:
-        text = escape(msg) if not style else f"[{style}]{escape(msg)}[/]"
-        err.print(f"[dim]{time.perf_counter() - started:7.0f}s[/] {text}", highlight=False)
+    say = progress(err)
 
     if args.cluster and (why := cluster_unavailable()) is not None:
         err.print(f"[bold red]error:[/] {escape(why)}", highlight=False)

@@ -744,9 +744,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def progress(err):
+    """say(msg, style=""): a progress line on the stderr Console `err`, with seconds since now."""
+    from rich.markup import escape
+
+    started = time.perf_counter()
+
+    def say(msg: str, style: str = "") -> None:
+        text = escape(msg) if not style else f"[{style}]{escape(msg)}[/]"
+        err.print(f"[dim]{time.perf_counter() - started:7.0f}s[/] {text}", highlight=False)
+
+    return say
+
+
 def main(argv: list[str]) -> int:
     from rich.console import Console
-    from rich.markup import escape
 
     from fastserve_edge.cluster.profile import cpu_name  # no torch: this process stays light
 
@@ -754,11 +766,7 @@ def main(argv: list[str]) -> int:
     if args.report is not None:
         return report_only(args)
     err = Console(stderr=True)
-    started = time.perf_counter()
-
-    def say(msg: str, style: str = "") -> None:
-        text = escape(msg) if not style else f"[{style}]{escape(msg)}[/]"
-        err.print(f"[dim]{time.perf_counter() - started:7.0f}s[/] {text}", highlight=False)
+    say = progress(err)
 
     cache = bench_cache()
     results: dict[str, Any] = {
