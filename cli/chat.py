@@ -75,6 +75,7 @@ def command(
                              temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                              server_side=given)
         return
+    from cli.cluster_view import check_cluster_flags
     from fastserve_edge.engine.chat import ChatSession
     from fastserve_edge.engine.local import load_local_model, set_threads
     from fastserve_edge.engine.sampling import SamplingParams
@@ -97,8 +98,7 @@ def command(
         if answer_limit < 1:
             raise ConfigError(f"--max-tokens must be at least 1, got {answer_limit}")
         n_threads = set_threads(threads)
-        if wait < 0 or peers < 0 or min_stages < 1:
-            raise ConfigError("--wait and --peers must be >= 0 and --min-stages >= 1")
+        check_cluster_flags(wait=wait, peers=peers, min_stages=min_stages)
         resolved = resolve_or_pull(model, settings)
         notice = lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False)  # noqa: E731
         coordinator = None

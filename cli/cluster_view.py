@@ -16,6 +16,14 @@ from rich.table import Table
 from cli.common import err_console
 
 
+def check_cluster_flags(*, wait: float, peers: int, min_stages: int) -> None:
+    """chat's and serve's peer flags, checked before any model is pulled or loaded."""
+    from fastserve_edge.errors import ConfigError
+
+    if wait < 0 or peers < 0 or min_stages < 1:
+        raise ConfigError(f"--wait ({wait:g}) and --peers ({peers}) must be >= 0 and --min-stages ({min_stages}) >= 1")
+
+
 def show_plan(plan, console: Console = err_console) -> None:
     from fastserve_edge.cluster.planner import SUMMARY_COLUMNS
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
 from typing import Annotated
 
 import typer
@@ -51,29 +50,15 @@ def command(
     """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, metrics),
     on this machine and the peers it finds, as `fastserve chat` does."""
     with user_errors():
-        cluster = None if local_only else ClusterFlags(token=token, peers=peers, wait=wait, min_stages=min_stages,
-                                                       max_memory=max_memory, interface=interface,
-                                                       static_peers=tuple(peer or ()), reprofile=reprofile)
+        cluster = None if local_only else dict(token=token, peers=peers, wait=wait, min_stages=min_stages,
+                                               max_memory=max_memory, interface=interface,
+                                               static_peers=tuple(peer or ()), reprofile=reprofile)
         serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions, kv_memory=kv_memory,
               scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure, cluster=cluster)
 
 
-@dataclass(frozen=True)
-class ClusterFlags:
-    """chat's cluster flags, as serve takes them."""
-
-    token: str | None
-    peers: int
-    wait: float
-    min_stages: int
-    max_memory: str | None
-    interface: str | None
-    static_peers: tuple[str, ...]
-    reprofile: bool
-
-
 def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_sessions: int, scheduler: str,
-          ctx: int | None, threads: int | None, insecure: bool, cluster: ClusterFlags | None = None,
+          ctx: int | None, threads: int | None, insecure: bool, cluster: dict | None = None,
           kv_memory: str | None = None) -> None:
     from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
     from fastserve_edge.serving.engine_loop import KV_GROWTH, kv_room
@@ -97,12 +82,11 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
 
     settings = load_settings()
     n_threads = set_threads(threads)
-    if cluster is not None:
+    if cluster is not None:  # start_cluster's keyword arguments: chat's peer flags
+        from cli.cluster_view import check_cluster_flags
         from fastserve_edge.cluster.coordinator import ClusterPipeline
 
-        if cluster.wait < 0 or cluster.peers < 0 or cluster.min_stages < 1:
-            raise ConfigError(f"--wait ({cluster.wait:g}) and --peers ({cluster.peers}) must be >= 0 and "
-                              f"--min-stages ({cluster.min_stages}) >= 1")
+        check_cluster_flags(wait=cluster["wait"], peers=cluster["peers"], min_stages=cluster["min_stages"])
         if max_sessions > ClusterPipeline.max_open_sessions:
             raise ConfigError(f"--max-sessions {max_sessions} is more than a cluster keeps open at once "
                               f"({ClusterPipeline.max_open_sessions}: one stream per session on every peer); "
@@ -117,10 +101,8 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
         from cli.cluster_view import start_cluster
 
         notice = lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False)  # noqa: E731
-        coordinator, pipeline, tokenizer, _ = start_cluster(
-            resolved, settings, ctx=ctx, token=cluster.token, peers=cluster.peers, wait=cluster.wait,
-            min_stages=cluster.min_stages, max_memory=cluster.max_memory, interface=cluster.interface,
-            static_peers=cluster.static_peers, threads=n_threads, reprofile=cluster.reprofile, notice=notice)
+        coordinator, pipeline, tokenizer, _ = start_cluster(resolved, settings, ctx=ctx, threads=n_threads,
+                                                            notice=notice, **cluster)
     try:
         d = settings.chat
         config = ServeConfig(model_id=resolved.name, api_key=api_key, temperature=d.temperature, top_p=d.top_p,
