@@ -109,11 +109,15 @@ CLUSTER_PEERS = 2
 SERVING = re.compile(r"^serving (\S+) on (http://\S+/v1)\s*$")
 
 # The medium shape of the concurrency phase: about 30 words + the chat template's ~30 tokens.
+# Every request of a run asks for another story (topic x hero: 64 prompts), so the server's
+# prompt cache finds what real traffic shares (the template's system prompt, the opening
+# words), never a whole prompt it has seen before.
 MEDIUM_MAX_TOKENS = 64
-MEDIUM_PROMPT = ("Write a long, detailed story about {topic}. Describe the places, the people and what "
-                 "they say to each other, and do not stop early.")
+MEDIUM_PROMPT = ("Write a long, detailed story about {topic}, whose hero is called {hero}. Describe the places, "
+                 "the people and what they say to each other, and do not stop early.")
 TOPICS = ("a lighthouse keeper", "a dragon who learns to cook", "a lost robot", "two rival bakers",
           "a city under the sea", "a clockmaker's apprentice", "a night train", "a garden on the moon")
+HEROES = ("Ada", "Bruno", "Chioma", "Dmitri", "Elena", "Farid", "Grace", "Hiro")
 WARMUP_MAX_TOKENS = 8
 
 # The mixed workload of the scheduler phase.
@@ -153,6 +157,7 @@ class Record:
     first_token_s: float | None = None    # first chunk with non-empty content
     done_s: float | None = None           # `data: [DONE]`
     prompt_tokens: int | None = None      # from the usage chunk
+    cached_tokens: int | None = None      # of those, from the server's prompt cache (usage.prompt_tokens_details)
     completion_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
@@ -204,6 +209,7 @@ async def send(http, url: str, model: str, spec: RequestSpec, clock, record: Rec
                         record.finish_reason = choice["finish_reason"]
                 if usage := event.get("usage"):
                     record.prompt_tokens = usage.get("prompt_tokens")
+                    record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
                     record.completion_tokens = usage.get("completion_tokens")
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as err:
         record.error = f"{type(err).__name__}: {err}"
@@ -251,8 +257,9 @@ async def closed_loop(http, url: str, model: str, *, sessions: int, duration_s: 
     async def session(i: int) -> None:
         n = 0
         while clock() < duration_s:
-            topic = TOPICS[(i + n * sessions) % len(TOPICS)]
-            spec = RequestSpec("medium", MEDIUM_PROMPT.format(topic=topic), MEDIUM_MAX_TOKENS)
+            k = i + n * sessions  # this request's number in the run: another story every time
+            topic, hero = TOPICS[k % len(TOPICS)], HEROES[k // len(TOPICS) % len(HEROES)]
+            spec = RequestSpec("medium", MEDIUM_PROMPT.format(topic=topic, hero=hero), MEDIUM_MAX_TOKENS)
             record = Record(spec.kind, spec.max_tokens, arrival_s=clock(), session=i)
             records.append(await send(http, url, model, spec, clock, record))
             n += 1
@@ -426,6 +433,8 @@ def client_timeout(job: dict[str, Any], args: argparse.Namespace) -> float:
 def serve_argv(target: Target, args: argparse.Namespace, *, max_sessions: int, scheduler: str) -> list[str]:
     argv = [*FASTSERVE, "serve", *target.model_arg, "--host", "127.0.0.1", "--port", "0",
             "--max-sessions", str(max_sessions), "--scheduler", scheduler]
+    if args.prompt_cache is not None:
+        argv += ["--prompt-cache", str(args.prompt_cache)]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
     return argv + target.serve_extra
@@ -534,6 +543,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "tok_s": tokens / window if window else None,
         "per_session_tok_s": tokens / window / run.sessions if window and run.sessions else None,
         "prompt_tokens_mean": _mean([r.prompt_tokens for r in ok if r.prompt_tokens is not None]),
+        "cached_share": _ratio(sum(r.cached_tokens or 0 for r in ok), sum(r.prompt_tokens or 0 for r in ok)),
         "completion_tokens_mean": _mean([r.completion_tokens or 0 for r in ok]),
         "stopped_early": sum(1 for r in ok if r.finish_reason == "stop"),
         "jct_mean_s": _mean(jct), "jct_p50_s": percentile(jct, 50), "jct_p99_s": percentile(jct, 99),
@@ -597,7 +607,7 @@ def _goal(passed: bool | None) -> str:
 
 
 def concurrency_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = ["sessions", "requests", "prompt tok", "gen tok/req", "aggregate tok/s",
+    header = ["sessions", "requests", "prompt tok", "cached", "gen tok/req", "aggregate tok/s",
               f"x 1 session (>= {CONCURRENCY_GOAL_RATIO:g} at {CONCURRENCY_GOAL_SESSIONS})", "tok/s per session",
               "TTFT mean", "TTFT p99", "JCT mean", "rows/step", "server CPU s"]
     one = next((r["tok_s"] for r in rows if r["sessions"] == 1), None)
@@ -608,8 +618,8 @@ def concurrency_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[
         n = r["noisy"]
         body.append([
             str(r["sessions"]), f"{r['requests']}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
-            _num(r["prompt_tokens_mean"]), _num(r["completion_tokens_mean"], 1), _rate(r["tok_s"], n),
-            ("n/a" if x is None else f"{x:.2f}x") + _goal(goal), _rate(r["per_session_tok_s"], n),
+            _num(r["prompt_tokens_mean"]), _share(r.get("cached_share")), _num(r["completion_tokens_mean"], 1),
+            _rate(r["tok_s"], n), ("n/a" if x is None else f"{x:.2f}x") + _goal(goal), _rate(r["per_session_tok_s"], n),
             _secs(r["ttft_mean_s"], n), _secs(r["ttft_p99_s"], n), _secs(r["jct_mean_s"], n),
             _num(r.get("rows_per_step"), 1), f"{r['server_cpu_s']:.0f}",
         ])
@@ -617,7 +627,7 @@ def concurrency_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[
 
 
 def scheduler_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = ["scheduler", "requests (short/long)", "gen tokens", "tok/s", "JCT mean", "JCT p50", "JCT p99",
+    header = ["scheduler", "requests (short/long)", "cached", "gen tokens", "tok/s", "JCT mean", "JCT p50", "JCT p99",
               "TTFT mean", "TTFT p99", "short JCT mean", "long JCT mean", "rows/step", "preempted / evicted",
               "server CPU s"]
     body = []
@@ -628,7 +638,7 @@ def scheduler_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
             r["scheduler"],
             f"{r['requests']} ({short.get('requests', 0)}/{long.get('requests', 0)})"
             + (f", {r['failed']} failed" if r["failed"] else ""),
-            str(r["completion_tokens"]), _rate(r["tok_s"], n),
+            _share(r.get("cached_share")), str(r["completion_tokens"]), _rate(r["tok_s"], n),
             _secs(r["jct_mean_s"], n), _secs(r["jct_p50_s"], n), _secs(r["jct_p99_s"], n),
             _secs(r["ttft_mean_s"], n), _secs(r["ttft_p99_s"], n),
             _secs(short.get("jct_mean_s"), n), _secs(long.get("jct_mean_s"), n),
@@ -643,7 +653,12 @@ def goal_lines(results: dict[str, Any]) -> list[str]:
             f"{_goal(g['pass'])}" for g in results["goals"]]
 
 
-ROWS_NOTE = "rows/step = sessions per batched decode step (/metrics decode rows / decode steps)."
+ROWS_NOTE = ("rows/step = sessions per batched decode step (/metrics decode rows / decode steps). cached = "
+             "prompt tokens the server's prompt cache gave (usage.prompt_tokens_details.cached_tokens).")
+
+
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def caption(results: dict[str, Any], phase: str) -> str:
@@ -652,7 +667,8 @@ def caption(results: dict[str, Any], phase: str) -> str:
     threads = s["threads"] if s["threads"] is not None else ("1 per machine" if s["cluster"] else "server default")
     commits = list(dict.fromkeys(r["commit"] for r in results["runs"] if r.get("commit"))) or [fs["commit"]]
     head = (f"{m['cpu']}, {m['cores']} cores; fastserve {', then '.join(commits)}{' (dirty)' if fs['dirty'] else ''}; "
-            f"{results['model']}; {s['setting']}; threads {threads}. ")
+            f"{results['model']}; {s['setting']}; threads {threads}; "
+            f"--prompt-cache {'server default' if s.get('prompt_cache') is None else s['prompt_cache']}. ")
     if phase == "concurrency":
         return head + (f"Closed loop: C sessions, back-to-back requests (prompt asking for a long story, "
                        f"max_tokens {s['medium_max_tokens']}, temperature 0) for {s['duration_s']:g} s, server "
@@ -746,6 +762,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int, default=4, help="scheduler: serve --max-sessions for both runs")
     parser.add_argument("--seed", type=int, default=1, help="scheduler: seed of the arrivals and the mix")
     parser.add_argument("--threads", type=int, help="serve --threads (default: the server's; --cluster: 1)")
+    parser.add_argument("--prompt-cache", type=int, help="serve --prompt-cache (default: the server's; 0 = off)")
     parser.add_argument("--model", help="serve's MODEL argument (default: its default model; --cluster: smollm2-135m)")
     parser.add_argument("--cluster", action="store_true",
                         help="against `serve --token T --peers 2` in m0 of a 3-namespace LAN with 2 `join` peers (root)")
@@ -804,6 +821,7 @@ def main(argv: list[str]) -> int:
         "settings": {"phases": args.phase_list, "sessions": args.session_counts, "duration_s": args.duration,
                      "rate": args.rate, "requests": args.requests, "max_sessions": args.max_sessions,
                      "seed": args.seed, "threads": args.threads, "cluster": args.cluster,
+                     "prompt_cache": args.prompt_cache,
                      "setting": "2-peer namespace LAN" if args.cluster else "one machine",
                      "medium_max_tokens": MEDIUM_MAX_TOKENS, "long_share": LONG_SHARE,
                      "short_max_tokens": SHORT_MAX_TOKENS, "long_max_tokens": LONG_MAX_TOKENS,

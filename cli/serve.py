@@ -33,6 +33,10 @@ def command(
     kv_memory: Annotated[str | None, typer.Option(help="memory all sessions' KV may use on each machine, e.g. 2G "
                                                        "(default: what is free there once the weights are in)")] = None,
     scheduler: Annotated[str, typer.Option(help=f"which waiting session runs next: {' | '.join(SCHEDULERS)}")] = "fcfs",
+    prompt_cache: Annotated[int | None, typer.Option(help="ended sessions whose KV is kept, so that a prompt starting "
+                                                          "the same way (the next turn of a chat, a shared system "
+                                                          "prompt) prefills only the rest (default: --max-sessions; "
+                                                          "0 = off)")] = None,
     ctx: Annotated[int | None, typer.Option(help="context length (default: the model's, capped at 4096)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
     insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host without --api-key")] = False,
@@ -54,12 +58,13 @@ def command(
                                                max_memory=max_memory, interface=interface,
                                                static_peers=tuple(peer or ()), reprofile=reprofile)
         serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions, kv_memory=kv_memory,
-              scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure, cluster=cluster)
+              scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure, cluster=cluster,
+              prompt_cache=prompt_cache)
 
 
 def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_sessions: int, scheduler: str,
           ctx: int | None, threads: int | None, insecure: bool, cluster: dict | None = None,
-          kv_memory: str | None = None) -> None:
+          kv_memory: str | None = None, prompt_cache: int | None = None) -> None:
     from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
     from fastserve_edge.serving.engine_loop import KV_GROWTH, kv_room
 
@@ -69,6 +74,9 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
         raise ConfigError(f"--port must be in 0..65535, got {port}")
     if max_sessions < 1:
         raise ConfigError(f"--max-sessions must be at least 1, got {max_sessions}")
+    if prompt_cache is not None and prompt_cache < 0:
+        raise ConfigError(f"--prompt-cache must be at least 0 (ended sessions whose KV is kept, within the KV "
+                          f"budget; 0 turns the cache off), got {prompt_cache}")
     make_scheduler(scheduler)
     from fastserve_edge.cluster.profile import parse_size, read_memory
 
@@ -116,7 +124,7 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
             err_console.print(f"[yellow]{escape(why)}: one session at a time may still run out of memory; "
                               "lower --ctx[/]", highlight=False)
         app = create_app(pipeline, tokenizer, config, max_sessions=max_sessions, scheduler=scheduler,
-                         threads=n_threads, kv_room=room)
+                         threads=n_threads, kv_room=room, prompt_cache=prompt_cache)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             asyncio.run(_run(app, host, port, resolved.name, pipeline.ctx, max_sessions, scheduler))

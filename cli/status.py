@@ -80,6 +80,11 @@ def show_server(url: str, api_key: str | None, as_json: bool) -> None:
                        f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}", describe_bytes(r["kv_bytes"]),
                        describe_bytes(r["kv_budget_bytes"]))
     console.print(stages)
+    cache = status["prompt_cache"]
+    share = cache["cached_tokens"] / cache["prompt_tokens"] if cache["prompt_tokens"] else 0.0
+    console.print(f"prompt cache: {cache['sessions']} ended sessions keep {cache['kv_tokens']} tokens of KV · "
+                  f"{cache['cached_tokens']} of {cache['prompt_tokens']} prompt tokens came from it ({share:.0%})",
+                  highlight=False)
     if not status["sessions"]:
         console.print("[dim]no active sessions[/]")
         return

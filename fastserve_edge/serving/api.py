@@ -373,9 +373,10 @@ async def _generate(engine: EngineLoop, session: Session, text: TextStream) -> A
         return
 
 
-def _usage(gen: GenRequest, session: Session) -> dict[str, int]:
+def _usage(gen: GenRequest, session: Session) -> dict[str, Any]:
     done = session.completion_tokens
-    return {"prompt_tokens": len(gen.prompt), "completion_tokens": done, "total_tokens": len(gen.prompt) + done}
+    return {"prompt_tokens": len(gen.prompt), "completion_tokens": done, "total_tokens": len(gen.prompt) + done,
+            "prompt_tokens_details": {"cached_tokens": session.cached}}  # as OpenAI reports its prompt cache
 
 
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
@@ -493,6 +494,12 @@ async def metrics(request: web.Request) -> web.Response:
     lines += ["# HELP fastserve_tokens_generated_total Tokens generated for clients (stop tokens excluded).",
               "# TYPE fastserve_tokens_generated_total counter",
               f"fastserve_tokens_generated_total {m.tokens_generated}",
+              "# HELP fastserve_prompt_tokens_total Prompt tokens of every request.",
+              "# TYPE fastserve_prompt_tokens_total counter",
+              f"fastserve_prompt_tokens_total {m.prompt_tokens}",
+              "# HELP fastserve_prompt_tokens_cached_total Of those, whose KV the prompt cache gave (not prefilled).",
+              "# TYPE fastserve_prompt_tokens_cached_total counter",
+              f"fastserve_prompt_tokens_cached_total {m.cached_tokens}",
               "# HELP fastserve_preemptions_total Times a running session was made to wait by the scheduler.",
               "# TYPE fastserve_preemptions_total counter",
               f"fastserve_preemptions_total {m.preemptions}",
@@ -508,7 +515,10 @@ async def metrics(request: web.Request) -> web.Response:
     gauges = [
         ("fastserve_queue_length", "Sessions waiting (not in the current step).", engine.queue_length),
         ("fastserve_active_sessions", "Sessions whose KV cache is held.", engine.active_sessions),
-        ("fastserve_kv_tokens", "Tokens of KV held by all sessions.", engine.kv_tokens),
+        ("fastserve_kv_tokens", "Tokens of KV held by the live sessions.", engine.kv_tokens),
+        ("fastserve_prompt_cache_sessions", "Ended sessions whose KV is kept for later prompts (--prompt-cache).",
+         engine.kept_sessions),
+        ("fastserve_prompt_cache_tokens", "Tokens of KV they hold (counted in the KV budget).", engine.kept_tokens),
         ("fastserve_kv_budget_tokens", "Tokens of KV all sessions may hold (memory, --kv-memory, --max-sessions).",
          engine.kv_budget_tokens),
         ("fastserve_max_sessions", "Sessions that may take a step together (--max-sessions).", engine.max_sessions),
@@ -551,6 +561,8 @@ async def status(request: web.Request) -> web.Response:
         "ctx": engine.pipeline.ctx, "uptime_s": int(time.time()) - app[STARTED],
         "tokens_generated": m.tokens_generated, "queue_length": engine.queue_length,
         "active_sessions": engine.active_sessions, "kv_tokens": engine.kv_tokens,
+        "prompt_cache": {"sessions": engine.kept_sessions, "kv_tokens": engine.kept_tokens,
+                         "prompt_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens},
         "mean_decode_batch": m.decode_rows / m.decode_steps if m.decode_steps else 0.0,
         "sessions": engine.session_report(),
         "stages": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in engine.stage_report()],
@@ -576,7 +588,7 @@ async def _end_sessions(app: web.Application) -> None:
 
 def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessions: int = 4,
                scheduler: str = "fcfs", threads: int | None = None,
-               kv_room: Callable[[], int] | None = None) -> web.Application:
+               kv_room: Callable[[], int] | None = None, prompt_cache: int | None = None) -> web.Application:
     """The API over a loaded model. The engine loop starts and stops with the app (cleanup_ctx).
     Run it with handler_cancellation=True (as `fastserve serve` does) so that a client leaving
     a non-streaming request also cancels its generation; streams notice on their next write."""
@@ -585,7 +597,7 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app[PIPELINE] = pipeline
     app[TOKENIZER] = tokenizer
     app[ENGINE_OPTIONS] = {"max_sessions": max_sessions, "scheduler": scheduler, "threads": threads,
-                           "kv_room": kv_room}
+                           "kv_room": kv_room, "prompt_cache": prompt_cache}
     app[REQUESTS] = Counter()
     app[STARTED] = int(time.time())
     app.cleanup_ctx.append(_engine_ctx)

@@ -20,6 +20,15 @@ Same arithmetic as `Pipeline.generate`: a fresh session prefills its whole promp
 0, then feeds one token at a time, so greedy answers equal `fastserve chat`'s. A session whose
 KV the scheduler evicted (MLFQ under KV pressure) re-prefills prompt + answer so far; nothing
 it already produced is lost.
+
+Prompt cache (as llama.cpp's server keeps each slot's last prompt, and ollama the last
+conversation): a session that ends with "stop" or "length" keeps its KV, up to `prompt_cache`
+of them, least recently ended dropped first. A new request whose prompt starts with at least
+PROMPT_CACHE_MIN of the same tokens takes that KV over and prefills only the rest: the next
+turn of a conversation (clients send the whole history every time) prefills only the new
+message, and requests behind one system prompt share it. Kept KV counts against the KV budget
+and gives way to live sessions first; a re-plan drops it. The split prefill is the arithmetic
+`fastserve chat` uses from its second turn on: the same model, not always the same last bits.
 """
 
 from __future__ import annotations
@@ -30,13 +39,14 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset
+from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset, common_prefix
 from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
@@ -46,6 +56,8 @@ log = logging.getLogger(__name__)
 # seconds; TTFT spans a queued wait plus a prefill, per-token a CPU decode step of a small model
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 KV_GROWTH = 2  # kv_cache.KVCache doubles its capacity as a session grows
+PROMPT_CACHE_MIN = 16  # tokens a prompt must share with a kept session to take its KV over (less
+                       # saves too little to be worth a kept session another prompt may share more with)
 MAX_RESETS = 3  # re-plans in a row without a good step before the sessions end with an error
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -82,6 +94,8 @@ class EngineMetrics:
     decode_steps: int = 0     # batched decode forwards
     decode_rows: int = 0      # session-tokens they carried (rows / steps = the mean batch)
     resets: int = 0           # steps lost to a re-plan (a peer left); their sessions re-prefilled
+    prompt_tokens: int = 0    # of every request submitted
+    cached_tokens: int = 0    # of those, whose KV a kept session gave (not prefilled again)
     preemptions: int = 0      # a session that ran in one step and waits in the next (MLFQ)
     evictions: int = 0        # KV dropped under the KV budget; the session re-prefills later
     sessions_finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
@@ -98,7 +112,7 @@ class StageReport:
     seconds: float            # wall time spent in this stage's calls (for a peer: network included)
     tokens: int               # tokens that went through it
     calls: int
-    kv_bytes: int             # KV the sessions hold on it, by the scheduler's accounting
+    kv_bytes: int             # KV the sessions (live and kept) hold on it, by the loop's accounting
     kv_budget_bytes: int      # what all sessions may hold on it (the loop's KV budget)
     kv_allocated_bytes: int | None  # what its caches hold allocated (this machine only)
 
@@ -134,6 +148,7 @@ class Session:
     arrival: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     answer: list[int] = field(default_factory=list)
+    cached: int = 0           # prompt tokens whose KV a kept session gave it (the prompt cache)
     last_token_at: float | None = None
     done: bool = False
 
@@ -147,11 +162,15 @@ class EngineLoop:
     running event loop, stop with `await close()` (the aiohttp cleanup_ctx does both)."""
 
     def __init__(self, pipeline: Pipeline, *, max_sessions: int = 4, scheduler: str = "fcfs",
-                 threads: int | None = None, kv_room: Callable[[], int] | None = None):
+                 threads: int | None = None, kv_room: Callable[[], int] | None = None,
+                 prompt_cache: int | None = None):
         """kv_room: KV tokens the stages have memory for (asked before every step: a re-plan
-        may change it); the budget is the smaller of that and max_sessions full contexts."""
+        may change it); the budget is the smaller of that and max_sessions full contexts.
+        prompt_cache: ended sessions whose KV is kept for later prompts (default max_sessions; 0: none)."""
         self.pipeline = pipeline
         self.max_sessions = max_sessions
+        self.prompt_cache = max_sessions if prompt_cache is None else prompt_cache
+        self._kept: OrderedDict[str, list[int]] = OrderedDict()  # ended session -> tokens its KV holds
         self.scheduler_name = scheduler
         self.sched: Scheduler = make_scheduler(scheduler)
         self._kv_room = kv_room
@@ -213,12 +232,31 @@ class EngineLoop:
         if self._closing:
             raise EngineClosed("the server is shutting down")
         now = time.monotonic()
-        s = Session(uuid.uuid4().hex, list(prompt), sampler,
-                    min(max_tokens, self.pipeline.ctx - len(prompt)), stop_ids, now)
+        kept, reuse = self._take_kept(prompt)
+        s = Session(kept or uuid.uuid4().hex, list(prompt), sampler,
+                    min(max_tokens, self.pipeline.ctx - len(prompt)), stop_ids, now, cached=reuse)
         self._sessions[s.id] = s
-        self.sched.add(Job(s.id, arrival=now, prompt_tokens=len(prompt), max_tokens=s.max_tokens), now)
+        self.metrics.prompt_tokens += len(prompt)
+        self.metrics.cached_tokens += reuse
+        self.sched.add(Job(s.id, arrival=now, prompt_tokens=len(prompt), max_tokens=s.max_tokens,
+                           kv_tokens=reuse), now)
         self._wake.set()
         return s
+
+    def _take_kept(self, prompt: Sequence[int]) -> tuple[str | None, int]:
+        """The kept session that shares the longest start with `prompt` (at least
+        PROMPT_CACHE_MIN tokens), taken out of the cache: its id and the tokens to reuse.
+        Safe during a step: kept sessions take no part in one."""
+        best, shared = None, 0
+        for sid, tokens in self._kept.items():
+            n = common_prefix(tokens, prompt)
+            if n > shared:
+                best, shared = sid, n
+        reuse = min(shared, len(prompt) - 1)  # the last prompt token always runs: it gives the logits
+        if best is None or reuse < PROMPT_CACHE_MIN:
+            return None, 0
+        del self._kept[best]
+        return best, reuse
 
     def cancel(self, session: Session, *, reason: str = "cancelled") -> None:
         """The client went away ("cancelled") or a stop string matched ("stop"): stop
@@ -240,13 +278,22 @@ class EngineLoop:
 
     @property
     def kv_tokens(self) -> int:
+        """KV held by the live sessions (running, preempted); kept_tokens is the prompt cache's."""
         return sum(self.sched.job(i).kv_tokens for i in self._sessions if i in self.sched)
+
+    @property
+    def kept_sessions(self) -> int:
+        return len(self._kept)
+
+    @property
+    def kept_tokens(self) -> int:
+        return sum(len(t) for t in list(self._kept.values()))  # a snapshot: submit() may take one meanwhile
 
     def stage_report(self) -> list[StageReport]:
         """Per stage of the pipeline: where it runs, the time spent in it, and its KV."""
         cfg = self.pipeline.config
         per_token_layer = kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim)
-        held, budget = self.kv_tokens, self.kv_budget_tokens
+        held, budget = self.kv_tokens + self.kept_tokens, self.kv_budget_tokens
         out = []
         for i, (stage, meter) in enumerate(zip(self.pipeline.stages, self.pipeline.meters)):
             layers = stage.end - stage.start
@@ -276,16 +323,21 @@ class EngineLoop:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _finish(self, s: Session, event: Finished) -> None:
+    def _finish(self, s: Session, event: Finished, *, kv_tokens: int = 0) -> None:
+        """kv_tokens: what its KV holds, when it ended at a step's end ("stop", "length"): the
+        prompt cache may keep it. Any other end drops the KV."""
         s.done = True
         self.sched.remove(s.id)
         self._sessions.pop(s.id, None)
         # the worker is idle whenever this runs on the loop outside a step, and a session that
         # ends during a step is dropped by the loop after it (see _run): never a race on KV
-        if not self._stepping:
-            self.pipeline.drop(s.id)
-        else:
+        if self._stepping:
             self._drop_after_step.append(s.id)
+        elif self.prompt_cache > 0 and kv_tokens >= PROMPT_CACHE_MIN and not self._closing:
+            self._kept[s.id] = (s.prompt + s.answer)[:kv_tokens]
+            self._drop_kept(len(self._kept) - self.prompt_cache)  # the least recently ended first
+        else:
+            self.pipeline.drop(s.id)
         self.metrics.sessions_finished[event.reason] = self.metrics.sessions_finished.get(event.reason, 0) + 1
         s.events.put_nowait(event)
 
@@ -306,12 +358,32 @@ class EngineLoop:
                 for sid in self._drop_after_step:
                     self.pipeline.drop(sid)
                 self._drop_after_step.clear()
+                self._drop_kept(len(self._kept))
+
+    def _drop_kept(self, n: int) -> None:
+        """Drop the KV of the n least recently ended kept sessions (outside a step only)."""
+        for _ in range(min(n, len(self._kept))):
+            sid, _tokens = self._kept.popitem(last=False)
+            self.pipeline.drop(sid)
+
+    def _trim_kept(self) -> int:
+        """Before a step: kept KV gives way to live sessions. It may use what the budget leaves
+        once every live session holds its whole context, and a cluster's streams (one per
+        session with KV on every peer) go to live sessions first. -> the budget left for them."""
+        live = sum(j.context for j in self.sched.jobs())
+        while self._kept and self.kept_tokens + live > self.kv_budget_tokens:
+            self._drop_kept(1)
+        if self._max_held is not None:
+            self._drop_kept(len(self._kept) + len(self.sched) - self._max_held)
+        return self.kv_budget_tokens - self.kept_tokens
 
     async def _one_step(self) -> None:
         loop = asyncio.get_running_loop()
         self.kv_budget_tokens = self._budget()
+        budget = self._trim_kept()
+        max_held = None if self._max_held is None else max(self.max_sessions, self._max_held - len(self._kept))
         batch = self.sched.next_batch(time.monotonic(), max_batch=self.max_sessions,
-                                      kv_budget_tokens=self.kv_budget_tokens, max_held=self._max_held)
+                                      kv_budget_tokens=budget, max_held=max_held)
         self.metrics.preemptions += len(batch.preempt)
         self.metrics.evictions += len(batch.evict)
         for sid in batch.evict:
@@ -324,7 +396,9 @@ class EngineLoop:
             # nothing fits (cannot happen with a budget of max_sessions full contexts)
             await asyncio.sleep(0.01)
             return
-        work = [(self._sessions[sid], sid in batch.prefill) for sid in batch.run]
+        # a prefill reuses the KV the stages hold for it (a kept session's), or rebuilds from 0
+        work = [(self._sessions[sid], self.sched.job(sid).kv_tokens if sid in batch.prefill else None)
+                for sid in batch.run]
         started = time.monotonic()
         self._stepping = True
         # shielded: on shutdown the step in flight finishes in the worker (close() waits for it)
@@ -347,6 +421,7 @@ class EngineLoop:
         (MAX_RESETS re-plans without one good step) ends its sessions with the reason."""
         self.metrics.resets += 1
         self._resets_in_a_row += 1
+        self._drop_kept(len(self._kept))
         if self._resets_in_a_row >= MAX_RESETS:
             for s in list(self._sessions.values()):
                 self._finish(s, Finished("error", f"the cluster was re-planned {MAX_RESETS} times in a row without "
@@ -355,24 +430,26 @@ class EngineLoop:
             return
         self.sched.lost_kv([sid for sid in self._sessions if sid in self.sched])
 
-    def _step(self, work: list[tuple[Session, bool]]) -> list[tuple[int | Exception, float, int]] | None:
-        """Worker thread: one token for each session. -> (token or error, seconds, tokens fed),
-        or None when the pipeline was rebuilt during the step (PipelineReset).
+    def _step(self, work: list[tuple[Session, int | None]]) -> list[tuple[int | Exception, float, int]] | None:
+        """Worker thread: one token for each session. work: (session, None to decode, or the
+        tokens of KV a prefill reuses). -> (token or error, seconds, tokens fed), or None when
+        the pipeline was rebuilt during the step (PipelineReset).
 
         Prefills run one by one (each is a many-row forward already); the decode steps of
         all other sessions run as one batched forward (Pipeline.next_tokens)."""
         out: dict[str, tuple[int | Exception, float, int]] = {}
         decode: list[Session] = []
-        for s, prefill in work:
-            if not prefill:
+        for s, reuse in work:
+            if reuse is None:
                 decode.append(s)
                 continue
             t0 = time.perf_counter()
             context = s.prompt + s.answer  # what the repetition penalty looks back over
             try:
-                self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
-                out[s.id] = (self.pipeline.next_token(s.id, context, 0, s.sampler, context),
-                             time.perf_counter() - t0, len(context))
+                if reuse == 0:
+                    self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
+                out[s.id] = (self.pipeline.next_token(s.id, context[reuse:], reuse, s.sampler, context),
+                             time.perf_counter() - t0, len(context) - reuse)
             except PipelineReset:
                 return None
             except Exception as err:  # a bug or an exhausted resource ends this request, not the server
@@ -380,8 +457,9 @@ class EngineLoop:
                 out[s.id] = (err, time.perf_counter() - t0, 0)
         if decode:
             t0 = time.perf_counter()
-            steps = [DecodeStep(s.id, s.answer[-1], len(s.prompt) + len(s.answer) - 1, s.sampler, s.prompt + s.answer)
-                     for s in decode]
+            # the newest token: the answer's, or the prompt's last when a kept session held all the rest
+            steps = [DecodeStep(s.id, context[-1], len(context) - 1, s.sampler, context)
+                     for s in decode for context in [s.prompt + s.answer]]
             try:
                 tokens: list[int | Exception] = list(self.pipeline.next_tokens(steps))
             except PipelineReset:
@@ -398,6 +476,7 @@ class EngineLoop:
 
     def _account(self, batch: Batch, results: list, now: float, step_s: float) -> None:
         observe_prefill = getattr(self.sched, "observe_prefill", None)
+        jobs = {sid: self.sched.job(sid) for sid in batch.run if sid in self.sched}  # on_step drops finished ones
         ended: list[tuple[Session, Finished]] = []
         for sid, (token, seconds, fed) in zip(batch.run, results):
             s = self._sessions.get(sid)
@@ -421,12 +500,13 @@ class EngineLoop:
             s.events.put_nowait(Token(token))
         charged = {sid: seconds for sid, (_, seconds, _) in zip(batch.run, results)}  # its prefill, or the shared decode
         reached = set(self.sched.on_step(batch, now, step_s, charged))
-        for s, event in ended:
-            self._finish(s, event)
+        for s, event in ended:  # on_step counted what the step fed: the KV a stop leaves
+            held = jobs[s.id].kv_tokens if event.reason == "stop" and s.id in jobs else 0
+            self._finish(s, event, kv_tokens=held)
         for sid in reached:
             s = self._sessions.get(sid)
             if s is not None and not s.done:
-                self._finish(s, Finished("length"))
+                self._finish(s, Finished("length"), kv_tokens=jobs[sid].kv_tokens)
 
 
 def kv_room(pipeline: Pipeline, *, local: bool, cap: int | None, free_now: int) -> Callable[[], int]:

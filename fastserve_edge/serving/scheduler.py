@@ -30,7 +30,8 @@ Two policies share that accounting:
 - `MLFQ`: FastServe's skip-join multi-level feedback queue (Wu et al. 2023, "Fast
   Distributed Inference Serving for Large Language Models"). K queues, quantum
   q_i = base_quantum_s * 2**i. A new job joins the highest queue whose quantum covers its
-  estimated prefill time (prompt_tokens * prefill_s_per_token), so a long prompt does not
+  estimated prefill time ((prompt_tokens - kv_tokens) * prefill_s_per_token: a job may arrive
+  with KV, the serving loop's prompt cache), so a long prompt does not
   spend its first quanta only to be demoted. The time of its own part of each step counts
   against its queue's quantum (its prefill, or the batched decode forward every decoding
   member shares); using it up demotes the job one queue. Every step picks the highest-priority jobs afresh
@@ -325,7 +326,7 @@ class MLFQ(_Base):
             self.prefill_s_per_token += PREFILL_EMA * (seconds / tokens - self.prefill_s_per_token)
 
     def _join_level(self, job: Job) -> int:
-        estimate = job.prompt_tokens * self.prefill_s_per_token
+        estimate = (job.context - job.kv_tokens) * self.prefill_s_per_token  # a prompt-cache hit prefills less
         for level in range(self.levels - 1):
             if estimate <= self.base_quantum_s * 2**level:
                 return level

@@ -114,3 +114,41 @@ def test_many_sessions_at_once_are_batched_on_the_peer_and_each_gets_its_own_ans
             got[sid].append(token)
     assert got == want
     assert max(batch_sizes) > 1, batch_sizes  # rows that waited for the stage ran together
+
+
+def test_the_serving_loops_prompt_cache_rewinds_a_session_on_the_peer(cluster):
+    """`serve`'s prompt cache over a cluster: an ended session's KV stays on the peer, and a
+    prompt that shares its start takes it over: the peer rewinds the session to the shared
+    position and goes on from there, and the answer is still one machine's."""
+    import asyncio
+
+    from fastserve_edge.serving.engine_loop import PROMPT_CACHE_MIN, EngineLoop, Finished, Token
+
+    source, node, coordinator, _ = cluster
+    pipeline = coordinator.apply(coordinator.make_plan())
+    alone = Pipeline(source.config, local_stages(source, max_tokens=32), 32)
+    greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
+    first = [(3 * i) % 50 + 1 for i in range(PROMPT_CACHE_MIN + 4)]
+    second = first[:PROMPT_CACHE_MIN + 2] + [7, 8, 9]
+
+    async def answer(engine, ids):
+        s = engine.submit(ids, Sampler(greedy), max_tokens=5, stop_ids=frozenset())
+        tokens = []
+        while not isinstance(event := await s.events.get(), Finished):
+            assert isinstance(event, Token)
+            tokens.append(event.id)
+        return s, tokens
+
+    async def main():
+        engine = EngineLoop(pipeline, max_sessions=2)
+        engine.start()
+        try:
+            s1, _ = await answer(engine, first)
+            s2, tokens = await answer(engine, second)
+            return s1, s2, tokens
+        finally:
+            await engine.close()
+
+    s1, s2, tokens = asyncio.run(main())
+    assert s2.id == s1.id and s2.cached == PROMPT_CACHE_MIN + 2
+    assert tokens == list(alone.generate("x", second, Sampler(greedy), max_tokens=5))

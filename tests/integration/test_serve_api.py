@@ -143,6 +143,33 @@ def test_greedy_answer_equals_fastserve_chat_streaming_or_not(model, client, mod
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_the_next_turn_of_a_conversation_reuses_the_kv_of_the_last_and_answers_the_same(model, server, client,
+                                                                                        model_id):
+    """The prompt cache: a client sends the whole conversation every turn; the server
+    prefills only what it has not seen (usage.prompt_tokens_details.cached_tokens, as OpenAI
+    reports it), and the answer is the one a server with --prompt-cache 0 gives."""
+    first = chat(client, model_id, "Name a large city in Japan.", max_tokens=24)
+    history = [{"role": "user", "content": "Name a large city in Japan."},
+               {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "And one in Italy?"}]
+    before = metrics(server)
+    second = client.chat.completions.create(model=model_id, messages=history, temperature=0, max_tokens=24)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens  # at least all of turn 1's prompt
+    m = metrics(server)
+    assert m["fastserve_prompt_tokens_cached_total"] - before["fastserve_prompt_tokens_cached_total"] == cached
+    assert m["fastserve_prompt_cache_sessions"] >= 1 and m["fastserve_prompt_cache_tokens"] > 0
+    with running_server(model, "--prompt-cache", "0") as url:
+        plain = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        again = plain.chat.completions.create(model=model_id, messages=history, temperature=0, max_tokens=24)
+        assert again.usage.prompt_tokens_details.cached_tokens == 0
+        assert metrics(url)["fastserve_prompt_cache_sessions"] == 0
+    assert second.choices[0].message.content == again.choices[0].message.content
+    bad = subprocess.run([FASTSERVE, "serve", "--local-only", "--prompt-cache", "-1"], env=env(), capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "--prompt-cache must be at least 0" in bad.stderr, bad.stderr
+
+
 def test_stop_strings_and_max_tokens(client, model_id):
     full = chat(client, model_id, QUESTION, max_tokens=40).choices[0].message.content
     cut = full.index("Paris")
@@ -215,7 +242,8 @@ def test_kv_memory_bounds_the_sessions_and_the_rest_queue(model, client, model_i
             task = asyncio.ensure_future(stream_all(url, model_id, QUESTIONS, 24))
             while not task.done():
                 m = await asyncio.to_thread(metrics, url)
-                peak_kv, peak_queue = max(peak_kv, m["fastserve_kv_tokens"]), max(peak_queue, m["fastserve_queue_length"])
+                held = m["fastserve_kv_tokens"] + m["fastserve_prompt_cache_tokens"]  # kept KV counts too
+                peak_kv, peak_queue = max(peak_kv, held), max(peak_queue, m["fastserve_queue_length"])
                 await asyncio.sleep(0.01)
             return await task
 

@@ -1,0 +1,198 @@
+"""The serving loop's prompt cache, over a fake pipeline: an ended session keeps its KV, a
+prompt that starts the same way takes it over and prefills only the rest, and kept KV gives
+way (to the KV budget, to --prompt-cache, to a re-plan). No model, no sockets.
+
+The fake is a real Pipeline stand-in plugged in the way the loop uses one (next_token,
+next_tokens, drop, ctx): it keeps, per session, the tokens its "KV" holds, checks that every
+call continues at a position it has, and answers with a token that depends on every token
+before it: a session fed from a wrong position, or with a stale cache, gives another answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from fastserve_edge.engine.generate import DecodeStep, PipelineReset
+from fastserve_edge.engine.sampling import Sampler, SamplingParams
+from fastserve_edge.serving.engine_loop import KV_GROWTH, PROMPT_CACHE_MIN, EngineLoop, Finished, Token
+
+CTX = 128
+GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
+
+
+class FakePipeline:
+    ctx = CTX
+    stages: list = []
+    meters: list = []
+
+    def __init__(self) -> None:
+        self.kv: dict[str, list[int]] = {}     # session -> tokens its KV holds, by position
+        self.fed: list[tuple[str, int, int]] = []  # (session, position, tokens) of every call
+        self.drops: list[str] = []
+        self.reset_next = False
+
+    def _feed(self, session: str, ids: Sequence[int], pos: int) -> int:
+        held = self.kv.get(session, [])
+        assert pos <= len(held), f"{session} fed at {pos} but holds {len(held)} tokens"
+        self.kv[session] = held = held[:pos] + list(ids)  # positions from pos on are overwritten
+        self.fed.append((session, pos, len(ids)))
+        return 100 + sum((i + 1) * t for i, t in enumerate(held)) % 97  # depends on every token and its place
+
+    def next_token(self, session, ids, pos, sampler, context) -> int:
+        return self._feed(session, ids, pos)
+
+    def next_tokens(self, steps: Sequence[DecodeStep]) -> list[int]:
+        if self.reset_next:
+            self.reset_next = False
+            self.kv.clear()
+            raise PipelineReset("a peer left")
+        return [self._feed(s.session, [s.token], s.pos) for s in steps]
+
+    def drop(self, session: str) -> None:
+        self.drops.append(session)
+        self.kv.pop(session, None)
+
+
+def prompt(first: int, n: int, *, shared: Sequence[int] = ()) -> list[int]:
+    return list(shared) + list(range(first, first + n - len(shared)))
+
+
+SYSTEM = prompt(1, PROMPT_CACHE_MIN + 4)  # a system prompt longer than the cache's minimum
+
+
+async def answer(engine: EngineLoop, ids: Sequence[int], max_tokens: int = 5):
+    """-> (session, tokens, finish reason)"""
+    s = engine.submit(ids, Sampler(GREEDY), max_tokens=max_tokens, stop_ids=frozenset())
+    tokens = []
+    while True:
+        event = await s.events.get()
+        if isinstance(event, Token):
+            tokens.append(event.id)
+        else:
+            assert isinstance(event, Finished)
+            return s, tokens, event.reason
+
+
+def run(body, **options):
+    """body(engine, fake) inside a running engine loop over a fresh fake pipeline."""
+    fake = FakePipeline()
+
+    async def main():
+        engine = EngineLoop(fake, max_sessions=2, **options)
+        engine.start()
+        try:
+            return await body(engine, fake)
+        finally:
+            await engine.close()
+
+    return asyncio.run(main()), fake
+
+
+def fresh_answer(ids: Sequence[int], max_tokens: int = 5) -> list[int]:
+    async def body(engine, fake):
+        return (await answer(engine, ids, max_tokens))[1]
+    return run(body, prompt_cache=0)[0]
+
+
+def test_the_next_turn_of_a_chat_prefills_only_the_new_message():
+    turn1 = prompt(1, 40)
+
+    async def body(engine, fake):
+        s1, a1, reason = await answer(engine, turn1)
+        assert reason == "length" and engine.kept_sessions == 1
+        assert fake.kv[s1.id] == turn1 + a1[:-1]  # the last token was sampled, never fed
+        turn2 = turn1 + a1 + prompt(500, 12)   # the client sends the whole conversation again
+        s2, a2, _ = await answer(engine, turn2)
+        return s1, s2, turn2, a2
+
+    (s1, s2, turn2, a2), fake = run(body)
+    reuse = 40 + 5 - 1
+    assert s2.id == s1.id and s2.cached == reuse  # it took the ended session's KV over
+    assert (s2.id, reuse, len(turn2) - reuse) in fake.fed  # and fed only what it did not hold
+    assert a2 == fresh_answer(turn2)  # the same answer as with no cache at all
+
+
+def test_a_shared_system_prompt_is_reused_and_the_same_prompt_again_decodes_its_last_token():
+    first, second = prompt(100, 30, shared=SYSTEM), prompt(300, 33, shared=SYSTEM)
+
+    async def body(engine, fake):
+        await answer(engine, first)
+        s2, a2, _ = await answer(engine, second)
+        s3, a3, _ = await answer(engine, second)  # the very same prompt: only its last token runs
+        return s2, a2, s3, a3, engine.metrics
+
+    (s2, a2, s3, a3, metrics), fake = run(body)
+    assert s2.cached == len(SYSTEM) and a2 == fresh_answer(second)
+    assert s3.cached == len(second) - 1 and a3 == a2
+    assert metrics.cached_tokens == len(SYSTEM) + len(second) - 1
+    assert metrics.prompt_tokens == len(first) + 2 * len(second)
+
+
+def test_too_short_a_shared_start_reuses_nothing_and_a_cancelled_session_is_not_kept():
+    first = prompt(1, 30)
+    short = first[:PROMPT_CACHE_MIN - 1] + prompt(900, 20)
+
+    async def body(engine, fake):
+        s1, _, _ = await answer(engine, first)
+        s2, _, _ = await answer(engine, short)
+        assert s2.id != s1.id and s2.cached == 0
+        s3 = engine.submit(prompt(2000, 30), Sampler(GREEDY), max_tokens=50, stop_ids=frozenset())
+        await s3.events.get()
+        engine.cancel(s3)
+        await asyncio.sleep(0.05)
+        return engine.kept_sessions, s3
+
+    (kept, s3), fake = run(body)
+    assert kept == 2 and s3.id in fake.drops and s3.id not in fake.kv
+
+
+def test_the_cache_keeps_the_most_recent_sessions_and_zero_turns_it_off():
+    prompts = [prompt(1000 * i, 30) for i in range(1, 4)]
+
+    async def three(engine, fake):
+        return [(await answer(engine, p))[0].id for p in prompts]
+
+    ids, fake = run(three, prompt_cache=2)
+    assert set(fake.kv) == set(ids[1:])  # the oldest went first
+    ids, fake = run(three, prompt_cache=0)
+    assert not fake.kv
+
+
+def test_kept_kv_gives_way_to_live_sessions_within_the_kv_budget():
+    """A budget of 100 tokens: a kept session of 44 and two live ones of 40 + 5 each do not fit
+    together; the kept KV is dropped before the step, never a live session's."""
+    budget = 100
+
+    async def body(engine, fake):
+        kept, _, _ = await answer(engine, prompt(1, 40))
+        assert engine.kept_sessions == 1
+        results = await asyncio.gather(answer(engine, prompt(5000, 40)), answer(engine, prompt(6000, 40)))
+        assert engine.metrics.evictions == 0 and all(r[2] == "length" for r in results)
+        return kept
+
+    kept, fake = run(body, kv_room=lambda: budget * KV_GROWTH)
+    assert kept.id in fake.drops
+
+
+def test_a_replan_drops_the_kept_sessions():
+    async def body(engine, fake):
+        s1, _, _ = await answer(engine, prompt(1, 30))
+        fake.reset_next = True  # the next batched decode step meets a re-plan
+        s2, a2, reason = await answer(engine, prompt(4000, 30))
+        return s1, s2, a2, reason, engine.kept_sessions
+
+    (s1, s2, a2, reason, kept), fake = run(body)
+    assert s1.id in fake.drops and reason == "length" and a2 == fresh_answer(prompt(4000, 30))
+    assert kept == 1 and set(fake.kv) == {s2.id}  # only the session that ended after the re-plan
+
+
+def test_a_negative_prompt_cache_is_refused_by_serve_before_any_model_loads():
+    from cli.serve import serve
+    from fastserve_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--prompt-cache must be at least 0"):
+        serve(model=None, host="127.0.0.1", port=0, api_key=None, max_sessions=4, scheduler="fcfs", ctx=None,
+              threads=None, insecure=False, prompt_cache=-1)
