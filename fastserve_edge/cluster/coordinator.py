@@ -32,6 +32,7 @@ from fastserve_edge.engine.generate import (
     LocalStage,
     Pipeline,
     PipelineReset,
+    Prefill,
     StageRunner,
 )
 from fastserve_edge.engine.kv_cache import kv_bytes_per_token
@@ -368,6 +369,9 @@ class ClusterPipeline:
 
     def next_tokens(self, steps: Sequence[DecodeStep]) -> list[int]:
         return self._step(lambda p: p.next_tokens(steps))
+
+    def first_tokens(self, prefills: Sequence[Prefill]) -> list[int]:
+        return self._step(lambda p: p.first_tokens(prefills))
 
     def generate(self, session: str, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int,
                  stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None) -> Iterator[int]:

@@ -18,12 +18,13 @@ import torch
 from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.kv_cache import KVCache
 from fastserve_edge.engine.model import Stage
-from fastserve_edge.engine.quant import RuntimeWeights
+from fastserve_edge.engine.quant import DENSE_PREFILL_ROWS, RuntimeWeights
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.models.tensors import ModelSource
 
 
 PIPELINE_THREADS = 32  # sessions whose rows go through the peers at once (more wait their turn)
+PACKED_PREFILL_ROWS = 1024  # at most this many prompt tokens in one packed prefill: bounds its activations
 
 
 class StageRunner(Protocol):
@@ -65,6 +66,14 @@ class LocalStage:
         caches = [self._cache(s) for s in sessions]
         with torch.inference_mode():
             return self.stage.forward_batch(x, caches, list(positions))
+
+    def forward_packed(self, sessions: Sequence[str], xs: Sequence[torch.Tensor],
+                       positions: Sequence[int]) -> list[torch.Tensor]:
+        """Several sessions' prefills in one forward (Stage.forward_packed): xs[r] ids [S_r] or
+        hidden [S_r, D] -> hidden [S_r, D] each, or the last position's logits [vocab] each."""
+        caches = [self._cache(s) for s in sessions]
+        with torch.inference_mode():
+            return self.stage.forward_packed(list(xs), caches, list(positions))
 
     def drop(self, session: str) -> None:
         self._caches.pop(session, None)
@@ -111,6 +120,17 @@ class DecodeStep:
     pos: int
     sampler: Sampler
     context: Sequence[int]  # what the repetition penalty looks back over
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One session's part of a step that feeds several tokens: `ids` at pos.., sample the next."""
+
+    session: str
+    ids: Sequence[int]
+    pos: int
+    sampler: Sampler
+    context: Sequence[int]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -207,6 +227,57 @@ class Pipeline:
             if future.exception() is not None:
                 raise future.exception()
         return [future.result() for future in futures]
+
+    def first_tokens(self, prefills: Sequence[Prefill]) -> list[int]:
+        """The next token of several sessions that each feed many tokens (the serving loop's
+        prefills of one step). Each gets what next_token gives it alone, bit for bit.
+
+        Prompts of at least DENSE_PREFILL_ROWS tokens go through this machine's leading
+        stages together (`forward_packed`): each weight is dequantized once for all of them
+        and multiplied in one GEMM, instead of once per prompt. A shorter prompt runs alone:
+        its few rows take the integer kernel, as they would alone. The stages after them
+        (peers) take each session in turn."""
+        packs: list[list[int]] = []
+        if hasattr(self.stages[0], "forward_packed"):
+            for i, p in enumerate(prefills):  # greedy: as many as fit in PACKED_PREFILL_ROWS together
+                if len(p.ids) < DENSE_PREFILL_ROWS:
+                    continue
+                if packs and sum(len(prefills[j].ids) for j in packs[-1]) + len(p.ids) <= PACKED_PREFILL_ROWS:
+                    packs[-1].append(i)
+                else:
+                    packs.append([i])
+        out: dict[int, int] = {}
+        for pack in (pack for pack in packs if len(pack) > 1):
+            out.update(zip(pack, self._packed([prefills[i] for i in pack])))
+        for i, p in enumerate(prefills):
+            if i not in out:
+                out[i] = self.next_token(p.session, p.ids, p.pos, p.sampler, p.context)
+        return [out[i] for i in range(len(prefills))]
+
+    def _packed(self, prefills: Sequence[Prefill]) -> list[int]:
+        sessions = [p.session for p in prefills]
+        positions = [p.pos for p in prefills]
+        xs: list[torch.Tensor] = [torch.tensor(list(p.ids), dtype=torch.long) for p in prefills]
+        tokens = sum(len(p.ids) for p in prefills)
+        lead = 0
+        while lead < len(self.stages) and hasattr(self.stages[lead], "forward_packed"):
+            xs = self._timed(lead, tokens, self.stages[lead].forward_packed, sessions, xs, positions)
+            lead += 1
+        if lead == len(self.stages):
+            return [p.sampler(logits, p.context) for p, logits in zip(prefills, xs)]
+        out = []
+        for p, x in zip(prefills, xs):  # the peers: one session after another
+            x = x.unsqueeze(0)  # [1, S, D]
+            for i in range(lead, len(self.stages) - 1):
+                x = self._timed(i, len(p.ids), self.stages[i].forward, p.session, x, p.pos)
+            last = self.stages[-1]
+            if hasattr(last, "forward_sample"):
+                out.append(self._timed(len(self.stages) - 1, len(p.ids), last.forward_sample, p.session, x, p.pos,
+                                       p.sampler, p.context))
+            else:
+                out.append(p.sampler(self._timed(len(self.stages) - 1, len(p.ids), last.forward, p.session, x,
+                                                 p.pos)[0], p.context))
+        return out
 
     def _rest(self, first: int, step: DecodeStep, x: torch.Tensor) -> int:
         """One session's row through stages first.. (one at a time), then its token."""

@@ -85,9 +85,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache, layer: int, pos: int) -> torch.Tensor:
-        B, S, _ = x.shape
-        hd = self.cfg.head_dim
         q, k, v = self.wqkv(x)
+        return self.wo(self._attend(q, k, v, cos, sin, cache, layer, pos))
+
+    def forward_packed(self, x: torch.Tensor, sizes: list[int], cos: torch.Tensor, sin: torch.Tensor,
+                       caches: list[KVCache], layer: int, positions: list[int]) -> torch.Tensor:
+        """x: [1, sum(sizes), D], the new tokens of several sessions one after another; session r
+        has sizes[r] of them at positions[r] of caches[r]. One projection for all, attention each."""
+        q, k, v = self.wqkv(x)
+        outs, start = [], 0
+        for S, cache, pos in zip(sizes, caches, positions):
+            rows = slice(start, start + S)
+            start += S
+            outs.append(self._attend(q[:, rows], k[:, rows], v[:, rows], cos[pos:pos + S], sin[pos:pos + S],
+                                     cache, layer, pos))
+        return self.wo(torch.cat(outs, dim=1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+        """q [B, S, H*hd], k/v [B, S, Hkv*hd] of tokens at pos.. -> attention output [B, S, H*hd]."""
+        B, S, _ = q.shape
+        hd = self.cfg.head_dim
         q = q.view(B, S, self.cfg.n_heads, hd)
         k = k.view(B, S, self.cfg.n_kv_heads, hd)
         v = v.view(B, S, self.cfg.n_kv_heads, hd)
@@ -105,7 +123,7 @@ class Attention(nn.Module):
             causal = False
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.cfg.n_heads != self.cfg.n_kv_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, S, self.cfg.n_heads * hd))
+        return out.transpose(1, 2).reshape(B, S, self.cfg.n_heads * hd)
 
 
 class FeedForward(nn.Module):
@@ -159,6 +177,11 @@ class Block(nn.Module):
         if self.glue is not None and x.shape[0] == 1 and x.shape[1] == 1:
             return self.forward_one(x, cos, sin, cache, layer, pos)
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward_packed(self, x, sizes, cos, sin, caches, layer, positions):
+        """x: [1, sum(sizes), D], several sessions' new tokens (Attention.forward_packed)."""
+        x = x + self.attn.forward_packed(self.attn_norm(x), sizes, cos, sin, caches, layer, positions)
         return x + self.ffn(self.ffn_norm(x))
 
     def forward_one(self, x, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
@@ -229,6 +252,25 @@ class Stage(nn.Module):
         if not all_logits:
             h = h[:, -1]
         return self.head(self.norm(h))
+
+    def forward_packed(self, xs: list[torch.Tensor], caches: list[KVCache], positions: list[int]) -> list[torch.Tensor]:
+        """Several sessions' prefills as one forward: xs[r] ids [S_r] (first stage) or hidden
+        [S_r, D], at positions[r] of caches[r]. Every linear runs once over all their rows (a
+        quantized weight is dequantized once for every prompt, one GEMM); attention runs per
+        session. Returns hidden [S_r, D] per session, or if last the logits [vocab] of each
+        one's last position. Each equals forward() of that prompt alone, bit for bit, when the
+        linears take the same path alone as together: every S_r >= quant.DENSE_PREFILL_ROWS."""
+        sizes = [x.shape[0] for x in xs]
+        assert len(xs) == len(caches) == len(positions) >= 1 and min(sizes) >= 1
+        h = torch.cat([self.embed(x.view(1, -1))[0] if self.is_first else x.float() for x in xs]).unsqueeze(0)
+        for layer, block in enumerate(self.blocks):
+            h = block.forward_packed(h, sizes, self.cos, self.sin, caches, layer, positions)
+        parts = list(h[0].split(sizes))
+        if not self.is_last:
+            return parts
+        last = self.norm(torch.stack([part[-1] for part in parts]))  # [R, D]
+        # a few rows at a time: the head takes its one-row path (a GEMM from 32 rows on would not)
+        return [row for i in range(0, len(parts), 4) for row in self.head(last[i:i + 4])]
 
     def forward_batch(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
         """One new token for each of M sessions, session r at positions[r] of caches[r].

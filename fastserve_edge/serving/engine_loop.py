@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset, common_prefix
+from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset, Prefill, common_prefix
 from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
@@ -435,26 +435,40 @@ class EngineLoop:
         tokens of KV a prefill reuses). -> (token or error, seconds, tokens fed), or None when
         the pipeline was rebuilt during the step (PipelineReset).
 
-        Prefills run one by one (each is a many-row forward already); the decode steps of
-        all other sessions run as one batched forward (Pipeline.next_tokens)."""
+        The step's prefills run first (Pipeline.first_tokens: prompts long enough to take the
+        GEMM path share one packed forward), then the decode steps of all other sessions as
+        one batched forward (Pipeline.next_tokens)."""
         out: dict[str, tuple[int | Exception, float, int]] = {}
-        decode: list[Session] = []
+        decode = [s for s, reuse in work if reuse is None]
+        prefills: list[Prefill] = []
         for s, reuse in work:
             if reuse is None:
-                decode.append(s)
                 continue
-            t0 = time.perf_counter()
+            if reuse == 0:
+                self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
             context = s.prompt + s.answer  # what the repetition penalty looks back over
+            prefills.append(Prefill(s.id, context[reuse:], reuse, s.sampler, context))
+        if prefills:
+            t0 = time.perf_counter()
             try:
-                if reuse == 0:
-                    self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
-                out[s.id] = (self.pipeline.next_token(s.id, context[reuse:], reuse, s.sampler, context),
-                             time.perf_counter() - t0, len(context) - reuse)
+                firsts: list[int | Exception] = list(self.pipeline.first_tokens(prefills))
             except PipelineReset:
                 return None
-            except Exception as err:  # a bug or an exhausted resource ends this request, not the server
-                log.exception("prefill failed for session %s", s.id)
-                out[s.id] = (err, time.perf_counter() - t0, 0)
+            except Exception:  # then each alone: only the one that fails again ends (a bug, an exhausted resource)
+                log.exception("packed prefill of %d session(s) failed; running them one by one", len(prefills))
+                firsts = []
+                for p in prefills:
+                    try:
+                        firsts.append(self.pipeline.next_token(p.session, p.ids, p.pos, p.sampler, p.context))
+                    except PipelineReset:
+                        return None
+                    except Exception as err:
+                        log.exception("prefill failed for session %s", p.session)
+                        firsts.append(err)
+            seconds = time.perf_counter() - t0
+            fed = sum(len(p.ids) for p in prefills)
+            for p, token in zip(prefills, firsts):  # each is charged its share of the prefill time
+                out[p.session] = (token, seconds * len(p.ids) / fed, len(p.ids))
         if decode:
             t0 = time.perf_counter()
             # the newest token: the answer's, or the prompt's last when a kept session held all the rest

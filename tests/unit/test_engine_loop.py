@@ -3,7 +3,7 @@ prompt that starts the same way takes it over and prefills only the rest, and ke
 way (to the KV budget, to --prompt-cache, to a re-plan). No model, no sockets.
 
 The fake is a real Pipeline stand-in plugged in the way the loop uses one (next_token,
-next_tokens, drop, ctx): it keeps, per session, the tokens its "KV" holds, checks that every
+first_tokens, next_tokens, drop, ctx): it keeps, per session, the tokens its "KV" holds, checks that every
 call continues at a position it has, and answers with a token that depends on every token
 before it: a session fed from a wrong position, or with a stale cache, gives another answer.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from fastserve_edge.engine.generate import DecodeStep, PipelineReset
+from fastserve_edge.engine.generate import DecodeStep, PipelineReset, Prefill
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.serving.engine_loop import KV_GROWTH, PROMPT_CACHE_MIN, EngineLoop, Finished, Token
 
@@ -43,6 +43,9 @@ class FakePipeline:
 
     def next_token(self, session, ids, pos, sampler, context) -> int:
         return self._feed(session, ids, pos)
+
+    def first_tokens(self, prefills: Sequence[Prefill]) -> list[int]:
+        return [self._feed(p.session, p.ids, p.pos) for p in prefills]
 
     def next_tokens(self, steps: Sequence[DecodeStep]) -> list[int]:
         if self.reset_next:

@@ -261,3 +261,45 @@ def test_a_batched_decode_step_gives_each_session_its_own_step_bit_for_bit(tmp_p
             for r, sid in enumerate(prompts):
                 assert torch.equal(got[r], alone.forward(sid, torch.tensor([[tokens[r]]]), pos[r])[0]), (arch, sid)
             torch.testing.assert_close(fallback.forward_batch(list(prompts), torch.tensor(tokens), pos), got)
+
+
+def test_packed_prefills_give_each_session_its_own_prefill_bit_for_bit(tmp_path):
+    """Pipeline.first_tokens packs the prompts long enough for the GEMM path into one forward:
+    each session's logits and the KV it leaves are those of its prefill alone, bit for bit,
+    at position 0 and after a cached prefix; a short prompt beside them runs alone."""
+    from fastserve_edge.engine.generate import Pipeline, Prefill, local_stages
+    from fastserve_edge.engine.quant import DENSE_PREFILL_ROWS
+    from fastserve_edge.engine.sampling import Sampler, SamplingParams
+    from fastserve_edge.models import open_model
+    from tests.models_fixtures import write_tiny_gguf
+
+    n = DENSE_PREFILL_ROWS
+    for arch in ("llama", "qwen2", "qwen3"):
+        source = open_model(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, tensor_type="Q4_0"))
+        (packed,) = local_stages(source, max_tokens=4 * n)
+        (alone,) = local_stages(source, max_tokens=4 * n)
+        vocab = source.config.vocab_size
+        ids = {"a": [(7 * i) % vocab for i in range(n)], "b": [(3 * i + 1) % vocab for i in range(n + 9)]}
+        for stage in (packed, alone):  # "b" has a cached prefix of 5 tokens: it goes on from there
+            stage.forward("b", torch.tensor([ids["b"][:5]]), 0)
+        feeds = [("a", ids["a"], 0), ("b", ids["b"][5:], 5)]
+        got = packed.forward_packed([s for s, _, _ in feeds], [torch.tensor(x) for _, x, _ in feeds],
+                                    [p for _, _, p in feeds])
+        for (sid, x, pos), logits in zip(feeds, got):
+            assert torch.equal(logits, alone.forward(sid, torch.tensor([x]), pos)[0]), (arch, sid)
+            end = pos + len(x)
+            for layer in range(len(packed.stage.blocks)):
+                assert torch.equal(packed._cache(sid).k[layer][:, :, :end], alone._cache(sid).k[layer][:, :, :end])
+                assert torch.equal(packed._cache(sid).v[layer][:, :, :end], alone._cache(sid).v[layer][:, :, :end])
+
+    greedy = SamplingParams(temperature=0, repeat_penalty=1.0)
+    together = Pipeline(source.config, local_stages(source, max_tokens=4 * n), 4 * n)
+    one_by_one = Pipeline(source.config, local_stages(source, max_tokens=4 * n), 4 * n)
+    prompts = {"a": ids["a"], "b": ids["b"], "short": [1, 2, 3]}
+    calls = []
+    stage = together.stages[0]
+    original = stage.forward_packed
+    stage.forward_packed = lambda sessions, xs, positions: calls.append(list(sessions)) or original(sessions, xs, positions)
+    firsts = together.first_tokens([Prefill(s, x, 0, Sampler(greedy), x) for s, x in prompts.items()])
+    assert calls == [["a", "b"]]  # the short one ran alone
+    assert firsts == [one_by_one.next_token(s, x, 0, Sampler(greedy), x) for s, x in prompts.items()]
