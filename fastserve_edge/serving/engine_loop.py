@@ -4,17 +4,19 @@ Requests live on the asyncio side; the model computes in ONE worker thread (torc
 asks the scheduler (scheduler.py) which sessions take the next step, runs one token for each
 of them in the worker, and hands every token to its request's queue:
 
-    budget = min(max_sessions * ctx, KV room of the tightest stage / 2)   # see kv_room()
+    budget = min(max_sessions * ctx, KV room of the tightest stage / 2 - caches' first allocations)   # kv_room()
     batch = sched.next_batch(now, max_batch=max_sessions, kv_budget_tokens=budget)
     drop batch.evict; end batch.oversized ("length")
-    worker: each id in batch.prefill: one prefill forward; all other ids: one batched decode forward
+    worker: the ids in batch.prefill: their prefills packed in one forward; all other ids: one batched decode forward
     sched.on_step(batch, now, step_seconds, each job's seconds); deliver tokens; end finished ones
     a PipelineReset (a peer left, the cluster re-planned): every session re-prefills
 
 Continuous batching: the decode steps of every session in a step run as ONE batched forward
 (Pipeline.next_tokens: each weight is read once per step, not once per session), and
-sessions join and leave between steps; prefills run one by one beside it. Each request is
-its own pipeline session (its own KV), dropped when it ends.
+sessions join and leave between steps; the step's prefills run before it, packed into one
+forward where they can be (Pipeline.first_tokens). Each request is its own pipeline session
+(its own KV), dropped when it ends (or kept: the prompt cache below). A failed batched step
+runs its sessions again one by one, so that only a session that fails alone ends.
 
 Same arithmetic as `Pipeline.generate`: a fresh session prefills its whole prompt at position
 0, then feeds one token at a time, so greedy answers equal `fastserve chat`'s. A session whose
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset, Prefill, common_prefix
-from fastserve_edge.engine.kv_cache import kv_bytes_per_token
+from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, kv_bytes_per_token
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
 
@@ -174,10 +176,10 @@ class EngineLoop:
         self.scheduler_name = scheduler
         self.sched: Scheduler = make_scheduler(scheduler)
         self._kv_room = kv_room
-        self.kv_budget_tokens = self._budget()
         # a cluster holds a peer stream per session with KV: it bounds how many may hold some
         limit = getattr(pipeline, "max_open_sessions", None)
         self._max_held = None if limit is None else max(limit, max_sessions)
+        self.kv_budget_tokens = self._budget()
         self._resets_in_a_row = 0
         self.metrics = EngineMetrics()
         self._threads = threads
@@ -194,8 +196,12 @@ class EngineLoop:
         full = self.max_sessions * self.pipeline.ctx  # what max_sessions full contexts hold
         if self._kv_room is None:
             return full
-        # a cache grows by doubling: what it allocates may be twice what it holds
-        return max(self.pipeline.ctx, min(full, self._kv_room() // KV_GROWTH))
+        # a cache grows by doubling: what it allocates may be twice what it holds, and at least
+        # its first allocation (INITIAL_TOKENS) however little it holds: 2 * held + INITIAL_TOKENS
+        # per session bounds it. Counted for the sessions with KV now and the ones a step may add.
+        holders = len(self._kept) + min(len(self.sched), self._max_held or len(self.sched))
+        first = INITIAL_TOKENS * max(holders, self.max_sessions)
+        return max(self.pipeline.ctx, min(full, (self._kv_room() - first) // KV_GROWTH))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -478,9 +484,18 @@ class EngineLoop:
                 tokens: list[int | Exception] = list(self.pipeline.next_tokens(steps))
             except PipelineReset:
                 return None
-            except Exception as err:
-                log.exception("batched decode step failed for %d session(s)", len(decode))
-                tokens = [err] * len(decode)
+            except Exception:  # then each alone: only the one that fails again ends
+                log.exception("batched decode step failed for %d session(s); running them one by one", len(decode))
+                tokens = []
+                for step in steps:
+                    try:
+                        tokens.append(self.pipeline.next_token(step.session, [step.token], step.pos, step.sampler,
+                                                               step.context))
+                    except PipelineReset:
+                        return None
+                    except Exception as err:
+                        log.exception("decode step failed for session %s", step.session)
+                        tokens.append(err)
             seconds = time.perf_counter() - t0
             self.metrics.decode_steps += 1
             self.metrics.decode_rows += len(decode)

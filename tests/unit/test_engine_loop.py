@@ -17,6 +17,7 @@ import pytest
 
 from fastserve_edge.engine.generate import DecodeStep, PipelineReset, Prefill
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
+from fastserve_edge.engine.kv_cache import INITIAL_TOKENS
 from fastserve_edge.serving.engine_loop import KV_GROWTH, PROMPT_CACHE_MIN, EngineLoop, Finished, Token
 
 CTX = 128
@@ -33,9 +34,12 @@ class FakePipeline:
         self.fed: list[tuple[str, int, int]] = []  # (session, position, tokens) of every call
         self.drops: list[str] = []
         self.reset_next = False
+        self.broken: set[str] = set()  # sessions whose rows make any call that carries them fail
 
     def _feed(self, session: str, ids: Sequence[int], pos: int) -> int:
         held = self.kv.get(session, [])
+        if session in self.broken:
+            raise RuntimeError("this session's rows break the kernel")
         assert pos <= len(held), f"{session} fed at {pos} but holds {len(held)} tokens"
         self.kv[session] = held = held[:pos] + list(ids)  # positions from pos on are overwritten
         self.fed.append((session, pos, len(ids)))
@@ -45,7 +49,7 @@ class FakePipeline:
         return self._feed(session, ids, pos)
 
     def first_tokens(self, prefills: Sequence[Prefill]) -> list[int]:
-        return [self._feed(p.session, p.ids, p.pos) for p in prefills]
+        return [self._feed(p.session, p.ids, p.pos) for p in prefills]  # one failure fails the call
 
     def next_tokens(self, steps: Sequence[DecodeStep]) -> list[int]:
         if self.reset_next:
@@ -165,19 +169,31 @@ def test_the_cache_keeps_the_most_recent_sessions_and_zero_turns_it_off():
 
 
 def test_kept_kv_gives_way_to_live_sessions_within_the_kv_budget():
-    """A budget of 100 tokens: a kept session of 44 and two live ones of 40 + 5 each do not fit
-    together; the kept KV is dropped before the step, never a live session's."""
-    budget = 100
+    """A budget of one context (128 tokens): a kept session of 64 and two live ones of 40 + 5
+    each do not fit together; the kept KV is dropped before the step, never a live session's."""
 
     async def body(engine, fake):
-        kept, _, _ = await answer(engine, prompt(1, 40))
+        assert engine.kv_budget_tokens == CTX
+        kept, _, _ = await answer(engine, prompt(1, 60))
         assert engine.kept_sessions == 1
         results = await asyncio.gather(answer(engine, prompt(5000, 40)), answer(engine, prompt(6000, 40)))
         assert engine.metrics.evictions == 0 and all(r[2] == "length" for r in results)
         return kept
 
-    kept, fake = run(body, kv_room=lambda: budget * KV_GROWTH)
+    kept, fake = run(body, kv_room=lambda: 0)  # no memory to speak of: the budget's floor, one context
     assert kept.id in fake.drops
+
+
+def test_the_kv_budget_leaves_room_for_every_caches_first_allocation():
+    """KVCache allocates INITIAL_TOKENS positions however little a session holds, and grows by
+    doubling: the budget is what the room holds after a first allocation per session, halved."""
+    room = 900  # between one context (128) and max_sessions (2) full ones, once the first allocations are out
+
+    async def body(engine, fake):
+        return engine.kv_budget_tokens
+
+    budget, _ = run(body, kv_room=lambda: room)
+    assert budget == (room - 2 * INITIAL_TOKENS) // KV_GROWTH  # max_sessions 2, nothing held yet
 
 
 def test_a_replan_drops_the_kept_sessions():
@@ -199,3 +215,35 @@ def test_a_negative_prompt_cache_is_refused_by_serve_before_any_model_loads():
     with pytest.raises(ConfigError, match="--prompt-cache must be at least 0"):
         serve(model=None, host="127.0.0.1", port=0, api_key=None, max_sessions=4, scheduler="fcfs", ctx=None,
               threads=None, insecure=False, prompt_cache=-1)
+
+
+def test_a_session_that_breaks_a_batched_step_ends_alone_and_the_others_go_on():
+    """A batched prefill or decode step that raises is run again one session at a time: the
+    session that fails alone too ends with an error; the ones beside it keep their answers."""
+    good, bad = prompt(1, 30), prompt(7000, 30)
+
+    async def finish(s):
+        tokens = []
+        while not isinstance(event := await s.events.get(), Finished):
+            tokens.append(event.id)
+        return tokens, event.reason
+
+    async def body(engine, fake):
+        # in the prefill: both prompts' prefills are one call, and one of them breaks it
+        a = engine.submit(good, Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
+        b = engine.submit(bad, Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
+        fake.broken.add(b.id)
+        prefill = await asyncio.gather(finish(a), finish(b))
+        fake.broken.clear()
+        # in a decode step: it breaks once both are decoding together
+        a = engine.submit(prompt(3000, 30), Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
+        b = engine.submit(bad, Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
+        first = await b.events.get()  # its first token was sent; the step in flight may send one more
+        fake.broken.add(b.id)
+        decode = await asyncio.gather(finish(a), finish(b))
+        return prefill, decode, [first.id] + decode[1][0]
+
+    (prefill, decode, sent), fake = run(body, prompt_cache=0)
+    assert prefill == [(fresh_answer(good), "length"), ([], "error")]
+    assert decode[0] == (fresh_answer(prompt(3000, 30)), "length") and decode[1][1] == "error"
+    assert 1 <= len(sent) < 5 and sent == fresh_answer(bad)[:len(sent)]  # what it was sent stays right
