@@ -198,9 +198,9 @@ class EngineLoop:
             return full
         # a cache grows by doubling: what it allocates may be twice what it holds, and at least
         # its first allocation (INITIAL_TOKENS) however little it holds: 2 * held + INITIAL_TOKENS
-        # per session bounds it. Counted for the sessions with KV now and the ones a step may add.
-        holders = len(self._kept) + min(len(self.sched), self._max_held or len(self.sched))
-        first = INITIAL_TOKENS * max(holders, self.max_sessions)
+        # per session bounds it. Counted for the sessions with KV now and as many as a step may add.
+        holders = len(self._kept) + sum(1 for j in self.sched.jobs() if j.kv_tokens) + self.max_sessions
+        first = INITIAL_TOKENS * holders
         return max(self.pipeline.ctx, min(full, (self._kv_room() - first) // KV_GROWTH))
 
     # -- lifecycle ---------------------------------------------------------------------------
