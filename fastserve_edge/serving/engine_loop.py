@@ -460,17 +460,11 @@ class EngineLoop:
                 firsts: list[int | Exception] = list(self.pipeline.first_tokens(prefills))
             except PipelineReset:
                 return None
-            except Exception:  # then each alone: only the one that fails again ends (a bug, an exhausted resource)
-                log.exception("packed prefill of %d session(s) failed; running them one by one", len(prefills))
-                firsts = []
-                for p in prefills:
-                    try:
-                        firsts.append(self.pipeline.next_token(p.session, p.ids, p.pos, p.sampler, p.context))
-                    except PipelineReset:
-                        return None
-                    except Exception as err:
-                        log.exception("prefill failed for session %s", p.session)
-                        firsts.append(err)
+            except Exception:
+                alone = self._each_alone("packed prefill", prefills)
+                if alone is None:
+                    return None
+                firsts = alone
             seconds = time.perf_counter() - t0
             fed = sum(len(p.ids) for p in prefills)
             for p, token in zip(prefills, firsts):  # each is charged its share of the prefill time
@@ -484,24 +478,34 @@ class EngineLoop:
                 tokens: list[int | Exception] = list(self.pipeline.next_tokens(steps))
             except PipelineReset:
                 return None
-            except Exception:  # then each alone: only the one that fails again ends
-                log.exception("batched decode step failed for %d session(s); running them one by one", len(decode))
-                tokens = []
-                for step in steps:
-                    try:
-                        tokens.append(self.pipeline.next_token(step.session, [step.token], step.pos, step.sampler,
-                                                               step.context))
-                    except PipelineReset:
-                        return None
-                    except Exception as err:
-                        log.exception("decode step failed for session %s", step.session)
-                        tokens.append(err)
+            except Exception:
+                alone = self._each_alone("batched decode step",
+                                         [Prefill(d.session, [d.token], d.pos, d.sampler, d.context) for d in steps])
+                if alone is None:
+                    return None
+                tokens = alone
             seconds = time.perf_counter() - t0
             self.metrics.decode_steps += 1
             self.metrics.decode_rows += len(decode)
             for s, token in zip(decode, tokens):
                 out[s.id] = (token, seconds, 1)
         return [out[s.id] for s, _ in work]
+
+    def _each_alone(self, what: str, feeds: list[Prefill]) -> list[int | Exception] | None:
+        """A batched call just failed (called in its except clause): run each session alone,
+        so that only one that fails again ends (a bug, an exhausted resource; the log says
+        which). None: the pipeline was rebuilt meanwhile (PipelineReset)."""
+        log.exception("%s of %d session(s) failed; running them one by one", what, len(feeds))
+        out: list[int | Exception] = []
+        for p in feeds:
+            try:
+                out.append(self.pipeline.next_token(p.session, p.ids, p.pos, p.sampler, p.context))
+            except PipelineReset:
+                return None
+            except Exception as err:
+                log.exception("%s failed for session %s", what, p.session)
+                out.append(err)
+        return out
 
     def _account(self, batch: Batch, results: list, now: float, step_s: float) -> None:
         observe_prefill = getattr(self.sched, "observe_prefill", None)
