@@ -80,7 +80,7 @@ def show_server(url: str, api_key: str | None, as_json: bool) -> None:
                        f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}", describe_bytes(r["kv_bytes"]),
                        describe_bytes(r["kv_budget_bytes"]))
     console.print(stages)
-    cache = status["prompt_cache"]
+    cache = status.get("prompt_cache") or {"sessions": 0, "kv_tokens": 0, "cached_tokens": 0, "prompt_tokens": 0}
     share = cache["cached_tokens"] / cache["prompt_tokens"] if cache["prompt_tokens"] else 0.0
     console.print(f"prompt cache: {cache['sessions']} ended sessions keep {cache['kv_tokens']} tokens of KV · "
                   f"{cache['cached_tokens']} of {cache['prompt_tokens']} prompt tokens came from it ({share:.0%})",

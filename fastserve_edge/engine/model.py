@@ -268,9 +268,14 @@ class Stage(nn.Module):
         parts = list(h[0].split(sizes))
         if not self.is_last:
             return parts
-        last = self.norm(torch.stack([part[-1] for part in parts]))  # [R, D]
-        # a few rows at a time: the head takes its one-row path (a GEMM from 32 rows on would not)
-        return [row for i in range(0, len(parts), 4) for row in self.head(last[i:i + 4])]
+        return list(self._head_each(self.norm(torch.stack([part[-1] for part in parts]))))
+
+    def _head_each(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [R, D] normed rows of R sessions -> logits [R, vocab], each row the bits the head
+        gives it alone: the integer kernel does for up to 4 rows at once (from 32 rows on the
+        head would take the GEMM path); torch's GEMM of a dense head does not: one row each."""
+        rows = 4 if _one_call(self.head) is not None else 1
+        return torch.cat([self.head(h[i:i + rows]) for i in range(0, h.shape[0], rows)])
 
     def forward_batch(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
         """One new token for each of M sessions, session r at positions[r] of caches[r].
@@ -290,4 +295,4 @@ class Stage(nn.Module):
             block.program.batch(h, kv, positions, self.cos, self.sin)
         if not self.is_last:
             return h
-        return self.head(self.norm(h))
+        return self._head_each(self.norm(h))

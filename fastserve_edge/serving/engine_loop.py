@@ -51,6 +51,7 @@ import torch
 from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset, Prefill, common_prefix
 from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, kv_bytes_per_token
 from fastserve_edge.engine.sampling import Sampler
+from fastserve_edge.errors import FastServeError
 from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 KV_GROWTH = 2  # kv_cache.KVCache doubles its capacity as a session grows
 PROMPT_CACHE_MIN = 16  # tokens a prompt must share with a kept session to take its KV over (less
                        # saves too little to be worth a kept session another prompt may share more with)
+STALE_TAIL = INITIAL_TOKENS // 2  # kept tokens past the shared start a taker may inherit (see _take_kept)
 MAX_RESETS = 3  # re-plans in a row without a good step before the sessions end with an error
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -140,7 +142,9 @@ class Finished:
 
 @dataclass(eq=False)
 class Session:
-    """One request as the loop sees it. `events` receives Token(...) then one Finished(...)."""
+    """One request as the loop sees it. `events` receives Token(...) then one Finished(...).
+    `id` names it (scheduler, API); `kv` names its KV on the stages: its own, or the KV of an
+    ended session it took over from the prompt cache."""
 
     id: str
     prompt: list[int]
@@ -150,9 +154,13 @@ class Session:
     arrival: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     answer: list[int] = field(default_factory=list)
-    cached: int = 0           # prompt tokens whose KV a kept session gave it (the prompt cache)
+    kv: str = ""              # the stages' session key (default: id)
+    cached: int = 0           # prompt tokens its first prefill took from a kept session's KV
     last_token_at: float | None = None
     done: bool = False
+
+    def __post_init__(self) -> None:
+        self.kv = self.kv or self.id
 
     @property
     def completion_tokens(self) -> int:
@@ -239,11 +247,10 @@ class EngineLoop:
             raise EngineClosed("the server is shutting down")
         now = time.monotonic()
         kept, reuse = self._take_kept(prompt)
-        s = Session(kept or uuid.uuid4().hex, list(prompt), sampler,
-                    min(max_tokens, self.pipeline.ctx - len(prompt)), stop_ids, now, cached=reuse)
+        s = Session(uuid.uuid4().hex, list(prompt), sampler, min(max_tokens, self.pipeline.ctx - len(prompt)),
+                    stop_ids, now, kv=kept or "")
         self._sessions[s.id] = s
         self.metrics.prompt_tokens += len(prompt)
-        self.metrics.cached_tokens += reuse
         self.sched.add(Job(s.id, arrival=now, prompt_tokens=len(prompt), max_tokens=s.max_tokens,
                            kv_tokens=reuse), now)
         self._wake.set()
@@ -251,13 +258,17 @@ class EngineLoop:
 
     def _take_kept(self, prompt: Sequence[int]) -> tuple[str | None, int]:
         """The kept session that shares the longest start with `prompt` (at least
-        PROMPT_CACHE_MIN tokens), taken out of the cache: its id and the tokens to reuse.
-        Safe during a step: kept sessions take no part in one."""
+        PROMPT_CACHE_MIN tokens), taken out of the cache: its KV key and the tokens to reuse.
+        Only one whose KV is mostly that start (at most STALE_TAIL tokens more): its caches
+        never shrink, and the budget's bound on what a session allocates (2 * held +
+        INITIAL_TOKENS) must hold for what it reuses. A long conversation that shares only a
+        system prompt stays in the cache for its own next turn. Safe during a step: kept
+        sessions take no part in one."""
         best, shared = None, 0
-        for sid, tokens in self._kept.items():
+        for key, tokens in self._kept.items():
             n = common_prefix(tokens, prompt)
-            if n > shared:
-                best, shared = sid, n
+            if n > shared and len(tokens) - min(n, len(prompt) - 1) <= STALE_TAIL:
+                best, shared = key, n
         reuse = min(shared, len(prompt) - 1)  # the last prompt token always runs: it gives the logits
         if best is None or reuse < PROMPT_CACHE_MIN:
             return None, 0
@@ -338,12 +349,12 @@ class EngineLoop:
         # the worker is idle whenever this runs on the loop outside a step, and a session that
         # ends during a step is dropped by the loop after it (see _run): never a race on KV
         if self._stepping:
-            self._drop_after_step.append(s.id)
+            self._drop_after_step.append(s.kv)
         elif self.prompt_cache > 0 and kv_tokens >= PROMPT_CACHE_MIN and not self._closing:
-            self._kept[s.id] = (s.prompt + s.answer)[:kv_tokens]
+            self._kept[s.kv] = (s.prompt + s.answer)[:kv_tokens]
             self._drop_kept(len(self._kept) - self.prompt_cache)  # the least recently ended first
         else:
-            self.pipeline.drop(s.id)
+            self.pipeline.drop(s.kv)
         self.metrics.sessions_finished[event.reason] = self.metrics.sessions_finished.get(event.reason, 0) + 1
         s.events.put_nowait(event)
 
@@ -361,16 +372,16 @@ class EngineLoop:
                 self._stepping = False
                 for s in list(self._sessions.values()):
                     self._finish(s, Finished("error", "the engine failed; the server log has the details"))
-                for sid in self._drop_after_step:
-                    self.pipeline.drop(sid)
+                for key in self._drop_after_step:
+                    self.pipeline.drop(key)
                 self._drop_after_step.clear()
                 self._drop_kept(len(self._kept))
 
     def _drop_kept(self, n: int) -> None:
         """Drop the KV of the n least recently ended kept sessions (outside a step only)."""
         for _ in range(min(n, len(self._kept))):
-            sid, _tokens = self._kept.popitem(last=False)
-            self.pipeline.drop(sid)
+            key, _tokens = self._kept.popitem(last=False)
+            self.pipeline.drop(key)
 
     def _trim_kept(self) -> int:
         """Before a step: kept KV gives way to live sessions. It may use what the budget leaves
@@ -393,7 +404,7 @@ class EngineLoop:
         self.metrics.preemptions += len(batch.preempt)
         self.metrics.evictions += len(batch.evict)
         for sid in batch.evict:
-            self.pipeline.drop(sid)
+            self.pipeline.drop(self._sessions[sid].kv)
         for sid in batch.oversized:
             if sid in self._sessions:
                 self._finish(self._sessions[sid], Finished("length"))
@@ -405,19 +416,25 @@ class EngineLoop:
         # a prefill reuses the KV the stages hold for it (a kept session's), or rebuilds from 0
         work = [(self._sessions[sid], self.sched.job(sid).kv_tokens if sid in batch.prefill else None)
                 for sid in batch.run]
+        first_reuse = {sid: self.sched.job(sid).kv_tokens for sid in batch.run
+                       if self._sessions[sid].last_token_at is None}  # KV a kept session gave (or 0)
         started = time.monotonic()
         self._stepping = True
         # shielded: on shutdown the step in flight finishes in the worker (close() waits for it)
         results = await asyncio.shield(loop.run_in_executor(self._worker, self._step, work))
         self._stepping = False
-        for sid in self._drop_after_step:
-            self.pipeline.drop(sid)
+        for key in self._drop_after_step:
+            self.pipeline.drop(key)
         self._drop_after_step.clear()
         now = time.monotonic()
         if results is None:
             self._reset()
             return
         self._resets_in_a_row = 0
+        for (s, _), (token, _, _) in zip(work, results):  # what the prompt cache saved a first step
+            if first_reuse.get(s.id) and not isinstance(token, Exception):
+                s.cached = first_reuse[s.id]
+                self.metrics.cached_tokens += s.cached
         self._account(batch, results, now, now - started)
 
     def _reset(self) -> None:
@@ -451,15 +468,17 @@ class EngineLoop:
             if reuse is None:
                 continue
             if reuse == 0:
-                self.pipeline.drop(s.id)  # new, or evicted: rebuild from position 0
+                self.pipeline.drop(s.kv)  # new, or evicted: rebuild from position 0
             context = s.prompt + s.answer  # what the repetition penalty looks back over
-            prefills.append(Prefill(s.id, context[reuse:], reuse, s.sampler, context))
+            prefills.append(Prefill(s.kv, context[reuse:], reuse, s.sampler, context))
         if prefills:
             t0 = time.perf_counter()
             try:
                 firsts: list[int | Exception] = list(self.pipeline.first_tokens(prefills))
             except PipelineReset:
                 return None
+            except FastServeError as err:  # the cluster itself cannot go on (no machines left): no retry
+                firsts = [err] * len(prefills)
             except Exception:
                 alone = self._each_alone("packed prefill", prefills)
                 if alone is None:
@@ -472,12 +491,14 @@ class EngineLoop:
         if decode:
             t0 = time.perf_counter()
             # the newest token: the answer's, or the prompt's last when a kept session held all the rest
-            steps = [DecodeStep(s.id, context[-1], len(context) - 1, s.sampler, context)
+            steps = [DecodeStep(s.kv, context[-1], len(context) - 1, s.sampler, context)
                      for s in decode for context in [s.prompt + s.answer]]
             try:
                 tokens: list[int | Exception] = list(self.pipeline.next_tokens(steps))
             except PipelineReset:
                 return None
+            except FastServeError as err:
+                tokens = [err] * len(decode)
             except Exception:
                 alone = self._each_alone("batched decode step",
                                          [Prefill(d.session, [d.token], d.pos, d.sampler, d.context) for d in steps])
@@ -488,8 +509,8 @@ class EngineLoop:
             self.metrics.decode_steps += 1
             self.metrics.decode_rows += len(decode)
             for s, token in zip(decode, tokens):
-                out[s.id] = (token, seconds, 1)
-        return [out[s.id] for s, _ in work]
+                out[s.kv] = (token, seconds, 1)
+        return [out[s.kv] for s, _ in work]
 
     def _each_alone(self, what: str, feeds: list[Prefill]) -> list[int | Exception] | None:
         """A batched call just failed (called in its except clause): run each session alone,

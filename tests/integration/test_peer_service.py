@@ -150,5 +150,5 @@ def test_the_serving_loops_prompt_cache_rewinds_a_session_on_the_peer(cluster):
             await engine.close()
 
     s1, s2, tokens = asyncio.run(main())
-    assert s2.id == s1.id and s2.cached == PROMPT_CACHE_MIN + 2
+    assert s2.kv == s1.kv and s2.cached == PROMPT_CACHE_MIN + 2
     assert tokens == list(alone.generate("x", second, Sampler(greedy), max_tokens=5))

@@ -18,7 +18,7 @@ import pytest
 from fastserve_edge.engine.generate import DecodeStep, PipelineReset, Prefill
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.engine.kv_cache import INITIAL_TOKENS
-from fastserve_edge.serving.engine_loop import KV_GROWTH, PROMPT_CACHE_MIN, EngineLoop, Finished, Token
+from fastserve_edge.serving.engine_loop import KV_GROWTH, PROMPT_CACHE_MIN, STALE_TAIL, EngineLoop, Finished, Token
 
 CTX = 128
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
@@ -83,12 +83,13 @@ async def answer(engine: EngineLoop, ids: Sequence[int], max_tokens: int = 5):
             return s, tokens, event.reason
 
 
-def run(body, **options):
+def run(body, ctx: int = CTX, **options):
     """body(engine, fake) inside a running engine loop over a fresh fake pipeline."""
     fake = FakePipeline()
+    fake.ctx = ctx
 
     async def main():
-        engine = EngineLoop(fake, max_sessions=2, **options)
+        engine = EngineLoop(fake, **{"max_sessions": 2, **options})
         engine.start()
         try:
             return await body(engine, fake)
@@ -110,15 +111,15 @@ def test_the_next_turn_of_a_chat_prefills_only_the_new_message():
     async def body(engine, fake):
         s1, a1, reason = await answer(engine, turn1)
         assert reason == "length" and engine.kept_sessions == 1
-        assert fake.kv[s1.id] == turn1 + a1[:-1]  # the last token was sampled, never fed
+        assert fake.kv[s1.kv] == turn1 + a1[:-1]  # the last token was sampled, never fed
         turn2 = turn1 + a1 + prompt(500, 12)   # the client sends the whole conversation again
         s2, a2, _ = await answer(engine, turn2)
         return s1, s2, turn2, a2
 
     (s1, s2, turn2, a2), fake = run(body)
     reuse = 40 + 5 - 1
-    assert s2.id == s1.id and s2.cached == reuse  # it took the ended session's KV over
-    assert (s2.id, reuse, len(turn2) - reuse) in fake.fed  # and fed only what it did not hold
+    assert s2.kv == s1.kv and s2.id != s1.id and s2.cached == reuse  # it took the ended session's KV over
+    assert (s2.kv, reuse, len(turn2) - reuse) in fake.fed  # and fed only what it did not hold
     assert a2 == fresh_answer(turn2)  # the same answer as with no cache at all
 
 
@@ -145,7 +146,7 @@ def test_too_short_a_shared_start_reuses_nothing_and_a_cancelled_session_is_not_
     async def body(engine, fake):
         s1, _, _ = await answer(engine, first)
         s2, _, _ = await answer(engine, short)
-        assert s2.id != s1.id and s2.cached == 0
+        assert s2.kv != s1.kv and s2.cached == 0
         s3 = engine.submit(prompt(2000, 30), Sampler(GREEDY), max_tokens=50, stop_ids=frozenset())
         await s3.events.get()
         engine.cancel(s3)
@@ -153,14 +154,48 @@ def test_too_short_a_shared_start_reuses_nothing_and_a_cancelled_session_is_not_
         return engine.kept_sessions, s3
 
     (kept, s3), fake = run(body)
-    assert kept == 2 and s3.id in fake.drops and s3.id not in fake.kv
+    assert kept == 2 and s3.kv in fake.drops and s3.kv not in fake.kv
+
+
+def test_a_long_kept_conversation_is_not_spent_on_a_prompt_that_shares_only_its_start():
+    """A kept session's caches never shrink: one whose KV is mostly other tokens than the
+    shared start (more than STALE_TAIL of them) is left for its own next turn."""
+    long = prompt(1, STALE_TAIL + 80, shared=SYSTEM)
+
+    async def body(engine, fake):
+        s1, a1, _ = await answer(engine, long)
+        other, _, _ = await answer(engine, prompt(5000, 40, shared=SYSTEM))
+        assert other.cached == 0 and other.kv != s1.kv and s1.kv in fake.kv  # still kept
+        nxt, _, _ = await answer(engine, long + a1 + prompt(9000, 6))
+        return s1, nxt
+
+    (s1, nxt), fake = run(body, ctx=512)
+    assert nxt.kv == s1.kv and nxt.cached == len(long) + 4
+
+
+def test_a_taken_over_kv_evicted_before_its_first_step_counts_as_no_cache():
+    """usage.cached_tokens and /metrics count what a prefill really reused: a session that
+    took a kept KV over but lost it to the KV budget before it ran prefills everything."""
+    kept_prompt = prompt(1, 40)
+
+    async def body(engine, fake):
+        _, a1, _ = await answer(engine, kept_prompt)
+        first = asyncio.ensure_future(answer(engine, prompt(5000, 60), max_tokens=50))
+        await asyncio.sleep(0)  # it is submitted, and runs first (fcfs, one at a time)
+        second = await answer(engine, kept_prompt + a1 + prompt(9000, 5))
+        await first
+        return second, engine.metrics
+
+    ((s, tokens, _), metrics), fake = run(body, kv_room=lambda: 0, max_sessions=1)
+    assert metrics.evictions >= 1 and s.cached == 0 and metrics.cached_tokens == 0
+    assert tokens == fresh_answer(s.prompt)
 
 
 def test_the_cache_keeps_the_most_recent_sessions_and_zero_turns_it_off():
     prompts = [prompt(1000 * i, 30) for i in range(1, 4)]
 
     async def three(engine, fake):
-        return [(await answer(engine, p))[0].id for p in prompts]
+        return [(await answer(engine, p))[0].kv for p in prompts]
 
     ids, fake = run(three, prompt_cache=2)
     assert set(fake.kv) == set(ids[1:])  # the oldest went first
@@ -181,7 +216,7 @@ def test_kept_kv_gives_way_to_live_sessions_within_the_kv_budget():
         return kept
 
     kept, fake = run(body, kv_room=lambda: 0)  # no memory to speak of: the budget's floor, one context
-    assert kept.id in fake.drops
+    assert kept.kv in fake.drops
 
 
 def test_the_kv_budget_leaves_room_for_every_caches_first_allocation():
@@ -204,8 +239,8 @@ def test_a_replan_drops_the_kept_sessions():
         return s1, s2, a2, reason, engine.kept_sessions
 
     (s1, s2, a2, reason, kept), fake = run(body)
-    assert s1.id in fake.drops and reason == "length" and a2 == fresh_answer(prompt(4000, 30))
-    assert kept == 1 and set(fake.kv) == {s2.id}  # only the session that ended after the re-plan
+    assert s1.kv in fake.drops and reason == "length" and a2 == fresh_answer(prompt(4000, 30))
+    assert kept == 1 and set(fake.kv) == {s2.kv}  # only the session that ended after the re-plan
 
 
 def test_a_negative_prompt_cache_is_refused_by_serve_before_any_model_loads():
@@ -232,14 +267,14 @@ def test_a_session_that_breaks_a_batched_step_ends_alone_and_the_others_go_on():
         # in the prefill: both prompts' prefills are one call, and one of them breaks it
         a = engine.submit(good, Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
         b = engine.submit(bad, Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
-        fake.broken.add(b.id)
+        fake.broken.add(b.kv)
         prefill = await asyncio.gather(finish(a), finish(b))
         fake.broken.clear()
         # in a decode step: it breaks once both are decoding together
         a = engine.submit(prompt(3000, 30), Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
         b = engine.submit(bad, Sampler(GREEDY), max_tokens=5, stop_ids=frozenset())
         first = await b.events.get()  # its first token was sent; the step in flight may send one more
-        fake.broken.add(b.id)
+        fake.broken.add(b.kv)
         decode = await asyncio.gather(finish(a), finish(b))
         return prefill, decode, [first.id] + decode[1][0]
 

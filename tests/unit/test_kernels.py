@@ -274,8 +274,9 @@ def test_packed_prefills_give_each_session_its_own_prefill_bit_for_bit(tmp_path)
     from tests.models_fixtures import write_tiny_gguf
 
     n = DENSE_PREFILL_ROWS
-    for arch in ("llama", "qwen2", "qwen3"):
-        source = open_model(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, tensor_type="Q4_0"))
+    # Q4_0: the integer kernels; F32: dense torch weights, a head whose GEMM differs by row count
+    for arch, ttype in (("llama", "Q4_0"), ("qwen2", "Q4_0"), ("qwen3", "Q4_0"), ("llama", "F32")):
+        source = open_model(write_tiny_gguf(tmp_path / f"{arch}-{ttype}.gguf", arch, tensor_type=ttype))
         (packed,) = local_stages(source, max_tokens=4 * n)
         (alone,) = local_stages(source, max_tokens=4 * n)
         vocab = source.config.vocab_size
@@ -286,7 +287,7 @@ def test_packed_prefills_give_each_session_its_own_prefill_bit_for_bit(tmp_path)
         got = packed.forward_packed([s for s, _, _ in feeds], [torch.tensor(x) for _, x, _ in feeds],
                                     [p for _, _, p in feeds])
         for (sid, x, pos), logits in zip(feeds, got):
-            assert torch.equal(logits, alone.forward(sid, torch.tensor([x]), pos)[0]), (arch, sid)
+            assert torch.equal(logits, alone.forward(sid, torch.tensor([x]), pos)[0]), (arch, ttype, sid)
             end = pos + len(x)
             for layer in range(len(packed.stage.blocks)):
                 assert torch.equal(packed._cache(sid).k[layer][:, :, :end], alone._cache(sid).k[layer][:, :, :end])
