@@ -272,9 +272,10 @@ class Stage(nn.Module):
 
     def _head_each(self, h: torch.Tensor) -> torch.Tensor:
         """h: [R, D] normed rows of R sessions -> logits [R, vocab], each row the bits the head
-        gives it alone: the integer kernel does for up to 4 rows at once (from 32 rows on the
-        head would take the GEMM path); torch's GEMM of a dense head does not: one row each."""
-        rows = 4 if _one_call(self.head) is not None else 1
+        gives it alone: the integer kernel does for any number of rows up to where a quantized
+        matrix takes the GEMM path instead (quant.DENSE_PREFILL_ROWS, 32), so 16 at a time;
+        torch's GEMM of a dense head does not: one row each."""
+        rows = 16 if _one_call(self.head) is not None else 1
         return torch.cat([self.head(h[i:i + rows]) for i in range(0, h.shape[0], rows)])
 
     def forward_batch(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
