@@ -238,14 +238,17 @@ class Pipeline:
         its few rows take the integer kernel, as they would alone. The stages after them
         (peers) take each session in turn."""
         packs: list[list[int]] = []
+        rows = 0  # in the last pack
         if hasattr(self.stages[0], "forward_packed"):
             for i, p in enumerate(prefills):  # greedy: as many as fit in PACKED_PREFILL_ROWS together
                 if len(p.ids) < DENSE_PREFILL_ROWS:
                     continue
-                if packs and sum(len(prefills[j].ids) for j in packs[-1]) + len(p.ids) <= PACKED_PREFILL_ROWS:
+                if packs and rows + len(p.ids) <= PACKED_PREFILL_ROWS:
                     packs[-1].append(i)
+                    rows += len(p.ids)
                 else:
                     packs.append([i])
+                    rows = len(p.ids)
         out: dict[int, int] = {}
         for pack in (pack for pack in packs if len(pack) > 1):
             out.update(zip(pack, self._packed([prefills[i] for i in pack])))
@@ -265,29 +268,21 @@ class Pipeline:
             lead += 1
         if lead == len(self.stages):
             return [p.sampler(logits, p.context) for p, logits in zip(prefills, xs)]
-        out = []
-        for p, x in zip(prefills, xs):  # the peers: one session after another
-            x = x.unsqueeze(0)  # [1, S, D]
-            for i in range(lead, len(self.stages) - 1):
-                x = self._timed(i, len(p.ids), self.stages[i].forward, p.session, x, p.pos)
-            last = self.stages[-1]
-            if hasattr(last, "forward_sample"):
-                out.append(self._timed(len(self.stages) - 1, len(p.ids), last.forward_sample, p.session, x, p.pos,
-                                       p.sampler, p.context))
-            else:
-                out.append(p.sampler(self._timed(len(self.stages) - 1, len(p.ids), last.forward, p.session, x,
-                                                 p.pos)[0], p.context))
-        return out
+        # the peers: one session after another
+        return [self._rest(lead, p, x.unsqueeze(0), len(p.ids)) for p, x in zip(prefills, xs)]
 
-    def _rest(self, first: int, step: DecodeStep, x: torch.Tensor) -> int:
-        """One session's row through stages first.. (one at a time), then its token."""
+    def _rest(self, first: int, step: DecodeStep | Prefill, x: torch.Tensor, tokens: int = 1) -> int:
+        """One session's `tokens` rows x [1, tokens, D] through stages first.. (one at a time),
+        then its token."""
         last = len(self.stages) - 1
         for i in range(first, last):
-            x = self._timed(i, 1, self.stages[i].forward, step.session, x, step.pos)
+            x = self._timed(i, tokens, self.stages[i].forward, step.session, x, step.pos)
         stage = self.stages[last]
         if hasattr(stage, "forward_sample"):
-            return self._timed(last, 1, stage.forward_sample, step.session, x, step.pos, step.sampler, step.context)
-        return step.sampler(self._timed(last, 1, stage.forward, step.session, x, step.pos).reshape(-1), step.context)
+            return self._timed(last, tokens, stage.forward_sample, step.session, x, step.pos, step.sampler,
+                               step.context)
+        return step.sampler(self._timed(last, tokens, stage.forward, step.session, x, step.pos).reshape(-1),
+                            step.context)
 
     def close(self) -> None:
         """Stop next_tokens' threads (the stages themselves are their owner's to close)."""

@@ -226,6 +226,9 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, weights, i) for i in range(start, end))
         self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps) if self.is_last else None
         self.head = weights.head(cfg.tie_embeddings) if self.is_last else None
+        # rows per head call in _head_each: the integer kernel gives every row its own bits below
+        # the GEMM threshold (quant.DENSE_PREFILL_ROWS, 32); torch's GEMM of a dense head does not
+        self.head_rows = 16 if self.head is not None and _one_call(self.head) is not None else 1
         if weights.has("rope_freqs.weight"):
             factors = weights.vector("rope_freqs.weight")
         elif cfg.rope_scaling is not None:
@@ -272,11 +275,9 @@ class Stage(nn.Module):
 
     def _head_each(self, h: torch.Tensor) -> torch.Tensor:
         """h: [R, D] normed rows of R sessions -> logits [R, vocab], each row the bits the head
-        gives it alone: the integer kernel does for any number of rows up to where a quantized
-        matrix takes the GEMM path instead (quant.DENSE_PREFILL_ROWS, 32), so 16 at a time;
-        torch's GEMM of a dense head does not: one row each."""
-        rows = 16 if _one_call(self.head) is not None else 1
-        return torch.cat([self.head(h[i:i + rows]) for i in range(0, h.shape[0], rows)])
+        gives it alone (head_rows rows per call)."""
+        n = self.head_rows
+        return torch.cat([self.head(h[i:i + n]) for i in range(0, h.shape[0], n)])
 
     def forward_batch(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
         """One new token for each of M sessions, session r at positions[r] of caches[r].
