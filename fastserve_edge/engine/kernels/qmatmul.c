@@ -225,23 +225,30 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
         }
     } else if (fmt == FMT_Q6_K) {  /* w = d * sc_j * (q - 32), the 32 taken off in decoding */
 #if defined(__AVX2__)
-        /* decoded in registers: a round trip through memory costs more than the arithmetic */
+        /* decoded in registers: a round trip through memory costs more than the arithmetic.
+           Each 16 weights' scale multiplies them in the int16 lanes (|sc (q - 32)| <= 4096, so a
+           lane's 4 products stay below 2^30), leaving one float step per 32 weights. The 8
+           scales of a half are broadcast to each lane with one in-lane byte shuffle apiece. */
+        const __m256i pick0 = _mm256_set1_epi16(0x0100);  /* bytes 0, 1: int16 lane 0 */
+        const __m256i step = _mm256_set1_epi16(0x0202);
         for (int sb = 0; sb < K / 256; sb++) {
             const uint8_t *b = wrow + sb * 210;
-            const int8_t *sc = (const int8_t *)(b + 192);
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
             const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
             for (int half = 0; half < 2; half++) {
-                __m256i ws[4];
+                /* the half's 8 scales (int16) in both 128-bit lanes */
+                const __m256i sch = half ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+                __m256i ws[4], pick = pick0;
                 q6k_half_regs(b + 64 * half, b + 128 + 32 * half, ws);
                 for (int j = 0; j < 4; j++) {  /* weights 32 j .. 32 j + 31 of the half: activation group g */
-                    const __m256i w = ws[j];
                     const int g = sb * 8 + half * 4 + j;
-                    const __m256i p0 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
-                                                         _mm256_loadu_si256((const __m256i *)(a.q + g * 32)));
-                    const __m256i p1 = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)),
-                                                         _mm256_loadu_si256((const __m256i *)(a.q + g * 32 + 16)));
-                    const int s = 8 * half + 2 * j;
-                    acc[j] = facc_add2(acc[j], p0, d * (float)sc[s], p1, d * (float)sc[s + 1], a.d[g]);
+                    const __m256i s0 = _mm256_shuffle_epi8(sch, pick);
+                    pick = _mm256_add_epi8(pick, step);
+                    const __m256i s1 = _mm256_shuffle_epi8(sch, pick);
+                    pick = _mm256_add_epi8(pick, step);
+                    const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(ws[j])), s0);
+                    const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(ws[j], 1)), s1);
+                    acc[j] = facc_add(acc[j], dot2x16(w0, w1, a.q + g * 32), d * a.d[g]);
                 }
             }
         }
@@ -350,7 +357,8 @@ static inline __attribute__((always_inline)) void two_rows_dot_n(
 #endif
 
 /* Two weight rows (as two_rows_dot) against all M activation rows: y[m * total], y[m * total + 1]. */
-static void two_rows_dot_all(int fmt, const uint8_t *w0, long stride, int K, qrow all, int M, float *y, int total) {
+static inline __attribute__((always_inline)) void two_rows_dot_fmt(
+        int fmt, const uint8_t *w0, long stride, int K, qrow all, int M, float *y, int total) {
 #if defined(__AVX2__)
     int m = 0;
     for (; m + 4 <= M; m += 4) two_rows_dot_n(fmt, w0, stride, K, all, m, 4, y, total);
@@ -366,6 +374,16 @@ static void two_rows_dot_all(int fmt, const uint8_t *w0, long stride, int K, qro
         y[(size_t)m * total + 1] = row_dot(fmt, w0 + stride, K, row_of(all, m, K));
     }
 #endif
+}
+
+/* ... compiled once per format: with the format a constant, its block size, offsets and
+ * branches fold away (measured 1.2-1.3x on a Q4_0 matrix in cache, 1.1-1.2x from memory) */
+static void two_rows_dot_all(int fmt, const uint8_t *w0, long stride, int K, qrow all, int M, float *y, int total) {
+    switch (fmt) {
+        case FMT_Q4_0: two_rows_dot_fmt(FMT_Q4_0, w0, stride, K, all, M, y, total); break;
+        case FMT_Q4_1: two_rows_dot_fmt(FMT_Q4_1, w0, stride, K, all, M, y, total); break;
+        default: two_rows_dot_fmt(FMT_Q8, w0, stride, K, all, M, y, total); break;
+    }
 }
 
 /* Weight rows are short streams (1-2 KiB) that the hardware prefetcher learns too late:
