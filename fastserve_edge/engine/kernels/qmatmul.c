@@ -47,12 +47,35 @@ typedef struct { int16_t *q; float *d, *s; } qrow;
 static void quantize_row(const float *x, int K, qrow r) {
     for (int g = 0; g < K / 32; g++) {
         const float *xg = x + g * 32;
+#if defined(__AVX2__)
+        /* the scalar loop below, 8 lanes at a time: cvtps rounds to nearest even as lrintf does */
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) { v[i] = _mm256_loadu_ps(xg + 8 * i); m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i])); }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        __m256i q[4], sum = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+            sum = _mm256_add_epi32(sum, q[i]);
+        }
+        /* packs interleaves 128-bit lanes; the permute puts the 16 values back in order */
+        _mm256_storeu_si256((__m256i *)(r.q + g * 32), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xd8));
+        _mm256_storeu_si256((__m256i *)(r.q + g * 32 + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xd8));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        r.d[g] = d; r.s[g] = d * (float)_mm_cvtsi128_si32(s4);
+#else
         float amax = 0.f;
         for (int i = 0; i < 32; i++) { float a = fabsf(xg[i]); amax = a > amax ? a : amax; }
         float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
         int32_t sum = 0;
         for (int i = 0; i < 32; i++) { int v = (int)lrintf(xg[i] * id); r.q[g * 32 + i] = (int16_t)v; sum += v; }
         r.d[g] = d; r.s[g] = d * (float)sum;
+#endif
     }
 }
 
