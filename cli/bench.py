@@ -48,9 +48,10 @@ def command(
         typer.echo(json.dumps(result.as_dict()))
         return
     table = Table(title=f"fastserve bench · {result.model}")
-    for col in ("threads", "prefill tok/s", "decode tok/s", "first token", "load", "peak RSS"):
+    for col in ("threads", "prefill tok/s", "decode tok/s", "first token", "load", "then 1st token, cold", "peak RSS"):
         table.add_column(col, justify="right")
     table.add_row(str(result.threads), f"{result.prefill_tok_s:.1f} (pp{result.prompt_tokens})",
                   f"{result.decode_tok_s:.1f} (tg{result.gen_tokens})", f"{result.ttft_s:.3f} s",
-                  f"{result.load_s:.2f} s", f"{result.peak_rss_bytes / 2**20:.0f} MiB")
+                  f"{result.load_s:.2f} s", f"{result.cold_ttft_s:.3f} s (32-token prompt)",
+                  f"{result.peak_rss_bytes / 2**20:.0f} MiB")
     Console().print(table)

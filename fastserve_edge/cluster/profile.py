@@ -27,11 +27,11 @@ from fastserve_edge.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "profile.json"
-CACHE_VERSION = 1  # bump when what is measured, or how, changes: old entries are then ignored
+CACHE_VERSION = 2  # bump when what is measured, or how, changes: old entries are then ignored
 
 # The test matrix: a 1B-3B model's MLP projection shape. 2048 x 8192 Q4_0 is 9.4 MB of blocks.
 MATRIX_N, MATRIX_K = 2048, 8192
-PREFILL_ROWS = 64            # above quant.DENSE_PREFILL_ROWS: the dequantize + GEMM path
+PREFILL_ROWS = 256           # above quant.DENSE_PREFILL_ROWS: the dequantize + GEMM path
 DECODE_SECONDS = 0.4         # time budget of each measurement; best call wins (other
 PREFILL_SECONDS = 0.6        # processes on the machine only ever make a call slower)
 BANDWIDTH_SECONDS = 0.3

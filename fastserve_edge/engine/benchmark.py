@@ -32,10 +32,15 @@ class BenchResult:
     decode_tok_s: float
     ttft_s: float        # prefill of the prompt + the first sampled token
     load_s: float
+    cold_ttft_s: float   # the first forward after loading (the 32-token warm-up prompt): what
+                         # a person waits for after `load_s` when their first message is short
     peak_rss_bytes: int
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+WARMUP_PROMPT, WARMUP_GEN = 32, 4  # one short run first, as llama-bench does; its first token is cold
 
 
 def peak_rss_bytes() -> int:
@@ -80,9 +85,9 @@ def bench_model(local: LocalModel, *, name: str, threads: int, prompt_tokens: in
         raise ValueError("prompt + generated tokens exceed the context")
     ids = prompt_ids(local, prompt_tokens)
     with torch.inference_mode():
-        run_once(local, ids[: min(32, len(ids))], 4, "bench-warmup")
+        cold_ttft = run_once(local, ids[: min(WARMUP_PROMPT, len(ids))], WARMUP_GEN, "bench-warmup")[2]
         runs = [run_once(local, ids, gen_tokens, f"bench-{i}") for i in range(repeats)]
     prefill, decode, ttft = (statistics.median(r[i] for r in runs) for i in range(3))
     return BenchResult(model=name, threads=threads, prompt_tokens=len(ids), gen_tokens=gen_tokens,
-                       prefill_tok_s=prefill, decode_tok_s=decode, ttft_s=ttft, load_s=load_s,
+                       prefill_tok_s=prefill, decode_tok_s=decode, ttft_s=ttft, load_s=load_s, cold_ttft_s=cold_ttft,
                        peak_rss_bytes=peak_rss_bytes())

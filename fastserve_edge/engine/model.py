@@ -27,7 +27,8 @@ class Weights(Protocol):
     def has(self, name: str) -> bool: ...
     def vector(self, name: str) -> torch.Tensor: ...
     def linear(self, name: str, *, bias: bool = False) -> nn.Module: ...
-    def fused(self, names: list[str], *, bias: bool = False) -> nn.Module: ...  # x -> tuple of outputs
+    def fused(self, names: list[str], *, bias: bool = False) -> nn.Module: ...  # x -> tuple of outputs;
+    # .swiglu(x): silu(gate) * up of a [gate, up] pair, or None where the caller should compute it
     def embedding(self) -> nn.Module: ...
     def head(self, tied: bool) -> nn.Module: ...
 
@@ -135,6 +136,9 @@ class FeedForward(nn.Module):
         self.down = w.linear(f"{prefix}.ffn_down")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.gate_up.swiglu(x)  # prefill of quantized weights: a slice at a time
+        if hidden is not None:
+            return self.down(hidden)
         gate, up = self.gate_up(x)
         hidden = F.silu(gate, inplace=True).mul_(up)
         del gate, up  # prefill's [S, F] are the largest activations: one of them, not two, while down runs
@@ -227,7 +231,7 @@ class Stage(nn.Module):
         self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps) if self.is_last else None
         self.head = weights.head(cfg.tie_embeddings) if self.is_last else None
         # rows per head call in _head_each: the integer kernel gives every row its own bits below
-        # the GEMM threshold (quant.DENSE_PREFILL_ROWS, 32); torch's GEMM of a dense head does not
+        # the GEMM threshold (quant.DENSE_PREFILL_ROWS, 192); torch's GEMM of a dense head does not
         self.head_rows = 16 if self.head is not None and _one_call(self.head) is not None else 1
         if weights.has("rope_freqs.weight"):
             factors = weights.vector("rope_freqs.weight")

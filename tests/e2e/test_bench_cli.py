@@ -12,10 +12,11 @@ def test_bench_json_has_the_contract_keys(smollm2_path):
                  "--repeats", "1", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_bytes", "threads", "model"):
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "cold_ttft_s", "load_s", "peak_rss_bytes", "threads", "model"):
         assert key in report
     assert report["threads"] == 1
     assert report["prefill_tok_s"] > 0 and report["decode_tok_s"] > 0 and report["ttft_s"] > 0
+    assert report["load_s"] > 0 and report["cold_ttft_s"] > 0  # bench/vs_llamacpp.py's load + first token
     # its own peak (VmHWM): at least the mapped model, far below what a parent could leak in
     assert smollm2_path.stat().st_size / 4 < report["peak_rss_bytes"] < 4 * 2**30
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastserve_edge.engine.generate import Pipeline, local_stages
+from fastserve_edge.engine.quant import DENSE_PREFILL_ROWS
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
@@ -31,8 +32,15 @@ def chat_ids(tokenizer, text):
     return tokenizer.encode_chat([{"role": "user", "content": text}])
 
 
-def test_logits_match_transformers(whole, tokenizer, smollm2_hf):
-    ids = chat_ids(tokenizer, PROMPTS[0])
+LONG_PROMPT = "Summarise this: " + " ".join(PROMPTS * 5)
+
+
+@pytest.mark.parametrize("text", [PROMPTS[0], LONG_PROMPT], ids=["integer-kernels", "dequantize-gemm"])
+def test_logits_match_transformers(whole, tokenizer, smollm2_hf, text):
+    """A short prompt goes through the integer kernels, a long one (DENSE_PREFILL_ROWS and
+    more) through dequantized slices and torch's GEMM, SwiGLU a slice at a time."""
+    ids = chat_ids(tokenizer, text)
+    assert (len(ids) >= DENSE_PREFILL_ROWS) == (text is LONG_PROMPT) and len(ids) < 256, len(ids)
     ours = whole.forward("logits", ids, 0, all_logits=True)
     with torch.no_grad():
         ref = smollm2_hf(torch.tensor([ids])).logits[0]
