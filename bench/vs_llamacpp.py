@@ -552,10 +552,10 @@ class Row:
             prefill_ratio=self.ratio("prefill_tok_s"), decode_ratio=self.ratio("decode_tok_s"),
             ours_rss_over_file=None if rss is None or not self.file_bytes else rss / self.file_bytes,
             rss_goal_bytes=self.rss_limit, rss_goal_pass=self.rss_pass(),
-            ours_load_plus_first_token_s=self.first_token_s(),
-            llama_load_plus_first_token_s=self.first_token_s("llama"),
-            ours_load_plus_long_prompt_first_token_s=self.first_token_s(long=True),
-            llama_load_plus_long_prompt_first_token_s=self.first_token_s("llama", long=True),
+            ours_load_plus_first_token_s=self.first_token_s(long=True),  # the --prompt-tokens prompt
+            llama_load_plus_first_token_s=self.first_token_s("llama", long=True),
+            ours_load_plus_short_message_first_token_s=self.first_token_s(),  # the goal's figure
+            llama_load_plus_short_message_first_token_s=self.first_token_s("llama"),
         )
         return out
 

@@ -25,7 +25,7 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
     """Prefill and decode tokens/s, time to first token and peak memory of this machine."""
-    from fastserve_edge.engine.benchmark import bench_model  # torch: only when the command runs
+    from fastserve_edge.engine.benchmark import WARMUP_PROMPT, bench_model  # torch: only when the command runs
     from fastserve_edge.engine.local import load_local_model, set_threads
 
     with user_errors():
@@ -52,6 +52,6 @@ def command(
         table.add_column(col, justify="right")
     table.add_row(str(result.threads), f"{result.prefill_tok_s:.1f} (pp{result.prompt_tokens})",
                   f"{result.decode_tok_s:.1f} (tg{result.gen_tokens})", f"{result.ttft_s:.3f} s",
-                  f"{result.load_s:.2f} s", f"{result.cold_ttft_s:.3f} s (32-token prompt)",
+                  f"{result.load_s:.2f} s", f"{result.cold_ttft_s:.3f} s ({min(WARMUP_PROMPT, result.prompt_tokens)}-token prompt)",
                   f"{result.peak_rss_bytes / 2**20:.0f} MiB")
     Console().print(table)

@@ -27,7 +27,11 @@ REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
 DENSE_PREFILL_ROWS = 192  # from this many rows on, dequantize the matrix into a scratch buffer
                           # and let torch's fp32 GEMM do the work. Dequantizing costs as much as
                           # ~150 (SmolLM2) to ~350 (1B Q4_0) rows through the integer kernel at 2
-                          # threads (~200 at 1): a 32-token prompt of a 1B takes 0.9 s, not 2.7
+                          # threads (~200 at 1): a 32-token prompt of a 1B takes 0.9 s, not 2.7.
+                          # From this many rows every format takes the GEMM path (packed prefills
+                          # rely on it); K-quants switch earlier, at DENSE_PREFILL_ROWS_K:
+DENSE_PREFILL_ROWS_K = 32  # Q4_K/Q6_K go through the kernels one row at a time (each weight block
+                           # decoded once per row), so dequantizing pays off as it did before
 
 
 SCRATCH_FLOATS = 4 << 20  # 16 MiB of dequantized rows at a time during prefill (at most one
@@ -36,7 +40,8 @@ SCRATCH_FLOATS = 4 << 20  # 16 MiB of dequantized rows at a time during prefill 
 
 class _Scratch:
     """One fp32 buffer shared by every QuantLinear: holds a slice of one dequantized matrix
-    at a time during prefill (the engine runs one forward at a time per process)."""
+    (or the same slice of gate and up, QuantTensor.swiglu) at a time during prefill (the
+    engine runs one forward at a time per process)."""
 
     def __init__(self) -> None:
         self.buffer = torch.empty(0)
@@ -83,6 +88,8 @@ class QuantTensor:
 
     def __init__(self, blocks: torch.Tensor, fmt: int, group: int, shape: tuple[int, int], k: kernels.Kernels):
         self.blocks, self.fmt, self.group, self.shape, self.k = blocks, fmt, group, shape, k
+        # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
+        self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in (kernels.FMT_Q4_K, kernels.FMT_Q6_K) else DENSE_PREFILL_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -91,7 +98,7 @@ class QuantTensor:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] float32 -> [M, N]. Few rows: integer kernel; many: dequantize + GEMM."""
         n, k = self.shape
-        if x.shape[0] < DENSE_PREFILL_ROWS:
+        if x.shape[0] < self.dense_rows:
             return self.k.matmul(self.fmt, self.group, self.blocks, n, k, x)
         y = torch.empty((x.shape[0], n))
         step = max(1, SCRATCH_FLOATS // k)
@@ -102,20 +109,21 @@ class QuantTensor:
         return y
 
     def swiglu(self, up: QuantTensor, x: torch.Tensor) -> torch.Tensor:
-        """silu(x @ self.T) * (x @ up.T) for prefill (x: [M, K], M >= DENSE_PREFILL_ROWS), a
+        """silu(x @ self.T) * (x @ up.T) for prefill (x: [M, K], M >= both dense_rows), a
         slice of output columns at a time: the gate and up slices share the scratch buffer,
         so only the [M, F] result is ever whole (not a second [M, F] for up)."""
         n, k = self.shape
-        assert up.shape == self.shape and x.shape[0] >= DENSE_PREFILL_ROWS
+        assert up.shape == self.shape and x.shape[0] >= max(self.dense_rows, up.dense_rows)
         out = torch.empty((x.shape[0], n))
-        step = max(1, SCRATCH_FLOATS // (2 * k))
+        # both slices together hold no more than one whole matrix (SmolLM2's 3.5 MiB stays 3.5)
+        step = max(1, min(SCRATCH_FLOATS // (2 * k), (n + 1) // 2))
         for start in range(0, n, step):
             count = min(step, n - start)
             both = SCRATCH.take(2 * count, k)
             self.k.dequant_rows(self.fmt, self.group, self.blocks[start:start + count], k, None, out=both[:count])
             self.k.dequant_rows(up.fmt, up.group, up.blocks[start:start + count], k, None, out=both[count:])
             gate_up = F.linear(x, both)
-            torch.mul(F.silu(gate_up[:, :count]), gate_up[:, count:], out=out[:, start:start + count])
+            torch.mul(F.silu(gate_up[:, :count], inplace=True), gate_up[:, count:], out=out[:, start:start + count])
         return out
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -159,10 +167,11 @@ class FusedLinear(nn.Module):
         self.sizes = [p.out_features for p in parts]
         self.in_features = parts[0].in_features
         quant = [p for p in parts if isinstance(p, QuantLinear)]
-        self.multi = None
+        self.multi, self.dense_rows = None, DENSE_PREFILL_ROWS
         if len(quant) == len(parts):
             w = [p.weight for p in quant]
             self.multi = w[0].k.multi([(q.fmt, q.group, q.blocks, q.shape[0]) for q in w], self.in_features)
+            self.dense_rows = min(q.dense_rows for q in w)  # from here on the parts run separately
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
         self.bias = torch.cat(biases) if any(p.bias is not None for p in parts) else None
 
@@ -177,17 +186,20 @@ class FusedLinear(nn.Module):
         """silu(gate(x)) * up(x) of a quantized [gate, up] pair at prefill (QuantTensor.swiglu),
         or None: one token, dense weights, biases (the caller takes the outputs instead)."""
         rows = x.reshape(-1, self.in_features)
-        gate, up = (getattr(p, "weight", None) for p in self.parts) if len(self.parts) == 2 else (None, None)
-        if (not isinstance(gate, QuantTensor) or not isinstance(up, QuantTensor) or self.bias is not None
-                or rows.shape[0] < DENSE_PREFILL_ROWS or gate.shape != up.shape):
+        if len(self.parts) != 2 or self.bias is not None:
+            return None
+        gate, up = (getattr(p, "weight", None) for p in self.parts)
+        if not isinstance(gate, QuantTensor) or not isinstance(up, QuantTensor) or gate.shape != up.shape:
+            return None
+        if rows.shape[0] < max(gate.dense_rows, up.dense_rows):
             return None
         return gate.swiglu(up, rows.float()).reshape(*x.shape[:-1], gate.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        if self.multi is None or rows.shape[0] >= DENSE_PREFILL_ROWS:
-            return tuple(p(x) for p in self.parts)
+        if self.multi is None or rows.shape[0] >= self.dense_rows:
+            return tuple(p(x) for p in self.parts)  # each part on its own path
         outs = self.multi(rows.float()).split(self.sizes, dim=-1)
         return tuple((o if p.bias is None else o + p.bias).reshape(*lead, o.shape[-1])
                      for o, p in zip(outs, self.parts))

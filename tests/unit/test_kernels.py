@@ -151,6 +151,42 @@ def test_prefill_rows_go_through_dequantized_slices(monkeypatch, ttype):
     torch.testing.assert_close(q.matmul(x), x @ ref.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ttype,dequantized", [("Q4_0", False), ("Q8_0", False), ("Q4_K", True), ("Q6_K", True)])
+def test_k_quants_switch_to_the_gemm_path_sooner(monkeypatch, ttype, dequantized):
+    """40 rows: the 32-weight formats stay on the integer kernels (up to DENSE_PREFILL_ROWS), the
+    K-quants, which the kernels decode once per row, are dequantized from DENSE_PREFILL_ROWS_K."""
+    from fastserve_edge.engine import quant
+
+    raw, ref = raw_matrix(ttype, 10, 256)
+    q = quant_tensor(raw, kernels.load())
+    calls = []
+    real = q.k.dequant_rows
+    monkeypatch.setattr(q.k, "dequant_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(40, 256)
+    assert quant.DENSE_PREFILL_ROWS_K <= 40 < quant.DENSE_PREFILL_ROWS
+    torch.testing.assert_close(q.matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)
+    assert bool(calls) == dequantized
+
+
+@pytest.mark.parametrize("gate_type,up_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K")])
+def test_prefill_swiglu_runs_gate_and_up_a_column_slice_at_a_time(monkeypatch, gate_type, up_type):
+    """SwiGLU at prefill: gate and up share the scratch buffer (here 2 x 3 rows at a time, so
+    11 columns take 4 slices, the last one short) and only the [M, F] result is ever whole."""
+    from fastserve_edge.engine import quant
+
+    monkeypatch.setattr(quant, "SCRATCH_FLOATS", 2 * 3 * 256)
+    (g_raw, g_ref), (u_raw, u_ref) = raw_matrix(gate_type, 11, 256, seed=1), raw_matrix(up_type, 11, 256, seed=2)
+    gate, up = quant_tensor(g_raw, kernels.load()), quant_tensor(u_raw, kernels.load())
+    fused = quant.FusedLinear([QuantLinear(gate), QuantLinear(up)])
+    x = torch.randn(2, quant.DENSE_PREFILL_ROWS // 2 + 3, 256)  # [B, S, K]: B * S rows take the GEMM path
+    got = fused.swiglu(x)
+    assert got.shape == (2, quant.DENSE_PREFILL_ROWS // 2 + 3, 11)
+    expected = torch.nn.functional.silu(x @ g_ref.T) * (x @ u_ref.T)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # below the threshold the caller computes gate and up itself (the integer kernels)
+    assert fused.swiglu(x[:, :4]) is None
+
+
 # --- the one-token glue (decode.c) against the torch formulas of model.py --------------------
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -90,10 +90,13 @@ def test_each_thread_count_and_kernel_build_has_its_own_entry(machine, tmp_path,
     assert len(json.loads((tmp_path / "profile.json").read_text())["entries"]) == 3
 
 
+V = profile.CACHE_VERSION
+
+
 @pytest.mark.parametrize("content", [
-    "{not json", "", "[]", '{"version": 1, "entries": []}', '{"version": 0, "entries": {}}',
-    '{"version": 1, "entries": {"Old Core i5|threads=2|native-abc": {"decode_gflops": "fast"}}}',
-    ('{"version": 1, "entries": {"Old Core i5|threads=2|native-abc": '
+    "{not json", "", "[]", f'{{"version": {V}, "entries": []}}', '{"version": 0, "entries": {}}',
+    f'{{"version": {V}, "entries": {{"Old Core i5|threads=2|native-abc": {{"decode_gflops": "fast"}}}}}}',
+    (f'{{"version": {V}, "entries": {{"Old Core i5|threads=2|native-abc": '
      '{"decode_gflops": -1, "prefill_gflops": 1, "bandwidth_gbs": 1}}}'),
 ])
 def test_a_corrupt_cache_is_measured_again_and_rewritten(machine, tmp_path, content):
