@@ -44,14 +44,15 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
-def _build(variant: str, out: Path) -> None:
+def _build(variant: str, out: Path, sources: list[Path] = SOURCES) -> None:
+    """Compile `sources` (these kernels, or another revision's for bench/kernels_ab.py) into `out`."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *FLAGS[variant], *map(str, SOURCES), "-o", str(part), "-lm"]
+        cmd = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *FLAGS[variant], *map(str, sources), "-o", str(part), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
