@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.vs_llamacpp import smollm2_path  # noqa: E402
 from fastserve_edge.engine import kernels  # noqa: E402
 from fastserve_edge.engine.generate import LocalStage, Pipeline  # noqa: E402
 from fastserve_edge.engine.model import Stage  # noqa: E402
@@ -137,11 +138,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="decode tokens per build")
     parser.add_argument("--skip-matrices", action="store_true")
     args = parser.parse_args()
-    path = args.model
-    if path is None:
-        from fastserve_edge.models.registry import resolve
-        from fastserve_edge.settings import load_settings
-        path = resolve("smollm2-135m", load_settings(), pull_missing=True).path
+    path = args.model if args.model is not None else smollm2_path()
     with tempfile.TemporaryDirectory() as tmp:
         builds = {"base": build(args.base, Path(tmp)), "tree": build(None, Path(tmp))}
         for threads in (int(t) for t in args.threads.split(",")):
