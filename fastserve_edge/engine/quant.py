@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 from torch import nn
 
 from fastserve_edge.engine import kernels, memory
+from fastserve_edge.errors import ConfigError
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
@@ -32,6 +33,27 @@ DENSE_PREFILL_ROWS = 192  # from this many rows on, dequantize the matrix into a
                           # rely on it); K-quants switch earlier, at DENSE_PREFILL_ROWS_K:
 DENSE_PREFILL_ROWS_K = 32  # Q4_K/Q6_K go through the kernels one row at a time (each weight block
                            # decoded once per row), so dequantizing pays off as it did before
+
+
+ACTIVATIONS = ("int16", "int8")  # what the integer kernels quantize x to (qmatmul.c): int16 keeps
+                                 # SmolLM2's logits within ~6e-4 of fp32; int8 is llama.cpp's choice,
+                                 # ~1.2x faster on Q4_0/Q4_1/Q8_0 weights, ~4e-2 on SmolLM2's logits
+INT8_FORMATS = (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8)  # K-quants keep int16 either way
+_activations = "int16"  # for RuntimeWeights made from now on (set_activations)
+
+
+def checked_activations(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"--activations must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return name
+
+
+def set_activations(name: str) -> str:
+    """The kernels' activation precision for models loaded from now on in this process (like
+    torch's thread count, a setting of the machine's run: --activations)."""
+    global _activations
+    _activations = checked_activations(name)
+    return name
 
 
 SCRATCH_FLOATS = 4 << 20  # 16 MiB of dequantized rows at a time during prefill (at most one
@@ -86,8 +108,11 @@ class DenseEmbedding(nn.Module):
 class QuantTensor:
     """A matrix [N, K] as rows of quantized blocks: blocks uint8 [N, K / group * block_bytes]."""
 
-    def __init__(self, blocks: torch.Tensor, fmt: int, group: int, shape: tuple[int, int], k: kernels.Kernels):
+    def __init__(self, blocks: torch.Tensor, fmt: int, group: int, shape: tuple[int, int], k: kernels.Kernels,
+                 activations: str = "int16"):
         self.blocks, self.fmt, self.group, self.shape, self.k = blocks, fmt, group, shape, k
+        # the format as the integer kernels take it: with int8 activations where the format has them
+        self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
         self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in (kernels.FMT_Q4_K, kernels.FMT_Q6_K) else DENSE_PREFILL_ROWS
 
@@ -99,7 +124,7 @@ class QuantTensor:
         """x: [M, K] float32 -> [M, N]. Few rows: integer kernel; many: dequantize + GEMM."""
         n, k = self.shape
         if x.shape[0] < self.dense_rows:
-            return self.k.matmul(self.fmt, self.group, self.blocks, n, k, x)
+            return self.k.matmul(self.kernel_fmt, self.group, self.blocks, n, k, x)
         y = torch.empty((x.shape[0], n))
         step = max(1, SCRATCH_FLOATS // k)
         for start in range(0, n, step):  # a slice of rows at a time keeps the buffer small
@@ -143,7 +168,7 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             return None
         q = self.weight
-        return q.k.multi([(q.fmt, q.group, q.blocks, q.shape[0])], self.in_features)
+        return q.k.multi([(q.kernel_fmt, q.group, q.blocks, q.shape[0])], self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and self.bias is None and x.dtype == torch.float32:  # one-token path: [1, K]
@@ -170,7 +195,7 @@ class FusedLinear(nn.Module):
         self.multi, self.dense_rows = None, DENSE_PREFILL_ROWS
         if len(quant) == len(parts):
             w = [p.weight for p in quant]
-            self.multi = w[0].k.multi([(q.fmt, q.group, q.blocks, q.shape[0]) for q in w], self.in_features)
+            self.multi = w[0].k.multi([(q.kernel_fmt, q.group, q.blocks, q.shape[0]) for q in w], self.in_features)
             self.dense_rows = min(q.dense_rows for q in w)  # from here on the parts run separately
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
         self.bias = torch.cat(biases) if any(p.bias is not None for p in parts) else None
@@ -260,18 +285,18 @@ def runtime_nbytes(raw: RawTensor) -> int:
     return elements * 4  # dense fp32 (vectors, float matrices, formats without a kernel)
 
 
-def quant_tensor(raw: RawTensor, k: kernels.Kernels) -> QuantTensor | None:
+def quant_tensor(raw: RawTensor, k: kernels.Kernels, activations: str = "int16") -> QuantTensor | None:
     """The runtime form of a quantized GGUF matrix, or None when it has none (use dense)."""
     if not isinstance(raw.data, np.ndarray) or len(raw.shape) != 2:
         return None
     if raw.qtype in IN_PLACE:
         fmt, group = IN_PLACE[raw.qtype]
-        return QuantTensor(kernels.as_uint8_rows(raw.data), fmt, group, raw.shape, k)
+        return QuantTensor(kernels.as_uint8_rows(raw.data), fmt, group, raw.shape, k, activations)
     if raw.qtype in REPACKED:
         fmt, group, repack = REPACKED[raw.qtype]
         data = np.asarray(raw.data)
         parts = [repack(data[i:i + REPACK_CHUNK_ROWS]) for i in range(0, data.shape[0], REPACK_CHUNK_ROWS)]
-        return QuantTensor(torch.from_numpy(np.concatenate(parts)), fmt, group, raw.shape, k)
+        return QuantTensor(torch.from_numpy(np.concatenate(parts)), fmt, group, raw.shape, k, activations)
     return None
 
 
@@ -279,9 +304,10 @@ class RuntimeWeights:
     """Hands the decoder its weights by canonical name, converted once, cached for tying."""
 
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, *, quantized: bool = True,
-                 variant: str = "native"):
+                 variant: str = "native", activations: str | None = None):
         self.source = source
         self.dtype = dtype
+        self.activations = checked_activations(activations) if activations is not None else _activations
         self.kernels = kernels.load(variant) if quantized else None
         memory.release_large_frees()  # a process that runs a model gives back prefill's activations
         self._embedding: nn.Module | None = None
@@ -294,7 +320,7 @@ class RuntimeWeights:
         return self.source.tensor(name).to_float(torch.float32)
 
     def _quant(self, raw: RawTensor) -> QuantTensor | None:
-        return quant_tensor(raw, self.kernels) if self.kernels is not None else None
+        return quant_tensor(raw, self.kernels, self.activations) if self.kernels is not None else None
 
     def linear(self, name: str, *, bias: bool = False) -> nn.Module:
         raw = self.source.tensor(f"{name}.weight")

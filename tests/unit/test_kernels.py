@@ -187,6 +187,94 @@ def test_prefill_swiglu_runs_gate_and_up_a_column_slice_at_a_time(monkeypatch, g
     assert fused.swiglu(x[:, :4]) is None
 
 
+# --- int8 activations (--activations int8): llama.cpp's precision ----------------------------
+
+INT8_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0"]  # Q5_0 runs as Q8 blocks
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 kernels see it: per group of 32, round(x / d) * d with d = max |x| / 127."""
+    groups = x.reshape(*x.shape[:-1], -1, 32)
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(groups / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", INT8_TYPES)
+@pytest.mark.parametrize("n,k,m", [(1, 288, 1), (37, 480, 1), (37, 480, 5), (3, 800, 17)])
+def test_int8_activation_kernels_are_exact_to_int8_rounded_activations(variant, ttype, n, k, m):
+    """With int8 activations the product is that of the int8-rounded x with the exact weights
+    (to float rounding), which the int16 kernels are not: they keep x to ~1e-5."""
+    raw, ref = raw_matrix(ttype, n, k, seed=n + k)
+    q = quant_tensor(raw, kernels.load(variant), activations="int8")
+    assert q.kernel_fmt == q.fmt | kernels.FMT_ACT8
+    x = torch.randn(m, k)
+    x[0, :32] *= 50  # one group far larger than the rest: every group has its own scale
+    expected = int8_activations(x) @ ref.T
+    scale = x.norm(dim=1)[:, None] * ref.norm(dim=1)[None, :]
+    assert ((q.matmul(x) - expected).abs() / scale).max().item() < 5e-6
+    int16 = quant_tensor(raw, kernels.load(variant))
+    assert ((int16.matmul(x) - expected).abs() / scale).max().item() > 1e-5  # the test tells them apart
+
+
+@pytest.mark.parametrize("ttype", ["Q4_K", "Q6_K"])
+def test_k_quants_keep_int16_activations_when_int8_is_asked(ttype):
+    raw, ref = raw_matrix(ttype, 9, 512)
+    q = quant_tensor(raw, kernels.load(), activations="int8")
+    assert q.kernel_fmt == q.fmt
+    x = torch.randn(2, 512)
+    scale = x.norm(dim=1)[:, None] * ref.norm(dim=1)[None, :]
+    assert ((q.matmul(x) - x @ ref.T).abs() / scale).max().item() < 5e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("m", [1, 2, 4, 7])
+def test_int8_and_int16_parts_in_one_call_and_m_rows_bit_for_bit(variant, m):
+    """q/k/v of a Q4_K_M file asked for int8: some parts int8, some int16, pairs straddling
+    them; each part equals its own product, and each of M rows the bits of that row alone."""
+    k = kernels.load(variant)
+    specs = [("Q4_0", 33), ("Q4_K", 3), ("Q8_0", 7), ("Q4_1", 5), ("Q6_K", 2), ("Q4_0", 2)]
+    tensors = [quant_tensor(raw_matrix(t, n, 256, seed=i)[0], k, activations="int8") for i, (t, n) in enumerate(specs)]
+    multi = k.multi([(q.kernel_fmt, q.group, q.blocks, q.shape[0]) for q in tensors], 256)
+    x = torch.randn(m, 256)
+    together = multi(x)
+    for r in range(m):
+        assert torch.equal(together[r], multi(x[r:r + 1])[0]), r
+    start = 0
+    for q in tensors:
+        torch.testing.assert_close(together[:, start:start + q.shape[0]], q.matmul(x), rtol=1e-5, atol=1e-5)
+        start += q.shape[0]
+
+
+def test_int8_activations_are_refused_for_k_quants_and_unknown_flags():
+    k = kernels.load()
+    blocks = torch.zeros((2, 144), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="fs_qmatmul failed"):
+        k.matmul(kernels.FMT_Q4_K | kernels.FMT_ACT8, 256, blocks, 2, 256, torch.zeros(1, 256))
+    with pytest.raises(RuntimeError, match="fs_qmatmul failed"):
+        k.matmul(kernels.FMT_Q4_0 | 0x200, 32, torch.zeros((2, 18), dtype=torch.uint8), 2, 32, torch.zeros(1, 32))
+
+
+def test_the_activation_precision_is_checked_and_int16_by_default(monkeypatch, tmp_path):
+    from fastserve_edge.engine import quant
+    from fastserve_edge.errors import ConfigError
+    from fastserve_edge.models import open_model
+    from tests.models_fixtures import write_tiny_gguf
+
+    monkeypatch.setattr(quant, "_activations", "int16")  # the default, restored after the test
+    source = open_model(write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensor_type="Q4_0"))
+    assert quant.RuntimeWeights(source).linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0
+    with pytest.raises(ConfigError, match="--activations must be one of int16, int8, got 'int4'"):
+        quant.set_activations("int4")
+    with pytest.raises(ConfigError, match="--activations must be one of"):
+        quant.RuntimeWeights(source, activations="fp8")
+    assert quant._activations == "int16"  # a refused value changes nothing
+    quant.set_activations("int8")  # models loaded from now on
+    weights = quant.RuntimeWeights(source)
+    assert weights.linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0 | kernels.FMT_ACT8
+    assert quant.RuntimeWeights(source, activations="int16").linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0
+
+
 # --- the one-token glue (decode.c) against the torch formulas of model.py --------------------
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -33,6 +33,7 @@ FLAGS = {
     "portable": [],
 }
 FMT_Q4_0, FMT_Q4_1, FMT_Q8, FMT_Q4_K, FMT_Q6_K = 0, 1, 2, 3, 4
+FMT_ACT8 = 0x100  # | a 32-weight format: int8 activations (qmatmul.c)
 
 
 def _cpu_id() -> str:
