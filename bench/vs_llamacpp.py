@@ -3,6 +3,7 @@
     python bench/vs_llamacpp.py                      # all models, 1 and 2 threads, 3 repeats
     python bench/vs_llamacpp.py --models 1b-q4_0 --threads 2 --repeats 5
     python bench/vs_llamacpp.py --skip-llamacpp      # ours only
+    python bench/vs_llamacpp.py --activations int16  # our default precision only
 
 Each engine runs in its own subprocess, one per (model, threads), so each peak RSS is its
 own and llama.cpp's native libraries never load into our process:
@@ -10,7 +11,10 @@ own and llama.cpp's native libraries never load into our process:
 - llama.cpp: llama-cpp-python, compiled once from source for this CPU (GGML_NATIVE, no GPU
   backends) into a venv of its own in the bench cache, and driven by this same file
   (`_worker` mode: stdlib + llama_cpp + numpy only).
-- ours: `fastserve bench MODEL --json` with the same flags.
+- ours: `fastserve bench MODEL --json` with the same flags, once per --activations: int16
+  (our default) and int8 (llama.cpp's own activation precision; only for the files of
+  32-weight blocks, Q4_0/Q4_1/Q8_0: K-quants keep int16 either way). Both rows show the
+  same llama.cpp run.
 
 Methodology, the same for both engines (close to llama-bench's pp512/tg128): one short
 warm-up (32-token prompt, 4 tokens), then per repeat a fresh KV cache, prefill = the
@@ -55,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+ACTIVATIONS = ("int16", "int8")  # fastserve_edge.engine.quant.ACTIVATIONS (not imported: this process stays light)
 LLAMA_CPP_SOURCE = "llama-cpp-python==0.3.36"  # or a path to its sdist: --llama-cpp-source
 CMAKE_ARGS = " ".join((
     "-DCMAKE_BUILD_TYPE=Release",
@@ -523,6 +528,7 @@ class Row:
     ours: dict[str, Any] | None = None
     ours_problem: str | None = None
     note: str = ""
+    activations: str = "int16"  # ours: --activations
 
     def ratio(self, key: str) -> float | None:
         if self.ours is None or self.llama is None or not self.llama.get(key):
@@ -584,8 +590,9 @@ def measure_llama(llama: LlamaEnv, model: PreparedModel, args: argparse.Namespac
     return measure_quietly(lambda: run_worker(llama.python, "measure", spec, timeout=args.timeout), args, say)
 
 
-def measure_ours(model: PreparedModel, args: argparse.Namespace, threads: int, say) -> tuple[dict | None, str | None]:
-    cmd = [sys.executable, "-m", "cli.main", "bench", str(model.path), "--threads", str(threads),
+def measure_ours(model: PreparedModel, args: argparse.Namespace, threads: int, say,
+                 activations: str = "int16") -> tuple[dict | None, str | None]:
+    cmd = [sys.executable, "-m", "cli.main", "bench", str(model.path), "--threads", str(threads), "--activations", activations,
            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
            "--repeats", str(args.repeats), "--json"]
     return measure_quietly(lambda: run_json(cmd, timeout=args.timeout), args, say)
@@ -629,7 +636,8 @@ def table_rows(rows: list[Row], args: argparse.Namespace) -> tuple[list[str], li
                 text += " pass" if first <= FIRST_TOKEN_GOAL_S else " FAIL"
             first_texts.append(text + ("" if theirs is None else f" ({theirs:.2f} s)"))
         body.append([
-            r.label, r.quant + (" (pure)" if r.note else ""), str(r.threads),
+            r.label, r.quant + (" (pure)" if r.note else "") + (f" {r.activations} act." if r.activations != "int16" else ""),
+            str(r.threads),
             _rate(llama.get("prefill_tok_s"), llama.get("noisy")), _rate(ours.get("prefill_tok_s"), ours.get("noisy")),
             _ratio(r.ratio("prefill_tok_s")),
             _rate(llama.get("decode_tok_s"), llama.get("noisy")), _rate(ours.get("decode_tok_s"), ours.get("noisy")),
@@ -723,6 +731,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure ours only (never builds llama.cpp)")
+    parser.add_argument("--activations", default=",".join(ACTIVATIONS),
+                        help="comma-separated: ours with int16 (default precision) and/or int8 activations")
     parser.add_argument("--llama-cpp-source", default=os.environ.get("FASTSERVE_BENCH_LLAMA_CPP_SOURCE", LLAMA_CPP_SOURCE),
                         help="pip requirement or sdist path to build llama-cpp-python from")
     parser.add_argument("--llama-python", type=Path, help="an existing python that imports llama_cpp (no build)")
@@ -744,6 +754,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
     except ValueError:
         parser.error(f"--threads must be integers like 1,2, got {args.threads!r}")
+    args.activation_list = [a.strip() for a in args.activations.split(",") if a.strip()]
+    if not args.activation_list or any(a not in ACTIVATIONS for a in args.activation_list):
+        parser.error(f"--activations: choose from {', '.join(ACTIVATIONS)}, got {args.activations!r}")
     if args.retries < 0 or args.quiet_wait < 0:
         parser.error("--retries and --quiet-wait must be 0 or more")
     for flag, value in (("--threads", min(args.thread_counts, default=0)), ("--repeats", args.repeats),
@@ -785,7 +798,7 @@ def main(argv: list[str]) -> int:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
         "fastserve": {"commit": _git("rev-parse", "--short", "HEAD") or "?", "dirty": bool(_git("status", "--porcelain"))},
         "settings": {"models": args.model_keys, "threads": args.thread_counts, "repeats": args.repeats,
-                     "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+                     "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "activations": args.activation_list,
                      "llama_n_ctx": LLAMA_N_CTX, "llama_n_batch": LLAMA_N_BATCH, "timeout_s": args.timeout},
         "llama_cpp": {}, "models": {}, "rows": [],
     }
@@ -830,28 +843,34 @@ def main(argv: list[str]) -> int:
     rows: list[Row] = []
     for model in prepared:
         for threads in args.thread_counts:
-            row = Row(model.spec.key, model.spec.label, model.quant, threads, str(model.path) if model.path else None,
-                      model.file_bytes, note=model.note)
-            if model.path is None:
-                row.llama_problem = row.ours_problem = model.problem
-            else:
-                if llama is not None and not args.skip_llamacpp:
-                    say(f"{model.spec.key} {model.quant}, {threads} thread(s): llama.cpp")
-                    row.llama, row.llama_problem = measure_llama(llama, model, args, threads, say)
-                elif not args.skip_llamacpp:
-                    row.llama_problem = "llama.cpp not available"
-                say(f"{model.spec.key} {model.quant}, {threads} thread(s): ours")
-                row.ours, row.ours_problem = measure_ours(model, args, threads, say)
-                for side, data, why in (("llama.cpp", row.llama, row.llama_problem), ("ours", row.ours, row.ours_problem)):
-                    if data is not None:
-                        say(f"  {side}: prefill {_rate(data['prefill_tok_s'])} tok/s, decode {_rate(data['decode_tok_s'])} "
-                            f"tok/s, peak RSS {_size(data['peak_rss_bytes'])} ({data['wall_s']:.0f} s"
-                            f"{', noisy' if data['noisy'] else ''})")
-                    elif why:
-                        say(f"  {side}: {why}", "red")
-            rows.append(row)
-            results["rows"] = [r.as_dict() for r in rows]
-            args.json_out.write_text(json.dumps(results, indent=2))
+            llama_run: tuple[dict | None, str | None] | None = None  # one llama.cpp run for both precisions of ours
+            for activations in args.activation_list:
+                if activations != "int16" and "K" in model.quant:
+                    continue  # K-quant files keep int16 activations: the row would repeat the int16 one
+                row = Row(model.spec.key, model.spec.label, model.quant, threads, str(model.path) if model.path else None,
+                          model.file_bytes, note=model.note, activations=activations)
+                if model.path is None:
+                    row.llama_problem = row.ours_problem = model.problem
+                else:
+                    if llama_run is not None:
+                        row.llama, row.llama_problem = llama_run
+                    elif llama is not None and not args.skip_llamacpp:
+                        say(f"{model.spec.key} {model.quant}, {threads} thread(s): llama.cpp")
+                        row.llama, row.llama_problem = llama_run = measure_llama(llama, model, args, threads, say)
+                    elif not args.skip_llamacpp:
+                        row.llama_problem = "llama.cpp not available"
+                    say(f"{model.spec.key} {model.quant}, {threads} thread(s): ours, {activations} activations")
+                    row.ours, row.ours_problem = measure_ours(model, args, threads, say, activations)
+                    for side, data, why in (("llama.cpp", row.llama, row.llama_problem), ("ours", row.ours, row.ours_problem)):
+                        if data is not None:
+                            say(f"  {side}: prefill {_rate(data['prefill_tok_s'])} tok/s, decode {_rate(data['decode_tok_s'])} "
+                                f"tok/s, peak RSS {_size(data['peak_rss_bytes'])} ({data['wall_s']:.0f} s"
+                                f"{', noisy' if data['noisy'] else ''})")
+                        elif why:
+                            say(f"  {side}: {why}", "red")
+                rows.append(row)
+                results["rows"] = [r.as_dict() for r in rows]
+                args.json_out.write_text(json.dumps(results, indent=2))
 
     results["driver_peak_rss_bytes"] = peak_rss_bytes()
     args.json_out.write_text(json.dumps(results, indent=2))

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import err_console, user_errors
+from cli.common import Activations, err_console, user_errors
 from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError
 from fastserve_edge.settings import load_settings
@@ -19,6 +19,7 @@ from fastserve_edge.settings import load_settings
 def command(
     model: Annotated[str | None, typer.Argument(help="model reference (default: smollm2-135m)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)")] = None,
+    activations: Activations = "int16",
     prompt_tokens: Annotated[int, typer.Option(help="prompt length for the prefill figure")] = 512,
     gen_tokens: Annotated[int, typer.Option(help="tokens generated for the decode figure")] = 128,
     repeats: Annotated[int, typer.Option(help="runs per figure; the median is reported")] = 3,
@@ -27,6 +28,7 @@ def command(
     """Prefill and decode tokens/s, time to first token and peak memory of this machine."""
     from fastserve_edge.engine.benchmark import WARMUP_PROMPT, bench_model  # torch: only when the command runs
     from fastserve_edge.engine.local import load_local_model, set_threads
+    from fastserve_edge.engine.quant import set_activations
 
     with user_errors():
         for flag, value, low in (("--prompt-tokens", prompt_tokens, 1), ("--gen-tokens", gen_tokens, 1), ("--repeats", repeats, 1)):
@@ -34,6 +36,7 @@ def command(
                 raise ConfigError(f"{flag} must be at least {low}, got {value}")
         settings = load_settings()
         n_threads = set_threads(threads)
+        set_activations(activations)
         resolved = resolve_or_pull(model, settings)
         t0 = time.perf_counter()
         # the context a run needs, as llama-bench sizes it (the KV cache follows use anyway)
@@ -43,11 +46,11 @@ def command(
             raise ConfigError(f"--prompt-tokens + --gen-tokens must stay below the model's context ({local.pipeline.ctx})")
         with err_console.status(f"benchmarking {resolved.name} with {n_threads} thread(s)…"):
             result = bench_model(local, name=resolved.name, threads=n_threads, prompt_tokens=prompt_tokens,
-                                 gen_tokens=gen_tokens, repeats=repeats, load_s=load_s)
+                                 gen_tokens=gen_tokens, repeats=repeats, load_s=load_s, activations=activations)
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
         return
-    table = Table(title=f"fastserve bench · {result.model}")
+    table = Table(title=f"fastserve bench · {result.model} · {result.activations} activations")
     for col in ("threads", "prefill tok/s", "decode tok/s", "first token", "load", "then 1st token, cold", "peak RSS"):
         table.add_column(col, justify="right")
     table.add_row(str(result.threads), f"{result.prefill_tok_s:.1f} (pp{result.prompt_tokens})",

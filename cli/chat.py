@@ -16,7 +16,7 @@ from rich.console import Console
 
 from rich.markup import escape
 
-from cli.common import err_console, user_errors
+from cli.common import Activations, err_console, user_errors
 from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError, FastServeError
 from fastserve_edge.settings import load_settings
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch-heavy: imported when the command runs, so `fastserve 
     from fastserve_edge.serving.client import RemoteChat
 
 # what only the side that holds the model decides: refused with --url (when given on the command line)
-SERVER_SIDE = ("top_k", "min_p", "repeat_penalty", "ctx", "threads", "token", "peers", "wait", "local_only",
+SERVER_SIDE = ("top_k", "min_p", "repeat_penalty", "ctx", "threads", "activations", "token", "peers", "wait", "local_only",
                "min_stages", "max_memory", "interface", "peer", "reprofile")
 
 HELP = ("Commands: /reset clears the conversation, /replan looks for peers and plans again (cluster), "
@@ -48,6 +48,7 @@ def command(
     max_tokens: Annotated[int | None, typer.Option(help="longest answer, in tokens")] = None,
     ctx: Annotated[int | None, typer.Option(help="context length (default: the model's, capped at 4096)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
+    activations: Activations = "int16",
     token: Annotated[str | None, typer.Option(help="cluster token (default: this host's, created on first use)",
                                               envvar="FASTSERVE_TOKEN")] = None,
     peers: Annotated[int, typer.Option(help="wait until this many peers answered (error if they do not)")] = 0,
@@ -78,6 +79,7 @@ def command(
     from cli.cluster_view import check_cluster_flags
     from fastserve_edge.engine.chat import ChatSession
     from fastserve_edge.engine.local import load_local_model, set_threads
+    from fastserve_edge.engine.quant import set_activations
     from fastserve_edge.engine.sampling import SamplingParams
 
     with user_errors():
@@ -98,6 +100,7 @@ def command(
         if answer_limit < 1:
             raise ConfigError(f"--max-tokens must be at least 1, got {answer_limit}")
         n_threads = set_threads(threads)
+        set_activations(activations)
         check_cluster_flags(wait=wait, peers=peers, min_stages=min_stages)
         resolved = resolve_or_pull(model, settings)
         notice = lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False)  # noqa: E731

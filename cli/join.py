@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from cli.common import err_console, user_errors
+from cli.common import Activations, err_console, user_errors
 from fastserve_edge.errors import ConfigError
 
 DEFAULT_PORT = 7411
@@ -34,6 +34,7 @@ def command(
     interface: Annotated[str | None, typer.Option(help="network interface to announce on (default: every LAN interface)")] = None,
     port: Annotated[int, typer.Option(help="TCP port of the peer service (0 = any free port)")] = DEFAULT_PORT,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
+    activations: Activations = "int16",
     reprofile: Annotated[bool, typer.Option(help="measure this machine again instead of using the cached profile")] = False,
     announce: Annotated[bool, typer.Option(help="announce over mDNS (--no-announce: reachable only with `chat --peer`)")] = True,
     bind: Annotated[str | None, typer.Option(help="address to listen on (default: the announced interface's)")] = None,
@@ -42,6 +43,7 @@ def command(
     from fastserve_edge.cluster.auth import check_token, cluster_id, load_or_create_token
     from fastserve_edge.cluster.profile import parse_size
     from fastserve_edge.engine.local import set_threads
+    from fastserve_edge.engine.quant import set_activations
     from fastserve_edge.settings import Paths
 
     with user_errors():
@@ -57,6 +59,7 @@ def command(
         token = check_token(token)
         cap = parse_size(max_memory) if max_memory is not None else None
         n_threads = set_threads(threads)
+        set_activations(activations)  # the layers this machine runs
         asyncio.run(_run(paths=paths, token=token, cluster=cluster_id(token), max_memory=cap, interface=interface,
                          port=port, threads=n_threads, reprofile=reprofile, announce=announce, bind=bind))
 

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cli.common import err_console, user_errors
+from cli.common import Activations, err_console, user_errors
 from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError
 from fastserve_edge.serving.scheduler import SCHEDULERS, make_scheduler
@@ -39,6 +39,7 @@ def command(
                                                           "0 = off)")] = None,
     ctx: Annotated[int | None, typer.Option(help="context length (default: the model's, capped at 4096)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores)", envvar="FASTSERVE_THREADS")] = None,
+    activations: Activations = "int16",
     insecure: Annotated[bool, typer.Option(help="allow a non-loopback --host without --api-key")] = False,
     token: Annotated[str | None, typer.Option(help="cluster token (default: this host's, created on first use)",
                                               envvar="FASTSERVE_TOKEN")] = None,
@@ -59,12 +60,12 @@ def command(
                                                static_peers=tuple(peer or ()), reprofile=reprofile)
         serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions, kv_memory=kv_memory,
               scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure, cluster=cluster,
-              prompt_cache=prompt_cache)
+              prompt_cache=prompt_cache, activations=activations)
 
 
 def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_sessions: int, scheduler: str,
           ctx: int | None, threads: int | None, insecure: bool, cluster: dict | None = None,
-          kv_memory: str | None = None, prompt_cache: int | None = None) -> None:
+          kv_memory: str | None = None, prompt_cache: int | None = None, activations: str = "int16") -> None:
     from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
     from fastserve_edge.serving.engine_loop import KV_GROWTH, kv_room
 
@@ -87,9 +88,11 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
     scheduler = scheduler.strip().lower()
 
     from fastserve_edge.engine.local import load_local_model, set_threads
+    from fastserve_edge.engine.quant import set_activations
 
     settings = load_settings()
     n_threads = set_threads(threads)
+    set_activations(activations)
     if cluster is not None:  # start_cluster's keyword arguments: chat's peer flags
         from cli.cluster_view import check_cluster_flags
         from fastserve_edge.cluster.coordinator import ClusterPipeline

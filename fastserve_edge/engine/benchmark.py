@@ -35,6 +35,7 @@ class BenchResult:
     cold_ttft_s: float   # the first forward after loading (the 32-token warm-up prompt): what
                          # a person waits for after `load_s` when their first message is short
     peak_rss_bytes: int
+    activations: str = "int16"  # what the kernels rounded activations to (--activations)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +81,7 @@ def run_once(local: LocalModel, ids: list[int], gen_tokens: int, session: str) -
 
 
 def bench_model(local: LocalModel, *, name: str, threads: int, prompt_tokens: int, gen_tokens: int,
-                repeats: int = 3, load_s: float = 0.0) -> BenchResult:
+                repeats: int = 3, load_s: float = 0.0, activations: str = "int16") -> BenchResult:
     if prompt_tokens + gen_tokens + 1 > local.pipeline.ctx:
         raise ValueError("prompt + generated tokens exceed the context")
     ids = prompt_ids(local, prompt_tokens)
@@ -90,4 +91,4 @@ def bench_model(local: LocalModel, *, name: str, threads: int, prompt_tokens: in
     prefill, decode, ttft = (statistics.median(r[i] for r in runs) for i in range(3))
     return BenchResult(model=name, threads=threads, prompt_tokens=len(ids), gen_tokens=gen_tokens,
                        prefill_tok_s=prefill, decode_tok_s=decode, ttft_s=ttft, load_s=load_s, cold_ttft_s=cold_ttft,
-                       peak_rss_bytes=peak_rss_bytes())
+                       peak_rss_bytes=peak_rss_bytes(), activations=activations)

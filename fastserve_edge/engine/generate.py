@@ -84,12 +84,13 @@ class LocalStage:
 
 
 def local_stages(source: ModelSource, *, max_tokens: int, boundaries: Sequence[int] | None = None,
-                 dtype: torch.dtype = torch.float32) -> list[LocalStage]:
-    """Stages for layer ranges [b0, b1), [b1, b2), ...; default: one stage with every layer."""
+                 dtype: torch.dtype = torch.float32, activations: str | None = None) -> list[LocalStage]:
+    """Stages for layer ranges [b0, b1), [b1, b2), ...; default: one stage with every layer.
+    activations: the kernels' precision (quant.ACTIVATIONS), default the process's (--activations)."""
     cfg = source.config
     cuts = list(boundaries) if boundaries is not None else [0, cfg.n_layers]
     assert cuts[0] == 0 and cuts[-1] == cfg.n_layers and cuts == sorted(set(cuts)), f"bad boundaries {cuts}"
-    weights = RuntimeWeights(source, dtype)
+    weights = RuntimeWeights(source, dtype, activations=activations)
     return [LocalStage(Stage(cfg, weights, a, b, max_tokens=max_tokens)) for a, b in zip(cuts, cuts[1:])]
 
 
