@@ -2,6 +2,7 @@
 
     python bench/kernels_ab.py --base HEAD~1                      # matrices, then SmolLM2 decode
     python bench/kernels_ab.py --base 3e1e60c --model FILE.gguf --threads 1,2 --rows 1,4
+    python bench/kernels_ab.py --base HEAD --tree-activations int8  # int8 against int16 activations
 
 On a noisy machine (this project's VM drifts by +-30% from minute to minute) two runs one
 after the other cannot resolve a 10% change, and bench/vs_llamacpp.py runs its engines one
@@ -14,8 +15,10 @@ measurement alternates between them (ABBA order), so drift falls on both alike:
 - model: the GGUF loaded twice, once per build (the weights are one memory map), a prompt,
   then decode tokens alternating between the two; median ms per token.
 
-The ratio is base / working tree: above 1 means the working tree is faster. Nothing is
-written; the builds go to a temporary folder.
+The ratio is base / working tree: above 1 means the working tree is faster. With
+--tree-activations int8 the working tree's side runs int8 activations where the format has
+them (Q4_0 here; Q6_K keeps int16), the base int16. Nothing is written; the builds go to a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def alternate(calls: dict[str, callable], rounds: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def matrices(builds: dict[str, kernels.Kernels], rows: list[int]) -> None:
+def matrices(builds: dict[str, kernels.Kernels], rows: list[int], tree_fmt_flag: int = 0) -> None:
     rng = np.random.default_rng(0)
     k = 2048
     cases = [("Q4_0 8192x2048, in cache", kernels.FMT_Q4_0, 32, [blocks(kernels.FMT_Q4_0, 8192, k, rng)], 8192),
@@ -97,18 +100,19 @@ def matrices(builds: dict[str, kernels.Kernels], rows: list[int]) -> None:
         for label, fmt, group, mats, n in cases:
             reps = max(1, 8 // len(mats))
 
-            def call(lib):
-                return lambda: [lib.matmul(fmt, group, w, n, k, x) for _ in range(reps) for w in mats]
-            med = alternate({name: call(lib) for name, lib in builds.items()}, rounds=15)
+            def call(lib, flag):
+                return lambda: [lib.matmul(fmt | flag, group, w, n, k, x) for _ in range(reps) for w in mats]
+            tree_flag = tree_fmt_flag if fmt in (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8) else 0
+            med = alternate({name: call(lib, tree_flag if name == "tree" else 0) for name, lib in builds.items()}, rounds=15)
             report(f"{m} row(s), {label}", {name: t / reps / len(mats) for name, t in med.items()}, "ms/call")
 
 
-def model(builds: dict[str, kernels.Kernels], path: Path, tokens: int) -> None:
+def model(builds: dict[str, kernels.Kernels], path: Path, tokens: int, tree_activations: str = "int16") -> None:
     source = open_model(path)
     cfg = source.config
     pipes = {}
     for name, lib in builds.items():
-        weights = RuntimeWeights(source)
+        weights = RuntimeWeights(source, activations=tree_activations if name == "tree" else "int16")
         weights.kernels = lib  # this build instead of kernels.load()'s
         pipes[name] = Pipeline(cfg, [LocalStage(Stage(cfg, weights, 0, cfg.n_layers, max_tokens=512))], 512)
     prompt = [(7 * i) % 1000 + 5 for i in range(256)]
@@ -137,6 +141,8 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4", help="activation rows per matrix call, comma-separated")
     parser.add_argument("--tokens", type=int, default=24, help="decode tokens per build")
     parser.add_argument("--skip-matrices", action="store_true")
+    parser.add_argument("--tree-activations", choices=("int16", "int8"), default="int16",
+                        help="the working tree's activation precision (the base: int16)")
     args = parser.parse_args()
     path = args.model if args.model is not None else smollm2_path()
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,8 +151,9 @@ def main() -> None:
             torch.set_num_threads(threads)
             print(f"-- {threads} thread(s), base {args.base} vs the working tree")
             if not args.skip_matrices:
-                matrices(builds, [int(m) for m in args.rows.split(",")])
-            model(builds, path, args.tokens)
+                matrices(builds, [int(m) for m in args.rows.split(",")],
+                         kernels.FMT_ACT8 if args.tree_activations == "int8" else 0)
+            model(builds, path, args.tokens, args.tree_activations)
 
 
 if __name__ == "__main__":

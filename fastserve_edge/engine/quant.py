@@ -4,8 +4,12 @@ The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn
 an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
-    GGUF Q4_0, Q4_1, Q8_0, Q4_K, Q6_K   used in place: the memory-mapped blocks are the weights
-    Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact)
+    GGUF Q4_K, Q6_K         used in place: the memory-mapped blocks are the weights
+    GGUF Q4_0, Q4_1, Q8_0   the same blocks, eight rows interleaved (x8) when the row count is a
+                            multiple of 8: copied once at load, and this process's pages of the
+                            file are dropped, so memory holds the copy instead (not as well);
+                            in place otherwise, and with --activations int8
+    Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact), then as Q8_0
     everything else         dense fp32 (F32/F16/BF16, Q5_1, Q5_K), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
 rows it looks up, and a tied LM head shares the same blocks.
@@ -105,12 +109,19 @@ class DenseEmbedding(nn.Module):
         return DenseLinear(self.weight)
 
 
+def _whole_block_rows(rows: int, per: int) -> int:
+    """`rows` rounded down to a multiple of `per` (at least one block row)."""
+    return max(per, rows // per * per)
+
+
 class QuantTensor:
     """A matrix [N, K] as rows of quantized blocks: blocks uint8 [N, K / group * block_bytes]."""
 
     def __init__(self, blocks: torch.Tensor, fmt: int, group: int, shape: tuple[int, int], k: kernels.Kernels,
                  activations: str = "int16"):
         self.blocks, self.fmt, self.group, self.shape, self.k = blocks, fmt, group, shape, k
+        # x8 formats: each row of `blocks` holds a group of eight matrix rows
+        self.rows_per_block_row = 8 if fmt in kernels.X8_OF.values() else 1
         # the format as the integer kernels take it: with int8 activations where the format has them
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
@@ -126,12 +137,19 @@ class QuantTensor:
         if x.shape[0] < self.dense_rows:
             return self.k.matmul(self.kernel_fmt, self.group, self.blocks, n, k, x)
         y = torch.empty((x.shape[0], n))
-        step = max(1, SCRATCH_FLOATS // k)
+        step = _whole_block_rows(SCRATCH_FLOATS // k, self.rows_per_block_row)
         for start in range(0, n, step):  # a slice of rows at a time keeps the buffer small
-            rows = self.blocks[start:start + step]
-            w = self.k.dequant_rows(self.fmt, self.group, rows, k, None, out=SCRATCH.take(rows.shape[0], k))
-            y[:, start:start + rows.shape[0]] = F.linear(x, w)
+            count = min(step, n - start)
+            w = self.k.dequant_rows(self.fmt, self.group, self._slice(start, count), k, None,
+                                    out=SCRATCH.take(count, k))
+            y[:, start:start + count] = F.linear(x, w)
         return y
+
+    def _slice(self, start: int, count: int) -> torch.Tensor:
+        """The blocks of matrix rows start .. start + count (whole block rows)."""
+        per = self.rows_per_block_row
+        assert start % per == 0 and (count % per == 0 or start + count == self.shape[0])
+        return self.blocks[start // per:-(-(start + count) // per)]
 
     def swiglu(self, up: QuantTensor, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ self.T) * (x @ up.T) for prefill (x: [M, K], M >= both dense_rows), a
@@ -141,12 +159,13 @@ class QuantTensor:
         assert up.shape == self.shape and x.shape[0] >= max(self.dense_rows, up.dense_rows)
         out = torch.empty((x.shape[0], n))
         # both slices together hold no more than one whole matrix (SmolLM2's 3.5 MiB stays 3.5)
-        step = max(1, min(SCRATCH_FLOATS // (2 * k), (n + 1) // 2))
+        per = max(self.rows_per_block_row, up.rows_per_block_row)  # whole block rows of both
+        step = _whole_block_rows(min(SCRATCH_FLOATS // (2 * k), (n + 1) // 2), per)
         for start in range(0, n, step):
             count = min(step, n - start)
             both = SCRATCH.take(2 * count, k)
-            self.k.dequant_rows(self.fmt, self.group, self.blocks[start:start + count], k, None, out=both[:count])
-            self.k.dequant_rows(up.fmt, up.group, up.blocks[start:start + count], k, None, out=both[count:])
+            self.k.dequant_rows(self.fmt, self.group, self._slice(start, count), k, None, out=both[:count])
+            self.k.dequant_rows(up.fmt, up.group, up._slice(start, count), k, None, out=both[count:])
             gate_up = F.linear(x, both)
             torch.mul(F.silu(gate_up[:, :count], inplace=True), gate_up[:, count:], out=out[:, start:start + count])
         return out
@@ -291,13 +310,26 @@ def quant_tensor(raw: RawTensor, k: kernels.Kernels, activations: str = "int16")
         return None
     if raw.qtype in IN_PLACE:
         fmt, group = IN_PLACE[raw.qtype]
-        return QuantTensor(kernels.as_uint8_rows(raw.data), fmt, group, raw.shape, k, activations)
-    if raw.qtype in REPACKED:
+        blocks = kernels.as_uint8_rows(raw.data)
+    elif raw.qtype in REPACKED:
         fmt, group, repack = REPACKED[raw.qtype]
         data = np.asarray(raw.data)
         parts = [repack(data[i:i + REPACK_CHUNK_ROWS]) for i in range(0, data.shape[0], REPACK_CHUNK_ROWS)]
-        return QuantTensor(torch.from_numpy(np.concatenate(parts)), fmt, group, raw.shape, k, activations)
-    return None
+        blocks = torch.from_numpy(np.concatenate(parts))
+    else:
+        return None
+    if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0 and activations == "int16":
+        interleaved = k.repack_x8(fmt, blocks, raw.shape[1])
+        if _read_only_file_map(raw.data):
+            k.release_file_pages(raw.data)  # the copy replaces the file's pages in memory, not adds to them
+        return QuantTensor(interleaved, kernels.X8_OF[fmt], group, raw.shape, k, activations)
+    return QuantTensor(blocks, fmt, group, raw.shape, k, activations)
+
+
+def _read_only_file_map(data: object) -> bool:
+    """A numpy view of a file opened read-only with np.memmap (gguf.py): its pages can be
+    dropped and come back from the file. Anything else (arrays, torch tensors) would lose data."""
+    return isinstance(data, np.memmap) and data.mode == "r" and getattr(data, "_mmap", None) is not None
 
 
 class RuntimeWeights:

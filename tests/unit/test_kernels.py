@@ -31,7 +31,8 @@ def raw_matrix(ttype: str, n: int, k: int, seed: int = 0) -> tuple[RawTensor, to
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("ttype", TYPES)
-@pytest.mark.parametrize("n,k,m", [(1, 256, 1), (37, 256, 1), (37, 512, 5), (3, 768, 17)])
+@pytest.mark.parametrize("n,k,m", [(1, 256, 1), (37, 256, 1), (37, 512, 5), (3, 768, 17),
+                                   (8, 256, 1), (40, 512, 5), (16, 768, 17)])  # multiples of 8: x8 layout
 def test_matmul_matches_reference_dequantization(variant, ttype, n, k, m):
     if ttype not in ("Q4_K", "Q6_K"):  # block types of 32: odd multiples of the group too
         k = k - 32 * (k // 256 - 1) if k > 256 else k + 32
@@ -49,19 +50,60 @@ def test_matmul_matches_reference_dequantization(variant, ttype, n, k, m):
 
 
 @pytest.mark.parametrize("ttype", TYPES)
-def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype):
-    raw, ref = raw_matrix(ttype, 50, 256)
+@pytest.mark.parametrize("n", [50, 48])  # 48: Q4_0/Q4_1/Q8_0/Q5_0 in the x8 layout
+def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):
+    raw, ref = raw_matrix(ttype, n, 256)
     q = quant_tensor(raw, kernels.load())
-    ids = torch.tensor([0, 7, 49, 7])
+    ids = torch.tensor([0, 7, n - 1, 7, 9])
     atol = 1e-3 * ref.abs().max().item() if ttype in K_TYPES else 0.0  # fp16 d*sc, -dmin*m
     torch.testing.assert_close(q.rows(ids), ref[ids], rtol=1e-3 if atol else 0.0, atol=atol)
 
 
-def test_in_place_formats_do_not_copy_the_file_blocks():
-    raw, _ = raw_matrix("Q4_0", 8, 64)
+@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 8), ("Q6_K", 16)])
+def test_in_place_formats_do_not_copy_the_file_blocks(ttype, n):
+    raw, _ = raw_matrix(ttype, n, 256)
     q = quant_tensor(raw, kernels.load())
     assert q.blocks.data_ptr() == raw.data.ctypes.data
     assert q.nbytes == raw.nbytes
+
+
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_x8_layout_holds_the_same_bytes_in_eight_row_groups(ttype):
+    raw, ref = raw_matrix(ttype, 24, 256)
+    original = raw.data.copy()
+    q = quant_tensor(raw, kernels.load())
+    assert q.fmt in kernels.X8_OF.values() and q.rows_per_block_row == 8
+    assert q.blocks.shape == (3, 8 * raw.data.shape[1]) and q.nbytes == raw.nbytes  # no bigger than the file's
+    assert sorted(q.blocks.numpy().ravel().tolist()) == sorted(original.ravel().tolist())
+    assert np.array_equal(raw.data, original)  # an array in memory is never released (only read-only file maps)
+    torch.testing.assert_close(q.rows(torch.arange(24)), ref, rtol=0, atol=0)
+
+
+def test_file_pages_of_a_repacked_matrix_are_dropped_and_come_back(tmp_path):
+    """Load repacks Q4_0 from a memory-mapped file and drops this process's pages of the
+    original: RSS holds the copy instead of both. The file's bytes are still there to read."""
+    from fastserve_edge.engine import quant
+
+    raw, ref = raw_matrix("Q4_0", 4096, 256)  # 576 KiB: whole pages inside
+    path = tmp_path / "blocks.bin"
+    raw.data.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r").reshape(raw.data.shape)
+    assert np.array_equal(mapped, raw.data)  # every page touched: resident
+
+    def resident_kib() -> int:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().split("\n")
+        for i, line in enumerate(lines):
+            if line.endswith(str(path)):
+                return next(int(x.split()[1]) for x in lines[i + 1:] if x.startswith("Rss:"))
+        raise AssertionError("mapping not found")
+
+    before = resident_kib()
+    q = quant_tensor(RawTensor("w", raw.qtype, raw.shape, mapped), kernels.load())
+    assert quant._read_only_file_map(mapped) and q.fmt == kernels.FMT_Q4_0X8
+    assert before > 500 and resident_kib() < 16, (before, resident_kib())
+    assert np.array_equal(mapped, raw.data)  # read again: from the page cache
+    torch.testing.assert_close(q.rows(torch.tensor([0, 4095])), ref[[0, 4095]], rtol=0, atol=0)
 
 
 def test_embedding_and_tied_head_share_blocks():
@@ -203,7 +245,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("ttype", INT8_TYPES)
 @pytest.mark.parametrize("n,k,m", [(1, 288, 1), (37, 480, 1), (37, 480, 5), (3, 800, 17)])
 def test_int8_activation_kernels_are_exact_to_int8_rounded_activations(variant, ttype, n, k, m):
-    """With int8 activations the product is that of the int8-rounded x with the exact weights
+    """With int8 activations (rows in the file's layout, never x8) the product is that of the int8-rounded x with the exact weights
     (to float rounding), which the int16 kernels are not: they keep x to ~1e-5."""
     raw, ref = raw_matrix(ttype, n, k, seed=n + k)
     q = quant_tensor(raw, kernels.load(variant), activations="int8")
@@ -263,7 +305,7 @@ def test_the_activation_precision_is_checked_and_int16_by_default(monkeypatch, t
 
     monkeypatch.setattr(quant, "_activations", "int16")  # the default, restored after the test
     source = open_model(write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensor_type="Q4_0"))
-    assert quant.RuntimeWeights(source).linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0
+    assert quant.RuntimeWeights(source).linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0X8
     with pytest.raises(ConfigError, match="--activations must be one of int16, int8, got 'int4'"):
         quant.set_activations("int4")
     with pytest.raises(ConfigError, match="--activations must be one of"):
@@ -272,7 +314,7 @@ def test_the_activation_precision_is_checked_and_int16_by_default(monkeypatch, t
     quant.set_activations("int8")  # models loaded from now on
     weights = quant.RuntimeWeights(source)
     assert weights.linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0 | kernels.FMT_ACT8
-    assert quant.RuntimeWeights(source, activations="int16").linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0
+    assert quant.RuntimeWeights(source, activations="int16").linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0X8
 
 
 # --- the one-token glue (decode.c) against the torch formulas of model.py --------------------
@@ -351,9 +393,10 @@ def test_m_rows_at_once_give_the_bits_of_one_row_at_a_time(variant, m):
     """The batched decode step relies on it: session r's row of an M-row product is the
     product of its row alone, bit for bit, for every format (and for the odd last row)."""
     k = kernels.load(variant)
-    parts = [raw_matrix(t, n, 256, seed=i)[0] for i, (t, n) in enumerate([("Q4_0", 5), ("Q4_1", 6), ("Q8_0", 4),
-                                                                          ("Q4_K", 3), ("Q6_K", 2)])]
+    specs = [("Q4_0", 5), ("Q4_1", 6), ("Q8_0", 4), ("Q4_K", 3), ("Q6_K", 2), ("Q4_0", 16), ("Q4_1", 8), ("Q8_0", 24)]
+    parts = [raw_matrix(t, n, 256, seed=i)[0] for i, (t, n) in enumerate(specs)]
     tensors = [quant_tensor(p, k) for p in parts]
+    assert sum(q.rows_per_block_row == 8 for q in tensors) == 3  # the x8 layout after odd-sized ones
     multi = k.multi([(q.fmt, q.group, q.blocks, q.shape[0]) for q in tensors], 256)
     x = torch.randn(m, 256)
     together = multi(x)

@@ -33,7 +33,9 @@ FLAGS = {
     "portable": [],
 }
 FMT_Q4_0, FMT_Q4_1, FMT_Q8, FMT_Q4_K, FMT_Q6_K = 0, 1, 2, 3, 4
-FMT_ACT8 = 0x100  # | a 32-weight format: int8 activations (qmatmul.c)
+FMT_Q4_0X8, FMT_Q4_1X8, FMT_Q8X8 = 5, 6, 7  # eight rows interleaved (qmatmul.c fs_repack_x8)
+X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8}
+FMT_ACT8 = 0x100  # | a 32-weight format in rows (not x8): int8 activations (qmatmul.c)
 
 
 def _cpu_id() -> str:
@@ -73,6 +75,10 @@ class Kernels:
         self.lib.fs_qmatmul_multi.restype = i
         self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
         self.lib.fs_dequant_rows.restype = i
+        self.lib.fs_repack_x8.argtypes = [i, p, l, i, i, p, i]
+        self.lib.fs_repack_x8.restype = i
+        self.lib.fs_release_file_pages.argtypes = [p, l]
+        self.lib.fs_release_file_pages.restype = i
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
@@ -136,12 +142,28 @@ class Kernels:
         """A prepared call for matrices (fmt, group, blocks, n) that share their input."""
         return MultiMatmul(self, parts, k)
 
+    def repack_x8(self, fmt: int, w: torch.Tensor, k: int) -> torch.Tensor:
+        """Rows [N, bytes] of Q4_0/Q4_1/Q8 blocks (N % 8 == 0) -> row groups [N / 8, 8 * bytes]
+        in the format's x8 layout (X8_OF[fmt]): the same bytes, eight rows interleaved."""
+        n = w.shape[0]
+        out = torch.empty((n // 8, 8 * w.shape[1]), dtype=torch.uint8)
+        rc = self.lib.fs_repack_x8(fmt, w.data_ptr(), w.stride(0), n, k, out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fs_repack_x8 failed ({rc}) for fmt={fmt} N={n} K={k}")
+        return out
+
+    def release_file_pages(self, data: np.ndarray) -> None:
+        """Drop this process's pages of `data`, a read-only memory map of a file (quant.py
+        checks): its repacked copy replaced it. The page cache keeps the file."""
+        self.lib.fs_release_file_pages(data.ctypes.data, data.nbytes)
+
     def dequant_rows(self, fmt: int, group: int, w: torch.Tensor, k: int, rows: torch.Tensor | None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of W (all when `rows` is None) as float32 [R, K], into `out` when given."""
         if rows is not None:
             rows = rows.reshape(-1).to(torch.int64).contiguous()
-        count = w.shape[0] if rows is None else rows.numel()
+        rows_per_block_row = 8 if fmt & 0xff in X8_OF.values() else 1  # x8: a block row is a group of 8
+        count = w.shape[0] * rows_per_block_row if rows is None else rows.numel()
         if out is None:
             out = torch.empty((count, k), dtype=torch.float32)
         assert out.shape == (count, k) and out.is_contiguous() and out.dtype == torch.float32

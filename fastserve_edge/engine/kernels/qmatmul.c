@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -39,10 +41,12 @@ static inline float fp16_to_f32(uint16_t h) {
 #endif
 }
 
-enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4 };
+enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
+       FMT_Q4_0X8 = 5, FMT_Q4_1X8 = 6, FMT_Q8X8 = 7 };  /* eight rows interleaved: see fs_repack_x8 */
 
-/* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset terms) */
-typedef struct { int16_t *q; float *d, *s; } qrow;
+/* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
+ * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers) */
+typedef struct { int16_t *q; float *d, *s; int32_t *t; } qrow;
 
 static void quantize_row(const float *x, int K, qrow r) {
     for (int g = 0; g < K / 32; g++) {
@@ -68,14 +72,14 @@ static void quantize_row(const float *x, int K, qrow r) {
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-        r.d[g] = d; r.s[g] = d * (float)_mm_cvtsi128_si32(s4);
+        r.d[g] = d; r.t[g] = _mm_cvtsi128_si32(s4); r.s[g] = d * (float)r.t[g];
 #else
         float amax = 0.f;
         for (int i = 0; i < 32; i++) { float a = fabsf(xg[i]); amax = a > amax ? a : amax; }
         float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
         int32_t sum = 0;
         for (int i = 0; i < 32; i++) { int v = (int)lrintf(xg[i] * id); r.q[g * 32 + i] = (int16_t)v; sum += v; }
-        r.d[g] = d; r.s[g] = d * (float)sum;
+        r.d[g] = d; r.t[g] = sum; r.s[g] = d * (float)sum;
 #endif
     }
 }
@@ -319,7 +323,7 @@ static inline __m256i block32_dot(int fmt, const uint8_t *qs, __m256i x0, __m256
 
 static qrow row_of(qrow all, int m, int K) {
     const int ng = K / 32;
-    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng };
+    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.t + (size_t)m * ng };
     return r;
 }
 
@@ -562,6 +566,156 @@ static void two_rows_dot8_all(int fmt, const uint8_t *w0, long stride, int K, q8
     }
 }
 
+/* ---- eight rows interleaved (q4_0x8, q4_1x8, q8x8): the layout decode runs fastest on -----
+ * Q4_0/Q4_1/Q8 matrices whose row count is a multiple of 8 are repacked at load
+ * (fs_repack_x8; the same bytes, reordered). Eight rows' blocks of one group of 32 weights
+ * lie together:
+ *   q4_0x8 : { fp16 d[8]; u8 qs[8 chunks][16] }             144 bytes = 8 x 18
+ *   q4_1x8 : { fp16 d[8]; fp16 m[8]; u8 qs[8 chunks][16] }  160 bytes = 8 x 20
+ *   q8x8   : { fp16 d[8]; i8 qs[16 chunks][16] }            272 bytes = 8 x 34
+ * Chunk c holds bytes 2c and 2c + 1 of each row r's block at bytes 2r and 2r + 1. Widened to
+ * int16, chunk c has row r's weights 2c, 2c + 1 in int32 lane r (the Q4 high nibbles:
+ * weights 2c + 16, 2c + 17), so one vpmaddwd against that activation pair, broadcast, adds
+ * to eight rows' sums at once: no horizontal sums, no per-row scale arithmetic (the eight
+ * fp16 scales convert in one instruction), Q4_0's 8 taken off once per group (8 sum(q)).
+ * The same integer sums as the two-row kernels in about half the operations. */
+static inline int x8_block_bytes(int fmt) { return fmt == FMT_Q4_0X8 ? 144 : fmt == FMT_Q4_1X8 ? 160 : 272; }
+static inline int x8_of(int fmt) { return fmt == FMT_Q4_0 ? FMT_Q4_0X8 : fmt == FMT_Q4_1 ? FMT_Q4_1X8 : FMT_Q8X8; }
+
+#if defined(__AVX2__) && defined(__F16C__)
+#define FS_X8_AVX2 1
+#endif
+
+/* Rows r .. r + 8 of one row group (w) . N activation rows m0 .. m0 + N, into
+ * y[(m0 + i) * total + 0 .. 8]. Each output takes the same operations for any N. */
+#if defined(FS_X8_AVX2)
+static inline __attribute__((always_inline)) void x8_dot_n(
+        int fmt, const uint8_t *w, int K, qrow all, int m0, const int N, float *y, int total) {
+    const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
+    const __m256i low4 = _mm256_set1_epi16(0x0f);
+    __m256 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int g = 0; g < K / 32; g++) {
+        const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
+        __m256i p[4];
+        for (int i = 0; i < N; i++) p[i] = _mm256_setzero_si256();
+        if (fmt == FMT_Q8X8) {
+            for (int c = 0; c < 16; c++) {
+                const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * c)));
+                for (int i = 0; i < N; i++) {
+                    int32_t pair;
+                    memcpy(&pair, all.q + (size_t)(m0 + i) * K + g * 32 + 2 * c, 4);
+                    p[i] = _mm256_add_epi32(p[i], _mm256_madd_epi16(v, _mm256_set1_epi32(pair)));
+                }
+            }
+        } else {
+            for (int c = 0; c < 8; c++) {
+                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * c)));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi16(v, 4);
+                for (int i = 0; i < N; i++) {
+                    const int16_t *x = all.q + (size_t)(m0 + i) * K + g * 32;
+                    int32_t pa, pb;
+                    memcpy(&pa, x + 2 * c, 4);
+                    memcpy(&pb, x + 16 + 2 * c, 4);
+                    p[i] = _mm256_add_epi32(p[i], _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi32(pa)),
+                                                                   _mm256_madd_epi16(hi, _mm256_set1_epi32(pb))));
+                }
+            }
+        }
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        for (int i = 0; i < N; i++) {
+            const qrow a = row_of(all, m0 + i, K);
+            __m256i pi = p[i];
+            if (fmt == FMT_Q4_0X8) pi = _mm256_sub_epi32(pi, _mm256_set1_epi32(8 * a.t[g]));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_mul_ps(d8, _mm256_set1_ps(a.d[g])), acc[i]);
+            if (fmt == FMT_Q4_1X8)
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16))), _mm256_set1_ps(a.s[g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
+}
+#else
+/* Row `r` (0..7) of a row group . one activation row, in plain C (the portable build) */
+static float x8_row_dot(int fmt, const uint8_t *w, int K, int r, qrow a) {
+    const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
+    float acc = 0.f;
+    for (int g = 0; g < K / 32; g++) {
+        const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
+        const int16_t *x = a.q + g * 32;
+        int32_t p = 0;
+        if (fmt == FMT_Q8X8) {
+            for (int c = 0; c < 16; c++)
+                for (int e = 0; e < 2; e++) p += (int8_t)qs[16 * c + 2 * r + e] * x[2 * c + e];
+        } else {
+            for (int c = 0; c < 8; c++)
+                for (int e = 0; e < 2; e++) {
+                    const int byte = qs[16 * c + 2 * r + e];
+                    p += (byte & 0x0f) * x[2 * c + e] + (byte >> 4) * x[16 + 2 * c + e];
+                }
+            if (fmt == FMT_Q4_0X8) p -= 8 * a.t[g];
+        }
+        acc += (float)p * (fp16_to_f32(*(const uint16_t *)(b + 2 * r)) * a.d[g]);
+        if (fmt == FMT_Q4_1X8) acc += fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r)) * a.s[g];
+    }
+    return acc;
+}
+#endif
+
+static inline __attribute__((always_inline)) void x8_dot_fmt(int fmt, const uint8_t *w, int K, qrow all, int M,
+                                                             float *y, int total) {
+#if defined(FS_X8_AVX2)
+    int m = 0;
+    for (; m + 4 <= M; m += 4) x8_dot_n(fmt, w, K, all, m, 4, y, total);
+    switch (M - m) {
+        case 3: x8_dot_n(fmt, w, K, all, m, 3, y, total); break;
+        case 2: x8_dot_n(fmt, w, K, all, m, 2, y, total); break;
+        case 1: x8_dot_n(fmt, w, K, all, m, 1, y, total); break;
+        default: break;
+    }
+#else
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < 8; r++) y[(size_t)m * total + r] = x8_row_dot(fmt, w, K, r, row_of(all, m, K));
+#endif
+}
+
+static void x8_dot_all(int fmt, const uint8_t *w, int K, qrow all, int M, float *y, int total) {
+    switch (fmt) {
+        case FMT_Q4_0X8: x8_dot_fmt(FMT_Q4_0X8, w, K, all, M, y, total); break;
+        case FMT_Q4_1X8: x8_dot_fmt(FMT_Q4_1X8, w, K, all, M, y, total); break;
+        case FMT_Q8X8: default: x8_dot_fmt(FMT_Q8X8, w, K, all, M, y, total); break;
+    }
+}
+
+/* Q4_0/Q4_1/Q8 rows (src, src_stride bytes apart; n % 8 == 0) -> the x8 layout of the same
+ * format at dst: [n / 8] row groups of K / 32 x8 blocks. Returns 0, or -1 on bad arguments. */
+int fs_repack_x8(int fmt, const uint8_t *src, long src_stride, int n, int K, uint8_t *dst, int nthreads) {
+    if ((fmt != FMT_Q4_0 && fmt != FMT_Q4_1 && fmt != FMT_Q8) || n <= 0 || n % 8 != 0 || K <= 0 || K % 32 != 0) return -1;
+    const int bs = fmt == FMT_Q4_0 ? 18 : fmt == FMT_Q4_1 ? 20 : 34, head = fmt == FMT_Q4_1 ? 4 : 2;
+    const int chunks = (bs - head) / 2, groups = K / 32;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int rg = 0; rg < n / 8; rg++) {
+        for (int g = 0; g < groups; g++) {
+            uint8_t *out = dst + ((size_t)rg * groups + g) * 8 * bs, *qs = out + 8 * head;
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *in = src + (size_t)(8 * rg + r) * src_stride + (size_t)g * bs;
+                memcpy(out + 2 * r, in, 2);                             /* d */
+                if (fmt == FMT_Q4_1) memcpy(out + 16 + 2 * r, in + 2, 2);  /* m */
+                for (int c = 0; c < chunks; c++) memcpy(qs + 16 * c + 2 * r, in + head + 2 * c, 2);
+            }
+        }
+    }
+    return 0;
+}
+
+/* Drop this process's pages of a read-only file mapping (the page-aligned part of p .. p +
+ * bytes): a repacked copy took their place. The file keeps them in the page cache, and a
+ * later read maps them back. Never for anonymous memory, which this would zero. */
+int fs_release_file_pages(const uint8_t *p, long bytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), e = ((uintptr_t)p + (uintptr_t)bytes) & ~(page - 1);
+    return e > a ? madvise((void *)a, e - a, MADV_DONTNEED) : 0;
+}
+
 /* Weight rows are short streams (1-2 KiB) that the hardware prefetcher learns too late:
  * each thread asks for the rows it takes PREFETCH_ROWS rows from now (measured: Q4_0 from
  * memory 6 -> 7.5 GB/s on one core; reading two rows at once without it falls to 3.6). */
@@ -582,17 +736,21 @@ static inline void prefetch(const uint8_t *p, long bytes) {
 int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
                      const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads) {
     if (count < 1 || count > 8 || M <= 0 || K % 32 != 0) return -1;
-    int total = 0, offs[9], fmt[8], act8[8], any8 = 0, any16 = 0;
+    /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
+    int total = 0, offs[9], pairs[9], fmt[8], act8[8], any8 = 0, any16 = 0;
+    pairs[0] = 0;
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
-        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K;
-        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q6_K || (act8[j] && k_quant)) return -1;
+        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K, x8 = fmt[j] >= FMT_Q4_0X8;
+        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q8X8 || (act8[j] && (k_quant || x8))) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
+        if (x8 && ns[j] % 8 != 0) return -1;
         any8 |= act8[j];
         any16 |= !act8[j];
         offs[j] = total;
         total += ns[j];
+        pairs[j + 1] = pairs[j] + (ns[j] + 1) / 2;
     }
     offs[count] = total;
     const size_t ng = (size_t)M * (K / 32);
@@ -600,37 +758,42 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     int8_t *q8 = any8 ? (int8_t *)malloc((size_t)M * K) : NULL;
     int16_t *o8 = any8 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * (K / 2)) : NULL;
     float *f = (float *)malloc(sizeof(float) * ng * 4);
-    if ((any16 && !q) || (any8 && (!q8 || !o8)) || !f) { free(q); free(q8); free(o8); free(f); return -2; }
-    qrow all = { q, f, f + ng };
+    int32_t *t = (int32_t *)malloc(sizeof(int32_t) * ng);
+    if ((any16 && !q) || (any8 && (!q8 || !o8)) || !f || !t) { free(q); free(q8); free(o8); free(f); free(t); return -2; }
+    qrow all = { q, f, f + ng, t };
     q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8 };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) {
         if (any16) quantize_row(x + (size_t)m * K, K, row_of(all, m, K));
         if (any8) quantize_row8(x + (size_t)m * K, K, row8_of(all8, m, K));
     }
-    /* Each thread takes a slice of all weight rows; a weight row is read from memory once
-       per call and reused from cache for every activation row. */
+    /* Each thread takes a slice of all weight rows, two at a time (an x8 matrix: the pair
+       that starts a row group does its eight rows); a weight row is read from memory once per
+       call and reused from cache for every activation row. */
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int pair = 0; pair < (total + 1) / 2; pair++) {
-        const int r = 2 * pair;
+    for (int pair = 0; pair < pairs[count]; pair++) {
         int j = 0;
-        while (r >= offs[j + 1]) j++;
-        const uint8_t *wrow = ws[j] + (size_t)(r - offs[j]) * strides[j];
-        if (r + PREFETCH_ROWS + 1 < offs[j + 1]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
-        if (r + 1 < offs[j + 1] && fmt[j] != FMT_Q4_K && fmt[j] != FMT_Q6_K) {  /* both rows in matrix j */
+        while (pair >= pairs[j + 1]) j++;
+        const int i = 2 * (pair - pairs[j]), r = offs[j] + i;  /* row i of matrix j, column r of y */
+        if (fmt[j] >= FMT_Q4_0X8) {
+            if (i % 8 == 0) x8_dot_all(fmt[j], ws[j] + (size_t)(i / 8) * strides[j], K, all, M, y + r, total);
+            continue;
+        }
+        const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
+        if (i + PREFETCH_ROWS + 1 < ns[j]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
+        if (i + 1 < ns[j] && fmt[j] != FMT_Q4_K && fmt[j] != FMT_Q6_K) {  /* two rows of a 32-weight format */
             if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, all8, M, y + r, total);
             else two_rows_dot_all(fmt[j], wrow, strides[j], K, all, M, y + r, total);
             continue;
         }
-        for (int i = r; i < r + 2 && i < total; i++) {  /* a matrix's last odd row, the next one's first */
-            while (i >= offs[j + 1]) j++;
-            const uint8_t *w = ws[j] + (size_t)(i - offs[j]) * strides[j];
+        for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants a row at a time; an odd last row */
+            const uint8_t *w = wrow + (size_t)e * strides[j];
             for (int m = 0; m < M; m++)
-                y[(size_t)m * total + i] = act8[j] ? row_dot8(fmt[j], w, K, row8_of(all8, m, K))
-                                                   : row_dot(fmt[j], w, K, row_of(all, m, K));
+                y[(size_t)m * total + r + e] = act8[j] ? row_dot8(fmt[j], w, K, row8_of(all8, m, K))
+                                                       : row_dot(fmt[j], w, K, row_of(all, m, K));
         }
     }
-    free(q); free(q8); free(o8); free(f);
+    free(q); free(q8); free(o8); free(f); free(t);
     return 0;
 }
 
@@ -647,8 +810,27 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
     if (K % (fmt == FMT_Q4_K || fmt == FMT_Q6_K ? 256 : 32) != 0) return -1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 64)
     for (int r = 0; r < R; r++) {
-        const uint8_t *wrow = w + (size_t)(rows ? rows[r] : r) * row_stride;
         float *o = out + (size_t)r * K;
+        if (fmt >= FMT_Q4_0X8) {  /* row_stride: bytes per row group of eight */
+            const int64_t row = rows ? rows[r] : r, lane = row % 8;
+            const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
+            const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
+            for (int g = 0; g < K / 32; g++) {
+                const uint8_t *b = grp + (size_t)g * bs, *qs = b + at;
+                const float dd = fp16_to_f32(*(const uint16_t *)(b + 2 * lane));
+                const float mm = fmt == FMT_Q4_1X8 ? fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * lane))
+                                                   : fmt == FMT_Q4_0X8 ? -8.f * dd : 0.f;
+                for (int c = 0; c < (fmt == FMT_Q8X8 ? 16 : 8); c++)
+                    for (int e = 0; e < 2; e++) {
+                        const uint8_t byte = qs[16 * c + 2 * lane + e];
+                        if (fmt == FMT_Q8X8) { o[g * 32 + 2 * c + e] = dd * (float)(int8_t)byte; continue; }
+                        o[g * 32 + 2 * c + e] = dd * (float)(byte & 0x0f) + mm;
+                        o[g * 32 + 16 + 2 * c + e] = dd * (float)(byte >> 4) + mm;
+                    }
+            }
+            continue;
+        }
+        const uint8_t *wrow = w + (size_t)(rows ? rows[r] : r) * row_stride;
         if (fmt == FMT_Q6_K) {
             int8_t q[128];
             for (int sb = 0; sb < K / 256; sb++) {
