@@ -11,7 +11,8 @@ measurement alternates between them (ABBA order), so drift falls on both alike:
 
 - matrices: random Q4_0 and Q6_K blocks in the shapes of a 1B model (one 8192 x 2048 matrix
   that stays in cache; sixteen 16384 x 2048 and the 128256 x 2048 head, read from memory),
-  `--rows` activation rows at a time; median ms per call.
+  `--rows` activation rows at a time; median ms per call. Q4_0 runs in the layout each build
+  loads it in (eight-row groups where the build has them, else the file's order).
 - model: the GGUF loaded twice, once per build (the weights are one memory map), a prompt,
   then decode tokens alternating between the two; median ms per token.
 
@@ -95,16 +96,27 @@ def matrices(builds: dict[str, kernels.Kernels], rows: list[int], tree_fmt_flag:
               [blocks(kernels.FMT_Q4_0, 16384, k, rng) for _ in range(16)], 16384),
              ("Q6_K 8192x2048, in cache", kernels.FMT_Q6_K, 256, [blocks(kernels.FMT_Q6_K, 8192, k, rng)], 8192),
              ("Q6_K 128256x2048 (head), memory", kernels.FMT_Q6_K, 256, [blocks(kernels.FMT_Q6_K, 128256, k, rng)], 128256)]
+    def layout(name: str, lib: kernels.Kernels, fmt: int, mats: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+        """The format and blocks this build runs: in eight-row groups where it has them (the
+        loader's choice), int8 activations in the file's order when asked for the tree."""
+        if fmt in kernels.X8_OF:
+            if name == "tree" and tree_fmt_flag:
+                return fmt | tree_fmt_flag, mats
+            if lib.x8:
+                return kernels.X8_OF[fmt], [lib.repack_x8(fmt, w, k) for w in mats]
+        return fmt, mats
+
+    prepared = [(label, group, n, len(mats), {name: layout(name, lib, fmt, mats) for name, lib in builds.items()})
+                for label, fmt, group, mats, n in cases]
     for m in rows:
         x = torch.randn(m, k)
-        for label, fmt, group, mats, n in cases:
-            reps = max(1, 8 // len(mats))
+        for label, group, n, count, per_build in prepared:
+            reps = max(1, 8 // count)
 
-            def call(lib, flag):
-                return lambda: [lib.matmul(fmt | flag, group, w, n, k, x) for _ in range(reps) for w in mats]
-            tree_flag = tree_fmt_flag if fmt in (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8) else 0
-            med = alternate({name: call(lib, tree_flag if name == "tree" else 0) for name, lib in builds.items()}, rounds=15)
-            report(f"{m} row(s), {label}", {name: t / reps / len(mats) for name, t in med.items()}, "ms/call")
+            def call(lib, fmt, mats):
+                return lambda: [lib.matmul(fmt, group, w, n, k, x) for _ in range(reps) for w in mats]
+            med = alternate({name: call(lib, *per_build[name]) for name, lib in builds.items()}, rounds=15)
+            report(f"{m} row(s), {label}", {name: t / reps / count for name, t in med.items()}, "ms/call")
 
 
 def model(builds: dict[str, kernels.Kernels], path: Path, tokens: int, tree_activations: str = "int16") -> None:

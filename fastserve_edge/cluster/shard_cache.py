@@ -9,6 +9,8 @@ hash of that manifest, so a peer's cache is keyed by content, not by file name.
 On a peer, `ShardCache` keeps each part as one safetensors file under
 `<cache>/shards/<digest>/<part>.safetensors`, written only after every tensor matched its
 manifest hash. A stage built later from the same parts reads them from disk: no transfer.
+Either way the tensors a peer gets are read-only maps of that file, as a host's are of its
+GGUF: the engine's copies (the x8 repacking, quant.py) then replace file pages in memory.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from fastserve_edge.cluster.wire import WireError, pack_tensors, sha256_of, unpack_tensors
 from fastserve_edge.engine.config import ModelConfig
@@ -161,7 +165,7 @@ class ShardCache:
         except WireError:
             path.unlink(missing_ok=True)
             return None
-        return tensors
+        return _mapped(path, tensors)
 
     def store(self, digest: str, part: str, blob: bytes, expected: dict[str, str]) -> list[RawTensor]:
         """Verify `blob` against the manifest, then keep it. Raises ShardError on mismatch."""
@@ -170,7 +174,25 @@ class ShardCache:
         path = self.path(digest, part)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, blob)
-        return tensors
+        return _mapped(path, tensors)
+
+
+def _mapped(path: Path, tensors: list[RawTensor]) -> list[RawTensor]:
+    """`tensors`, just read and checked from the part file at `path`, as read-only maps of
+    that file: where the engine repacks a matrix it drops the file's pages (quant.py), so a
+    peer holds one copy of its layers, not the blob's and the engine's."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    out = []
+    for t in tensors:
+        start, end = header[t.name]["data_offsets"]
+        if not isinstance(t.data, np.ndarray) or end == start:  # torch tensors own their memory
+            out.append(t)
+            continue
+        view = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size + start, shape=(end - start,))
+        out.append(RawTensor(t.name, t.qtype, t.shape, view.view(t.data.dtype).reshape(t.data.shape)))
+    return out
 
 
 def part_blob(source: ModelSource, manifest: Manifest, part: str) -> bytes:

@@ -318,7 +318,7 @@ def quant_tensor(raw: RawTensor, k: kernels.Kernels, activations: str = "int16")
         blocks = torch.from_numpy(np.concatenate(parts))
     else:
         return None
-    if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0 and activations == "int16":
+    if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0 and activations == "int16" and k.x8:
         interleaved = k.repack_x8(fmt, blocks, raw.shape[1])
         if _read_only_file_map(raw.data):
             k.release_file_pages(raw.data)  # the copy replaces the file's pages in memory, not adds to them

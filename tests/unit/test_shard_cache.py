@@ -56,6 +56,23 @@ def test_a_part_round_trips_through_the_cache_and_a_stage_built_from_it_matches(
     torch.testing.assert_close(split, whole.forward("s", ids, 0), rtol=0, atol=0)
 
 
+def test_a_peer_gets_its_tensors_as_read_only_maps_of_the_part_file(tiny, tmp_path):
+    """As a host's come from its GGUF map: the engine's x8 copy then replaces the file's
+    pages instead of adding to memory, and the part's bytes stay intact for other peers."""
+    from fastserve_edge.engine.quant import _read_only_file_map
+
+    path, source = tiny
+    m = build_manifest(source, path, tmp_path)
+    cache = ShardCache(tmp_path / "shards")
+    stored = cache.store(m.digest, "layer.0", part_blob(source, m, "layer.0"), m.parts["layer.0"])
+    loaded = cache.load(m.digest, "layer.0", m.parts["layer.0"])
+    for t in stored + loaded:
+        assert _read_only_file_map(t.data), t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(source.tensor(t.name).data)), t.name
+    RuntimeWeights(ShardSource(source.config, loaded)).linear("blk.0.attn_q")  # repacks, drops the pages
+    assert part_blob(ShardSource(source.config, loaded), m, "layer.0") == part_blob(source, m, "layer.0")
+
+
 def test_corrupt_or_mismatched_parts_are_refused_and_a_bad_cache_file_is_dropped(tiny, tmp_path):
     path, source = tiny
     m = build_manifest(source, path, tmp_path)

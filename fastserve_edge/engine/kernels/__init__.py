@@ -75,10 +75,13 @@ class Kernels:
         self.lib.fs_qmatmul_multi.restype = i
         self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
         self.lib.fs_dequant_rows.restype = i
-        self.lib.fs_repack_x8.argtypes = [i, p, l, i, i, p, i]
-        self.lib.fs_repack_x8.restype = i
-        self.lib.fs_release_file_pages.argtypes = [p, l]
-        self.lib.fs_release_file_pages.restype = i
+        # the x8 layout: absent only from an older revision's build (bench/kernels_ab.py)
+        self.x8 = hasattr(self.lib, "fs_repack_x8")
+        if self.x8:
+            self.lib.fs_repack_x8.argtypes = [i, p, l, i, i, p, i]
+            self.lib.fs_repack_x8.restype = i
+            self.lib.fs_release_file_pages.argtypes = [p, l]
+            self.lib.fs_release_file_pages.restype = i
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
