@@ -49,6 +49,19 @@ def test_matmul_matches_reference_dequantization(variant, ttype, n, k, m):
     assert worst < (1e-3 if ttype in K_TYPES else 5e-5), worst
 
 
+@pytest.mark.parametrize("ttype,n", [("Q4_0", 16), ("Q8_0", 9), ("Q4_K", 3)])
+def test_activation_rows_beyond_one_tile_are_right(ttype, n):
+    """Many rows go through the kernels a tile at a time (1 MiB of int16 activations: 64
+    rows of K = 8192), each tile against every weight row; 70 rows cross a tile's end."""
+    raw, ref = raw_matrix(ttype, n, 8192)
+    q = quant_tensor(raw, kernels.load())
+    x = torch.randn(70, 8192)
+    got = q.k.matmul(q.kernel_fmt, q.group, q.blocks, n, 8192, x)  # the integer kernels, whatever dense_rows says
+    scale = x.norm(dim=1)[:, None] * ref.norm(dim=1)[None, :]
+    assert ((got - x @ ref.T).abs() / scale).max().item() < 5e-5
+    assert torch.equal(got[64:], q.k.matmul(q.kernel_fmt, q.group, q.blocks, n, 8192, x[64:]))
+
+
 @pytest.mark.parametrize("ttype", TYPES)
 @pytest.mark.parametrize("n", [50, 48])  # 48: Q4_0/Q4_1/Q8_0/Q5_0 in the x8 layout
 def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):

@@ -77,7 +77,10 @@ class Kernels:
         self.lib.fs_dequant_rows.restype = i
         # the x8 layout: absent only from an older revision's build (bench/kernels_ab.py)
         self.x8 = hasattr(self.lib, "fs_repack_x8")
+        self.simd_bits = 0  # the x8 kernels' vector width (fs_simd_bits)
         if self.x8:
+            self.lib.fs_simd_bits.restype = i
+            self.simd_bits = self.lib.fs_simd_bits()
             self.lib.fs_repack_x8.argtypes = [i, p, l, i, i, p, i]
             self.lib.fs_repack_x8.restype = i
             self.lib.fs_release_file_pages.argtypes = [p, l]

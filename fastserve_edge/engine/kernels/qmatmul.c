@@ -774,6 +774,18 @@ static inline __attribute__((always_inline)) void x16_dot_fmt(int fmt, const uin
 }
 #endif
 
+/* The widest vectors the x8 kernels use in this build: 512, 256 (AVX2), 0 (plain C). With
+ * 512 they beat dequantize + GEMM at any prompt length (quant.py reads this). */
+int fs_simd_bits(void) {
+#if defined(FS_X8_AVX512)
+    return 512;
+#elif defined(FS_X8_AVX2)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 /* `groups` (1 or 2) row groups from w (stride bytes apart) . all M activation rows. One
  * activation row (decode) reads one group at a time: a single stream from memory ran 1.2-1.3x
  * faster than the two of x16_dot_n (its 512-bit vectors win in cache and from 2 rows on). */
@@ -833,6 +845,7 @@ int fs_release_file_pages(const uint8_t *p, long bytes) {
  * each thread asks for the rows it takes PREFETCH_ROWS rows from now (measured: Q4_0 from
  * memory 6 -> 7.5 GB/s on one core; reading two rows at once without it falls to 3.6). */
 #define PREFETCH_ROWS 4
+#define ACT_TILE_BYTES (1L << 20)  /* int16 activation rows per pass over the weights: half of a Zen 5 L2 */
 static inline void prefetch(const uint8_t *p, long bytes) {
 #if defined(__AVX2__)
     for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
@@ -881,31 +894,41 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         if (any8) quantize_row8(x + (size_t)m * K, K, row8_of(all8, m, K));
     }
     /* Each thread takes a slice of all weight rows, two at a time (an x8 matrix: the pair
-       that starts a row group does its eight rows); a weight row is read from memory once per
-       call and reused from cache for every activation row. */
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int pair = 0; pair < pairs[count]; pair++) {
-        int j = 0;
-        while (pair >= pairs[j + 1]) j++;
-        const int i = 2 * (pair - pairs[j]), r = offs[j] + i;  /* row i of matrix j, column r of y */
-        if (fmt[j] >= FMT_Q4_0X8) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
-            if (i % 16 == 0)
-                x8_dot_all(fmt[j], ws[j] + (size_t)(i / 8) * strides[j], strides[j], i + 16 <= ns[j] ? 2 : 1, K, all, M,
-                           y + r, total);
-            continue;
-        }
-        const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
-        if (i + PREFETCH_ROWS + 1 < ns[j]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
-        if (i + 1 < ns[j] && fmt[j] != FMT_Q4_K && fmt[j] != FMT_Q6_K) {  /* two rows of a 32-weight format */
-            if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, all8, M, y + r, total);
-            else two_rows_dot_all(fmt[j], wrow, strides[j], K, all, M, y + r, total);
-            continue;
-        }
-        for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants a row at a time; an odd last row */
-            const uint8_t *w = wrow + (size_t)e * strides[j];
-            for (int m = 0; m < M; m++)
-                y[(size_t)m * total + r + e] = act8[j] ? row_dot8(fmt[j], w, K, row8_of(all8, m, K))
-                                                       : row_dot(fmt[j], w, K, row_of(all, m, K));
+       that starts a row group does its eight or sixteen rows); a weight row is read from
+       memory once per tile of activation rows and reused from cache for each of them. A tile
+       (ACT_TILE_BYTES of int16 activations) stays in L2: a 512-token prompt's activations
+       streamed from memory for every weight row would cost more than the weights. */
+    int tile = (int)(ACT_TILE_BYTES / (2 * (long)K)) / 4 * 4;  /* a multiple of the kernels' 4 rows */
+    tile = tile < 4 ? 4 : tile;
+    for (int m0 = 0; m0 < M; m0 += tile) {
+        const int mt = M - m0 < tile ? M - m0 : tile;
+        const qrow at = row_of(all, m0, K);
+        const q8row at8 = any8 ? row8_of(all8, m0, K) : all8;
+        float *yt = y + (size_t)m0 * total;
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int pair = 0; pair < pairs[count]; pair++) {
+            int j = 0;
+            while (pair >= pairs[j + 1]) j++;
+            const int i = 2 * (pair - pairs[j]), r = offs[j] + i;  /* row i of matrix j, column r of y */
+            if (fmt[j] >= FMT_Q4_0X8) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
+                if (i % 16 == 0)
+                    x8_dot_all(fmt[j], ws[j] + (size_t)(i / 8) * strides[j], strides[j], i + 16 <= ns[j] ? 2 : 1, K, at, mt,
+                               yt + r, total);
+                continue;
+            }
+            const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
+            if (i + PREFETCH_ROWS + 1 < ns[j]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
+            if (i + 1 < ns[j] && fmt[j] != FMT_Q4_K && fmt[j] != FMT_Q6_K) {  /* two rows of a 32-weight format */
+                if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, at8, mt, yt + r, total);
+                else two_rows_dot_all(fmt[j], wrow, strides[j], K, at, mt, yt + r, total);
+                continue;
+            }
+            for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants a row at a time; an odd last row */
+                const uint8_t *w = wrow + (size_t)e * strides[j];
+                for (int m = 0; m < mt; m++)
+                    yt[(size_t)m * total + r + e] = act8[j] ? row_dot8(fmt[j], w, K, row8_of(at8, m, K))
+                                                            : row_dot(fmt[j], w, K, row_of(at, m, K));
+            }
         }
     }
     free(q); free(q8); free(o8); free(f); free(t);
