@@ -656,6 +656,7 @@ static inline __attribute__((always_inline)) void x8_dot_n(
  * integer sums and the same float steps per row as x8_dot_n, so a row's output does not
  * depend on which of the two kernels computed it. */
 #define X16_PREFETCH_BYTES 2048
+#define X16_ROWS 8  /* activation rows per pass: 16 integer and 8 float accumulators of 32 registers */
 /* chunk c of two row groups' blocks side by side */
 static inline __m256i x16_chunk(const uint8_t *q0, const uint8_t *q1, int c) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q0 + 16 * c))),
@@ -666,7 +667,7 @@ static inline __attribute__((always_inline)) void x16_dot_n(
         int fmt, const uint8_t *w, long stride, int K, qrow all, int m0, const int N, float *y, int total) {
     const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
     const __m512i low4 = _mm512_set1_epi16(0x0f);
-    __m512 acc[4];
+    __m512 acc[X16_ROWS];
     for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
     for (int g = 0; g < K / 32; g++) {
         const uint8_t *b0 = w + (size_t)g * bs, *b1 = b0 + stride, *q0 = b0 + at, *q1 = b1 + at;
@@ -675,8 +676,10 @@ static inline __attribute__((always_inline)) void x16_dot_n(
             _mm_prefetch((const char *)(b0 + X16_PREFETCH_BYTES + l), _MM_HINT_T0);
             _mm_prefetch((const char *)(b1 + X16_PREFETCH_BYTES + l), _MM_HINT_T0);
         }
-        __m512i p[4];
-        for (int i = 0; i < N; i++) p[i] = _mm512_setzero_si512();
+        /* two running sums a row (weights w0, w1), each a chain of vpdpwssd: 2 N chains hide
+           its latency once N is 8; the activation pairs come as broadcast memory operands */
+        __m512i p[X16_ROWS], p1[X16_ROWS];
+        for (int i = 0; i < N; i++) p[i] = p1[i] = _mm512_setzero_si512();
         for (int c = 0; c < (fmt == FMT_Q8X8 ? 16 : 8); c += (fmt == FMT_Q8X8 ? 2 : 1)) {
             __m512i w0, w1;  /* the weight pairs of activation pairs (c0, c1): Q4 low and high nibbles, Q8 chunks c, c + 1 */
             int c0 = 2 * c, c1 = 16 + 2 * c;
@@ -694,11 +697,17 @@ static inline __attribute__((always_inline)) void x16_dot_n(
                 int32_t pa, pb;
                 memcpy(&pa, x + c0, 4);
                 memcpy(&pb, x + c1, 4);
-                /* one add into the running sum (see dot_pairs_acc) */
-                p[i] = _mm512_add_epi32(p[i], _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, _mm512_set1_epi32(pa)),
-                                                                  w1, _mm512_set1_epi32(pb)));
+                if (N >= 4) {
+                    p[i] = _mm512_dpwssd_epi32(p[i], w0, _mm512_set1_epi32(pa));
+                    p1[i] = _mm512_dpwssd_epi32(p1[i], w1, _mm512_set1_epi32(pb));
+                } else {  /* too few chains: one add into the running sum instead (see dot_pairs_acc) */
+                    p[i] = _mm512_add_epi32(p[i], _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, _mm512_set1_epi32(pa)),
+                                                                      w1, _mm512_set1_epi32(pb)));
+                }
             }
         }
+        if (N >= 4)
+            for (int i = 0; i < N; i++) p[i] = _mm512_add_epi32(p[i], p1[i]);
         const __m512 d16 = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0)),
                                                                    _mm_loadu_si128((const __m128i *)b1), 1));
         for (int i = 0; i < N; i++) {
@@ -764,8 +773,12 @@ static inline __attribute__((always_inline)) void x8_dot_fmt(int fmt, const uint
 static inline __attribute__((always_inline)) void x16_dot_fmt(int fmt, const uint8_t *w, long stride, int K, qrow all,
                                                               int M, float *y, int total) {
     int m = 0;
-    for (; m + 4 <= M; m += 4) x16_dot_n(fmt, w, stride, K, all, m, 4, y, total);
+    for (; m + X16_ROWS <= M; m += X16_ROWS) x16_dot_n(fmt, w, stride, K, all, m, X16_ROWS, y, total);
     switch (M - m) {
+        case 7: x16_dot_n(fmt, w, stride, K, all, m, 7, y, total); break;
+        case 6: x16_dot_n(fmt, w, stride, K, all, m, 6, y, total); break;
+        case 5: x16_dot_n(fmt, w, stride, K, all, m, 5, y, total); break;
+        case 4: x16_dot_n(fmt, w, stride, K, all, m, 4, y, total); break;
         case 3: x16_dot_n(fmt, w, stride, K, all, m, 3, y, total); break;
         case 2: x16_dot_n(fmt, w, stride, K, all, m, 2, y, total); break;
         case 1: x16_dot_n(fmt, w, stride, K, all, m, 1, y, total); break;
@@ -898,8 +911,8 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
        memory once per tile of activation rows and reused from cache for each of them. A tile
        (ACT_TILE_BYTES of int16 activations) stays in L2: a 512-token prompt's activations
        streamed from memory for every weight row would cost more than the weights. */
-    int tile = (int)(ACT_TILE_BYTES / (2 * (long)K)) / 4 * 4;  /* a multiple of the kernels' 4 rows */
-    tile = tile < 4 ? 4 : tile;
+    int tile = (int)(ACT_TILE_BYTES / (2 * (long)K)) / 8 * 8;  /* a multiple of the kernels' 4 or 8 rows */
+    tile = tile < 8 ? 8 : tile;
     for (int m0 = 0; m0 < M; m0 += tile) {
         const int mt = M - m0 < tile ? M - m0 : tile;
         const qrow at = row_of(all, m0, K);
