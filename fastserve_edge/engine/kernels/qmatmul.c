@@ -226,6 +226,36 @@ static inline ivec dot_q6_16(const int8_t *q, const int16_t *a) {
 /* One weight row against one quantized activation row.
  * No sum runs through one register from group to group: a single fma chain (an offset term
  * added per group) costs its 4-cycle latency per 32 weights, more than the dot products. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* Q6_K . a for one row in 512-bit vectors (row_dot's AVX2 path, twice as wide): 32 weights
+ * an instruction, each 16 weights' int8 scale multiplied in the int16 lanes (one permute
+ * picks the pair of scales of 32 weights), one float step per 32. A 1B's tied head and
+ * embedding are Q6_K: a quarter of a decode step went here. */
+static float q6k_row_dot_512(const uint8_t *wrow, int K, qrow a) {
+    __m512 acc[2] = { _mm512_setzero_ps(), _mm512_setzero_ps() };
+    const __m512i pick0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(1), 1);  /* lanes 16-31: 1 */
+    const __m512i two = _mm512_set1_epi16(2);
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = wrow + sb * 210;
+        const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192))));
+        const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
+        __m512i pick = pick0;  /* scales 2k (lanes 0-15) and 2k + 1 (lanes 16-31) */
+        for (int half = 0; half < 2; half++) {
+            __m256i ws[4];
+            q6k_half_regs(b + 64 * half, b + 128 + 32 * half, ws);
+            for (int j = 0; j < 4; j++) {
+                const int g = sb * 8 + half * 4 + j;
+                const __m512i w = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(ws[j]), _mm512_permutexvar_epi16(pick, sc));
+                pick = _mm512_add_epi16(pick, two);
+                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512((const void *)(a.q + g * 32)));
+                acc[j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(d * a.d[g]), acc[j & 1]);
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+}
+#endif
+
 static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
     facc acc[4] = { facc_zero(), facc_zero(), facc_zero(), facc_zero() };
     float offsets[8] = { 0.f };  /* the weights' min terms, m * sum(x), in 8 independent sums */
@@ -252,7 +282,9 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
             for (int j = 0; j < 8; j++) offsets[j] -= dmin * mn[j] * a.s[sb * 8 + j];  /* one vector fma */
         }
     } else if (fmt == FMT_Q6_K) {  /* w = d * sc_j * (q - 32), the 32 taken off in decoding */
-#if defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        return q6k_row_dot_512(wrow, K, a);
+#elif defined(__AVX2__)
         /* decoded in registers: a round trip through memory costs more than the arithmetic.
            Each 16 weights' scale multiplies them in the int16 lanes (|sc (q - 32)| <= 4096, so a
            lane's 4 products stay below 2^30), leaving one float step per 32 weights. The 8
