@@ -4,11 +4,12 @@ The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn
 an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
-    GGUF Q4_K, Q6_K         used in place: the memory-mapped blocks are the weights
-    GGUF Q4_0, Q4_1, Q8_0   the same blocks, eight rows interleaved (x8) when the row count is a
-                            multiple of 8: copied once at load, and this process's pages of the
-                            file are dropped, so memory holds the copy instead (not as well);
-                            in place otherwise, and with --activations int8
+    GGUF Q6_K               used in place: the memory-mapped blocks are the weights
+    GGUF Q4_0, Q4_1, Q8_0,  the same blocks, eight rows interleaved (x8) when the row count is a
+         Q4_K               multiple of 8 (Q4_K with its 6-bit scales decoded: +2.8%): copied
+                            once at load, and this process's pages of the file are dropped, so
+                            memory holds the copy instead (not as well); in place otherwise,
+                            and for Q4_0/Q4_1/Q8_0 with --activations int8
     Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact), then as Q8_0
     everything else         dense fp32 (F32/F16/BF16, Q5_1, Q5_K), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
@@ -129,7 +130,7 @@ class QuantTensor:
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
         self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in (kernels.FMT_Q4_K, kernels.FMT_Q6_K) else DENSE_PREFILL_ROWS
-        if self.rows_per_block_row == 8 and k.simd_bits >= 512:
+        if self.rows_per_block_row == 8 and k.simd_bits >= 512 and fmt != kernels.FMT_Q4_KX8:
             self.dense_rows = NEVER_DENSE
 
     @property
@@ -303,6 +304,9 @@ def runtime_nbytes(raw: RawTensor) -> int:
     elements = int(np.prod(raw.shape))
     if isinstance(raw.data, np.ndarray) and len(raw.shape) == 2:
         if raw.qtype in IN_PLACE:
+            fmt = IN_PLACE[raw.qtype][0]
+            if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0:  # quant_tensor's x8 copy (Q4_K: decoded scales)
+                return raw.shape[0] // 8 * kernels.x8_group_bytes(fmt, raw.shape[1])
             return raw.nbytes
         if raw.qtype in REPACKED:
             return elements // 32 * 34
@@ -323,7 +327,7 @@ def quant_tensor(raw: RawTensor, k: kernels.Kernels, activations: str = "int16")
         blocks = torch.from_numpy(np.concatenate(parts))
     else:
         return None
-    if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0 and activations == "int16" and k.x8:
+    if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0 and k.x8 and (activations == "int16" or fmt not in INT8_FORMATS):
         interleaved = k.repack_x8(fmt, blocks, raw.shape[1])
         if _read_only_file_map(raw.data):
             k.release_file_pages(raw.data)  # the copy replaces the file's pages in memory, not adds to them

@@ -72,7 +72,7 @@ def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):
     torch.testing.assert_close(q.rows(ids), ref[ids], rtol=1e-3 if atol else 0.0, atol=atol)
 
 
-@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 8), ("Q6_K", 16)])
+@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 16)])
 def test_in_place_formats_do_not_copy_the_file_blocks(ttype, n):
     raw, _ = raw_matrix(ttype, n, 256)
     q = quant_tensor(raw, kernels.load())
@@ -90,6 +90,16 @@ def test_x8_layout_holds_the_same_bytes_in_eight_row_groups(ttype):
     assert sorted(q.blocks.numpy().ravel().tolist()) == sorted(original.ravel().tolist())
     assert np.array_equal(raw.data, original)  # an array in memory is never released (only read-only file maps)
     torch.testing.assert_close(q.rows(torch.arange(24)), ref, rtol=0, atol=0)
+
+
+def test_q4_k_x8_layout_decodes_the_scales_and_keeps_every_weight():
+    from fastserve_edge.engine.quant import runtime_nbytes
+
+    raw, ref = raw_matrix("Q4_K", 16, 512)
+    q = quant_tensor(raw, kernels.load())
+    assert q.fmt == kernels.FMT_Q4_KX8 and q.rows_per_block_row == 8
+    assert q.nbytes == raw.nbytes // 144 * 148 == runtime_nbytes(raw)  # 6-bit scales and mins as bytes
+    torch.testing.assert_close(q.rows(torch.arange(16)), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_file_pages_of_a_repacked_matrix_are_dropped_and_come_back(tmp_path):

@@ -33,8 +33,16 @@ FLAGS = {
     "portable": [],
 }
 FMT_Q4_0, FMT_Q4_1, FMT_Q8, FMT_Q4_K, FMT_Q6_K = 0, 1, 2, 3, 4
-FMT_Q4_0X8, FMT_Q4_1X8, FMT_Q8X8 = 5, 6, 7  # eight rows interleaved (qmatmul.c fs_repack_x8)
-X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8}
+FMT_Q4_0X8, FMT_Q4_1X8, FMT_Q8X8, FMT_Q4_KX8 = 5, 6, 7, 8  # eight rows interleaved (qmatmul.c fs_repack_x8)
+X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8, FMT_Q4_K: FMT_Q4_KX8}
+
+
+def x8_group_bytes(fmt: int, k: int) -> int:
+    """Bytes of eight rows of length k in the x8 layout of `fmt` (a file format of X8_OF):
+    the same bytes as the file's, except Q4_K's decoded scales (148 a row per 256, not 144)."""
+    if fmt == FMT_Q4_K:
+        return k // 256 * 1184
+    return 8 * (k // 32) * {FMT_Q4_0: 18, FMT_Q4_1: 20, FMT_Q8: 34}[fmt]
 FMT_ACT8 = 0x100  # | a 32-weight format in rows (not x8): int8 activations (qmatmul.c)
 
 
@@ -149,10 +157,10 @@ class Kernels:
         return MultiMatmul(self, parts, k)
 
     def repack_x8(self, fmt: int, w: torch.Tensor, k: int) -> torch.Tensor:
-        """Rows [N, bytes] of Q4_0/Q4_1/Q8 blocks (N % 8 == 0) -> row groups [N / 8, 8 * bytes]
-        in the format's x8 layout (X8_OF[fmt]): the same bytes, eight rows interleaved."""
+        """Rows [N, bytes] of Q4_0/Q4_1/Q8/Q4_K blocks (N % 8 == 0) -> row groups [N / 8,
+        x8_group_bytes] in the format's x8 layout (X8_OF[fmt]): eight rows interleaved."""
         n = w.shape[0]
-        out = torch.empty((n // 8, 8 * w.shape[1]), dtype=torch.uint8)
+        out = torch.empty((n // 8, x8_group_bytes(fmt, k)), dtype=torch.uint8)
         rc = self.lib.fs_repack_x8(fmt, w.data_ptr(), w.stride(0), n, k, out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fs_repack_x8 failed ({rc}) for fmt={fmt} N={n} K={k}")

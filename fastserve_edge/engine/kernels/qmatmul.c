@@ -42,7 +42,7 @@ static inline float fp16_to_f32(uint16_t h) {
 }
 
 enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
-       FMT_Q4_0X8 = 5, FMT_Q4_1X8 = 6, FMT_Q8X8 = 7 };  /* eight rows interleaved: see fs_repack_x8 */
+       FMT_Q4_0X8 = 5, FMT_Q4_1X8 = 6, FMT_Q8X8 = 7, FMT_Q4_KX8 = 8 };  /* eight rows interleaved: see fs_repack_x8 */
 
 /* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
  * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers) */
@@ -819,6 +819,89 @@ static inline __attribute__((always_inline)) void x16_dot_fmt(int fmt, const uin
 }
 #endif
 
+/* q4_kx8 (Q4_K, eight rows): per super-block of 256 weights
+ *   { fp16 d[8], dmin[8]; u8 sc[8 sub-blocks][8 rows], m[8][8]; u8 qs[4 pairs][16 chunks][16] }
+ * 1184 bytes = 8 x 148: the 6-bit scales and mins decoded (4 bytes a row more than Q4_K's
+ * 144); chunk c of pair p holds bytes 2c, 2c + 1 of row r's 32 bytes for sub-blocks 2p (low
+ * nibbles) and 2p + 1 (high nibbles) at bytes 2r, 2r + 1, as in q4_0x8. */
+#define Q4KX8_BYTES 1184
+static inline void q4kx8_dot_n(const uint8_t *w, int K, qrow all, int m0, const int N, float *y, int total) {
+#if defined(FS_X8_AVX2)
+    const __m256i low4 = _mm256_set1_epi16(0x0f);
+    __m256 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = w + (size_t)sb * Q4KX8_BYTES;
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        const __m256 dmin8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16)));
+        for (int pr = 0; pr < 4; pr++) {
+            const uint8_t *qs = b + 160 + 256 * pr;
+            __m256i plo[4], phi[4];
+            for (int i = 0; i < N; i++) plo[i] = phi[i] = _mm256_setzero_si256();
+            for (int c = 0; c < 16; c++) {
+                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * c)));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi16(v, 4);
+                for (int i = 0; i < N; i++) {
+                    const int16_t *x = all.q + (size_t)(m0 + i) * K + (size_t)(sb * 8 + 2 * pr) * 32;
+                    int32_t pa, pb;
+                    memcpy(&pa, x + 2 * c, 4);
+                    memcpy(&pb, x + 32 + 2 * c, 4);
+                    plo[i] = _mm256_add_epi32(plo[i], _mm256_madd_epi16(lo, _mm256_set1_epi32(pa)));
+                    phi[i] = _mm256_add_epi32(phi[i], _mm256_madd_epi16(hi, _mm256_set1_epi32(pb)));
+                }
+            }
+            for (int h = 0; h < 2; h++) {  /* sub-block j = 2 pr + h: w = d sc_j q - dmin m_j */
+                const int j = 2 * pr + h;
+                const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 32 + 8 * j)))));
+                const __m256 mn = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 96 + 8 * j)))));
+                for (int i = 0; i < N; i++) {
+                    const qrow a = row_of(all, m0 + i, K);
+                    const int g = sb * 8 + j;
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h ? phi[i] : plo[i]), _mm256_mul_ps(sc, _mm256_set1_ps(a.d[g])), acc[i]);
+                    acc[i] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(a.s[g]), acc[i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
+#else
+    for (int i = 0; i < N; i++) {
+        const qrow a = row_of(all, m0 + i, K);
+        for (int r = 0; r < 8; r++) {
+            float acc = 0.f;
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = w + (size_t)sb * Q4KX8_BYTES;
+                const float d = fp16_to_f32(*(const uint16_t *)(b + 2 * r)), dmin = fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r));
+                for (int j = 0; j < 8; j++) {
+                    const uint8_t *qs = b + 160 + 256 * (j / 2);
+                    const int16_t *x = a.q + (size_t)(sb * 8 + j) * 32;
+                    int32_t p = 0;
+                    for (int c = 0; c < 16; c++)
+                        for (int e = 0; e < 2; e++) {
+                            const int byte = qs[16 * c + 2 * r + e];
+                            p += ((j & 1) ? byte >> 4 : byte & 0x0f) * x[2 * c + e];
+                        }
+                    const int g = sb * 8 + j;
+                    acc += (float)p * (d * (float)b[32 + 8 * j + r] * a.d[g]) - dmin * (float)b[96 + 8 * j + r] * a.s[g];
+                }
+            }
+            y[(size_t)(m0 + i) * total + r] = acc;
+        }
+    }
+#endif
+}
+
+static void q4kx8_dot_all(const uint8_t *w, int K, qrow all, int M, float *y, int total) {
+    int m = 0;
+    for (; m + 4 <= M; m += 4) q4kx8_dot_n(w, K, all, m, 4, y, total);
+    switch (M - m) {
+        case 3: q4kx8_dot_n(w, K, all, m, 3, y, total); break;
+        case 2: q4kx8_dot_n(w, K, all, m, 2, y, total); break;
+        case 1: q4kx8_dot_n(w, K, all, m, 1, y, total); break;
+        default: break;
+    }
+}
+
 /* The widest vectors the x8 kernels use in this build: 512, 256 (AVX2), 0 (plain C). With
  * 512 they beat dequantize + GEMM at any prompt length (quant.py reads this). */
 int fs_simd_bits(void) {
@@ -835,6 +918,10 @@ int fs_simd_bits(void) {
  * activation row (decode) reads one group at a time: a single stream from memory ran 1.2-1.3x
  * faster than the two of x16_dot_n (its 512-bit vectors win in cache and from 2 rows on). */
 static void x8_dot_all(int fmt, const uint8_t *w, long stride, int groups, int K, qrow all, int M, float *y, int total) {
+    if (fmt == FMT_Q4_KX8) {
+        for (int h = 0; h < groups; h++) q4kx8_dot_all(w + (size_t)h * stride, K, all, M, y + 8 * h, total);
+        return;
+    }
 #if defined(FS_X8_AVX512)
     if (groups == 2 && M >= 2) {
         switch (fmt) {
@@ -859,6 +946,25 @@ static void x8_dot_all(int fmt, const uint8_t *w, long stride, int groups, int K
 /* Q4_0/Q4_1/Q8 rows (src, src_stride bytes apart; n % 8 == 0) -> the x8 layout of the same
  * format at dst: [n / 8] row groups of K / 32 x8 blocks. Returns 0, or -1 on bad arguments. */
 int fs_repack_x8(int fmt, const uint8_t *src, long src_stride, int n, int K, uint8_t *dst, int nthreads) {
+    if (fmt == FMT_Q4_K) {
+        if (n <= 0 || n % 8 != 0 || K <= 0 || K % 256 != 0) return -1;
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int rg = 0; rg < n / 8; rg++)
+            for (int sb = 0; sb < K / 256; sb++) {
+                uint8_t *out = dst + ((size_t)rg * (K / 256) + sb) * Q4KX8_BYTES;
+                for (int r = 0; r < 8; r++) {
+                    const uint8_t *in = src + (size_t)(8 * rg + r) * src_stride + (size_t)sb * 144;
+                    float sc[8], mn[8];
+                    memcpy(out + 2 * r, in, 2);
+                    memcpy(out + 16 + 2 * r, in + 2, 2);
+                    k4_scales(in + 4, sc, mn);
+                    for (int j = 0; j < 8; j++) { out[32 + 8 * j + r] = (uint8_t)sc[j]; out[96 + 8 * j + r] = (uint8_t)mn[j]; }
+                    for (int pr = 0; pr < 4; pr++)
+                        for (int c = 0; c < 16; c++) memcpy(out + 160 + 256 * pr + 16 * c + 2 * r, in + 16 + 32 * pr + 2 * c, 2);
+                }
+            }
+        return 0;
+    }
     if ((fmt != FMT_Q4_0 && fmt != FMT_Q4_1 && fmt != FMT_Q8) || n <= 0 || n % 8 != 0 || K <= 0 || K % 32 != 0) return -1;
     const int bs = fmt == FMT_Q4_0 ? 18 : fmt == FMT_Q4_1 ? 20 : 34, head = fmt == FMT_Q4_1 ? 4 : 2;
     const int chunks = (bs - head) / 2, groups = K / 32;
@@ -913,8 +1019,8 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
-        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K, x8 = fmt[j] >= FMT_Q4_0X8;
-        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q8X8 || (act8[j] && (k_quant || x8))) return -1;
+        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8, x8 = fmt[j] >= FMT_Q4_0X8;
+        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q4_KX8 || (act8[j] && (k_quant || x8))) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if (x8 && ns[j] % 8 != 0) return -1;
         any8 |= act8[j];
@@ -990,10 +1096,28 @@ int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
 int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R,
                     float *out, int nthreads) {
     fmt &= FMT_BASE;  /* the activations' precision does not matter here */
-    if (K % (fmt == FMT_Q4_K || fmt == FMT_Q6_K ? 256 : 32) != 0) return -1;
+    if (K % (fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 ? 256 : 32) != 0) return -1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 64)
     for (int r = 0; r < R; r++) {
         float *o = out + (size_t)r * K;
+        if (fmt == FMT_Q4_KX8) {  /* row_stride: bytes per row group of eight */
+            const int64_t row = rows ? rows[r] : r, lane = row % 8;
+            const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = grp + (size_t)sb * Q4KX8_BYTES;
+                const float dd = fp16_to_f32(*(const uint16_t *)(b + 2 * lane)), dmin = fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * lane));
+                for (int j = 0; j < 8; j++) {
+                    const float scale = dd * (float)b[32 + 8 * j + lane], min = dmin * (float)b[96 + 8 * j + lane];
+                    const uint8_t *qs = b + 160 + 256 * (j / 2);
+                    for (int c = 0; c < 16; c++)
+                        for (int e = 0; e < 2; e++) {
+                            const uint8_t byte = qs[16 * c + 2 * lane + e];
+                            o[sb * 256 + j * 32 + 2 * c + e] = scale * (float)((j & 1) ? byte >> 4 : byte & 0x0f) - min;
+                        }
+                }
+            }
+            continue;
+        }
         if (fmt >= FMT_Q4_0X8) {  /* row_stride: bytes per row group of eight */
             const int64_t row = rows ? rows[r] : r, lane = row % 8;
             const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
