@@ -8,8 +8,7 @@ Runtime formats (kernels/qmatmul.c does the arithmetic):
     GGUF Q4_0, Q4_1, Q8_0,  the same blocks, eight rows interleaved (x8) when the row count is a
          Q4_K               multiple of 8 (Q4_K with its 6-bit scales decoded: +2.8%): copied
                             once at load, and this process's pages of the file are dropped, so
-                            memory holds the copy instead (not as well); in place otherwise,
-                            and for Q4_0/Q4_1/Q8_0 with --activations int8
+                            memory holds the copy instead (not as well); in place otherwise
     Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact), then as Q8_0
     everything else         dense fp32 (F32/F16/BF16, Q5_1, Q5_K), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
@@ -46,7 +45,8 @@ NEVER_DENSE = 1 << 62  # x8 matrices on 512-bit kernels: the integer kernels win
 ACTIVATIONS = ("int16", "int8")  # what the integer kernels quantize x to (qmatmul.c): int16 keeps
                                  # SmolLM2's logits within ~6e-4 of fp32; int8 is llama.cpp's choice,
                                  # ~1.2x faster on Q4_0/Q4_1/Q8_0 weights, ~4e-2 on SmolLM2's logits
-INT8_FORMATS = (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8)  # K-quants keep int16 either way
+INT8_FORMATS = (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8,  # K-quants keep int16 either way
+                kernels.FMT_Q4_0X8, kernels.FMT_Q4_1X8, kernels.FMT_Q8X8)
 _activations = "int16"  # for RuntimeWeights made from now on (set_activations)
 
 
@@ -327,7 +327,7 @@ def quant_tensor(raw: RawTensor, k: kernels.Kernels, activations: str = "int16")
         blocks = torch.from_numpy(np.concatenate(parts))
     else:
         return None
-    if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0 and k.x8 and (activations == "int16" or fmt not in INT8_FORMATS):
+    if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0 and k.x8:
         interleaved = k.repack_x8(fmt, blocks, raw.shape[1])
         if _read_only_file_map(raw.data):
             k.release_file_pages(raw.data)  # the copy replaces the file's pages in memory, not adds to them

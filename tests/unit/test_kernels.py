@@ -266,13 +266,15 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("ttype", INT8_TYPES)
-@pytest.mark.parametrize("n,k,m", [(1, 288, 1), (37, 480, 1), (37, 480, 5), (3, 800, 17)])
+@pytest.mark.parametrize("n,k,m", [(1, 288, 1), (37, 480, 1), (37, 480, 5), (3, 800, 17),  # rows as in the file
+                                   (16, 288, 1), (48, 480, 5), (24, 800, 17), (8, 32, 9)])  # x8 (n % 8 == 0)
 def test_int8_activation_kernels_are_exact_to_int8_rounded_activations(variant, ttype, n, k, m):
-    """With int8 activations (rows in the file's layout, never x8) the product is that of the int8-rounded x with the exact weights
+    """With int8 activations, in either layout, the product is that of the int8-rounded x with the exact weights
     (to float rounding), which the int16 kernels are not: they keep x to ~1e-5."""
     raw, ref = raw_matrix(ttype, n, k, seed=n + k)
     q = quant_tensor(raw, kernels.load(variant), activations="int8")
     assert q.kernel_fmt == q.fmt | kernels.FMT_ACT8
+    assert q.rows_per_block_row == (8 if n % 8 == 0 and q.k.x8 else 1)
     torch.manual_seed(n + k + m)
     x = torch.randn(m, k)
     x[0, :32] *= 50  # one group far larger than the rest: every group has its own scale
@@ -302,7 +304,8 @@ def test_int8_and_int16_parts_in_one_call_and_m_rows_bit_for_bit(variant, m):
     """q/k/v of a Q4_K_M file asked for int8: some parts int8, some int16, pairs straddling
     them; each part equals its own product, and each of M rows the bits of that row alone."""
     k = kernels.load(variant)
-    specs = [("Q4_0", 33), ("Q4_K", 3), ("Q8_0", 7), ("Q4_1", 5), ("Q6_K", 2), ("Q4_0", 2)]
+    specs = [("Q4_0", 33), ("Q4_K", 3), ("Q8_0", 7), ("Q4_1", 5), ("Q6_K", 2),
+             ("Q4_0", 24), ("Q8_0", 16), ("Q4_1", 8)]  # the last three in the x8 layout
     tensors = [quant_tensor(raw_matrix(t, n, 256, seed=i)[0], k, activations="int8") for i, (t, n) in enumerate(specs)]
     multi = k.multi([(q.kernel_fmt, q.group, q.blocks, q.shape[0]) for q in tensors], 256)
     x = torch.randn(m, 256)
@@ -340,7 +343,7 @@ def test_the_activation_precision_is_checked_and_int16_by_default(monkeypatch, t
     assert quant._activations == "int16"  # a refused value changes nothing
     quant.set_activations("int8")  # models loaded from now on
     weights = quant.RuntimeWeights(source)
-    assert weights.linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0 | kernels.FMT_ACT8
+    assert weights.linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0X8 | kernels.FMT_ACT8
     assert quant.RuntimeWeights(source, activations="int16").linear("blk.0.attn_q").weight.kernel_fmt == kernels.FMT_Q4_0X8
 
 

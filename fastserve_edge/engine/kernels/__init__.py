@@ -43,7 +43,7 @@ def x8_group_bytes(fmt: int, k: int) -> int:
     if fmt == FMT_Q4_K:
         return k // 256 * 1184
     return 8 * (k // 32) * {FMT_Q4_0: 18, FMT_Q4_1: 20, FMT_Q8: 34}[fmt]
-FMT_ACT8 = 0x100  # | a 32-weight format in rows (not x8): int8 activations (qmatmul.c)
+FMT_ACT8 = 0x100  # | a 32-weight format (Q4_0/Q4_1/Q8, in rows or x8): int8 activations (qmatmul.c)
 
 
 def _cpu_id() -> str:

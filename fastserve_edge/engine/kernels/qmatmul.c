@@ -457,12 +457,15 @@ static void two_rows_dot_all(int fmt, const uint8_t *w0, long stride, int K, qro
 enum { FMT_ACT8 = 0x100, FMT_BASE = 0xff };
 
 /* One int8 activation row: q[K]; d[K/32] scale; s[K/32] = d * sum(q) (Q4_1's offset term);
- * o[K/2] = 8 * (q[2i] + q[2i + 1]): Q4_0's 8, taken off in the int16 pair sums */
-typedef struct { int8_t *q; float *d, *s; int16_t *o; } q8row;
+ * o[K/2] = 8 * (q[2i] + q[2i + 1]): Q4_0's 8, taken off in the int16 pair sums; for the x8
+ * kernels t[K/32] = sum(q) and qi[K]: each group's q in the order q4 x8 chunks hold their
+ * weights (x8_dot8_n): q[2c], q[2c + 1], q[16 + 2c], q[17 + 2c] for c = 0..7 */
+typedef struct { int8_t *q; float *d, *s; int16_t *o; int32_t *t; int8_t *qi; } q8row;
 
 static q8row row8_of(q8row all, int m, int K) {
     const int ng = K / 32;
-    q8row r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.o + (size_t)m * (K / 2) };
+    q8row r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.o + (size_t)m * (K / 2),
+                all.t + (size_t)m * ng, all.qi + (size_t)m * K };
     return r;
 }
 
@@ -486,7 +489,11 @@ static void quantize_row8(const float *x, int K, q8row r) {
         int sum = 0;
         for (int i = 0; i < 32; i++) sum += q[i];
         for (int i = 0; i < 16; i++) r.o[g * 16 + i] = (int16_t)(8 * (q[2 * i] + q[2 * i + 1]));
-        r.d[g] = d; r.s[g] = d * (float)sum;
+        for (int c = 0; c < 8; c++) {
+            int8_t *qi = r.qi + g * 32 + 4 * c;
+            qi[0] = q[2 * c]; qi[1] = q[2 * c + 1]; qi[2] = q[16 + 2 * c]; qi[3] = q[17 + 2 * c];
+        }
+        r.d[g] = d; r.s[g] = d * (float)sum; r.t[g] = sum;
     }
 }
 
@@ -819,6 +826,147 @@ static inline __attribute__((always_inline)) void x16_dot_fmt(int fmt, const uin
 }
 #endif
 
+/* x8 blocks . int8 activations (fmt | FMT_ACT8 with a q4_0x8/q4_1x8/q8x8 matrix): four
+ * weights of a row in each 32-bit lane, one u8 x s8 dot product of four (vpdpbusd where
+ * AVX-512 VNNI is; vpmaddubsw + vpmaddwd elsewhere) per eight rows' four weights, twice
+ * the int16 kernels' products per instruction. From a q4 chunk c (rows' bytes 2c, 2c + 1)
+ * lane r gets the nibbles lo(2c), lo(2c + 1), hi(2c), hi(2c + 1): weights 2c, 2c + 1,
+ * 16 + 2c, 17 + 2c, the order of the activations' qi; q8 chunks c, c + 1 give weights
+ * 2c .. 2c + 3, in q's order. vpdpbusd wants the unsigned operand first: the q4 nibbles are;
+ * q8 weights are read as w + 128 and 128 sum(q) taken off (Q4_0's 8 likewise: 8 sum(q)). */
+#if defined(FS_X8_AVX2)
+static inline __m256i dot4_acc(__m256i acc, __m256i w, __m256i x, int q8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    (void)q8;
+    return _mm256_dpbusd_epi32(acc, w, x);
+#else  /* pair sums within int16: q4 2 * 15 * 128; q8 as |w| and sign(x, w): 2 * 128 * 128 ... - 1 */
+    if (q8) return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                                                          _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* the eight rows' lanes of two 128-bit halves: rows 0..3 from unpacklo, 4..7 from unpackhi */
+static inline __m256i lanes_of(__m128i a, __m128i b) {
+    return _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
+}
+
+#if defined(__AVX512VL__)
+#define X8_ROWS8 8  /* activation rows per pass: 8 integer and 8 float sums in 32 registers */
+#else
+#define X8_ROWS8 4
+#endif
+static inline __attribute__((always_inline)) void x8_dot8_n(
+        int fmt, const uint8_t *w, int K, q8row all, int m0, const int N, float *y, int total) {
+    const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16, q8 = fmt == FMT_Q8X8;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    const __m128i flip = _mm_set1_epi8(q8 ? (char)0x80 : 0);  /* q8 weights w + 128 as unsigned */
+#else
+    const __m128i flip = _mm_setzero_si128();  /* dot4_acc takes signed q8 weights */
+#endif
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    __m256 acc[X8_ROWS8];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int g = 0; g < K / 32; g++) {
+        const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
+        __m256i p[X8_ROWS8], p1[X8_ROWS8];  /* two chains a row (even, odd steps) */
+        for (int i = 0; i < N; i++) p[i] = p1[i] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {  /* q4: chunk c; q8: chunks 2c, 2c + 1 */
+            __m256i wv;
+            if (q8) {
+                wv = lanes_of(_mm_xor_si128(_mm_loadu_si128((const __m128i *)(qs + 32 * c)), flip),
+                              _mm_xor_si128(_mm_loadu_si128((const __m128i *)(qs + 32 * c + 16)), flip));
+            } else {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * c));
+                wv = lanes_of(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+            }
+            for (int i = 0; i < N; i++) {
+                const q8row a = row8_of(all, m0 + i, K);
+                int32_t x4;
+                memcpy(&x4, (q8 ? a.q : a.qi) + g * 32 + 4 * c, 4);
+                if (c & 1) p1[i] = dot4_acc(p1[i], wv, _mm256_set1_epi32(x4), q8);
+                else p[i] = dot4_acc(p[i], wv, _mm256_set1_epi32(x4), q8);
+            }
+        }
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        const int offset = fmt == FMT_Q4_0X8 ? 8 : q8 ? 128 : 0;
+#else
+        const int offset = fmt == FMT_Q4_0X8 ? 8 : 0;
+#endif
+        for (int i = 0; i < N; i++) {
+            const q8row a = row8_of(all, m0 + i, K);
+            const __m256i pi = _mm256_sub_epi32(_mm256_add_epi32(p[i], p1[i]), _mm256_set1_epi32(offset * a.t[g]));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_mul_ps(d8, _mm256_set1_ps(a.d[g])), acc[i]);
+            if (fmt == FMT_Q4_1X8)
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16))), _mm256_set1_ps(a.s[g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
+}
+
+static inline __attribute__((always_inline)) void x8_dot8_fmt(int fmt, const uint8_t *w, int K, q8row all, int M,
+                                                              float *y, int total) {
+    int m = 0;
+    for (; m + X8_ROWS8 <= M; m += X8_ROWS8) x8_dot8_n(fmt, w, K, all, m, X8_ROWS8, y, total);
+    switch (M - m) {
+#if X8_ROWS8 == 8
+        case 7: x8_dot8_n(fmt, w, K, all, m, 7, y, total); break;
+        case 6: x8_dot8_n(fmt, w, K, all, m, 6, y, total); break;
+        case 5: x8_dot8_n(fmt, w, K, all, m, 5, y, total); break;
+        case 4: x8_dot8_n(fmt, w, K, all, m, 4, y, total); break;
+#endif
+        case 3: x8_dot8_n(fmt, w, K, all, m, 3, y, total); break;
+        case 2: x8_dot8_n(fmt, w, K, all, m, 2, y, total); break;
+        case 1: x8_dot8_n(fmt, w, K, all, m, 1, y, total); break;
+        default: break;
+    }
+}
+#else
+/* Row `r` (0..7) of a row group . one int8 activation row, in plain C (the portable build) */
+static float x8_row_dot8(int fmt, const uint8_t *w, int K, int r, q8row a) {
+    const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
+    float acc = 0.f;
+    for (int g = 0; g < K / 32; g++) {
+        const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
+        const int8_t *x = a.q + g * 32;
+        int32_t p = 0;
+        if (fmt == FMT_Q8X8) {
+            for (int c = 0; c < 16; c++)
+                for (int e = 0; e < 2; e++) p += (int8_t)qs[16 * c + 2 * r + e] * x[2 * c + e];
+        } else {
+            for (int c = 0; c < 8; c++)
+                for (int e = 0; e < 2; e++) {
+                    const int byte = qs[16 * c + 2 * r + e];
+                    p += (byte & 0x0f) * x[2 * c + e] + (byte >> 4) * x[16 + 2 * c + e];
+                }
+            if (fmt == FMT_Q4_0X8) p -= 8 * a.t[g];
+        }
+        acc += (float)p * (fp16_to_f32(*(const uint16_t *)(b + 2 * r)) * a.d[g]);
+        if (fmt == FMT_Q4_1X8) acc += fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r)) * a.s[g];
+    }
+    return acc;
+}
+
+static inline void x8_dot8_fmt(int fmt, const uint8_t *w, int K, q8row all, int M, float *y, int total) {
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < 8; r++) y[(size_t)m * total + r] = x8_row_dot8(fmt, w, K, r, row8_of(all, m, K));
+}
+#endif
+
+/* `groups` (1 or 2) row groups from w (stride bytes apart) . all M int8 activation rows */
+static void x8_dot8_all(int fmt, const uint8_t *w, long stride, int groups, int K, q8row all, int M, float *y, int total) {
+    for (int h = 0; h < groups; h++) {
+        const uint8_t *wg = w + (size_t)h * stride;
+        float *yg = y + 8 * h;
+        switch (fmt) {
+            case FMT_Q4_0X8: x8_dot8_fmt(FMT_Q4_0X8, wg, K, all, M, yg, total); break;
+            case FMT_Q4_1X8: x8_dot8_fmt(FMT_Q4_1X8, wg, K, all, M, yg, total); break;
+            case FMT_Q8X8: default: x8_dot8_fmt(FMT_Q8X8, wg, K, all, M, yg, total); break;
+        }
+    }
+}
+
 /* q4_kx8 (Q4_K, eight rows): per super-block of 256 weights
  *   { fp16 d[8], dmin[8]; u8 sc[8 sub-blocks][8 rows], m[8][8]; u8 qs[4 pairs][16 chunks][16] }
  * 1184 bytes = 8 x 148: the 6-bit scales and mins decoded (4 bytes a row more than Q4_K's
@@ -1020,7 +1168,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
         const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8, x8 = fmt[j] >= FMT_Q4_0X8;
-        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q4_KX8 || (act8[j] && (k_quant || x8))) return -1;
+        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q4_KX8 || (act8[j] && k_quant)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if (x8 && ns[j] % 8 != 0) return -1;
         any8 |= act8[j];
@@ -1034,11 +1182,15 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     int16_t *q = any16 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * K) : NULL;
     int8_t *q8 = any8 ? (int8_t *)malloc((size_t)M * K) : NULL;
     int16_t *o8 = any8 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * (K / 2)) : NULL;
+    int8_t *qi8 = any8 ? (int8_t *)malloc((size_t)M * K) : NULL;
     float *f = (float *)malloc(sizeof(float) * ng * 4);
-    int32_t *t = (int32_t *)malloc(sizeof(int32_t) * ng);
-    if ((any16 && !q) || (any8 && (!q8 || !o8)) || !f || !t) { free(q); free(q8); free(o8); free(f); free(t); return -2; }
+    int32_t *t = (int32_t *)malloc(sizeof(int32_t) * ng * 2);
+    if ((any16 && !q) || (any8 && (!q8 || !o8 || !qi8)) || !f || !t) {
+        free(q); free(q8); free(o8); free(qi8); free(f); free(t);
+        return -2;
+    }
     qrow all = { q, f, f + ng, t };
-    q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8 };
+    q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8, t + ng, qi8 };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) {
         if (any16) quantize_row(x + (size_t)m * K, K, row_of(all, m, K));
@@ -1062,9 +1214,11 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
             while (pair >= pairs[j + 1]) j++;
             const int i = 2 * (pair - pairs[j]), r = offs[j] + i;  /* row i of matrix j, column r of y */
             if (fmt[j] >= FMT_Q4_0X8) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
-                if (i % 16 == 0)
-                    x8_dot_all(fmt[j], ws[j] + (size_t)(i / 8) * strides[j], strides[j], i + 16 <= ns[j] ? 2 : 1, K, at, mt,
-                               yt + r, total);
+                if (i % 16 != 0) continue;
+                const uint8_t *wg = ws[j] + (size_t)(i / 8) * strides[j];
+                const int groups = i + 16 <= ns[j] ? 2 : 1;
+                if (act8[j]) x8_dot8_all(fmt[j], wg, strides[j], groups, K, at8, mt, yt + r, total);
+                else x8_dot_all(fmt[j], wg, strides[j], groups, K, at, mt, yt + r, total);
                 continue;
             }
             const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
@@ -1082,7 +1236,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
             }
         }
     }
-    free(q); free(q8); free(o8); free(f); free(t);
+    free(q); free(q8); free(o8); free(qi8); free(f); free(t);
     return 0;
 }
 
