@@ -37,9 +37,10 @@ DENSE_PREFILL_ROWS = 192  # from this many rows on, dequantize the matrix into a
                           # rely on it); K-quants switch earlier, at DENSE_PREFILL_ROWS_K:
 DENSE_PREFILL_ROWS_K = 32  # Q4_K/Q6_K go through the kernels one row at a time (each weight block
                            # decoded once per row), so dequantizing pays off as it did before
-NEVER_DENSE = 1 << 62  # x8 matrices on 512-bit kernels: the integer kernels win at any length (a
-                       # 1B Q4_0 at 2 threads: 162 tok/s for 512 tokens, dequantize + GEMM 79), so
-                       # every prompt, alone or packed, takes them (each row its own bits either way)
+NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer kernels win at any
+                       # length (a 1B Q4_0's 512 tokens at 2 threads: 162 tok/s against dequantize +
+                       # GEMM's 79 on Zen 5; 55-67 against 38-53 on Zen 4, in 256-bit vectors there),
+                       # so every prompt, alone or packed, takes them (each row its own bits either way)
 
 
 ACTIVATIONS = ("int16", "int8")  # what the integer kernels quantize x to (qmatmul.c): int16 keeps
@@ -130,7 +131,7 @@ class QuantTensor:
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
         self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in (kernels.FMT_Q4_K, kernels.FMT_Q6_K) else DENSE_PREFILL_ROWS
-        if self.rows_per_block_row == 8 and k.simd_bits >= 512 and fmt != kernels.FMT_Q4_KX8:
+        if self.rows_per_block_row == 8 and k.x8_vnni and fmt != kernels.FMT_Q4_KX8:
             self.dense_rows = NEVER_DENSE
 
     @property

@@ -501,3 +501,19 @@ def test_packed_prefills_give_each_session_its_own_prefill_bit_for_bit(tmp_path)
     firsts = together.first_tokens([Prefill(s, x, 0, Sampler(greedy), x) for s, x in prompts.items()])
     assert calls == [["a", "b"]]  # the short one ran alone
     assert firsts == [one_by_one.next_token(s, x, 0, Sampler(greedy), x) for s, x in prompts.items()]
+
+
+@pytest.mark.parametrize("vendor,family,split", [("AuthenticAMD", "25", True), ("AuthenticAMD", "26", False),
+                                                 ("GenuineIntel", "6", False)])
+def test_cpus_that_split_512_bit_vectors_build_without_the_512_bit_x8_kernels(monkeypatch, vendor, family, split):
+    fields = {"vendor_id": vendor, "cpu family": family}
+    monkeypatch.setattr(kernels, "_cpu_field", fields.__getitem__)
+    assert kernels.half_width_512() is split
+    assert ("-DFS_NO_X16" in kernels._flags("native")) is split
+    assert "-DFS_NO_X16" not in kernels._flags("avx2")
+
+
+def test_cpu_fields_come_from_proc_cpuinfo():
+    assert kernels._cpu_field("no such field") == ""
+    if "processor" in CPU_FLAGS:
+        assert kernels._cpu_field("processor") == "0"

@@ -55,6 +55,27 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
+def _cpu_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            line = next((line for line in f if line.split(":")[0].strip() == name), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip()
+
+
+def half_width_512() -> bool:
+    """AMD Zen 4 (family 0x19 with AVX-512) executes 512-bit vectors as two 256-bit halves.
+    There the 512-bit x8 kernels (x16_dot_n) ran at ~0.6x the 256-bit ones in the same process,
+    and a 1B Q4_0's 512-token prompt at 36 tok/s against dequantize + GEMM's 50, so its native
+    build leaves them out (-DFS_NO_X16); Zen 5 and Intel's AVX-512 cores run them at full width."""
+    return _cpu_field("vendor_id") == "AuthenticAMD" and _cpu_field("cpu family") == "25"
+
+
+def _flags(variant: str) -> list[str]:
+    return FLAGS[variant] + (["-DFS_NO_X16"] if variant == "native" and half_width_512() else [])
+
+
 def _build(variant: str, out: Path, sources: list[Path] = SOURCES) -> None:
     """Compile `sources` (these kernels, or another revision's for bench/kernels_ab.py) into `out`."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -63,7 +84,7 @@ def _build(variant: str, out: Path, sources: list[Path] = SOURCES) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *FLAGS[variant], *map(str, sources), "-o", str(part), "-lm"]
+        cmd = [compiler, "-O3", "-fPIC", "-shared", "-fopenmp", *_flags(variant), *map(str, sources), "-o", str(part), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -93,6 +114,8 @@ class Kernels:
             self.lib.fs_repack_x8.restype = i
             self.lib.fs_release_file_pages.argtypes = [p, l]
             self.lib.fs_release_file_pages.restype = i
+        # the x8 kernels take vpdpwssd (fs_x8_vnni); an older build (kernels_ab): when 512-bit
+        self.x8_vnni = bool(self.lib.fs_x8_vnni()) if hasattr(self.lib, "fs_x8_vnni") else self.simd_bits >= 512
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
@@ -288,7 +311,7 @@ def load(variant: str = "native") -> Kernels | None:
     if os.environ.get("FASTSERVE_NO_KERNELS"):
         return None
     source = b"".join(path.read_bytes() for path in SOURCES)
-    key = hashlib.sha256(source + " ".join(FLAGS[variant]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(_flags(variant)).encode() + _cpu_id().encode()).hexdigest()[:16]
     path = Paths.from_env().cache / "kernels" / f"qmatmul-{variant}-{key}.so"
     try:
         if not path.exists():

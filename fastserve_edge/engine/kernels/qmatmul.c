@@ -687,8 +687,8 @@ static inline __attribute__((always_inline)) void x8_dot_n(
     for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define FS_X8_AVX512 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(FS_NO_X16)
+#define FS_X8_AVX512 1  /* not on CPUs that split 512-bit vectors in two (kernels/__init__.py half_width_512) */
 /* Two row groups (w, w + stride: sixteen rows) at once in 512-bit vectors, where they are
  * whole (Zen 5 and recent Intel execute them at full width): each chunk of both groups
  * widened into one vector, one vpdpwssd per sixteen rows' pair of weights. The same
@@ -1050,8 +1050,17 @@ static void q4kx8_dot_all(const uint8_t *w, int K, qrow all, int M, float *y, in
     }
 }
 
-/* The widest vectors the x8 kernels use in this build: 512, 256 (AVX2), 0 (plain C). With
- * 512 they beat dequantize + GEMM at any prompt length (quant.py reads this). */
+/* 1 where the x8 kernels take vpdpwssd (AVX-512 VNNI, 512- or 256-bit vectors): then they beat
+ * dequantize + GEMM at any prompt length (quant.py reads this). */
+int fs_x8_vnni(void) {
+#if defined(FS_X8_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The widest vectors the x8 kernels use in this build: 512, 256 (AVX2), 0 (plain C). */
 int fs_simd_bits(void) {
 #if defined(FS_X8_AVX512)
     return 512;
