@@ -4,13 +4,13 @@ The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn
 an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
-    GGUF Q6_K               used in place: the memory-mapped blocks are the weights
+    GGUF Q6_K, F16, BF16    used in place: the memory-mapped blocks (16-bit rows) are the weights
     GGUF Q4_0, Q4_1, Q8_0,  the same blocks, eight rows interleaved (x8) when the row count is a
          Q4_K               multiple of 8 (Q4_K with its 6-bit scales decoded: +2.8%): copied
                             once at load, and this process's pages of the file are dropped, so
                             memory holds the copy instead (not as well); in place otherwise
     Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact), then as Q8_0
-    everything else         dense fp32 (F32/F16/BF16, Q5_1, Q5_K), as without a compiler
+    everything else         dense fp32 (F32, Q5_1, Q5_K), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
 rows it looks up, and a tied LM head shares the same blocks.
 """
@@ -37,6 +37,8 @@ DENSE_PREFILL_ROWS = 192  # from this many rows on, dequantize the matrix into a
                           # rely on it); K-quants switch earlier, at DENSE_PREFILL_ROWS_K:
 DENSE_PREFILL_ROWS_K = 32  # Q4_K/Q6_K go through the kernels one row at a time (each weight block
                            # decoded once per row), so dequantizing pays off as it did before
+DENSE_PREFILL_ROWS_F16 = 16  # F16/BF16 rows: the kernel is an fp32 fma per weight and activation, so
+                             # widening a slice once for torch's GEMM wins early
 NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer kernels win at any
                        # length (a 1B Q4_0's 512 tokens at 2 threads: 162 tok/s against dequantize +
                        # GEMM's 79 on Zen 5; 55-67 against 38-53 on Zen 4, in 256-bit vectors there),
@@ -131,6 +133,8 @@ class QuantTensor:
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
         self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in (kernels.FMT_Q4_K, kernels.FMT_Q6_K) else DENSE_PREFILL_ROWS
+        if fmt in FLOAT16_FORMATS:
+            self.dense_rows = DENSE_PREFILL_ROWS_F16
         if self.rows_per_block_row == 8 and k.x8_vnni and fmt != kernels.FMT_Q4_KX8:
             self.dense_rows = NEVER_DENSE
 
@@ -294,7 +298,9 @@ def _repack_q5_0(raw: np.ndarray) -> np.ndarray:
 IN_PLACE = {
     QType.Q4_0: (kernels.FMT_Q4_0, 32), QType.Q4_1: (kernels.FMT_Q4_1, 32),
     QType.Q8_0: (kernels.FMT_Q8, 32), QType.Q4_K: (kernels.FMT_Q4_K, 256), QType.Q6_K: (kernels.FMT_Q6_K, 256),
+    QType.F16: (kernels.FMT_F16, 32), QType.BF16: (kernels.FMT_BF16, 32),  # group: K a multiple of 32
 }
+FLOAT16_FORMATS = (kernels.FMT_F16, kernels.FMT_BF16)
 REPACKED = {
     QType.Q5_0: (kernels.FMT_Q8, 32, _repack_q5_0),
 }
@@ -320,6 +326,8 @@ def quant_tensor(raw: RawTensor, k: kernels.Kernels, activations: str = "int16")
         return None
     if raw.qtype in IN_PLACE:
         fmt, group = IN_PLACE[raw.qtype]
+        if raw.shape[1] % group != 0:
+            return None  # a 16-bit float matrix whose rows are no multiple of 32 (the kernels' unit)
         blocks = kernels.as_uint8_rows(raw.data)
     elif raw.qtype in REPACKED:
         fmt, group, repack = REPACKED[raw.qtype]

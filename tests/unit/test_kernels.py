@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from fastserve_edge.engine import kernels
@@ -18,13 +19,14 @@ from tests.models_fixtures import quantize_tensor
 
 CPU_FLAGS = open("/proc/cpuinfo").read()
 VARIANTS = ["portable"] + (["avx2"] if " avx2 " in CPU_FLAGS else []) + ["native"]
-TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16", "BF16"]
 K_TYPES: set[str] = set()  # every type is exact to its blocks now
 
 
 def raw_matrix(ttype: str, n: int, k: int, seed: int = 0) -> tuple[RawTensor, torch.Tensor]:
     w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
     data, qtype = quantize_tensor(w, ttype)
+    qtype = qtype if qtype is not None else GGMLQuantizationType[ttype]  # F16: the writer's own type
     reference = torch.from_numpy(dequantize(data, qtype).copy()).float()
     return RawTensor("w", qtype, (n, k), data), reference
 
@@ -72,7 +74,7 @@ def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):
     torch.testing.assert_close(q.rows(ids), ref[ids], rtol=1e-3 if atol else 0.0, atol=atol)
 
 
-@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 16)])
+@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 16), ("F16", 8), ("BF16", 3)])
 def test_in_place_formats_do_not_copy_the_file_blocks(ttype, n):
     raw, _ = raw_matrix(ttype, n, 256)
     q = quant_tensor(raw, kernels.load())

@@ -42,7 +42,8 @@ static inline float fp16_to_f32(uint16_t h) {
 }
 
 enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
-       FMT_Q4_0X8 = 5, FMT_Q4_1X8 = 6, FMT_Q8X8 = 7, FMT_Q4_KX8 = 8 };  /* eight rows interleaved: see fs_repack_x8 */
+       FMT_Q4_0X8 = 5, FMT_Q4_1X8 = 6, FMT_Q8X8 = 7, FMT_Q4_KX8 = 8,  /* eight rows interleaved: see fs_repack_x8 */
+       FMT_F16 = 9, FMT_BF16 = 10 };  /* rows of K 16-bit floats, against float activations (f16_rows_dot) */
 
 /* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
  * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers) */
@@ -1050,6 +1051,47 @@ static void q4kx8_dot_all(const uint8_t *w, int K, qrow all, int M, float *y, in
     }
 }
 
+/* ---- 16-bit float rows (GGUF F16, BF16): kept as the file has them, half the memory of fp32 ----
+ * Nothing to quantize: the activations stay float and each product is an fp32 fma of the
+ * widened weights (exact to the file's values; only the float sums round). Two weight rows
+ * at a time against each activation row, four partial sums a row to hide the fma latency. */
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+static inline __m256 widen8(int fmt, const uint16_t *w) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)w);
+    if (fmt == FMT_F16) return _mm256_cvtph_ps(v);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+#endif
+
+/* rows w0 and w0 + stride bytes (`two` of them: 1 or 2) . x[M][K] into y[m * total + 0 .. two] */
+static void f16_rows_dot(int fmt, const uint8_t *w0, long stride, int two, int K, const float *x, int M, float *y,
+                         int total) {
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        for (int e = 0; e < two; e++) {
+            const uint16_t *w = (const uint16_t *)(w0 + (size_t)e * stride);
+            float sum = 0.f;
+            int i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+            __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+            for (; i + 32 <= K; i += 32)
+                for (int u = 0; u < 4; u++)
+                    acc[u] = _mm256_fmadd_ps(widen8(fmt, w + i + 8 * u), _mm256_loadu_ps(xm + i + 8 * u), acc[u]);
+            sum = facc_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+#endif
+            for (; i < K; i++) sum += (fmt == FMT_F16 ? fp16_to_f32(w[i]) : bf16_to_f32(w[i])) * xm[i];
+            y[(size_t)m * total + e] = sum;
+        }
+    }
+}
+
 /* 1 where the x8 kernels take vpdpwssd (AVX-512 VNNI, 512- or 256-bit vectors): then they beat
  * dequantize + GEMM at any prompt length (quant.py reads this). */
 int fs_x8_vnni(void) {
@@ -1176,8 +1218,9 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
-        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8, x8 = fmt[j] >= FMT_Q4_0X8;
-        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q4_KX8 || (act8[j] && k_quant)) return -1;
+        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8;
+        const int x8 = fmt[j] >= FMT_Q4_0X8 && fmt[j] <= FMT_Q4_KX8, f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16;
+        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_BF16 || (act8[j] && (k_quant || f16))) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if (x8 && ns[j] % 8 != 0) return -1;
         any8 |= act8[j];
@@ -1222,6 +1265,11 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
             int j = 0;
             while (pair >= pairs[j + 1]) j++;
             const int i = 2 * (pair - pairs[j]), r = offs[j] + i;  /* row i of matrix j, column r of y */
+            if (fmt[j] == FMT_F16 || fmt[j] == FMT_BF16) {
+                f16_rows_dot(fmt[j], ws[j] + (size_t)i * strides[j], strides[j], i + 1 < ns[j] ? 2 : 1, K,
+                             x + (size_t)m0 * K, mt, yt + r, total);
+                continue;
+            }
             if (fmt[j] >= FMT_Q4_0X8) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
                 if (i % 16 != 0) continue;
                 const uint8_t *wg = ws[j] + (size_t)(i / 8) * strides[j];
@@ -1263,6 +1311,11 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 64)
     for (int r = 0; r < R; r++) {
         float *o = out + (size_t)r * K;
+        if (fmt == FMT_F16 || fmt == FMT_BF16) {
+            const uint16_t *w16 = (const uint16_t *)(w + (size_t)(rows ? rows[r] : r) * row_stride);
+            for (int i = 0; i < K; i++) o[i] = fmt == FMT_F16 ? fp16_to_f32(w16[i]) : bf16_to_f32(w16[i]);
+            continue;
+        }
         if (fmt == FMT_Q4_KX8) {  /* row_stride: bytes per row group of eight */
             const int64_t row = rows ? rows[r] : r, lane = row % 8;
             const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
