@@ -4,13 +4,14 @@ The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn
 an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
-    GGUF Q6_K, F16, BF16    used in place: the memory-mapped blocks (16-bit rows) are the weights
+    GGUF Q6_K, Q5_K, Q5_1,  used in place: the memory-mapped blocks (16-bit rows) are the weights
+         F16, BF16
     GGUF Q4_0, Q4_1, Q8_0,  the same blocks, eight rows interleaved (x8) when the row count is a
          Q4_K               multiple of 8 (Q4_K with its 6-bit scales decoded: +2.8%): copied
                             once at load, and this process's pages of the file are dropped, so
                             memory holds the copy instead (not as well); in place otherwise
     Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact), then as Q8_0
-    everything else         dense fp32 (F32, Q5_1, Q5_K), as without a compiler
+    everything else         dense fp32 (F32 and types without a kernel), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
 rows it looks up, and a tied LM head shares the same blocks.
 """
@@ -132,7 +133,8 @@ class QuantTensor:
         # the format as the integer kernels take it: with int8 activations where the format has them
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
-        self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in (kernels.FMT_Q4_K, kernels.FMT_Q6_K) else DENSE_PREFILL_ROWS
+        row_at_a_time = (kernels.FMT_Q4_K, kernels.FMT_Q6_K, kernels.FMT_Q5_K, kernels.FMT_Q5_1)
+        self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in row_at_a_time else DENSE_PREFILL_ROWS
         if fmt in FLOAT16_FORMATS:
             self.dense_rows = DENSE_PREFILL_ROWS_F16
         if self.rows_per_block_row == 8 and k.x8_vnni and fmt != kernels.FMT_Q4_KX8:
@@ -299,6 +301,7 @@ IN_PLACE = {
     QType.Q4_0: (kernels.FMT_Q4_0, 32), QType.Q4_1: (kernels.FMT_Q4_1, 32),
     QType.Q8_0: (kernels.FMT_Q8, 32), QType.Q4_K: (kernels.FMT_Q4_K, 256), QType.Q6_K: (kernels.FMT_Q6_K, 256),
     QType.F16: (kernels.FMT_F16, 32), QType.BF16: (kernels.FMT_BF16, 32),  # group: K a multiple of 32
+    QType.Q5_K: (kernels.FMT_Q5_K, 256), QType.Q5_1: (kernels.FMT_Q5_1, 32),
 }
 FLOAT16_FORMATS = (kernels.FMT_F16, kernels.FMT_BF16)
 REPACKED = {

@@ -19,7 +19,7 @@ from tests.models_fixtures import quantize_tensor
 
 CPU_FLAGS = open("/proc/cpuinfo").read()
 VARIANTS = ["portable"] + (["avx2"] if " avx2 " in CPU_FLAGS else []) + ["native"]
-TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16", "BF16"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
 K_TYPES: set[str] = set()  # every type is exact to its blocks now
 
 
@@ -36,7 +36,7 @@ def raw_matrix(ttype: str, n: int, k: int, seed: int = 0) -> tuple[RawTensor, to
 @pytest.mark.parametrize("n,k,m", [(1, 256, 1), (37, 256, 1), (37, 512, 5), (3, 768, 17),
                                    (8, 256, 1), (40, 512, 5), (16, 768, 17)])  # multiples of 8: x8 layout
 def test_matmul_matches_reference_dequantization(variant, ttype, n, k, m):
-    if ttype not in ("Q4_K", "Q6_K"):  # block types of 32: odd multiples of the group too
+    if ttype not in ("Q4_K", "Q5_K", "Q6_K"):  # block types of 32: odd multiples of the group too
         k = k - 32 * (k // 256 - 1) if k > 256 else k + 32
     raw, ref = raw_matrix(ttype, n, k, seed=n + k)
     q = quant_tensor(raw, kernels.load(variant))
@@ -74,7 +74,8 @@ def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):
     torch.testing.assert_close(q.rows(ids), ref[ids], rtol=1e-3 if atol else 0.0, atol=atol)
 
 
-@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 16), ("F16", 8), ("BF16", 3)])
+@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 16), ("F16", 8), ("BF16", 3),
+                                     ("Q5_K", 8), ("Q5_1", 5)])
 def test_in_place_formats_do_not_copy_the_file_blocks(ttype, n):
     raw, _ = raw_matrix(ttype, n, 256)
     q = quant_tensor(raw, kernels.load())
@@ -144,7 +145,9 @@ def test_embedding_and_tied_head_share_blocks():
 
 
 def test_types_without_a_kernel_format_fall_back_to_dense():
-    raw, _ = raw_matrix("Q5_1", 4, 64)
+    raw, _ = raw_matrix("F32", 4, 64)
+    assert quant_tensor(raw, kernels.load()) is None
+    raw, _ = raw_matrix("F16", 4, 40)  # rows no multiple of 32: not the kernels' unit
     assert quant_tensor(raw, kernels.load()) is None
 
 

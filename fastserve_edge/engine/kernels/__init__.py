@@ -36,6 +36,7 @@ FMT_Q4_0, FMT_Q4_1, FMT_Q8, FMT_Q4_K, FMT_Q6_K = 0, 1, 2, 3, 4
 FMT_Q4_0X8, FMT_Q4_1X8, FMT_Q8X8, FMT_Q4_KX8 = 5, 6, 7, 8  # eight rows interleaved (qmatmul.c fs_repack_x8)
 X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8, FMT_Q4_K: FMT_Q4_KX8}
 FMT_F16, FMT_BF16 = 9, 10  # rows of 16-bit floats, multiplied as they are (qmatmul.c f16_rows_dot)
+FMT_Q5_K, FMT_Q5_1 = 11, 12  # GGUF's 5-bit blocks in place (qmatmul.c row_dot)
 
 
 def x8_group_bytes(fmt: int, k: int) -> int:

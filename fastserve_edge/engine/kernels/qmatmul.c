@@ -43,7 +43,8 @@ static inline float fp16_to_f32(uint16_t h) {
 
 enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
        FMT_Q4_0X8 = 5, FMT_Q4_1X8 = 6, FMT_Q8X8 = 7, FMT_Q4_KX8 = 8,  /* eight rows interleaved: see fs_repack_x8 */
-       FMT_F16 = 9, FMT_BF16 = 10 };  /* rows of K 16-bit floats, against float activations (f16_rows_dot) */
+       FMT_F16 = 9, FMT_BF16 = 10,  /* rows of K 16-bit floats, against float activations (f16_rows_dot) */
+       FMT_Q5_K = 11, FMT_Q5_1 = 12 };  /* GGUF's 5-bit blocks in place, a row at a time (row_dot) */
 
 /* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
  * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers) */
@@ -157,6 +158,42 @@ static inline ivec dot_q4k_32(const uint8_t *qs, int high, const int16_t *a) {
 #else
     int32_t sum = 0;
     for (int i = 0; i < 32; i++) sum += (high ? qs[i] >> 4 : qs[i] & 0x0f) * a[i];
+    return sum;
+#endif
+}
+
+/* Q5_K: the low or high nibbles of 32 bytes (Q4_K's layout) with bit j of each qh byte as
+ * their fifth bit (sub-block j of the super-block) . a[32] */
+static inline ivec dot_q5k_32(const uint8_t *qs, int high, const uint8_t *qh, int j, const int16_t *a) {
+#if defined(__AVX2__)
+    const __m256i v = _mm256_loadu_si256((const __m256i *)qs), h = _mm256_loadu_si256((const __m256i *)qh);
+    const __m256i nib = _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0f));
+    /* per byte: (h >> j) & 1, moved to bit 4 (16-bit shifts; the masks keep each byte's own bits) */
+    const __m256i hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, j), _mm256_set1_epi8(1)), 4);
+    const __m256i q = _mm256_or_si256(nib, hb);
+    return dot2x16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), a);
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < 32; i++) sum += ((high ? qs[i] >> 4 : qs[i] & 0x0f) | (((qh[i] >> j) & 1) << 4)) * a[i];
+    return sum;
+#endif
+}
+
+/* Q5_1/Q5_0 order (byte i: weights i (low nibble) and i + 16 (high)), bit i of qh the fifth
+ * bit of weight i . a[32] */
+static inline ivec dot_q5_32(const uint8_t *qs, uint32_t qh, const int16_t *a) {
+#if defined(__AVX2__)
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)qs));
+    const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, (short)0x8000);
+    const __m256i sixteen = _mm256_set1_epi16(16);
+    const __m256i h0 = _mm256_and_si256(bit, _mm256_set1_epi16((short)(qh & 0xffff))), h1 = _mm256_and_si256(bit, _mm256_set1_epi16((short)(qh >> 16)));
+    const __m256i w0 = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0x0f)), _mm256_and_si256(_mm256_cmpeq_epi16(h0, bit), sixteen));
+    const __m256i w1 = _mm256_or_si256(_mm256_srli_epi16(v, 4), _mm256_and_si256(_mm256_cmpeq_epi16(h1, bit), sixteen));
+    return dot2x16(w0, w1, a);
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < 16; i++)
+        sum += ((qs[i] & 0x0f) | (((qh >> i) & 1) << 4)) * a[i] + ((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) * a[i + 16];
     return sum;
 #endif
 }
@@ -281,6 +318,25 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
                 acc[j & 3] = facc_add(acc[j & 3], dot_q4k_32(qs + 32 * (j / 2), j & 1, a.q + g * 32), d * sc[j] * a.d[g]);
             }
             for (int j = 0; j < 8; j++) offsets[j] -= dmin * mn[j] * a.s[sb * 8 + j];  /* one vector fma */
+        }
+    } else if (fmt == FMT_Q5_K) {  /* Q4_K with a fifth bit: { d, dmin, scales[12], qh[32], qs[128] } */
+        for (int sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = wrow + sb * 176, *qh = b + 16, *qs = b + 48;
+            float d = fp16_to_f32(*(const uint16_t *)b), dmin = fp16_to_f32(*(const uint16_t *)(b + 2)), sc[8], mn[8];
+            k4_scales(b + 4, sc, mn);
+            for (int j = 0; j < 8; j++) {
+                int g = sb * 8 + j;
+                acc[j & 3] = facc_add(acc[j & 3], dot_q5k_32(qs + 32 * (j / 2), j & 1, qh, j, a.q + g * 32), d * sc[j] * a.d[g]);
+            }
+            for (int j = 0; j < 8; j++) offsets[j] -= dmin * mn[j] * a.s[sb * 8 + j];
+        }
+    } else if (fmt == FMT_Q5_1) {  /* { d, m, qh[4], qs[16] }: w = d * q + m */
+        for (int g = 0; g < K / 32; g++) {
+            const uint8_t *b = wrow + g * 24;
+            uint32_t qh;
+            memcpy(&qh, b + 4, 4);
+            acc[g & 3] = facc_add(acc[g & 3], dot_q5_32(b + 8, qh, a.q + g * 32), fp16_to_f32(*(const uint16_t *)b) * a.d[g]);
+            offsets[g & 7] += fp16_to_f32(*(const uint16_t *)(b + 2)) * a.s[g];
         }
     } else if (fmt == FMT_Q6_K) {  /* w = d * sc_j * (q - 32), the 32 taken off in decoding */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -1213,16 +1269,17 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
                      const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads) {
     if (count < 1 || count > 8 || M <= 0 || K % 32 != 0) return -1;
     /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
-    int total = 0, offs[9], pairs[9], fmt[8], act8[8], any8 = 0, any16 = 0;
+    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0;
     pairs[0] = 0;
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
-        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8;
-        const int x8 = fmt[j] >= FMT_Q4_0X8 && fmt[j] <= FMT_Q4_KX8, f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16;
-        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_BF16 || (act8[j] && (k_quant || f16))) return -1;
+        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8 || fmt[j] == FMT_Q5_K;
+        x8[j] = fmt[j] >= FMT_Q4_0X8 && fmt[j] <= FMT_Q4_KX8;
+        const int int16_only = k_quant || fmt[j] == FMT_F16 || fmt[j] == FMT_BF16 || fmt[j] == FMT_Q5_1;
+        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q5_1 || (act8[j] && int16_only)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
-        if (x8 && ns[j] % 8 != 0) return -1;
+        if (x8[j] && ns[j] % 8 != 0) return -1;
         any8 |= act8[j];
         any16 |= !act8[j];
         offs[j] = total;
@@ -1270,7 +1327,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
                              x + (size_t)m0 * K, mt, yt + r, total);
                 continue;
             }
-            if (fmt[j] >= FMT_Q4_0X8) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
+            if (x8[j]) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
                 if (i % 16 != 0) continue;
                 const uint8_t *wg = ws[j] + (size_t)(i / 8) * strides[j];
                 const int groups = i + 16 <= ns[j] ? 2 : 1;
@@ -1280,12 +1337,12 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
             }
             const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
             if (i + PREFETCH_ROWS + 1 < ns[j]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
-            if (i + 1 < ns[j] && fmt[j] != FMT_Q4_K && fmt[j] != FMT_Q6_K) {  /* two rows of a 32-weight format */
+            if (i + 1 < ns[j] && (fmt[j] == FMT_Q4_0 || fmt[j] == FMT_Q4_1 || fmt[j] == FMT_Q8)) {  /* two rows at once */
                 if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, at8, mt, yt + r, total);
                 else two_rows_dot_all(fmt[j], wrow, strides[j], K, at, mt, yt + r, total);
                 continue;
             }
-            for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants a row at a time; an odd last row */
+            for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants, Q5_1 a row at a time; an odd last row */
                 const uint8_t *w = wrow + (size_t)e * strides[j];
                 for (int m = 0; m < mt; m++)
                     yt[(size_t)m * total + r + e] = act8[j] ? row_dot8(fmt[j], w, K, row8_of(at8, m, K))
@@ -1307,7 +1364,7 @@ int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
 int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R,
                     float *out, int nthreads) {
     fmt &= FMT_BASE;  /* the activations' precision does not matter here */
-    if (K % (fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 ? 256 : 32) != 0) return -1;
+    if (K % (fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 || fmt == FMT_Q5_K ? 256 : 32) != 0) return -1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 64)
     for (int r = 0; r < R; r++) {
         float *o = out + (size_t)r * K;
@@ -1334,7 +1391,7 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
             }
             continue;
         }
-        if (fmt >= FMT_Q4_0X8) {  /* row_stride: bytes per row group of eight */
+        if (fmt >= FMT_Q4_0X8 && fmt <= FMT_Q4_KX8) {  /* row_stride: bytes per row group of eight */
             const int64_t row = rows ? rows[r] : r, lane = row % 8;
             const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
             const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
@@ -1364,6 +1421,29 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
                     q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
                     for (int i = 0; i < 128; i++)
                         o[sb * 256 + half * 128 + i] = dd * (float)sc[8 * half + i / 16] * (float)q[i];
+                }
+            }
+        } else if (fmt == FMT_Q5_K) {
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = wrow + sb * 176, *qh = b + 16, *qs = b + 48;
+                float dd = fp16_to_f32(*(const uint16_t *)b), dmin = fp16_to_f32(*(const uint16_t *)(b + 2)), sc[8], mn[8];
+                k4_scales(b + 4, sc, mn);
+                for (int j = 0; j < 8; j++) {
+                    const uint8_t *q = qs + 32 * (j / 2);
+                    float scale = dd * sc[j], min = dmin * mn[j];
+                    for (int i = 0; i < 32; i++)
+                        o[sb * 256 + j * 32 + i] = scale * (float)(((j & 1) ? q[i] >> 4 : q[i] & 0x0f) | (((qh[i] >> j) & 1) << 4)) - min;
+                }
+            }
+        } else if (fmt == FMT_Q5_1) {
+            for (int g = 0; g < K / 32; g++) {
+                const uint8_t *b = wrow + g * 24, *q = b + 8;
+                const float dd = fp16_to_f32(*(const uint16_t *)b), mm = fp16_to_f32(*(const uint16_t *)(b + 2));
+                uint32_t qh;
+                memcpy(&qh, b + 4, 4);
+                for (int i = 0; i < 16; i++) {
+                    o[g * 32 + i] = dd * (float)((q[i] & 0x0f) | (((qh >> i) & 1) << 4)) + mm;
+                    o[g * 32 + i + 16] = dd * (float)((q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) + mm;
                 }
             }
         } else if (fmt == FMT_Q4_K) {
