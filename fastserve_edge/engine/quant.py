@@ -36,7 +36,7 @@ DENSE_PREFILL_ROWS = 192  # from this many rows on, dequantize the matrix into a
                           # threads (~200 at 1): a 32-token prompt of a 1B takes 0.9 s, not 2.7.
                           # From this many rows every format takes the GEMM path (packed prefills
                           # rely on it); K-quants switch earlier, at DENSE_PREFILL_ROWS_K:
-DENSE_PREFILL_ROWS_K = 32  # Q4_K/Q6_K go through the kernels one row at a time (each weight block
+DENSE_PREFILL_ROWS_K = 32  # Q4_K/Q5_K/Q6_K/Q5_1 rows go through the kernels one at a time (each weight block
                            # decoded once per row), so dequantizing pays off as it did before
 DENSE_PREFILL_ROWS_F16 = 16  # F16/BF16 rows: the kernel is an fp32 fma per weight and activation, so
                              # widening a slice once for torch's GEMM wins early
@@ -48,7 +48,8 @@ NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer k
 
 ACTIVATIONS = ("int16", "int8")  # what the integer kernels quantize x to (qmatmul.c): int16 keeps
                                  # SmolLM2's logits within ~6e-4 of fp32; int8 is llama.cpp's choice,
-                                 # ~1.2x faster on Q4_0/Q4_1/Q8_0 weights, ~4e-2 on SmolLM2's logits
+                                 # ~4e-2 on SmolLM2's logits; 1.2x int16's decode on Zen 5 (rows),
+                                 # 0.8-1.0x on Zen 4 (x8) where int16 takes 256-bit vpdpwssd
 INT8_FORMATS = (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8,  # K-quants keep int16 either way
                 kernels.FMT_Q4_0X8, kernels.FMT_Q4_1X8, kernels.FMT_Q8X8)
 _activations = "int16"  # for RuntimeWeights made from now on (set_activations)
@@ -313,7 +314,7 @@ def runtime_nbytes(raw: RawTensor) -> int:
     """Bytes `raw` takes once loaded (what a machine must hold for it): the planner's unit."""
     elements = int(np.prod(raw.shape))
     if isinstance(raw.data, np.ndarray) and len(raw.shape) == 2:
-        if raw.qtype in IN_PLACE:
+        if raw.qtype in IN_PLACE and raw.shape[1] % IN_PLACE[raw.qtype][1] == 0:
             fmt = IN_PLACE[raw.qtype][0]
             if fmt in kernels.X8_OF and raw.shape[0] % 8 == 0:  # quant_tensor's x8 copy (Q4_K: decoded scales)
                 return raw.shape[0] // 8 * kernels.x8_group_bytes(fmt, raw.shape[1])

@@ -509,7 +509,7 @@ static void two_rows_dot_all(int fmt, const uint8_t *w0, long stride, int K, qro
  * block as 32 bytes then goes through vpmaddubsw (32 u8 x s8 products an instruction, twice
  * vpmaddwd's), and a Q4 block unpacks without widening: its 16 bytes in both 128-bit lanes,
  * the upper lane shifted right by 4. Measured on a 8192 x 2048 Q4_0 matrix, one thread:
- * 1.2x the int16 kernels. The price: SmolLM2's logits move by ~4e-2 instead of ~6e-4 (even
+ * 1.2x the int16 kernels on Zen 5; on Zen 4 (x8 layout, below) the model ran 0.8-1.0x. The price: SmolLM2's logits move by ~4e-2 instead of ~6e-4 (even
  * 9-bit activations give 1.8e-2 there), so int16 stays the default. Q4_K/Q6_K keep int16. */
 enum { FMT_ACT8 = 0x100, FMT_BASE = 0xff };
 
