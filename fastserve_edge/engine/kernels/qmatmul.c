@@ -822,27 +822,31 @@ static inline __attribute__((always_inline)) void x16_dot_n(
 }
 #endif
 #else
-/* Row `r` (0..7) of a row group . one activation row, in plain C (the portable build) */
-static float x8_row_dot(int fmt, const uint8_t *w, int K, int r, qrow a) {
+/* Row `r` (0..7) of a row group . one activation row, in plain C (the portable build): int16
+ * activations q16 or int8 q8 (the other NULL), with their rows' scales d, offset terms s, sums t */
+static inline int act_at(const int16_t *q16, const int8_t *q8, size_t i) { return q16 ? q16[i] : q8[i]; }
+
+static float x8_row_dot(int fmt, const uint8_t *w, int K, int r, const int16_t *q16, const int8_t *q8,
+                        const float *d, const float *s, const int32_t *t) {
     const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
     float acc = 0.f;
     for (int g = 0; g < K / 32; g++) {
         const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
-        const int16_t *x = a.q + g * 32;
+        const size_t x = (size_t)g * 32;
         int32_t p = 0;
         if (fmt == FMT_Q8X8) {
             for (int c = 0; c < 16; c++)
-                for (int e = 0; e < 2; e++) p += (int8_t)qs[16 * c + 2 * r + e] * x[2 * c + e];
+                for (int e = 0; e < 2; e++) p += (int8_t)qs[16 * c + 2 * r + e] * act_at(q16, q8, x + 2 * c + e);
         } else {
             for (int c = 0; c < 8; c++)
                 for (int e = 0; e < 2; e++) {
                     const int byte = qs[16 * c + 2 * r + e];
-                    p += (byte & 0x0f) * x[2 * c + e] + (byte >> 4) * x[16 + 2 * c + e];
+                    p += (byte & 0x0f) * act_at(q16, q8, x + 2 * c + e) + (byte >> 4) * act_at(q16, q8, x + 16 + 2 * c + e);
                 }
-            if (fmt == FMT_Q4_0X8) p -= 8 * a.t[g];
+            if (fmt == FMT_Q4_0X8) p -= 8 * t[g];
         }
-        acc += (float)p * (fp16_to_f32(*(const uint16_t *)(b + 2 * r)) * a.d[g]);
-        if (fmt == FMT_Q4_1X8) acc += fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r)) * a.s[g];
+        acc += (float)p * (fp16_to_f32(*(const uint16_t *)(b + 2 * r)) * d[g]);
+        if (fmt == FMT_Q4_1X8) acc += fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r)) * s[g];
     }
     return acc;
 }
@@ -861,7 +865,10 @@ static inline __attribute__((always_inline)) void x8_dot_fmt(int fmt, const uint
     }
 #else
     for (int m = 0; m < M; m++)
-        for (int r = 0; r < 8; r++) y[(size_t)m * total + r] = x8_row_dot(fmt, w, K, r, row_of(all, m, K));
+        for (int r = 0; r < 8; r++) {
+            const qrow a = row_of(all, m, K);
+            y[(size_t)m * total + r] = x8_row_dot(fmt, w, K, r, a.q, NULL, a.d, a.s, a.t);
+        }
 #endif
 }
 
@@ -980,34 +987,12 @@ static inline __attribute__((always_inline)) void x8_dot8_fmt(int fmt, const uin
     }
 }
 #else
-/* Row `r` (0..7) of a row group . one int8 activation row, in plain C (the portable build) */
-static float x8_row_dot8(int fmt, const uint8_t *w, int K, int r, q8row a) {
-    const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
-    float acc = 0.f;
-    for (int g = 0; g < K / 32; g++) {
-        const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
-        const int8_t *x = a.q + g * 32;
-        int32_t p = 0;
-        if (fmt == FMT_Q8X8) {
-            for (int c = 0; c < 16; c++)
-                for (int e = 0; e < 2; e++) p += (int8_t)qs[16 * c + 2 * r + e] * x[2 * c + e];
-        } else {
-            for (int c = 0; c < 8; c++)
-                for (int e = 0; e < 2; e++) {
-                    const int byte = qs[16 * c + 2 * r + e];
-                    p += (byte & 0x0f) * x[2 * c + e] + (byte >> 4) * x[16 + 2 * c + e];
-                }
-            if (fmt == FMT_Q4_0X8) p -= 8 * a.t[g];
-        }
-        acc += (float)p * (fp16_to_f32(*(const uint16_t *)(b + 2 * r)) * a.d[g]);
-        if (fmt == FMT_Q4_1X8) acc += fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r)) * a.s[g];
-    }
-    return acc;
-}
-
 static inline void x8_dot8_fmt(int fmt, const uint8_t *w, int K, q8row all, int M, float *y, int total) {
     for (int m = 0; m < M; m++)
-        for (int r = 0; r < 8; r++) y[(size_t)m * total + r] = x8_row_dot8(fmt, w, K, r, row8_of(all, m, K));
+        for (int r = 0; r < 8; r++) {
+            const q8row a = row8_of(all, m, K);
+            y[(size_t)m * total + r] = x8_row_dot(fmt, w, K, r, NULL, a.q, a.d, a.s, a.t);
+        }
 }
 #endif
 
