@@ -522,3 +522,20 @@ def test_cpu_fields_come_from_proc_cpuinfo():
     assert kernels._cpu_field("no such field") == ""
     if "processor" in CPU_FLAGS:
         assert kernels._cpu_field("processor") == "0"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_where_prefill_switches_to_dequantize_and_gemm(variant):
+    """x8 matrices stay on the integer kernels at any length where they have VNNI (they beat the
+    GEMM there); Q4_K x8 and the row-at-a-time formats switch early; 16-bit floats earliest."""
+    from fastserve_edge.engine import quant
+
+    k = kernels.load(variant)
+    expected = {"Q4_0": quant.NEVER_DENSE if k.x8_vnni else quant.DENSE_PREFILL_ROWS,
+                "Q4_K": quant.DENSE_PREFILL_ROWS, "Q6_K": quant.DENSE_PREFILL_ROWS_K,
+                "Q5_K": quant.DENSE_PREFILL_ROWS_K, "Q5_1": quant.DENSE_PREFILL_ROWS_K,
+                "F16": quant.DENSE_PREFILL_ROWS_F16, "BF16": quant.DENSE_PREFILL_ROWS_F16}
+    for ttype, rows in expected.items():
+        q = quant_tensor(raw_matrix(ttype, 16, 256)[0], k)
+        assert q.dense_rows == rows, ttype
+    assert k.x8_vnni == (variant == "native" and " avx512_vnni " in CPU_FLAGS and " avx512vl " in CPU_FLAGS)
