@@ -134,8 +134,7 @@ class QuantTensor:
         # the format as the integer kernels take it: with int8 activations where the format has them
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
-        row_at_a_time = (kernels.FMT_Q4_K, kernels.FMT_Q6_K, kernels.FMT_Q5_K, kernels.FMT_Q5_1)
-        self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in row_at_a_time else DENSE_PREFILL_ROWS
+        self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in ROW_AT_A_TIME_FORMATS else DENSE_PREFILL_ROWS
         if fmt in FLOAT16_FORMATS:
             self.dense_rows = DENSE_PREFILL_ROWS_F16
         if self.rows_per_block_row == 8 and k.x8_vnni and fmt != kernels.FMT_Q4_KX8:
@@ -305,6 +304,7 @@ IN_PLACE = {
     QType.Q5_K: (kernels.FMT_Q5_K, 256), QType.Q5_1: (kernels.FMT_Q5_1, 32),
 }
 FLOAT16_FORMATS = (kernels.FMT_F16, kernels.FMT_BF16)
+ROW_AT_A_TIME_FORMATS = (kernels.FMT_Q4_K, kernels.FMT_Q6_K, kernels.FMT_Q5_K, kernels.FMT_Q5_1)  # DENSE_PREFILL_ROWS_K
 REPACKED = {
     QType.Q5_0: (kernels.FMT_Q8, 32, _repack_q5_0),
 }

@@ -1261,12 +1261,12 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
         const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8 || fmt[j] == FMT_Q5_K;
         x8[j] = fmt[j] >= FMT_Q4_0X8 && fmt[j] <= FMT_Q4_KX8;
-        const int int16_only = k_quant || fmt[j] == FMT_F16 || fmt[j] == FMT_BF16 || fmt[j] == FMT_Q5_1;
+        const int f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16, int16_only = k_quant || f16 || fmt[j] == FMT_Q5_1;
         if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q5_1 || (act8[j] && int16_only)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if (x8[j] && ns[j] % 8 != 0) return -1;
         any8 |= act8[j];
-        any16 |= !act8[j];
+        any16 |= !act8[j] && !f16;  /* 16-bit float rows take x as it is */
         offs[j] = total;
         total += ns[j];
         pairs[j + 1] = pairs[j] + (ns[j] + 1) / 2;
