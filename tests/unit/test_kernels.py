@@ -303,6 +303,61 @@ def test_k_quants_keep_int16_activations_when_int8_is_asked(ttype):
     assert ((q.matmul(x) - x @ ref.T).abs() / scale).max().item() < 5e-5
 
 
+# --- Q6_K: int16 activations with one scale per 256 (qmatmul.c q6row) --------------------
+
+
+def int16_per_256(x: torch.Tensor) -> torch.Tensor:
+    """x as the Q6_K kernel sees it, in float64: per 256, round(x / d) * d with d = max |x| / 32767
+    (d and x / d in float32, as the kernel computes them)."""
+    groups = x.reshape(*x.shape[:-1], -1, 256)
+    d = groups.abs().amax(-1, keepdim=True) / 32767
+    q = torch.round(groups * torch.where(d > 0, 1 / d, 0))
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n,k,m", [(1, 256, 1), (37, 768, 1), (5, 1280, 3), (2, 512, 17)])
+def test_q6_k_rows_are_exact_to_activations_rounded_per_256(variant, n, k, m):
+    """Q6_K takes x as int16 with one scale per super-block, split into high and low bytes:
+    the product is that of the rounded x with the exact weights, to float rounding. One
+    value 10^4 times the rest makes every other value of its 256 round coarsely, so an
+    int16 rounding per 32 (the other formats') would be ~1e-5 off here."""
+    raw, ref = raw_matrix("Q6_K", n, k, seed=n + k)
+    q = quant_tensor(raw, kernels.load(variant))
+    torch.manual_seed(n + k + m)
+    x = torch.randn(m, k)
+    x[0, 0] = 1e4
+    x[-1, 256:] = 0.0 if k > 256 else x[-1, 256:]  # whole super-blocks of zeros: scale 0
+    got = q.matmul(x).double()
+    scale = x.double().norm(dim=1)[:, None] * ref.double().norm(dim=1)[None, :]
+    rounded = ((got - int16_per_256(x) @ ref.double().T).abs() / scale).max().item()
+    exact = ((got - x.double() @ ref.double().T).abs() / scale).max().item()
+    assert rounded < 1e-6, rounded
+    assert exact > 4 * rounded, (exact, rounded)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant):
+    """Every weight at q = 0 or 63 with scale -128 or 127, every activation at +-max (int16
+    +-32767: high byte 127 / -128, low byte 255 / 1): the byte products and a super-block's
+    int32 sums at their largest, against float64."""
+    k = 2048
+    blocks = np.zeros((4, k // 256, 210), np.uint8)
+    for row, (qv, sc) in enumerate([(63, -128), (0, 127), (63, 127), (0, -128)]):
+        blocks[row, :, :192] = 0xFF if qv == 63 else 0  # ql: four low bits, qh: two high bits
+        blocks[row, :, 192:208] = np.array(sc, np.int8).view(np.uint8)
+        blocks[row, :, 208:210] = np.array([1.0], np.float16).view(np.uint8)
+    data = blocks.reshape(4, -1)
+    ref = torch.from_numpy(dequantize(data, GGMLQuantizationType.Q6_K).copy()).double()
+    assert set(ref.unique().tolist()) == {-128 * 31.0, 127 * -32.0, 127 * 31.0, -128 * -32.0}
+    q = quant_tensor(RawTensor("w", GGMLQuantizationType.Q6_K, (4, k), data), kernels.load(variant))
+    x = torch.ones(3, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    expected = x.double() @ ref.T
+    assert ((q.matmul(x).double() - expected).abs() / expected.abs().max()).max().item() < 1e-6
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("m", [1, 2, 4, 7])
 def test_int8_and_int16_parts_in_one_call_and_m_rows_bit_for_bit(variant, m):

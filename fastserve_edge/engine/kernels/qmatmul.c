@@ -96,11 +96,6 @@ static inline facc facc_add(facc acc, ivec v, float scale) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale), acc);
 }
 static inline facc facc_plus(facc a, facc b) { return _mm256_add_ps(a, b); }
-/* acc + (v0 * s0 + v1 * s1) * scale: two sub-blocks' sums, each with its own scale */
-static inline facc facc_add2(facc acc, ivec v0, float s0, ivec v1, float s1, float scale) {
-    __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v0), _mm256_set1_ps(s0), _mm256_mul_ps(_mm256_cvtepi32_ps(v1), _mm256_set1_ps(s1)));
-    return _mm256_fmadd_ps(t, _mm256_set1_ps(scale), acc);
-}
 static inline float facc_sum(facc a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -114,9 +109,6 @@ static inline facc facc_zero(void) { return 0.f; }
 static inline facc facc_add(facc acc, ivec v, float scale) { return acc + (float)v * scale; }
 static inline float facc_sum(facc a) { return a; }
 static inline facc facc_plus(facc a, facc b) { return a + b; }
-static inline facc facc_add2(facc acc, ivec v0, float s0, ivec v1, float s1, float scale) {
-    return acc + ((float)v0 * s0 + (float)v1 * s1) * scale;
-}
 #endif
 
 /* 16 bytes widened to int16, then a nibble of each (and 0x0f, or shift right 4): weight
@@ -221,24 +213,29 @@ static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
 }
 
 
-/* Q6_K: one half super-block (128 weights) decoded to q - 32 (-32..31) in weight order:
- * out[32 i + l] = weight 32 i + l of the half, from ql[64], qh[32] */
+/* Q6_K: one half super-block (128 weights) decoded to q - zero in weight order (zero 32:
+ * -32..31, the weights' own values; zero 0: 0..63 for q6k_row_dot's unsigned bytes):
+ * out[32 i + l] = weight 32 i + l of the half, from ql[64], qh[32]. Bits 2i, 2i + 1 of qh
+ * go to bits 4, 5 of weight group i (16-bit shifts; the mask keeps each byte's own bits). */
 #if defined(__AVX2__)
-static inline void q6k_half_regs(const uint8_t *ql, const uint8_t *qh, __m256i out[4]) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3), z = _mm256_set1_epi8(32);
+static inline void q6k_half_regs(const uint8_t *ql, const uint8_t *qh, int zero, __m256i out[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30), z = _mm256_set1_epi8((char)zero);
     const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
     const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
     const __m256i lo4[4] = { _mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
                              _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4) };
-    for (int i = 0; i < 4; i++)
-        out[i] = _mm256_sub_epi8(_mm256_or_si256(lo4[i], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * i), m3), 4)), z);
+    const __m256i hi2[4] = { _mm256_slli_epi16(h, 4), _mm256_slli_epi16(h, 2), h, _mm256_srli_epi16(h, 2) };
+    for (int i = 0; i < 4; i++) {
+        out[i] = _mm256_or_si256(lo4[i], _mm256_and_si256(hi2[i], m30));
+        if (zero) out[i] = _mm256_sub_epi8(out[i], z);
+    }
 }
 #endif
 
 static inline void q6k_decode_half(const uint8_t *ql, const uint8_t *qh, int8_t *out) {
 #if defined(__AVX2__)
     __m256i w[4];
-    q6k_half_regs(ql, qh, w);
+    q6k_half_regs(ql, qh, 32, w);
     for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(out + 32 * i), w[i]);
 #else
     for (int l = 0; l < 32; l++) {
@@ -250,50 +247,9 @@ static inline void q6k_decode_half(const uint8_t *ql, const uint8_t *qh, int8_t 
 #endif
 }
 
-/* 16 decoded Q6_K weights (-32..31) . a[16] */
-static inline ivec dot_q6_16(const int8_t *q, const int16_t *a) {
-#if defined(__AVX2__)
-    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q)), _mm256_loadu_si256((const __m256i *)a));
-#else
-    int32_t sum = 0;
-    for (int i = 0; i < 16; i++) sum += q[i] * a[i];
-    return sum;
-#endif
-}
-
 /* One weight row against one quantized activation row.
  * No sum runs through one register from group to group: a single fma chain (an offset term
  * added per group) costs its 4-cycle latency per 32 weights, more than the dot products. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-/* Q6_K . a for one row in 512-bit vectors (row_dot's AVX2 path, twice as wide): 32 weights
- * an instruction, each 16 weights' int8 scale multiplied in the int16 lanes (one permute
- * picks the pair of scales of 32 weights), one float step per 32. A 1B's tied head and
- * embedding are Q6_K: a quarter of a decode step went here. */
-static float q6k_row_dot_512(const uint8_t *wrow, int K, qrow a) {
-    __m512 acc[2] = { _mm512_setzero_ps(), _mm512_setzero_ps() };
-    const __m512i pick0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(1), 1);  /* lanes 16-31: 1 */
-    const __m512i two = _mm512_set1_epi16(2);
-    for (int sb = 0; sb < K / 256; sb++) {
-        const uint8_t *b = wrow + sb * 210;
-        const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192))));
-        const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
-        __m512i pick = pick0;  /* scales 2k (lanes 0-15) and 2k + 1 (lanes 16-31) */
-        for (int half = 0; half < 2; half++) {
-            __m256i ws[4];
-            q6k_half_regs(b + 64 * half, b + 128 + 32 * half, ws);
-            for (int j = 0; j < 4; j++) {
-                const int g = sb * 8 + half * 4 + j;
-                const __m512i w = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(ws[j]), _mm512_permutexvar_epi16(pick, sc));
-                pick = _mm512_add_epi16(pick, two);
-                const __m512i p = _mm512_madd_epi16(w, _mm512_loadu_si512((const void *)(a.q + g * 32)));
-                acc[j & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(d * a.d[g]), acc[j & 1]);
-            }
-        }
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-}
-#endif
-
 static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
     facc acc[4] = { facc_zero(), facc_zero(), facc_zero(), facc_zero() };
     float offsets[8] = { 0.f };  /* the weights' min terms, m * sum(x), in 8 independent sums */
@@ -338,55 +294,6 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
             acc[g & 3] = facc_add(acc[g & 3], dot_q5_32(b + 8, qh, a.q + g * 32), fp16_to_f32(*(const uint16_t *)b) * a.d[g]);
             offsets[g & 7] += fp16_to_f32(*(const uint16_t *)(b + 2)) * a.s[g];
         }
-    } else if (fmt == FMT_Q6_K) {  /* w = d * sc_j * (q - 32), the 32 taken off in decoding */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-        return q6k_row_dot_512(wrow, K, a);
-#elif defined(__AVX2__)
-        /* decoded in registers: a round trip through memory costs more than the arithmetic.
-           Each 16 weights' scale multiplies them in the int16 lanes (|sc (q - 32)| <= 4096, so a
-           lane's 4 products stay below 2^30), leaving one float step per 32 weights. The 8
-           scales of a half are broadcast to each lane with one in-lane byte shuffle apiece. */
-        const __m256i pick0 = _mm256_set1_epi16(0x0100);  /* bytes 0, 1: int16 lane 0 */
-        const __m256i step = _mm256_set1_epi16(0x0202);
-        for (int sb = 0; sb < K / 256; sb++) {
-            const uint8_t *b = wrow + sb * 210;
-            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
-            const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
-            for (int half = 0; half < 2; half++) {
-                /* the half's 8 scales (int16) in both 128-bit lanes */
-                const __m256i sch = half ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
-                __m256i ws[4], pick = pick0;
-                q6k_half_regs(b + 64 * half, b + 128 + 32 * half, ws);
-                for (int j = 0; j < 4; j++) {  /* weights 32 j .. 32 j + 31 of the half: activation group g */
-                    const int g = sb * 8 + half * 4 + j;
-                    const __m256i s0 = _mm256_shuffle_epi8(sch, pick);
-                    pick = _mm256_add_epi8(pick, step);
-                    const __m256i s1 = _mm256_shuffle_epi8(sch, pick);
-                    pick = _mm256_add_epi8(pick, step);
-                    const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(ws[j])), s0);
-                    const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(ws[j], 1)), s1);
-                    acc[j] = facc_add(acc[j], dot2x16(w0, w1, a.q + g * 32), d * a.d[g]);
-                }
-            }
-        }
-#else
-        int8_t q[128];
-        float s16[16];
-        for (int sb = 0; sb < K / 256; sb++) {
-            const uint8_t *b = wrow + sb * 210;
-            const int8_t *sc = (const int8_t *)(b + 192);
-            const float d = fp16_to_f32(*(const uint16_t *)(b + 208));
-            for (int i = 0; i < 16; i++) s16[i] = d * (float)sc[i];  /* 16 weights per scale */
-            for (int half = 0; half < 2; half++) {
-                q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
-                for (int j = 0; j < 4; j++) {  /* activation group g: two scales' 16 weights each */
-                    const int g = sb * 8 + half * 4 + j;
-                    acc[j] = facc_add2(acc[j], dot_q6_16(q + 32 * j, a.q + g * 32), s16[8 * half + 2 * j],
-                                       dot_q6_16(q + 32 * j + 16, a.q + g * 32 + 16), s16[8 * half + 2 * j + 1], a.d[g]);
-                }
-            }
-        }
-#endif
     } else { /* FMT_Q8 */
         for (int g = 0; g < K / 32; g++) {
             const uint8_t *b = wrow + g * 34;
@@ -396,6 +303,115 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
     float off = 0.f;
     for (int j = 0; j < 8; j++) off += offsets[j];
     return facc_sum(facc_plus(facc_plus(acc[0], acc[1]), facc_plus(acc[2], acc[3]))) + off;
+}
+
+/* Q6_K rows take their activations in another form (q6row): int16 values X with one scale
+ * per 256 (a super-block), each split into its high byte h = X >> 8 (int8) and low byte
+ * l = X & 255 (uint8), X = 256 h + l; and per 16 values (one weight scale) the sums of h
+ * and of l, for the weights' 32 offset. The product stays the exact integer one of int16
+ * activations, but it takes vpmaddubsw's 32 byte products an instruction (the int16 form
+ * takes 16 in vpmaddwd), every scale is applied in integers, and one float step is left
+ * per 256 weights: a 1B's tied head (128256 x 2048 Q6_K) was a third of a decode step. */
+typedef struct { int8_t *h; uint8_t *l; float *d; int16_t *sh, *sl; } q6row;
+
+static q6row row6_of(q6row all, int m, int K) {
+    q6row r = { all.h + (size_t)m * K, all.l + (size_t)m * K, all.d + (size_t)m * (K / 256),
+                all.sh + (size_t)m * (K / 16), all.sl + (size_t)m * (K / 16) };
+    return r;
+}
+
+/* once per row and call: lrintf rounds to nearest even, as the int16 form's cvtps does */
+static void quantize_row6(const float *x, int K, q6row r) {
+    for (int sb = 0; sb < K / 256; sb++) {
+        const float *xs = x + sb * 256;
+        float amax = 0.f;
+        for (int i = 0; i < 256; i++) { float a = fabsf(xs[i]); amax = a > amax ? a : amax; }
+        const float d = amax / 32767.f, id = d > 0.f ? 1.f / d : 0.f;
+        r.d[sb] = d;
+        for (int j = 0; j < 16; j++) {
+            int sh = 0, sl = 0;
+            for (int i = 16 * j; i < 16 * j + 16; i++) {
+                const int v = (int)lrintf(xs[i] * id);  /* -32767 .. 32767 */
+                r.h[sb * 256 + i] = (int8_t)(v >> 8);   /* arithmetic shift: floor(v / 256) */
+                r.l[sb * 256 + i] = (uint8_t)(v & 255);
+                sh += v >> 8;
+                sl += v & 255;
+            }
+            r.sh[sb * 16 + j] = (int16_t)sh;  /* |sh| <= 16 * 128, sl <= 16 * 255 */
+            r.sl[sb * 16 + j] = (int16_t)sl;
+        }
+    }
+}
+
+/* One Q6_K row . a: sum over super-blocks of d * d_x * sum_j sc_j sum_i (q_i - 32) X_i, with
+ * q unsigned (0..63) and the 32 taken off per scale from the sums of h and l. */
+static float q6k_row_dot(const uint8_t *wrow, int K, q6row a) {
+#if defined(__AVX2__)
+    /* Per 32 weights (scales 2k, 2k + 1: the two 128-bit lanes): vpmaddubsw of q with h
+       (pairs <= 2 * 63 * 128) and of l with q (<= 2 * 255 * 63 < 2^15: no saturation), then
+       vpmaddwd with the scales into int32. A super-block's sums stay below 2^27; the high
+       bytes' sum is converted apart from the low bytes' (x 256 it could pass 2^31). */
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i pick0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                           2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    const __m256i step = _mm256_set1_epi8(4);
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = wrow + sb * 210;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        const int8_t *xh = a.h + sb * 256;
+        const uint8_t *xl = a.l + sb * 256;
+        __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+        for (int half = 0; half < 2; half++) {
+            /* the half's 8 scales (int16) in both 128-bit lanes; pick: scale 2k in the low lane, 2k + 1 in the high */
+            const __m256i sch = half ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            __m256i q[4], pick = pick0;
+            q6k_half_regs(b + 64 * half, b + 128 + 32 * half, 0, q);
+            for (int k = 0; k < 4; k++) {
+                const int at = 128 * half + 32 * k;
+                const __m256i s = _mm256_shuffle_epi8(sch, pick);
+                pick = _mm256_add_epi8(pick, step);
+                const __m256i ph = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(xh + at)));
+                const __m256i pl = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(xl + at)), q[k]);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+                hi = _mm256_dpwssd_epi32(hi, ph, s);
+                lo = _mm256_dpwssd_epi32(lo, pl, s);
+#else
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, s));
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, s));
+#endif
+            }
+        }
+        /* the offset: 32 * sum_j sc_j * (sum of h, of l over scale j's 16 values) */
+        const __m256i oh = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a.sh + sb * 16)));
+        const __m256i ol = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a.sl + sb * 16)));
+        hi = _mm256_sub_epi32(hi, _mm256_slli_epi32(oh, 5));
+        lo = _mm256_sub_epi32(lo, _mm256_slli_epi32(ol, 5));
+        const __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(256.f), _mm256_cvtepi32_ps(lo));
+        acc = _mm256_fmadd_ps(sum, _mm256_set1_ps(fp16_to_f32(*(const uint16_t *)(b + 208)) * a.d[sb]), acc);
+    }
+    return facc_sum(acc);
+#else
+    int8_t q[128];
+    float acc = 0.f;
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = wrow + sb * 210;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        int64_t sum = 0;  /* |(q - 32) X| <= 2^20: 16 of them times a scale fit int32, 256 not */
+        for (int half = 0; half < 2; half++) {
+            q6k_decode_half(b + 64 * half, b + 128 + 32 * half, q);
+            for (int j = 0; j < 8; j++) {
+                int32_t part = 0;
+                for (int i = 16 * j; i < 16 * j + 16; i++) {
+                    const int at = sb * 256 + 128 * half + i;
+                    part += q[i] * (256 * a.h[at] + a.l[at]);
+                }
+                sum += (int64_t)sc[8 * half + j] * part;
+            }
+        }
+        acc += fp16_to_f32(*(const uint16_t *)(b + 208)) * a.d[sb] * (float)sum;
+    }
+    return acc;
+#endif
 }
 
 #if defined(__AVX2__)
@@ -1254,7 +1270,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
                      const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads) {
     if (count < 1 || count > 8 || M <= 0 || K % 32 != 0) return -1;
     /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
-    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0;
+    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0, any6 = 0;
     pairs[0] = 0;
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
@@ -1266,7 +1282,8 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if (x8[j] && ns[j] % 8 != 0) return -1;
         any8 |= act8[j];
-        any16 |= !act8[j] && !f16;  /* 16-bit float rows take x as it is */
+        any6 |= fmt[j] == FMT_Q6_K;
+        any16 |= !act8[j] && !f16 && fmt[j] != FMT_Q6_K;  /* 16-bit float rows take x as it is; Q6_K a q6row */
         offs[j] = total;
         total += ns[j];
         pairs[j + 1] = pairs[j] + (ns[j] + 1) / 2;
@@ -1279,16 +1296,22 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     int8_t *qi8 = any8 ? (int8_t *)malloc((size_t)M * K) : NULL;
     float *f = (float *)malloc(sizeof(float) * ng * 4);
     int32_t *t = (int32_t *)malloc(sizeof(int32_t) * ng * 2);
-    if ((any16 && !q) || (any8 && (!q8 || !o8 || !qi8)) || !f || !t) {
-        free(q); free(q8); free(o8); free(qi8); free(f); free(t);
+    /* q6row: h and l bytes, then the sums of 16 (K / 16 each of h and l), then the scales */
+    uint8_t *b6 = any6 ? (uint8_t *)malloc((size_t)M * K * 2 + sizeof(int16_t) * (size_t)M * (K / 8) + sizeof(float) * (size_t)M * (K / 256)) : NULL;
+    if ((any16 && !q) || (any8 && (!q8 || !o8 || !qi8)) || (any6 && !b6) || !f || !t) {
+        free(q); free(q8); free(o8); free(qi8); free(f); free(t); free(b6);
         return -2;
     }
     qrow all = { q, f, f + ng, t };
     q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8, t + ng, qi8 };
+    int16_t *sums6 = any6 ? (int16_t *)(b6 + (size_t)M * K * 2) : NULL;
+    q6row all6 = { (int8_t *)b6, b6 + (size_t)M * K, any6 ? (float *)(sums6 + (size_t)M * (K / 8)) : NULL,
+                   sums6, any6 ? sums6 + (size_t)M * (K / 16) : NULL };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) {
         if (any16) quantize_row(x + (size_t)m * K, K, row_of(all, m, K));
         if (any8) quantize_row8(x + (size_t)m * K, K, row8_of(all8, m, K));
+        if (any6) quantize_row6(x + (size_t)m * K, K, row6_of(all6, m, K));
     }
     /* Each thread takes a slice of all weight rows, two at a time (an x8 matrix: the pair
        that starts a row group does its eight or sixteen rows); a weight row is read from
@@ -1301,6 +1324,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         const int mt = M - m0 < tile ? M - m0 : tile;
         const qrow at = row_of(all, m0, K);
         const q8row at8 = any8 ? row8_of(all8, m0, K) : all8;
+        const q6row at6 = any6 ? row6_of(all6, m0, K) : all6;
         float *yt = y + (size_t)m0 * total;
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int pair = 0; pair < pairs[count]; pair++) {
@@ -1330,12 +1354,13 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
             for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants, Q5_1 a row at a time; an odd last row */
                 const uint8_t *w = wrow + (size_t)e * strides[j];
                 for (int m = 0; m < mt; m++)
-                    yt[(size_t)m * total + r + e] = act8[j] ? row_dot8(fmt[j], w, K, row8_of(at8, m, K))
+                    yt[(size_t)m * total + r + e] = fmt[j] == FMT_Q6_K ? q6k_row_dot(w, K, row6_of(at6, m, K))
+                                                  : act8[j] ? row_dot8(fmt[j], w, K, row8_of(at8, m, K))
                                                             : row_dot(fmt[j], w, K, row_of(at, m, K));
             }
         }
     }
-    free(q); free(q8); free(o8); free(qi8); free(f); free(t);
+    free(q); free(q8); free(o8); free(qi8); free(f); free(t); free(b6);
     return 0;
 }
 
