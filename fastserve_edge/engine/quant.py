@@ -30,16 +30,19 @@ from fastserve_edge.errors import ConfigError
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
-DENSE_PREFILL_ROWS = 192  # from this many rows on, dequantize the matrix into a scratch buffer
-                          # and let torch's fp32 GEMM do the work. Dequantizing costs as much as
-                          # ~150 (SmolLM2) to ~350 (1B Q4_0) rows through the integer kernel at 2
-                          # threads (~200 at 1): a 32-token prompt of a 1B takes 0.9 s, not 2.7.
-                          # From this many rows every format takes the GEMM path (packed prefills
-                          # rely on it); K-quants switch earlier, at DENSE_PREFILL_ROWS_K:
-DENSE_PREFILL_ROWS_K = 32  # Q4_K/Q5_K/Q6_K/Q5_1 rows go through the kernels one at a time (each weight block
-                           # decoded once per row), so dequantizing pays off as it did before
-DENSE_PREFILL_ROWS_F16 = 16  # F16/BF16 rows: the kernel is an fp32 fma per weight and activation, so
-                             # widening a slice once for torch's GEMM wins early
+DENSE_PREFILL_ROWS = 192  # from this many rows on every format takes the fp32 GEMM (kernels/gemm.c:
+                          # weights dequantized on the fly) rather than the integer kernels
+                          # (packed prefills rely on it); Q8_0 (x8) and the 32-weight formats in
+                          # the file's row order switch here. Q8_0's integer kernel reads 8-bit
+                          # weights as they are: at 1 thread it still beat the GEMM at 128 rows.
+# Where the GEMM wins earlier: rows from which it beat the integer kernels at 1 and 2 threads
+# on Zen 3 (AVX2, no VNNI), 8192 x 2048 and SmolLM2's 1536 x 576 and 576 x 1536 (gemm/int):
+DENSE_PREFILL_ROWS_OF = {
+    kernels.FMT_Q4_0X8: 48, kernels.FMT_Q4_1X8: 48, kernels.FMT_Q4_KX8: 48,  # 1.1-1.4x at 48; 0.6-0.9x at 16
+    kernels.FMT_Q4_K: 32, kernels.FMT_Q5_K: 32, kernels.FMT_Q5_1: 32,  # rows decoded once per row: 1.5-1.7x at 32
+    kernels.FMT_Q6_K: 96,  # its integer kernel takes 32 products an instruction: 1.2-1.3x at 96, 0.8-1.0x at 64
+    kernels.FMT_F16: 48, kernels.FMT_BF16: 48,  # an fp32 fma per weight either way: 1.25x at 48, 0.9x at 32
+}
 NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer kernels win at any
                        # length (a 1B Q4_0's 512 tokens at 2 threads: 162 tok/s against dequantize +
                        # GEMM's 79 on Zen 5; 55-67 against 38-53 on Zen 4, in 256-bit vectors there),
@@ -69,6 +72,8 @@ def set_activations(name: str) -> str:
     return name
 
 
+GEMM_ROWS = 512  # rows of x per kernels.gemm call: its packed copy of x stays within 16 MiB (K = 8192)
+GEMM_COLUMNS = 128  # the columns it dequantizes at a time per thread (gemm.c NC)
 SCRATCH_FLOATS = 4 << 20  # 16 MiB of dequantized rows at a time during prefill (at most one
                           # matrix: 3.5 MiB on SmolLM2); 4 MiB made a 1B model's prefill 20% slower
 
@@ -133,10 +138,8 @@ class QuantTensor:
         self.rows_per_block_row = 8 if fmt in kernels.X8_OF.values() else 1
         # the format as the integer kernels take it: with int8 activations where the format has them
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
-        # from this many rows on, dequantize + GEMM (matmul) rather than the integer kernel
-        self.dense_rows = DENSE_PREFILL_ROWS_K if fmt in ROW_AT_A_TIME_FORMATS else DENSE_PREFILL_ROWS
-        if fmt in FLOAT16_FORMATS:
-            self.dense_rows = DENSE_PREFILL_ROWS_F16
+        # from this many rows on, the GEMM (matmul) rather than the integer kernel
+        self.dense_rows = DENSE_PREFILL_ROWS_OF.get(fmt, DENSE_PREFILL_ROWS)
         if self.rows_per_block_row == 8 and k.x8_vnni and fmt != kernels.FMT_Q4_KX8:
             self.dense_rows = NEVER_DENSE
 
@@ -145,11 +148,15 @@ class QuantTensor:
         return self.blocks.numel()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] float32 -> [M, N]. Few rows: integer kernel; many: dequantize + GEMM."""
+        """x: [M, K] float32 -> [M, N]. Few rows: integer kernel; many: the kernels' fp32 GEMM
+        (weights dequantized on the fly), or on a build without it torch's GEMM over a
+        dequantized slice of rows at a time."""
         n, k = self.shape
         if x.shape[0] < self.dense_rows:
             return self.k.matmul(self.kernel_fmt, self.group, self.blocks, n, k, x)
         y = torch.empty((x.shape[0], n))
+        if self.k.has_gemm:
+            return self.gemm(x, 0, n, y)
         step = _whole_block_rows(SCRATCH_FLOATS // k, self.rows_per_block_row)
         for start in range(0, n, step):  # a slice of rows at a time keeps the buffer small
             count = min(step, n - start)
@@ -157,6 +164,14 @@ class QuantTensor:
                                     out=SCRATCH.take(count, k))
             y[:, start:start + count] = F.linear(x, w)
         return y
+
+    def gemm(self, x: torch.Tensor, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """out [M, count] = x [M, K] . W[start:start + count].T through the kernels' fp32 GEMM
+        (kernels/gemm.c: the rows dequantized on the fly), GEMM_ROWS rows of x at a time."""
+        for m0 in range(0, x.shape[0], GEMM_ROWS):
+            self.k.gemm(self.fmt, self.group, self.blocks, start, count, self.shape[1], x[m0:m0 + GEMM_ROWS],
+                        out[m0:m0 + GEMM_ROWS])
+        return out
 
     def _slice(self, start: int, count: int) -> torch.Tensor:
         """The blocks of matrix rows start .. start + count (whole block rows)."""
@@ -166,11 +181,20 @@ class QuantTensor:
 
     def swiglu(self, up: QuantTensor, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ self.T) * (x @ up.T) for prefill (x: [M, K], M >= both dense_rows), a
-        slice of output columns at a time: the gate and up slices share the scratch buffer,
-        so only the [M, F] result is ever whole (not a second [M, F] for up)."""
+        slice of output columns at a time, so only the [M, F] result is ever whole (not a
+        second [M, F] for up): gate whole into the result and up a slice at a time in the
+        scratch buffer (kernels' GEMM), or gate and up slices side by side in it (torch's)."""
         n, k = self.shape
         assert up.shape == self.shape and x.shape[0] >= max(self.dense_rows, up.dense_rows)
         out = torch.empty((x.shape[0], n))
+        if self.k.has_gemm and up.k.has_gemm:
+            step = max(GEMM_COLUMNS, SCRATCH_FLOATS // x.shape[0] // GEMM_COLUMNS * GEMM_COLUMNS)
+            self.gemm(x, 0, n, out)
+            for start in range(0, n, step):
+                count = min(step, n - start)
+                gate = out[:, start:start + count]
+                torch.mul(F.silu(gate, inplace=True), up.gemm(x, start, count, SCRATCH.take(x.shape[0], count)), out=gate)
+            return out
         # both slices together hold no more than one whole matrix (SmolLM2's 3.5 MiB stays 3.5)
         per = max(self.rows_per_block_row, up.rows_per_block_row)  # whole block rows of both
         step = _whole_block_rows(min(SCRATCH_FLOATS // (2 * k), (n + 1) // 2), per)
@@ -303,8 +327,6 @@ IN_PLACE = {
     QType.F16: (kernels.FMT_F16, 32), QType.BF16: (kernels.FMT_BF16, 32),  # group: K a multiple of 32
     QType.Q5_K: (kernels.FMT_Q5_K, 256), QType.Q5_1: (kernels.FMT_Q5_1, 32),
 }
-FLOAT16_FORMATS = (kernels.FMT_F16, kernels.FMT_BF16)
-ROW_AT_A_TIME_FORMATS = (kernels.FMT_Q4_K, kernels.FMT_Q6_K, kernels.FMT_Q5_K, kernels.FMT_Q5_1)  # DENSE_PREFILL_ROWS_K
 REPACKED = {
     QType.Q5_0: (kernels.FMT_Q8, 32, _repack_q5_0),
 }

@@ -209,50 +209,124 @@ def test_row_pairs_that_straddle_fused_matrices_are_right(variant, m):
         assert ((got - x @ ref.T).abs() / scale).max().item() < 5e-5
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", TYPES)
+@pytest.mark.parametrize("n,k,m,start,count", [(40, 256, 13, 0, 40), (37, 512, 7, 5, 30), (48, 768, 1, 16, 24),
+                                               (16, 256, 6, 0, 16), (56, 512, 20, 8, 41)])
+def test_gemm_is_exact_to_the_dequantized_rows(variant, ttype, n, k, m, start, count):
+    """The prefill GEMM (kernels/gemm.c) on odd shapes: rows of x not a multiple of its six,
+    columns not of its sixteen, a slice of W's rows from an odd start (x8 groups split), K not a
+    multiple of 256 for the 32-weight formats; written into a column slice of a wider matrix,
+    the columns beside it untouched. fp32 sums of the format's own weights: exact to ~1e-6."""
+    if ttype not in ("Q4_K", "Q5_K", "Q6_K"):
+        k += 32
+    raw, ref = raw_matrix(ttype, n, k, seed=n + k + m)
+    q = quant_tensor(raw, kernels.load(variant))
+    x = torch.randn(m, k)
+    wide = torch.full((m, count + 5), 7.0)
+    q.gemm(x, start, count, wide[:, 2:2 + count])
+    expected = x.double() @ ref[start:start + count].double().T
+    scale = x.norm(dim=1)[:, None].double() * ref[start:start + count].norm(dim=1)[None, :].double()
+    assert ((wide[:, 2:2 + count] - expected).abs() / scale).max().item() < 1e-6
+    assert (wide[:, :2] == 7.0).all() and (wide[:, 2 + count:] == 7.0).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q4_K", "Q6_K", "F16"])
+def test_gemm_gives_each_row_its_bits_whatever_the_other_rows_and_the_threads(variant, ttype):
+    """A row's result is the same chain of fused multiply-adds wherever it falls in the six-row
+    panels, however many rows come with it and however the columns split among threads: packed
+    prefills rely on it. K = 4352 crosses the 2048-long k blocks."""
+    raw, _ = raw_matrix(ttype, 72, 4352)
+    q = quant_tensor(raw, kernels.load(variant))
+    x = torch.randn(23, 4352)
+    whole = q.gemm(x, 0, 72, torch.empty(23, 72))
+    for rows in (slice(0, 1), slice(5, 23), slice(7, 13)):
+        assert torch.equal(q.gemm(x[rows], 0, 72, torch.empty(len(range(23)[rows]), 72)), whole[rows])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 3)
+        assert torch.equal(q.gemm(x, 0, 72, torch.empty(23, 72)), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gemm_refuses_bad_arguments():
+    k = kernels.load()
+    raw, _ = raw_matrix("Q4_0", 8, 64)
+    q = quant_tensor(raw, k)
+    x, y = torch.randn(3, 64), torch.empty(3, 8)
+    work = torch.empty(k.lib.fs_gemm_work_floats(3, 64, 1))
+    call = lambda m, count, K, ldy: k.lib.fs_gemm(q.fmt, 32, q.blocks.data_ptr(), q.blocks.stride(0), 0, count, K,  # noqa: E731
+                                                  x.data_ptr(), m, y.data_ptr(), ldy, work.data_ptr(), 1)
+    assert call(3, 8, 64, 8) == 0
+    for bad in ((0, 8, 64, 8), (3, 0, 64, 8), (3, 8, 48, 8), (3, 8, 64, 4)):  # no rows, no columns, K % 32, ldy < count
+        assert call(*bad) < 0, bad
+    with pytest.raises(AssertionError):  # the binding checks shapes before C sees them
+        k.gemm(q.fmt, 32, q.blocks, 0, 8, 64, x, torch.empty(3, 7))
+
+
+@pytest.mark.parametrize("gemm", [True, False])
 @pytest.mark.parametrize("ttype", ["Q4_0", "Q4_K", "Q6_K"])
-def test_prefill_rows_go_through_dequantized_slices(monkeypatch, ttype):
-    """Many rows: the matrix is dequantized a slice at a time (here 3 rows) for torch's GEMM."""
+def test_prefill_rows_take_the_gemm_or_dequantized_slices(monkeypatch, ttype, gemm):
+    """Many rows: the kernels' GEMM, or on a build without it (an older revision's, as
+    bench/kernels_ab.py loads) the matrix dequantized a slice at a time (here 3 rows) for
+    torch's GEMM."""
     from fastserve_edge.engine import quant
 
     monkeypatch.setattr(quant, "SCRATCH_FLOATS", 3 * 256)
     raw, ref = raw_matrix(ttype, 10, 256)
     q = quant_tensor(raw, kernels.load())
+    monkeypatch.setattr(q.k, "has_gemm", gemm)
+    calls = {"gemm": 0, "dequant_rows": 0}
+    for name in calls:
+        real = getattr(q.k, name)
+        monkeypatch.setattr(q.k, name, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **kw))
     x = torch.randn(quant.DENSE_PREFILL_ROWS + 3, 256)
     torch.testing.assert_close(q.matmul(x), x @ ref.T, rtol=1e-5, atol=1e-5)
+    assert calls == ({"gemm": 1, "dequant_rows": 0} if gemm else {"gemm": 0, "dequant_rows": 4})
 
 
-@pytest.mark.parametrize("ttype,dequantized", [("Q4_0", False), ("Q8_0", False), ("Q4_K", True), ("Q6_K", True)])
-def test_k_quants_switch_to_the_gemm_path_sooner(monkeypatch, ttype, dequantized):
-    """40 rows: the 32-weight formats stay on the integer kernels (up to DENSE_PREFILL_ROWS), the
-    K-quants, which the kernels decode once per row, are dequantized from DENSE_PREFILL_ROWS_K."""
-    from fastserve_edge.engine import quant
-
-    raw, ref = raw_matrix(ttype, 10, 256)
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_K", "F16"])
+def test_each_format_switches_to_the_gemm_at_its_own_row_count(monkeypatch, ttype):
+    """One row fewer than dense_rows: the integer kernels; dense_rows: the GEMM; both exact."""
+    raw, ref = raw_matrix(ttype, 16, 256)
     q = quant_tensor(raw, kernels.load())
+    if q.dense_rows > 1024:
+        pytest.skip("x8 matrices with VNNI never take the GEMM")
     calls = []
-    real = q.k.dequant_rows
-    monkeypatch.setattr(q.k, "dequant_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x = torch.randn(40, 256)
-    assert quant.DENSE_PREFILL_ROWS_K <= 40 < quant.DENSE_PREFILL_ROWS
-    torch.testing.assert_close(q.matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)
-    assert bool(calls) == dequantized
+    real = q.k.gemm
+    monkeypatch.setattr(q.k, "gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for m, dense in ((q.dense_rows - 1, False), (q.dense_rows, True)):
+        x = torch.randn(m, 256)
+        calls.clear()
+        torch.testing.assert_close(q.matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)
+        assert bool(calls) == dense, m
 
 
+@pytest.mark.parametrize("gemm", [True, False])
 @pytest.mark.parametrize("gate_type,up_type", [("Q4_0", "Q4_0"), ("Q4_K", "Q6_K")])
-def test_prefill_swiglu_runs_gate_and_up_a_column_slice_at_a_time(monkeypatch, gate_type, up_type):
-    """SwiGLU at prefill: gate and up share the scratch buffer (here 2 x 3 rows at a time, so
-    11 columns take 4 slices, the last one short) and only the [M, F] result is ever whole."""
+def test_prefill_swiglu_runs_gate_and_up_a_column_slice_at_a_time(monkeypatch, gate_type, up_type, gemm):
+    """SwiGLU at prefill, a slice of columns at a time so only the [M, F] result is ever whole:
+    with the kernels' GEMM, gate whole into it and up 4 columns at a time (11 columns: 4 + 4 + 3);
+    without, gate and up slices share the scratch buffer (2 x 3 rows: 4 slices, the last short)."""
     from fastserve_edge.engine import quant
 
     monkeypatch.setattr(quant, "SCRATCH_FLOATS", 2 * 3 * 256)
+    monkeypatch.setattr(quant, "GEMM_COLUMNS", 4)
     (g_raw, g_ref), (u_raw, u_ref) = raw_matrix(gate_type, 11, 256, seed=1), raw_matrix(up_type, 11, 256, seed=2)
     gate, up = quant_tensor(g_raw, kernels.load()), quant_tensor(u_raw, kernels.load())
+    monkeypatch.setattr(gate.k, "has_gemm", gemm)
+    slices = []
+    real = up.gemm
+    monkeypatch.setattr(up, "gemm", lambda x, start, count, out: slices.append(count) or real(x, start, count, out))
     fused = quant.FusedLinear([QuantLinear(gate), QuantLinear(up)])
     x = torch.randn(2, quant.DENSE_PREFILL_ROWS // 2 + 3, 256)  # [B, S, K]: B * S rows take the GEMM path
     got = fused.swiglu(x)
     assert got.shape == (2, quant.DENSE_PREFILL_ROWS // 2 + 3, 11)
     expected = torch.nn.functional.silu(x @ g_ref.T) * (x @ u_ref.T)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert slices == ([4, 4, 3] if gemm else [])
     # below the threshold the caller computes gate and up itself (the integer kernels)
     assert fused.swiglu(x[:, :4]) is None
 
@@ -582,15 +656,15 @@ def test_cpu_fields_come_from_proc_cpuinfo():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_where_prefill_switches_to_dequantize_and_gemm(variant):
     """x8 matrices stay on the integer kernels at any length where they have VNNI (they beat the
-    GEMM there); Q4_K x8 and the row-at-a-time formats switch early; 16-bit floats earliest."""
+    GEMM there); elsewhere each format switches where the GEMM measured faster (quant.py)."""
     from fastserve_edge.engine import quant
 
     k = kernels.load(variant)
-    expected = {"Q4_0": quant.NEVER_DENSE if k.x8_vnni else quant.DENSE_PREFILL_ROWS,
-                "Q4_K": quant.DENSE_PREFILL_ROWS, "Q6_K": quant.DENSE_PREFILL_ROWS_K,
-                "Q5_K": quant.DENSE_PREFILL_ROWS_K, "Q5_1": quant.DENSE_PREFILL_ROWS_K,
-                "F16": quant.DENSE_PREFILL_ROWS_F16, "BF16": quant.DENSE_PREFILL_ROWS_F16}
+    x8 = quant.NEVER_DENSE if k.x8_vnni else 48
+    expected = {"Q4_0": x8, "Q4_1": x8, "Q8_0": quant.NEVER_DENSE if k.x8_vnni else quant.DENSE_PREFILL_ROWS,
+                "Q4_K": 48, "Q6_K": 96, "Q5_K": 32, "Q5_1": 32, "F16": 48, "BF16": 48}
     for ttype, rows in expected.items():
         q = quant_tensor(raw_matrix(ttype, 16, 256)[0], k)
         assert q.dense_rows == rows, ttype
+    assert quant_tensor(raw_matrix("Q4_0", 50, 256)[0], k).dense_rows == quant.DENSE_PREFILL_ROWS  # rows as in the file
     assert k.x8_vnni == (variant == "native" and " avx512_vnni " in CPU_FLAGS and " avx512vl " in CPU_FLAGS)

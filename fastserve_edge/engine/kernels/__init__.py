@@ -26,7 +26,7 @@ import torch
 
 from fastserve_edge.settings import Paths
 
-SOURCES = [Path(__file__).with_name("qmatmul.c"), Path(__file__).with_name("decode.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.c", "decode.c", "gemm.c")]
 FLAGS = {
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -118,6 +118,14 @@ class Kernels:
             self.lib.fs_release_file_pages.restype = i
         # the x8 kernels take vpdpwssd (fs_x8_vnni); an older build (kernels_ab): when 512-bit
         self.x8_vnni = bool(self.lib.fs_x8_vnni()) if hasattr(self.lib, "fs_x8_vnni") else self.simd_bits >= 512
+        # prefill's fp32 GEMM over weights dequantized on the fly (gemm.c); absent from older builds
+        self.has_gemm = hasattr(self.lib, "fs_gemm")
+        if self.has_gemm:
+            self.lib.fs_gemm.argtypes = [i, i, p, l, i, i, i, p, i, p, l, p, i]
+            self.lib.fs_gemm.restype = i
+            self.lib.fs_gemm_work_floats.argtypes = [i, i, i]
+            self.lib.fs_gemm_work_floats.restype = l
+        self._gemm_work = torch.empty(0)  # kept between calls (one forward at a time, as quant.SCRATCH)
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
@@ -172,6 +180,25 @@ class Kernels:
         if rc != 0:
             raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
         return y
+
+    def gemm(self, fmt: int, group: int, w: torch.Tensor, start: int, count: int, k: int, x: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+        """out[M, count] (a column slice of a row-major matrix is fine) = x [M, K] float32 .
+        W[start:start + count].T, W's rows dequantized on the fly (gemm.c); w as for
+        dequant_rows (x8 formats: start is a row of the matrix, not of the groups)."""
+        x = x.contiguous()
+        m = x.shape[0]
+        assert x.dtype == out.dtype == torch.float32 and x.shape[1] == k and out.shape == (m, count)
+        assert out.stride(1) == 1 and (m == 1 or out.stride(0) >= count)
+        threads = torch.get_num_threads()
+        need = self.lib.fs_gemm_work_floats(m, k, threads)
+        if self._gemm_work.numel() < need:
+            self._gemm_work = torch.empty(need)
+        rc = self.lib.fs_gemm(fmt & 0xff, group, w.data_ptr(), w.stride(0), start, count, k, x.data_ptr(), m,
+                              out.data_ptr(), out.stride(0), self._gemm_work.data_ptr(), threads)
+        if rc != 0:
+            raise RuntimeError(f"fs_gemm failed ({rc}) for rows {start}..{start + count} K={k} fmt={fmt}")
+        return out
 
     def block(self, **spec) -> BlockProgram:
         """A decoder block run for one token in one call (BlockProgram's arguments)."""
