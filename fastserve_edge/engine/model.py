@@ -231,7 +231,8 @@ class Stage(nn.Module):
         self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps) if self.is_last else None
         self.head = weights.head(cfg.tie_embeddings) if self.is_last else None
         # rows per head call in _head_each: the integer kernel gives every row its own bits below
-        # the GEMM threshold (quant.DENSE_PREFILL_ROWS, 192); torch's GEMM of a dense head does not
+        # every format's GEMM threshold (quant.DENSE_PREFILL_ROWS_OF: 32 and up); torch's GEMM of
+        # a dense head does not
         self.head_rows = 16 if self.head is not None and _one_call(self.head) is not None else 1
         if weights.has("rope_freqs.weight"):
             factors = weights.vector("rope_freqs.weight")

@@ -38,7 +38,7 @@ LONG_PROMPT = "Summarise this: " + " ".join(PROMPTS * 5)
 @pytest.mark.parametrize("text", [PROMPTS[0], LONG_PROMPT], ids=["integer-kernels", "dequantize-gemm"])
 def test_logits_match_transformers(whole, tokenizer, smollm2_hf, text):
     """A short prompt goes through the integer kernels, a long one (DENSE_PREFILL_ROWS and
-    more) through dequantized slices and torch's GEMM, SwiGLU a slice at a time, except for
+    more) through the kernels' GEMM (kernels/gemm.c), SwiGLU a slice at a time, except for
     the x8 matrices of a build with AVX-512 VNNI, which stay on the integer kernels (tile by tile)."""
     ids = chat_ids(tokenizer, text)
     assert (len(ids) >= DENSE_PREFILL_ROWS) == (text is LONG_PROMPT) and len(ids) < 256, len(ids)

@@ -1,4 +1,5 @@
-"""Our quantized matmul kernels (qmatmul.c), compiled on first use and called through ctypes.
+"""Our quantized matmul kernels (qmatmul.c; prefill's GEMM: gemm.c; a decode step's glue:
+decode.c), compiled on first use and called through ctypes.
 
 The library is built once per machine with the system C compiler (`cc`, -O3, OpenMP) and
 cached under the fastserve cache, keyed by source, flags and CPU. Variants:
