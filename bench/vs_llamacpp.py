@@ -582,6 +582,22 @@ def measure_quietly(run, args: argparse.Namespace, say) -> tuple[dict | None, st
     return out.figures(), out.problem
 
 
+ROUND_MEDIANS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "cold_ttft_s", "wall_s")
+
+
+def over_rounds(runs: list[tuple[dict | None, str | None]]) -> tuple[dict | None, str | None]:
+    """One side's figures from its --rounds runs: the median of each rate and time, the
+    highest peak RSS, noisy if any run was; the first problem when no run gave figures."""
+    done = [data for data, _ in runs if data is not None]
+    if not done:
+        return None, next((why for _, why in runs if why), None)
+    out = dict(done[0])
+    out.update({key: statistics.median(d[key] for d in done) for key in ROUND_MEDIANS if key in out})
+    out.update(peak_rss_bytes=max(d["peak_rss_bytes"] for d in done), noisy=any(d["noisy"] for d in done),
+               rounds=[{key: d.get(key) for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes")} for d in done])
+    return out, None
+
+
 def measure_llama(llama: LlamaEnv, model: PreparedModel, args: argparse.Namespace, threads: int,
                   say) -> tuple[dict | None, str | None]:
     spec = {"model": str(model.path), "threads": threads, "n_ctx": max(LLAMA_N_CTX, args.prompt_tokens + args.gen_tokens + 8),
@@ -656,7 +672,8 @@ def caption(results: dict[str, Any]) -> str:
     lcp = (f"llama-cpp-python {llama['version']} (GGML_NATIVE, CPU only)" if "version" in llama
            else f"llama.cpp n/a ({llama.get('problem')})")
     return (f"{results['machine']['cpu']}, {results['machine']['cores']} cores; {lcp}; fastserve {results['fastserve']['commit']}"
-            f"{' (dirty)' if results['fastserve']['dirty'] else ''}. Median of {s['repeats']} runs; prefill = "
+            f"{' (dirty)' if results['fastserve']['dirty'] else ''}. Median of {s['repeats']} runs"
+            f"{f', then of {rounds} rounds, llama.cpp and ours alternating' if (rounds := s.get('rounds', 1)) > 1 else ''}; prefill = "
             f"{s['prompt_tokens']}-token prompt to first token, decode = {s['gen_tokens']} greedy tokens after it; tok/s. "
             f"RSS goal: <= {RSS_GOAL_FACTOR} x file + {RSS_GOAL_SLACK // 2**20} MiB. "
             f"Load+1st tok: opening the model, then its first forward ever ({WARMUP_PROMPT}-token message, "
@@ -728,6 +745,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure llama.cpp and ours alternately this many times per row (each in a fresh "
+                             "process); each figure the median over the rounds, so drift falls on both sides")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure ours only (never builds llama.cpp)")
@@ -759,7 +779,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--activations: choose from {', '.join(ACTIVATIONS)}, got {args.activations!r}")
     if args.retries < 0 or args.quiet_wait < 0:
         parser.error("--retries and --quiet-wait must be 0 or more")
-    for flag, value in (("--threads", min(args.thread_counts, default=0)), ("--repeats", args.repeats),
+    for flag, value in (("--threads", min(args.thread_counts, default=0)), ("--repeats", args.repeats), ("--rounds", args.rounds),
                         ("--prompt-tokens", args.prompt_tokens), ("--gen-tokens", args.gen_tokens)):
         if value < 1:
             parser.error(f"{flag} must be at least 1")
@@ -781,6 +801,14 @@ def progress(err):
     return say
 
 
+def report_side(side: str, data: dict | None, why: str | None, say) -> None:
+    if data is not None:
+        say(f"  {side}: prefill {_rate(data['prefill_tok_s'])} tok/s, decode {_rate(data['decode_tok_s'])} "
+            f"tok/s, peak RSS {_size(data['peak_rss_bytes'])} ({data['wall_s']:.0f} s{', noisy' if data['noisy'] else ''})")
+    elif why:
+        say(f"  {side}: {why}", "red")
+
+
 def main(argv: list[str]) -> int:
     from rich.console import Console
 
@@ -797,7 +825,7 @@ def main(argv: list[str]) -> int:
         "date": datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
         "fastserve": {"commit": _git("rev-parse", "--short", "HEAD") or "?", "dirty": bool(_git("status", "--porcelain"))},
-        "settings": {"models": args.model_keys, "threads": args.thread_counts, "repeats": args.repeats,
+        "settings": {"models": args.model_keys, "threads": args.thread_counts, "repeats": args.repeats, "rounds": args.rounds,
                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "activations": args.activation_list,
                      "llama_n_ctx": LLAMA_N_CTX, "llama_n_batch": LLAMA_N_BATCH, "timeout_s": args.timeout},
         "llama_cpp": {}, "models": {}, "rows": [],
@@ -843,31 +871,30 @@ def main(argv: list[str]) -> int:
     rows: list[Row] = []
     for model in prepared:
         for threads in args.thread_counts:
-            llama_run: tuple[dict | None, str | None] | None = None  # one llama.cpp run for both precisions of ours
-            for activations in args.activation_list:
-                if activations != "int16" and "K" in model.quant:
-                    continue  # K-quant files keep int16 activations: the row would repeat the int16 one
+            # K-quant files keep int16 activations: an int8 row would repeat the int16 one
+            precisions = [a for a in args.activation_list if a == "int16" or "K" not in model.quant]
+            llama_runs: list[tuple[dict | None, str | None]] = []  # one llama.cpp run a round for every precision of ours
+            ours_runs: dict[str, list[tuple[dict | None, str | None]]] = {a: [] for a in precisions}
+            for round_no in range(args.rounds if model.path is not None else 0):
+                tag = f" (round {round_no + 1}/{args.rounds})" if args.rounds > 1 else ""
+                if llama is not None and not args.skip_llamacpp:
+                    say(f"{model.spec.key} {model.quant}, {threads} thread(s): llama.cpp{tag}")
+                    llama_runs.append(measure_llama(llama, model, args, threads, say))
+                    report_side("llama.cpp", *llama_runs[-1], say)
+                for activations in precisions:
+                    say(f"{model.spec.key} {model.quant}, {threads} thread(s): ours, {activations} activations{tag}")
+                    ours_runs[activations].append(measure_ours(model, args, threads, say, activations))
+                    report_side("ours", *ours_runs[activations][-1], say)
+            for activations in precisions:
                 row = Row(model.spec.key, model.spec.label, model.quant, threads, str(model.path) if model.path else None,
                           model.file_bytes, note=model.note, activations=activations)
                 if model.path is None:
                     row.llama_problem = row.ours_problem = model.problem
                 else:
-                    if llama_run is not None:
-                        row.llama, row.llama_problem = llama_run
-                    elif llama is not None and not args.skip_llamacpp:
-                        say(f"{model.spec.key} {model.quant}, {threads} thread(s): llama.cpp")
-                        row.llama, row.llama_problem = llama_run = measure_llama(llama, model, args, threads, say)
-                    elif not args.skip_llamacpp:
+                    row.llama, row.llama_problem = over_rounds(llama_runs)
+                    if not llama_runs and not args.skip_llamacpp:
                         row.llama_problem = "llama.cpp not available"
-                    say(f"{model.spec.key} {model.quant}, {threads} thread(s): ours, {activations} activations")
-                    row.ours, row.ours_problem = measure_ours(model, args, threads, say, activations)
-                    for side, data, why in (("llama.cpp", row.llama, row.llama_problem), ("ours", row.ours, row.ours_problem)):
-                        if data is not None:
-                            say(f"  {side}: prefill {_rate(data['prefill_tok_s'])} tok/s, decode {_rate(data['decode_tok_s'])} "
-                                f"tok/s, peak RSS {_size(data['peak_rss_bytes'])} ({data['wall_s']:.0f} s"
-                                f"{', noisy' if data['noisy'] else ''})")
-                        elif why:
-                            say(f"  {side}: {why}", "red")
+                    row.ours, row.ours_problem = over_rounds(ours_runs[activations])
                 rows.append(row)
                 results["rows"] = [r.as_dict() for r in rows]
                 args.json_out.write_text(json.dumps(results, indent=2))
