@@ -95,6 +95,42 @@ def test_x8_layout_holds_the_same_bytes_in_eight_row_groups(ttype):
     torch.testing.assert_close(q.rows(torch.arange(24)), ref, rtol=0, atol=0)
 
 
+def x8_layout(blocks: np.ndarray, block_bytes: int, head: int) -> np.ndarray:
+    """The x8 layout built byte by byte: per row group of 8 and block, the 8 rows' heads
+    (d; Q4_1 d then m, 2 bytes each) then chunk c = bytes 2c, 2c + 1 of each row's weights."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n // 8, 8, -1, block_bytes)  # [group, row, block, byte]
+    parts = [b[:, :, :, h:h + 2].transpose(0, 2, 1, 3).reshape(n // 8, -1, 16) for h in range(0, head, 2)]
+    qs = b[:, :, :, head:].reshape(n // 8, 8, b.shape[2], -1, 2)  # [group, row, block, chunk, 2]
+    parts.append(qs.transpose(0, 2, 3, 1, 4).reshape(n // 8, b.shape[2], -1))
+    return np.concatenate(parts, axis=2).reshape(n // 8, -1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype,block_bytes,head", [("Q4_0", 18, 2), ("Q4_1", 20, 4), ("Q8_0", 34, 2)])
+def test_x8_repack_puts_every_byte_where_the_layout_says(variant, ttype, block_bytes, head):
+    """Each variant's repack (the AVX2 one transposes 8 x 8 two-byte values in registers)
+    against the layout built in numpy, from rows further apart than their own length."""
+    raw, _ = raw_matrix(ttype, 24, 288, seed=3)
+    wide = np.zeros((24, raw.data.shape[1] + 40), dtype=np.uint8)
+    wide[:, 5:5 + raw.data.shape[1]] = raw.data
+    rows = torch.from_numpy(wide)[:, 5:5 + raw.data.shape[1]]  # row stride 40 bytes longer than a row
+    fmt = {"Q4_0": kernels.FMT_Q4_0, "Q4_1": kernels.FMT_Q4_1, "Q8_0": kernels.FMT_Q8}[ttype]
+    got = kernels.load(variant).repack_x8(fmt, rows, 288)
+    assert np.array_equal(got.numpy(), x8_layout(raw.data, block_bytes, head))
+
+
+def test_q4_k_x8_repack_is_the_same_bytes_in_every_variant():
+    raw, _ = raw_matrix("Q4_K", 16, 768, seed=4)
+    rows = torch.from_numpy(raw.data)
+    packed = [kernels.load(v).repack_x8(kernels.FMT_Q4_K, rows, 768) for v in VARIANTS]
+    assert all(torch.equal(p, packed[0]) for p in packed[1:])
+    # the weights' bytes: pair p's chunk c holds bytes 2c, 2c + 1 of each row's 32 bytes of qs for p
+    qs = raw.data.reshape(2, 8, 3, 144)[:, :, :, 16:].reshape(2, 8, 3, 4, 16, 2)
+    expected = qs.transpose(0, 2, 3, 4, 1, 5).reshape(2, 3, 1024)
+    assert np.array_equal(packed[0].numpy().reshape(2, 3, 1184)[:, :, 160:], expected)
+
+
 def test_q4_k_x8_layout_decodes_the_scales_and_keeps_every_weight():
     from fastserve_edge.engine.quant import runtime_nbytes
 
@@ -668,3 +704,31 @@ def test_where_prefill_switches_to_dequantize_and_gemm(variant):
         assert q.dense_rows == rows, ttype
     assert quant_tensor(raw_matrix("Q4_0", 50, 256)[0], k).dense_rows == quant.DENSE_PREFILL_ROWS  # rows as in the file
     assert k.x8_vnni == (variant == "native" and " avx512_vnni " in CPU_FLAGS and " avx512vl " in CPU_FLAGS)
+
+
+def anon_huge_kib(address: int) -> int | None:
+    """AnonHugePages of the mapping of this process holding `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return None
+
+
+THP = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if os.path.exists(
+    "/sys/kernel/mm/transparent_hugepage/enabled") else ""
+
+
+@pytest.mark.skipif("[never]" in THP or not THP, reason="transparent huge pages are off on this kernel")
+def test_a_large_x8_copy_lands_in_huge_pages():
+    """The repack asks for 2 MiB pages where the copy covers them whole (a 1B model's load:
+    ~300 page faults instead of ~140k); what it writes is the same bytes either way."""
+    rows = torch.randint(0, 256, (4096, 2048 // 32 * 18), dtype=torch.uint8)  # Q4_0 blocks: 9 MiB
+    k = kernels.load()
+    out = k.repack_x8(kernels.FMT_Q4_0, rows, 2048)
+    assert anon_huge_kib(out.data_ptr() + out.numel() // 2) >= 2048
+    assert torch.equal(out, kernels.load("portable").repack_x8(kernels.FMT_Q4_0, rows, 2048))
