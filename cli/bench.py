@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import Activations, err_console, user_errors
+from cli.common import Activations, err_console, freeze_imports, user_errors
 from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError
 from fastserve_edge.settings import load_settings
@@ -30,6 +30,7 @@ def command(
     from fastserve_edge.engine.local import load_local_model, set_threads
     from fastserve_edge.engine.quant import set_activations
 
+    freeze_imports()
     with user_errors():
         for flag, value, low in (("--prompt-tokens", prompt_tokens, 1), ("--gen-tokens", gen_tokens, 1), ("--repeats", repeats, 1)):
             if value < low:

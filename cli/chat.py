@@ -16,7 +16,7 @@ from rich.console import Console
 
 from rich.markup import escape
 
-from cli.common import Activations, err_console, user_errors
+from cli.common import Activations, err_console, freeze_imports, user_errors
 from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError, FastServeError
 from fastserve_edge.settings import load_settings
@@ -82,6 +82,7 @@ def command(
     from fastserve_edge.engine.quant import set_activations
     from fastserve_edge.engine.sampling import SamplingParams
 
+    freeze_imports()
     with user_errors():
         if on_command_line("api_key"):
             raise ConfigError("--api-key is the key of a `fastserve serve`: give it together with --url")

@@ -21,7 +21,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from cli.common import Activations, err_console, user_errors
+from cli.common import Activations, err_console, freeze_imports, user_errors
 from fastserve_edge.errors import ConfigError
 
 DEFAULT_PORT = 7411
@@ -46,6 +46,7 @@ def command(
     from fastserve_edge.engine.quant import set_activations
     from fastserve_edge.settings import Paths
 
+    freeze_imports()
     with user_errors():
         if not 0 <= port < 65536:
             raise ConfigError(f"--port must be between 0 and 65535, got {port}")

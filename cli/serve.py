@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cli.common import Activations, err_console, user_errors
+from cli.common import Activations, err_console, freeze_imports, user_errors
 from cli.pull import resolve_or_pull
 from fastserve_edge.errors import ConfigError
 from fastserve_edge.serving.scheduler import SCHEDULERS, make_scheduler
@@ -90,6 +90,7 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
     from fastserve_edge.engine.local import load_local_model, set_threads
     from fastserve_edge.engine.quant import set_activations
 
+    freeze_imports()
     settings = load_settings()
     n_threads = set_threads(threads)
     set_activations(activations)

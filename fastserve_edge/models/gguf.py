@@ -11,6 +11,7 @@ Conventions of llama.cpp that matter here:
 
 from __future__ import annotations
 
+import mmap
 import struct
 from functools import cached_property
 from pathlib import Path
@@ -53,8 +54,15 @@ class GGUFFile:
     def __init__(self, path: Path):
         self.path = path
         self.size = path.stat().st_size
-        self.map = np.memmap(path, dtype=np.uint8, mode="r")
-        self.buf = memoryview(self.map)
+        self.map = np.memmap(path, dtype=np.uint8, mode="r")  # the tensors' views
+        with open(path, "rb") as f:  # the header's: its slices are bytes, no view object each
+            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._read_header()
+        finally:
+            self.buf.close()
+
+    def _read_header(self) -> None:
         self.pos = 0
         if self._bytes(4) != b"GGUF":
             raise ValueError("no GGUF magic at the start")
@@ -78,7 +86,7 @@ class GGUFFile:
     def _bytes(self, n: int) -> bytes:
         if self.pos + n > self.size:
             raise ValueError(f"header runs past the end of the file at byte {self.pos:,}")
-        out = self.buf[self.pos:self.pos + n].tobytes()
+        out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
 
@@ -92,6 +100,23 @@ class GGUFFile:
     def _string(self) -> str:
         return self._bytes(self._scalar(10)).decode("utf-8", errors="replace")
 
+    _LENGTH = struct.Struct("<Q")
+
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings in one loop: a 128k vocabulary with its merges is ~180k of
+        them, and a call chain per string (_string) took 0.35 s of a 1B model's load."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        length = self._LENGTH.unpack_from
+        for _ in range(count):
+            (n,) = length(buf, pos)  # struct.error past the end of the file
+            pos += 8
+            if pos + n > size:
+                raise ValueError(f"header runs past the end of the file at byte {pos:,}")
+            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self.pos = pos
+        return out
+
     def _value(self, vtype: int) -> Any:
         if vtype == self.STRING:
             return self._string()
@@ -99,7 +124,7 @@ class GGUFFile:
             return self._scalar(vtype)
         item, count = self._scalar(4), self._scalar(10)
         if item == self.STRING:
-            return [self._string() for _ in range(count)]
+            return self._strings(count)
         if item == self.ARRAY:
             return [self._value(self.ARRAY) for _ in range(count)]
         dtype = np.dtype(self._NUMPY.get(item) or _unknown(item))

@@ -81,6 +81,37 @@ def test_truncated_gguf(tiny, tmp_path, keep):
         open_model(cut)
 
 
+def test_header_reads_every_key_as_gguf_py_does(tiny):
+    from fastserve_edge.models.gguf import open_reader
+
+    ours = open_reader(tiny).metadata
+    theirs = {k: f.contents() for k, f in gguf.GGUFReader(tiny).fields.items() if not k.startswith("GGUF.")}
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value) if isinstance(value, float) else ours[key] == value, key
+    assert len(ours["tokenizer.ggml.tokens"]) == VOCAB
+
+
+def vocabulary_at(data: bytes) -> int:
+    """Offset of the first token's u64 length in the tokens array (after key, type, item type, count)."""
+    key = b"tokenizer.ggml.tokens"
+    return data.index(key) + len(key) + 4 + 4 + 8
+
+
+@pytest.mark.parametrize("where", ["inside the vocabulary", "a length past the end"])
+def test_a_broken_vocabulary_is_a_format_error(tiny, tmp_path, where):
+    data = bytearray(tiny.read_bytes())
+    first = vocabulary_at(bytes(data))
+    if where == "inside the vocabulary":
+        data = data[: first + 8 * VOCAB]  # some hundred tokens in
+    else:
+        data[first:first + 8] = (len(data)).to_bytes(8, "little")  # the first token "longer than the file"
+    bad = tmp_path / "vocab.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="truncated|not a readable"):
+        open_model(bad)
+
+
 def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
     path = rewrite(tiny, tmp_path / "falcon.gguf", arch="falcon")
     with pytest.raises(ModelFormatError, match=r"'falcon' is not supported; supported: llama, qwen2, qwen3"):
