@@ -98,7 +98,7 @@ class GGUFFile:
         return value
 
     def _string(self) -> str:
-        return self._bytes(self._scalar(10)).decode("utf-8", errors="replace")
+        return self._strings(1)[0]
 
     _LENGTH = struct.Struct("<Q")
 
