@@ -768,7 +768,8 @@ static inline __attribute__((always_inline)) void x8_dot_n(
  * integer sums and the same float steps per row as x8_dot_n, so a row's output does not
  * depend on which of the two kernels computed it. */
 #define X16_PREFETCH_BYTES 2048
-#define X16_ROWS 8  /* activation rows per pass: 16 integer and 8 float accumulators of 32 registers */
+#define X16_ROWS 4  /* activation rows per pass: 8 integer and 4 float accumulators. Eight rows (16 + 8 of
+                      * the 32 registers) spilled under gcc 12: 53 GMAC/s a core against 140-150 with four on Zen 5 */
 /* chunk c of two row groups' blocks side by side */
 static inline __m256i x16_chunk(const uint8_t *q0, const uint8_t *q1, int c) {
     return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(q0 + 16 * c))),
@@ -789,7 +790,7 @@ static inline __attribute__((always_inline)) void x16_dot_n(
             _mm_prefetch((const char *)(b1 + X16_PREFETCH_BYTES + l), _MM_HINT_T0);
         }
         /* two running sums a row (weights w0, w1), each a chain of vpdpwssd: 2 N chains hide
-           its latency once N is 8; the activation pairs come as broadcast memory operands */
+           its latency once N is 4 (8 chains); the activation pairs come as broadcast memory operands */
         __m512i p[X16_ROWS], p1[X16_ROWS];
         for (int i = 0; i < N; i++) p[i] = p1[i] = _mm512_setzero_si512();
         for (int c = 0; c < (fmt == FMT_Q8X8 ? 16 : 8); c += (fmt == FMT_Q8X8 ? 2 : 1)) {
@@ -893,11 +894,7 @@ static inline __attribute__((always_inline)) void x16_dot_fmt(int fmt, const uin
                                                               int M, float *y, int total) {
     int m = 0;
     for (; m + X16_ROWS <= M; m += X16_ROWS) x16_dot_n(fmt, w, stride, K, all, m, X16_ROWS, y, total);
-    switch (M - m) {
-        case 7: x16_dot_n(fmt, w, stride, K, all, m, 7, y, total); break;
-        case 6: x16_dot_n(fmt, w, stride, K, all, m, 6, y, total); break;
-        case 5: x16_dot_n(fmt, w, stride, K, all, m, 5, y, total); break;
-        case 4: x16_dot_n(fmt, w, stride, K, all, m, 4, y, total); break;
+    switch (M - m) {  /* fewer than X16_ROWS (4) left */
         case 3: x16_dot_n(fmt, w, stride, K, all, m, 3, y, total); break;
         case 2: x16_dot_n(fmt, w, stride, K, all, m, 2, y, total); break;
         case 1: x16_dot_n(fmt, w, stride, K, all, m, 1, y, total); break;
@@ -931,11 +928,8 @@ static inline __m256i lanes_of(__m128i a, __m128i b) {
     return _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
 }
 
-#if defined(__AVX512VL__)
-#define X8_ROWS8 8  /* activation rows per pass: 8 integer and 8 float sums in 32 registers */
-#else
-#define X8_ROWS8 4
-#endif
+#define X8_ROWS8 4  /* activation rows per pass: 8 integer and 4 float sums; eight rows (16 + 8 of 32
+                      * AVX-512 registers) spilled under gcc 12: 49-64 GMAC/s against 81-83 on Zen 5 */
 static inline __attribute__((always_inline)) void x8_dot8_n(
         int fmt, const uint8_t *w, int K, q8row all, int m0, const int N, float *y, int total) {
     const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16, q8 = fmt == FMT_Q8X8;
@@ -990,12 +984,6 @@ static inline __attribute__((always_inline)) void x8_dot8_fmt(int fmt, const uin
     int m = 0;
     for (; m + X8_ROWS8 <= M; m += X8_ROWS8) x8_dot8_n(fmt, w, K, all, m, X8_ROWS8, y, total);
     switch (M - m) {
-#if X8_ROWS8 == 8
-        case 7: x8_dot8_n(fmt, w, K, all, m, 7, y, total); break;
-        case 6: x8_dot8_n(fmt, w, K, all, m, 6, y, total); break;
-        case 5: x8_dot8_n(fmt, w, K, all, m, 5, y, total); break;
-        case 4: x8_dot8_n(fmt, w, K, all, m, 4, y, total); break;
-#endif
         case 3: x8_dot8_n(fmt, w, K, all, m, 3, y, total); break;
         case 2: x8_dot8_n(fmt, w, K, all, m, 2, y, total); break;
         case 1: x8_dot8_n(fmt, w, K, all, m, 1, y, total); break;
@@ -1298,7 +1286,7 @@ int fs_release_file_pages(const uint8_t *p, long bytes) {
  * each thread asks for the rows it takes PREFETCH_ROWS rows from now (measured: Q4_0 from
  * memory 6 -> 7.5 GB/s on one core; reading two rows at once without it falls to 3.6). */
 #define PREFETCH_ROWS 4
-#define ACT_TILE_BYTES (1L << 20)  /* int16 activation rows per pass over the weights: half of a Zen 5 L2 */
+#define ACT_TILE_BYTES (1L << 19)  /* int16 activation rows per pass over the weights: half of a Zen 4/5 L2 (1 MiB) */
 static inline void prefetch(const uint8_t *p, long bytes) {
 #if defined(__AVX2__)
     for (long i = 0; i < bytes; i += 64) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
