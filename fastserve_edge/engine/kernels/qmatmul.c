@@ -17,6 +17,7 @@
  * VNNI/VL is there; 512-bit vectors measured no faster on the AMD EPYC we develop on
  * (double-pumped). Plain C as the portable fallback. Built on first use by kernels/__init__.py.
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1295,6 +1296,38 @@ static inline void prefetch(const uint8_t *p, long bytes) {
 #endif
 }
 
+/* The activations' quantized forms, kept between calls, one buffer per calling thread (the
+ * serving threads may call at once). Allocated afresh, a 512-token prompt's took a page fault
+ * per 4 KiB at every matmul, as this process hands large blocks back to the system when they
+ * are freed (engine/memory.py). It only grows: to the largest prompt x K seen (a 1B model's
+ * 512 tokens: 11 MiB, live at that point of the prefill anyway). */
+static pthread_key_t work_key;
+static pthread_once_t work_once = PTHREAD_ONCE_INIT;
+typedef struct { uint8_t *buf; size_t cap; } work_buf;
+static void work_free(void *p) { free(((work_buf *)p)->buf); free(p); }
+static void work_key_make(void) { pthread_key_create(&work_key, work_free); }
+
+/* parts[i] = sizes[i] bytes of this thread's workspace (NULL where sizes[i] is 0), each
+ * 64-byte aligned; 0 when memory runs out. */
+static int workspace(const size_t *sizes, uint8_t **parts, int count) {
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += (sizes[i] + 63) / 64 * 64;
+    pthread_once(&work_once, work_key_make);
+    work_buf *w = (work_buf *)pthread_getspecific(work_key);
+    if (!w) {
+        if (!(w = (work_buf *)calloc(1, sizeof(work_buf))) || pthread_setspecific(work_key, w) != 0) { free(w); return 0; }
+    }
+    if (w->cap < total) {
+        free(w->buf);
+        w->buf = (uint8_t *)aligned_alloc(64, total);
+        w->cap = w->buf ? total : 0;
+        if (!w->buf) return 0;
+    }
+    for (size_t i = 0, at = 0; i < (size_t)count; at += (sizes[i] + 63) / 64 * 64, i++)
+        parts[i] = sizes[i] ? w->buf + at : NULL;
+    return 1;
+}
+
 /* Several matrices that read the same x (q/k/v, gate/up): x is quantized once and one
  * parallel region covers all their rows. Matrix j: format fmts[j] (| FMT_ACT8 for int8
  * activations, Q4_0/Q4_1/Q8 only), group groups[j], blocks ws[j] (rows strides[j] bytes
@@ -1324,18 +1357,17 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     }
     offs[count] = total;
     const size_t ng = (size_t)M * (K / 32);
-    int16_t *q = any16 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * K) : NULL;
-    int8_t *q8 = any8 ? (int8_t *)malloc((size_t)M * K) : NULL;
-    int16_t *o8 = any8 ? (int16_t *)malloc(sizeof(int16_t) * (size_t)M * (K / 2)) : NULL;
-    int8_t *qi8 = any8 ? (int8_t *)malloc((size_t)M * K) : NULL;
-    float *f = (float *)malloc(sizeof(float) * ng * 4);
-    int32_t *t = (int32_t *)malloc(sizeof(int32_t) * ng * 2);
     /* q6row: h and l bytes, then the sums of 16 (K / 16 each of h and l), then the scales */
-    uint8_t *b6 = any6 ? (uint8_t *)malloc((size_t)M * K * 2 + sizeof(int16_t) * (size_t)M * (K / 8) + sizeof(float) * (size_t)M * (K / 256)) : NULL;
-    if ((any16 && !q) || (any8 && (!q8 || !o8 || !qi8)) || (any6 && !b6) || !f || !t) {
-        free(q); free(q8); free(o8); free(qi8); free(f); free(t); free(b6);
-        return -2;
-    }
+    const size_t mk = (size_t)M * K, b6_bytes = mk * 2 + sizeof(int16_t) * (mk / 8) + sizeof(float) * (mk / 256);
+    const size_t sizes[7] = { any16 ? sizeof(int16_t) * mk : 0, any8 ? mk : 0, any8 ? sizeof(int16_t) * (mk / 2) : 0,
+                              any8 ? mk : 0, sizeof(float) * ng * 4, sizeof(int32_t) * ng * 2, any6 ? b6_bytes : 0 };
+    uint8_t *parts[7];
+    if (!workspace(sizes, parts, 7)) return -2;
+    int16_t *q = (int16_t *)parts[0], *o8 = (int16_t *)parts[2];
+    int8_t *q8 = (int8_t *)parts[1], *qi8 = (int8_t *)parts[3];
+    float *f = (float *)parts[4];
+    int32_t *t = (int32_t *)parts[5];
+    uint8_t *b6 = parts[6];
     qrow all = { q, f, f + ng, t };
     q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8, t + ng, qi8 };
     int16_t *sums6 = any6 ? (int16_t *)(b6 + (size_t)M * K * 2) : NULL;
@@ -1394,7 +1426,6 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
             }
         }
     }
-    free(q); free(q8); free(o8); free(qi8); free(f); free(t); free(b6);
     return 0;
 }
 
