@@ -65,13 +65,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, kernels=None):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.eps = eps
+        self.kernels = kernels  # engine.kernels.Kernels: its rmsnorm, one pass a row (torch's takes four)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * w, in fp32, as one fused op
+        # x * rsqrt(mean(x^2) + eps) * w, in fp32
+        if self.kernels is not None and x.dtype == torch.float32 and x.is_contiguous():
+            return self.kernels.rmsnorm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps)
 
 
@@ -81,6 +84,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.wqkv = w.fused([f"{prefix}.attn_q", f"{prefix}.attn_k", f"{prefix}.attn_v"], bias=cfg.attn_bias)
         self.wo = w.linear(f"{prefix}.attn_output")
+        self.kernels = getattr(w, "kernels", None)  # rope in place on the projection's rows (prefill)
         self.q_norm = RMSNorm(w.vector(f"{prefix}.attn_q_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w.vector(f"{prefix}.attn_k_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
 
@@ -112,8 +116,13 @@ class Attention(nn.Module):
         v = v.view(B, S, self.cfg.n_kv_heads, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kernels is not None and B == 1 and q.dtype == k.dtype == torch.float32:
+            self.kernels.rope_rows(q[0], cos, sin)  # q, k: fresh outputs of the projection (or norm)
+            self.kernels.rope_rows(k[0], cos, sin)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(layer, pos, k, v)  # [B, Hkv, pos+S, hd]
         if S == 1:
             mask, causal = None, False
@@ -140,7 +149,7 @@ class FeedForward(nn.Module):
         if hidden is not None:
             return self.down(hidden)
         gate, up = self.gate_up(x)
-        hidden = F.silu(gate, inplace=True).mul_(up)
+        hidden = torch.mul(F.silu(gate, inplace=True), up)  # contiguous for down (gate, up: column slices)
         del gate, up  # prefill's [S, F] are the largest activations: one of them, not two, while down runs
         return self.down(hidden)
 
@@ -155,9 +164,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, w: Weights, index: int):
         super().__init__()
         prefix = f"blk.{index}"
-        self.attn_norm = RMSNorm(w.vector(f"{prefix}.attn_norm.weight"), cfg.norm_eps)
+        kernels = getattr(w, "kernels", None)
+        self.attn_norm = RMSNorm(w.vector(f"{prefix}.attn_norm.weight"), cfg.norm_eps, kernels)
         self.attn = Attention(cfg, w, prefix)
-        self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps)
+        self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps, kernels)
         self.ffn = FeedForward(w, prefix)
 
         # One token at a time the glue between matmuls costs as much as they do: a C path
@@ -181,12 +191,14 @@ class Block(nn.Module):
         if self.glue is not None and x.shape[0] == 1 and x.shape[1] == 1:
             return self.forward_one(x, cos, sin, cache, layer, pos)
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos)
-        return x + self.ffn(self.ffn_norm(x))
+        x += self.ffn(self.ffn_norm(x))  # x is this block's own now: no second [S, D] buffer
+        return x
 
     def forward_packed(self, x, sizes, cos, sin, caches, layer, positions):
         """x: [1, sum(sizes), D], several sessions' new tokens (Attention.forward_packed)."""
         x = x + self.attn.forward_packed(self.attn_norm(x), sizes, cos, sin, caches, layer, positions)
-        return x + self.ffn(self.ffn_norm(x))
+        x += self.ffn(self.ffn_norm(x))
+        return x
 
     def forward_one(self, x, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
         """x: [1, 1, D] -> [1, 1, D]; the same math as forward(), in fewer, larger calls."""

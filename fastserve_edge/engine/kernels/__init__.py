@@ -130,6 +130,8 @@ class Kernels:
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
+        self.lib.fs_rope_rows.argtypes = [p, l, i, i, i, p, p]
+        self.lib.fs_rope_rows.restype = i
         self.lib.fs_swiglu.argtypes = [p, p, i]
         self.lib.fs_swiglu.restype = None
         self.lib.fs_attend_one.argtypes = [p, p, p, p, p, i, i, i, i, i, p, p, i]
@@ -150,6 +152,15 @@ class Kernels:
         out = torch.empty_like(x) if out is None else out
         self.lib.fs_rmsnorm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
         return out
+
+    def rope_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rope in place: x [S, heads, hd] float32 (a view: rows any stride apart, heads packed),
+        cos, sin [S, hd] contiguous (the positions of x's rows)."""
+        rows, heads, hd = x.shape
+        assert x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == hd
+        assert cos.shape == sin.shape == (rows, hd) and cos.is_contiguous() and sin.is_contiguous()
+        if self.lib.fs_rope_rows(x.data_ptr(), x.stride(0), rows, heads, hd, cos.data_ptr(), sin.data_ptr()) != 0:
+            raise RuntimeError(f"fs_rope_rows failed for {tuple(x.shape)}")
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[..., 2F] (gate | up) -> [..., F]: silu(gate) * up."""

@@ -74,6 +74,17 @@ static void rope(float *x, const float *cos, const float *sin, int hd) {
     }
 }
 
+/* Rope in place over a prompt's rows: row s (x + s * row_stride) holds `heads` heads of hd
+ * floats (q or k as the fused projection leaves them), at the position of cos[s], sin[s] ([hd]
+ * each). The same arithmetic as one token's (fs_attend_one). Returns 0, or -1 on bad sizes. */
+int fs_rope_rows(float *x, long row_stride, int rows, int heads, int hd, const float *cos, const float *sin) {
+    if (rows < 0 || heads <= 0 || hd <= 0 || hd % 2 != 0 || row_stride < (long)heads * hd) return -1;
+    for (int s = 0; s < rows; s++)
+        for (int h = 0; h < heads; h++)
+            rope(x + (size_t)s * row_stride + (size_t)h * hd, cos + (size_t)s * hd, sin + (size_t)s * hd, hd);
+    return 0;
+}
+
 /* One token of attention for one layer.
  *   qkv   [n_heads*hd | n_kv*hd | n_kv*hd]: this token's projections (biases added); q and
  *         k are rotated in place
