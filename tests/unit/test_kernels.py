@@ -530,6 +530,53 @@ def test_rmsnorm_and_swiglu_match_torch(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_rope_rows_rotates_a_prompts_heads_in_place(variant):
+    """Prefill's rope (fs_rope_rows) on q as the fused projection leaves it: rows 3 heads
+    wide inside wider rows; the other columns stay as they were."""
+    from fastserve_edge.engine.model import apply_rope
+
+    k = kernels.load(variant)
+    S, heads, hd = 5, 3, 10
+    qkv = torch.randn(S, heads * hd + 7)
+    angles = torch.randn(S, hd // 2).repeat(1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    q = qkv[:, : heads * hd].view(S, heads, hd)
+    expected = apply_rope(q.transpose(0, 1), cos, sin).transpose(0, 1)
+    rest = qkv[:, heads * hd:].clone()
+    k.rope_rows(q, cos, sin)
+    torch.testing.assert_close(q, expected)
+    assert torch.equal(qkv[:, heads * hd:], rest)
+    with pytest.raises(RuntimeError, match="fs_rope_rows"):  # odd head size: no halves to rotate
+        k.rope_rows(torch.randn(2, 1, 3), torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_each_calling_thread_has_its_own_workspace():
+    """The quantized activations live in a buffer per calling thread, kept between calls:
+    threads calling at once (a peer serving two hosts) and a short call after a long one
+    get what a fresh process would."""
+    import threading
+
+    k = kernels.load()
+    cases = [(quant_tensor(raw_matrix(t, n, kk, seed=n)[0], k), torch.randn(m, kk))
+             for t, n, kk, m in [("Q4_0", 64, 1024, 300), ("Q6_K", 9, 512, 40), ("Q8_0", 24, 2048, 3)]]
+    expected = [q.k.matmul(q.kernel_fmt, q.group, q.blocks, q.shape[0], q.shape[1], x) for q, x in cases]
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def run(i: int) -> None:
+        order = cases[i:] + cases[:i]  # each thread in its own order: different sizes at the same time
+        got[i] = [q.k.matmul(q.kernel_fmt, q.group, q.blocks, q.shape[0], q.shape[1], x) for q, x in order * 3]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in got.items():
+        for j, out in enumerate(outs):
+            assert torch.equal(out, expected[(i + j) % 3]), (i, j)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n_heads,n_kv,hd,pos", [(4, 4, 8, 0), (6, 2, 10, 5), (9, 3, 64, 300)])
 def test_attend_one_matches_rope_cache_and_sdpa(variant, n_heads, n_kv, hd, pos):
     from fastserve_edge.engine.kv_cache import KVCache
@@ -571,12 +618,16 @@ def test_the_one_token_block_path_equals_the_torch_path(tmp_path):
         assert all(b.program is not None for b in whole.stage.blocks)
         for block in glue.stage.blocks:
             block.program = None
-        for block in slow.stage.blocks:
-            block.glue = block.program = None
+        for block in slow.stage.blocks:  # ... and torch's norms and rope at prefill too
+            block.glue = block.program = block.attn.kernels = None
+            block.attn_norm.kernels = block.ffn_norm.kernels = None
+        assert all(b.attn.kernels is not None and b.attn_norm.kernels is not None for b in glue.stage.blocks)
         prompt = torch.tensor([[1, 5, 9, 2]])
         expected = slow.forward("s", prompt, 0)
-        for fast in (whole, glue):
-            torch.testing.assert_close(fast.forward("s", prompt, 0), expected)
+        for fast in (whole, glue):  # prefill: C rmsnorm and rope against torch's (another order of sums,
+            got = fast.forward("s", prompt, 0)  # so an int16 activation may round the other way)
+            assert (got - expected).abs().max() <= 3e-4 * expected.abs().max(), arch
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
         for pos, token in enumerate([7, 3, 11], start=4):
             step = torch.tensor([[token]])
             b = slow.forward("s", step, pos)
@@ -586,6 +637,25 @@ def test_the_one_token_block_path_equals_the_torch_path(tmp_path):
                 # differ in a last bit, so compare as the engine tests do: relative to the logits' scale
                 assert (a - b).abs().max() <= 1e-4 * b.abs().max(), arch
                 assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_prefill_glue_in_c_equals_torchs_on_float_weights(tmp_path, arch):
+    """Without activation rounding (F32 weights stay dense) the C norms and rope of a prompt
+    are torch's arithmetic up to float rounding."""
+    from fastserve_edge.engine.generate import local_stages
+    from fastserve_edge.models import open_model
+    from tests.models_fixtures import write_tiny_gguf
+
+    source = open_model(write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, tensor_type="F32"))
+    (fast,) = local_stages(source, max_tokens=32)
+    (slow,) = local_stages(source, max_tokens=32)
+    assert all(b.attn.kernels is not None and b.ffn_norm.kernels is not None for b in fast.stage.blocks)
+    for block in slow.stage.blocks:
+        block.attn.kernels = block.attn_norm.kernels = block.ffn_norm.kernels = None
+    prompt = torch.tensor([[1, 5, 9, 2, 4, 4]])
+    expected = slow.forward("s", prompt, 0)
+    assert (fast.forward("s", prompt, 0) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
