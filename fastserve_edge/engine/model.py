@@ -119,6 +119,11 @@ class Attention(nn.Module):
         if self.kernels is not None and B == 1 and q.dtype == k.dtype == torch.float32:
             self.kernels.rope_rows(q[0], cos, sin)  # q, k: fresh outputs of the projection (or norm)
             self.kernels.rope_rows(k[0], cos, sin)
+            if cache.dtype == torch.float16 and hd % 16 == 0:  # attend.c over the cache as it is
+                k_cache, v_cache = cache.layer(layer, pos + S)
+                k_cache[:, pos:pos + S] = k[0].transpose(0, 1)
+                v_cache[:, pos:pos + S] = v[0].transpose(0, 1)
+                return self.kernels.attend_rows(q[0], k_cache, v_cache, pos).view(B, S, -1)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))

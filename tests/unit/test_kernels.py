@@ -550,6 +550,35 @@ def test_rope_rows_rotates_a_prompts_heads_in_place(variant):
         k.rope_rows(torch.randn(2, 1, 3), torch.randn(2, 3), torch.randn(2, 3))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("S,pos,n_heads,n_kv,hd", [(1, 0, 2, 2, 16), (7, 0, 6, 2, 32), (37, 20, 4, 1, 64),
+                                                    (20, 3, 8, 8, 128), (64, 0, 4, 2, 64)])
+def test_attend_rows_is_causal_attention_over_the_cache(variant, S, pos, n_heads, n_kv, hd):
+    """A prompt's attention (attend.c) against torch's, after a cached prefix of `pos` tokens:
+    row i sees keys 0 .. pos + i; keys past that in the cache (stale ones) are never read."""
+    k = kernels.load(variant)
+    cap = pos + S + 9
+    kc, vc = torch.randn(n_kv, cap, hd).half(), torch.randn(n_kv, cap, hd).half()
+    kc[:, pos + S:] = vc[:, pos + S:] = float("nan")  # a stale row read would poison the output
+    q = torch.randn(S, n_heads * hd + 5)[:, : n_heads * hd].view(S, n_heads, hd)  # rows further apart
+    mask = torch.ones(S, pos + S, dtype=torch.bool).tril(diagonal=pos)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], kc[None, :, :pos + S].float(), vc[None, :, :pos + S].float(), attn_mask=mask,
+        enable_gqa=n_heads != n_kv)
+    got = k.attend_rows(q, kc, vc, pos)
+    torch.testing.assert_close(got, ref[0].transpose(0, 1).reshape(S, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_rows_refuses_what_it_cannot_do():
+    k = kernels.load()
+    kc = torch.zeros(2, 8, 16).half()
+    with pytest.raises(RuntimeError, match="fs_attend_rows"):  # the prompt would end past the cache
+        k.attend_rows(torch.randn(5, 2, 16), kc, kc, 4)
+    kc24 = torch.zeros(2, 8, 24).half()
+    with pytest.raises(RuntimeError, match="head size 24"):  # heads of 16 floats at a time
+        k.attend_rows(torch.randn(3, 2, 24), kc24, kc24, 0)
+
+
 def test_each_calling_thread_has_its_own_workspace():
     """The quantized activations live in a buffer per calling thread, kept between calls:
     threads calling at once (a peer serving two hosts) and a short call after a long one

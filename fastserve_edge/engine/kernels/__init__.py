@@ -1,5 +1,5 @@
 """Our quantized matmul kernels (qmatmul.c; prefill's GEMM: gemm.c; a decode step's glue:
-decode.c), compiled on first use and called through ctypes.
+decode.c; a prompt's attention: attend.c), compiled on first use and called through ctypes.
 
 The library is built once per machine with the system C compiler (`cc`, -O3, OpenMP) and
 cached under the fastserve cache, keyed by source, flags and CPU. Variants:
@@ -27,7 +27,7 @@ import torch
 
 from fastserve_edge.settings import Paths
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.c", "decode.c", "gemm.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.c", "decode.c", "gemm.c", "attend.c")]
 FLAGS = {
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -130,6 +130,8 @@ class Kernels:
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
+        self.lib.fs_attend_rows.argtypes = [p, l, p, p, i, i, i, i, i, i, p, i]
+        self.lib.fs_attend_rows.restype = i
         self.lib.fs_rope_rows.argtypes = [p, l, i, i, i, p, p]
         self.lib.fs_rope_rows.restype = i
         self.lib.fs_swiglu.argtypes = [p, p, i]
@@ -151,6 +153,21 @@ class Kernels:
         n = w.numel()
         out = torch.empty_like(x) if out is None else out
         self.lib.fs_rmsnorm(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+        return out
+
+    def attend_rows(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+        """Causal attention of S new tokens at pos.. over one layer's cache (attend.c): q [S,
+        n_heads, hd] float32 (rows any stride apart, heads packed; roped), k_cache/v_cache
+        [n_kv, cap, hd] float16 holding rows 0 .. pos + S - 1. Returns [S, n_heads * hd]."""
+        rows, n_heads, hd = q.shape
+        assert q.dtype == torch.float32 and q.stride(2) == 1 and q.stride(1) == hd
+        assert k_cache.dtype == v_cache.dtype == torch.float16 and k_cache.is_contiguous() and v_cache.is_contiguous()
+        out = torch.empty((rows, n_heads * hd))
+        rc = self.lib.fs_attend_rows(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                     k_cache.shape[1], pos, rows, n_heads, k_cache.shape[0], hd, out.data_ptr(),
+                                     torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fs_attend_rows failed ({rc}) for {rows} rows at pos {pos}, head size {hd}")
         return out
 
     def rope_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

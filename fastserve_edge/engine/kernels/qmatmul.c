@@ -1296,8 +1296,8 @@ static inline void prefetch(const uint8_t *p, long bytes) {
 #endif
 }
 
-/* The activations' quantized forms, kept between calls, one buffer per calling thread (the
- * serving threads may call at once). Allocated afresh, a 512-token prompt's took a page fault
+/* The activations' quantized forms (and attend.c's panels), kept between calls, one buffer
+ * per calling thread (the serving threads may call at once). Allocated afresh, a 512-token prompt's took a page fault
  * per 4 KiB at every matmul, as this process hands large blocks back to the system when they
  * are freed (engine/memory.py). It only grows: to the largest prompt x K seen (a 1B model's
  * 512 tokens: 11 MiB, live at that point of the prefill anyway). */
@@ -1309,7 +1309,7 @@ static void work_key_make(void) { pthread_key_create(&work_key, work_free); }
 
 /* parts[i] = sizes[i] bytes of this thread's workspace (NULL where sizes[i] is 0), each
  * 64-byte aligned; 0 when memory runs out. */
-static int workspace(const size_t *sizes, uint8_t **parts, int count) {
+int fs_workspace(const size_t *sizes, uint8_t **parts, int count) {
     size_t total = 0;
     for (int i = 0; i < count; i++) total += (sizes[i] + 63) / 64 * 64;
     pthread_once(&work_once, work_key_make);
@@ -1362,7 +1362,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     const size_t sizes[7] = { any16 ? sizeof(int16_t) * mk : 0, any8 ? mk : 0, any8 ? sizeof(int16_t) * (mk / 2) : 0,
                               any8 ? mk : 0, sizeof(float) * ng * 4, sizeof(int32_t) * ng * 2, any6 ? b6_bytes : 0 };
     uint8_t *parts[7];
-    if (!workspace(sizes, parts, 7)) return -2;
+    if (!fs_workspace(sizes, parts, 7)) return -2;
     int16_t *q = (int16_t *)parts[0], *o8 = (int16_t *)parts[2];
     int8_t *q8 = (int8_t *)parts[1], *qi8 = (int8_t *)parts[3];
     float *f = (float *)parts[4];
