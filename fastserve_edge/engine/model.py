@@ -154,8 +154,8 @@ class FeedForward(nn.Module):
         if hidden is not None:
             return self.down(hidden)
         gate, up = self.gate_up(x)
-        hidden = torch.mul(F.silu(gate, inplace=True), up)  # contiguous for down (gate, up: column slices)
-        del gate, up  # prefill's [S, F] are the largest activations: one of them, not two, while down runs
+        hidden = F.silu(gate, inplace=True).mul_(up)  # in gate's columns of the fused output: the
+        del gate, up                                   # quantized kernels read its rows where they are
         return self.down(hidden)
 
 

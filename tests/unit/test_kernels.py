@@ -579,6 +579,21 @@ def test_attend_rows_refuses_what_it_cannot_do():
         k.attend_rows(torch.randn(3, 2, 24), kc24, kc24, 0)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", TYPES)
+def test_rows_of_x_may_lie_apart(variant, ttype):
+    """Prefill hands down its SwiGLU product as the gate columns of the fused gate/up output:
+    rows 2F apart. Every format gives the bits of the same rows packed (16-bit float matrices
+    take a packed copy)."""
+    k = kernels.load(variant)
+    q = quant_tensor(raw_matrix(ttype, 24, 512)[0], k)
+    wide = torch.randn(9, 2 * 512)
+    x = wide[:, :512]
+    assert not x.is_contiguous() and k.strided  # the build reads x where it is
+    got = k.matmul(q.kernel_fmt, q.group, q.blocks, 24, 512, x)
+    assert torch.equal(got, k.matmul(q.kernel_fmt, q.group, q.blocks, 24, 512, x.contiguous()))
+
+
 def test_each_calling_thread_has_its_own_workspace():
     """The quantized activations live in a buffer per calling thread, kept between calls:
     threads calling at once (a peer serving two hosts) and a short call after a long one

@@ -103,6 +103,11 @@ class Kernels:
         p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i]
         self.lib.fs_qmatmul.restype = i
+        # x rows any stride apart; absent from older builds (bench/kernels_ab.py)
+        self.strided = hasattr(self.lib, "fs_qmatmul_strided")
+        if self.strided:
+            self.lib.fs_qmatmul_strided.argtypes = [i, i, p, l, i, i, p, l, i, p, i]
+            self.lib.fs_qmatmul_strided.restype = i
         self.lib.fs_qmatmul_multi.argtypes = [i, p, p, p, p, p, i, p, i, p, i]
         self.lib.fs_qmatmul_multi.restype = i
         self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
@@ -201,11 +206,16 @@ class Kernels:
         return out
 
     def matmul(self, fmt: int, group: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, K] float32 -> [M, N]; w: uint8 [N, bytes_per_row] blocks."""
-        x = x.contiguous()
+        """x: [M, K] float32 -> [M, N]; w: uint8 [N, bytes_per_row] blocks. x's rows may lie
+        any stride apart (a column slice), except for 16-bit float matrices."""
         y = torch.empty((x.shape[0], n), dtype=torch.float32)
-        rc = self.lib.fs_qmatmul(fmt, group, w.data_ptr(), w.stride(0), n, k, x.data_ptr(), x.shape[0],
-                                 y.data_ptr(), torch.get_num_threads())
+        if self.strided and x.stride(1) == 1 and fmt not in (FMT_F16, FMT_BF16) and x.dtype == torch.float32:
+            rc = self.lib.fs_qmatmul_strided(fmt, group, w.data_ptr(), w.stride(0), n, k, x.data_ptr(),
+                                             max(x.stride(0), k), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        else:
+            x = x.contiguous()
+            rc = self.lib.fs_qmatmul(fmt, group, w.data_ptr(), w.stride(0), n, k, x.data_ptr(), x.shape[0],
+                                     y.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
         return y

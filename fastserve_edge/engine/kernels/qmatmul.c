@@ -1331,11 +1331,13 @@ int fs_workspace(const size_t *sizes, uint8_t **parts, int count) {
 /* Several matrices that read the same x (q/k/v, gate/up): x is quantized once and one
  * parallel region covers all their rows. Matrix j: format fmts[j] (| FMT_ACT8 for int8
  * activations, Q4_0/Q4_1/Q8 only), group groups[j], blocks ws[j] (rows strides[j] bytes
- * apart), ns[j] rows. y is [M][sum ns], matrix j's outputs in columns [off_j, off_j + ns[j]).
+ * apart), ns[j] rows. x's rows are x_stride floats apart (>= K; 16-bit float matrices take
+ * them packed, x_stride == K). y is [M][sum ns], matrix j's outputs in columns [off_j, off_j + ns[j]).
  * Returns 0, or < 0 on bad arguments. */
-int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
-                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads) {
-    if (count < 1 || count > 8 || M <= 0 || K % 32 != 0) return -1;
+static int qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
+                         const long *strides, const int *ns, int K, const float *x, long x_stride, int M, float *y,
+                         int nthreads) {
+    if (count < 1 || count > 8 || M <= 0 || K % 32 != 0 || x_stride < K) return -1;
     /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
     int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0, any6 = 0;
     pairs[0] = 0;
@@ -1347,7 +1349,7 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
         const int f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16, int16_only = k_quant || f16 || fmt[j] == FMT_Q5_1;
         if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q5_1 || (act8[j] && int16_only)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
-        if (x8[j] && ns[j] % 8 != 0) return -1;
+        if ((x8[j] && ns[j] % 8 != 0) || (f16 && x_stride != K)) return -1;
         any8 |= act8[j];
         any6 |= fmt[j] == FMT_Q6_K;
         any16 |= !act8[j] && !f16 && fmt[j] != FMT_Q6_K;  /* 16-bit float rows take x as it is; Q6_K a q6row */
@@ -1375,9 +1377,9 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
                    sums6, any6 ? sums6 + (size_t)M * (K / 16) : NULL };
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) {
-        if (any16) quantize_row(x + (size_t)m * K, K, row_of(all, m, K));
-        if (any8) quantize_row8(x + (size_t)m * K, K, row8_of(all8, m, K));
-        if (any6) quantize_row6(x + (size_t)m * K, K, row6_of(all6, m, K));
+        if (any16) quantize_row(x + (size_t)m * x_stride, K, row_of(all, m, K));
+        if (any8) quantize_row8(x + (size_t)m * x_stride, K, row8_of(all8, m, K));
+        if (any6) quantize_row6(x + (size_t)m * x_stride, K, row6_of(all6, m, K));
     }
     /* Each thread takes a slice of all weight rows, two at a time (an x8 matrix: the pair
        that starts a row group does its eight or sixteen rows); a weight row is read from
@@ -1429,10 +1431,22 @@ int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_
     return 0;
 }
 
+int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
+                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads) {
+    return qmatmul_multi(count, fmts, groups, ws, strides, ns, K, x, K, M, y, nthreads);
+}
+
 /* y[M][N] = x[M][K] . W^T for one matrix (G: weights per block, 32 or 256 for K-quants). */
 int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
                const float *x, int M, float *y, int nthreads) {
-    return fs_qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, M, y, nthreads);
+    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, K, M, y, nthreads);
+}
+
+/* fs_qmatmul with x's rows x_stride floats apart: a column slice of a wider matrix (prefill's
+ * SwiGLU product, left in the gate columns of the fused gate/up output) without a copy. */
+int fs_qmatmul_strided(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
+                       const float *x, long x_stride, int M, float *y, int nthreads) {
+    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, x_stride, M, y, nthreads);
 }
 
 /* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. */
