@@ -81,6 +81,24 @@ static void kernel_6x16(const float *a, const float *b, int kc, float *c, long l
 #endif
 }
 
+#if defined(__AVX512F__) && !defined(FS_NO_X16)
+#define FS_GEMM_512 1  /* not where 512-bit vectors run as two halves (kernels/__init__.py half_width_512) */
+/* Two tiles at once, rows 0..6 from a0 and 6..12 from a1 (two x panels), c[12][NR] at row
+ * stride ldc: one 512-bit vector is a row's sixteen columns, twelve accumulators, so each
+ * loaded panel row feeds twelve fmas (the 256-bit kernel: twelve fmas per two loads and six
+ * broadcasts, at half the width). Each output is the same chain of fmas as kernel_6x16's. */
+static void kernel_12x16(const float *a0, const float *a1, const float *b, int kc, float *c, long ldc, int first) {
+    __m512 acc[2 * MR];
+    for (int r = 0; r < 2 * MR; r++) acc[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc);
+    for (int k = 0; k < kc; k++, a0 += MR, a1 += MR, b += NR) {
+        const __m512 bv = _mm512_load_ps(b);
+        for (int r = 0; r < MR; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a0[r]), bv, acc[r]);
+        for (int r = 0; r < MR; r++) acc[MR + r] = _mm512_fmadd_ps(_mm512_set1_ps(a1[r]), bv, acc[MR + r]);
+    }
+    for (int r = 0; r < 2 * MR; r++) _mm512_storeu_ps(c + r * ldc, acc[r]);
+}
+#endif
+
 /* The tile of y at (m, n): whole, in place; at the edges of y through a full-size copy (the
  * same arithmetic, only the valid rows and columns written back). */
 static void tile(const float *a, const float *b, int kc, float *y, long ldy, int rows, int cols, int first) {
@@ -237,6 +255,14 @@ int fs_gemm(int fmt, int G, const uint8_t *w, long row_stride, int n0, int count
                     const float *Bp = B + (size_t)p * K * NR + (size_t)k0 * NR;
                     const int pc = cols - p * NR < NR ? cols - p * NR : NR;
                     for (int i = 0; i < panels; i++) {
+#if defined(FS_GEMM_512)
+                        if (pc == NR && (i + 2) * MR <= M) {  /* two whole tiles at once */
+                            kernel_12x16(Ak + (size_t)i * kc * MR, Ak + (size_t)(i + 1) * kc * MR, Bp, kc,
+                                         y + (size_t)i * MR * ldy + c0 + p * NR, ldy, k0 == 0);
+                            i++;
+                            continue;
+                        }
+#endif
                         if (k0 > 0 && i + 1 < panels)  /* the next tile's partial sums, while this one runs */
                             for (int r = 0; r < MR && (i + 1) * MR + r < M; r++)
                                 __builtin_prefetch(y + (size_t)((i + 1) * MR + r) * ldy + c0 + p * NR);
