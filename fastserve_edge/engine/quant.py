@@ -44,8 +44,9 @@ DENSE_PREFILL_ROWS_OF = {
     kernels.FMT_F16: 48, kernels.FMT_BF16: 48,  # an fp32 fma per weight either way: 1.25x at 48, 0.9x at 32
 }
 NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer kernels win at any
-                       # length (a 1B Q4_0's 512 tokens at 2 threads: 162 tok/s against dequantize +
-                       # GEMM's 79 on Zen 5; 55-67 against 38-53 on Zen 4, in 256-bit vectors there),
+                       # length (one 8192 x 2048 Q4_0 matrix, 512 rows, 1 thread on Zen 5: 140-150
+                       # GMAC/s against the 512-bit GEMM's ~80; a 1B Q4_0's 512 tokens at 2 threads
+                       # 55-67 tok/s against 38-53 on Zen 4, in 256-bit vectors there),
                        # so every prompt, alone or packed, takes them (each row its own bits either way)
 
 
