@@ -22,6 +22,7 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 int fs_workspace(const size_t *sizes, uint8_t **parts, int count);  /* qmatmul.c */
+void fs_workspace_trim(void);
 
 #define ROWS 4   /* query rows per pass: four score vectors, one key panel load feeds them all */
 #define LANES 16
@@ -164,5 +165,6 @@ int fs_attend_rows(const float *q, long q_stride, const kv_t *kc, const kv_t *vc
                       (long)n_heads * hd);
         }
     }
+    fs_workspace_trim();
     return 0;
 }

@@ -1297,15 +1297,28 @@ static inline void prefetch(const uint8_t *p, long bytes) {
 }
 
 /* The activations' quantized forms (and attend.c's panels), kept between calls, one buffer
- * per calling thread (the serving threads may call at once). Allocated afresh, a 512-token prompt's took a page fault
- * per 4 KiB at every matmul, as this process hands large blocks back to the system when they
- * are freed (engine/memory.py). It only grows: to the largest prompt x K seen (a 1B model's
- * 512 tokens: 11 MiB, live at that point of the prefill anyway). */
+ * per calling thread (the serving threads may call at once). Allocated afresh, a 512-token
+ * prompt's took a page fault per 4 KiB at every matmul, as this process hands large blocks
+ * back to the system when they are freed (engine/memory.py). Up to WORK_KEEP_BYTES stays
+ * (a 1B model's 512 tokens take 11 MiB, live at that point of the prefill anyway); a longer
+ * prompt's larger buffer is handed back after its call (fs_workspace_trim). */
+#define WORK_KEEP_BYTES (16L << 20)
 static pthread_key_t work_key;
 static pthread_once_t work_once = PTHREAD_ONCE_INIT;
 typedef struct { uint8_t *buf; size_t cap; } work_buf;
 static void work_free(void *p) { free(((work_buf *)p)->buf); free(p); }
 static void work_key_make(void) { pthread_key_create(&work_key, work_free); }
+
+/* After a call: this thread's workspace goes back to the system if it is over WORK_KEEP_BYTES. */
+void fs_workspace_trim(void) {
+    pthread_once(&work_once, work_key_make);
+    work_buf *w = (work_buf *)pthread_getspecific(work_key);
+    if (w && w->cap > (size_t)WORK_KEEP_BYTES) {
+        free(w->buf);
+        w->buf = NULL;
+        w->cap = 0;
+    }
+}
 
 /* parts[i] = sizes[i] bytes of this thread's workspace (NULL where sizes[i] is 0), each
  * 64-byte aligned; 0 when memory runs out. */
@@ -1428,6 +1441,7 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
             }
         }
     }
+    fs_workspace_trim();
     return 0;
 }
 
