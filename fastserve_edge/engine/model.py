@@ -84,7 +84,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.wqkv = w.fused([f"{prefix}.attn_q", f"{prefix}.attn_k", f"{prefix}.attn_v"], bias=cfg.attn_bias)
         self.wo = w.linear(f"{prefix}.attn_output")
-        self.kernels = getattr(w, "kernels", None)  # rope in place on the projection's rows (prefill)
+        kernels = getattr(w, "kernels", None)  # a prompt's rope in place and its attention, in C
+        self.kernels = kernels if getattr(kernels, "prefill_glue", False) else None
         self.q_norm = RMSNorm(w.vector(f"{prefix}.attn_q_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w.vector(f"{prefix}.attn_k_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
 

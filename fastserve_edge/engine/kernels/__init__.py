@@ -135,10 +135,13 @@ class Kernels:
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
-        self.lib.fs_attend_rows.argtypes = [p, l, p, p, i, i, i, i, i, i, p, i]
-        self.lib.fs_attend_rows.restype = i
-        self.lib.fs_rope_rows.argtypes = [p, l, i, i, i, p, p]
-        self.lib.fs_rope_rows.restype = i
+        # a prompt's rope and attention in C (decode.c, attend.c); absent from older builds (kernels_ab)
+        self.prefill_glue = hasattr(self.lib, "fs_attend_rows") and hasattr(self.lib, "fs_rope_rows")
+        if self.prefill_glue:
+            self.lib.fs_attend_rows.argtypes = [p, l, p, p, i, i, i, i, i, i, p, i]
+            self.lib.fs_attend_rows.restype = i
+            self.lib.fs_rope_rows.argtypes = [p, l, i, i, i, p, p]
+            self.lib.fs_rope_rows.restype = i
         self.lib.fs_swiglu.argtypes = [p, p, i]
         self.lib.fs_swiglu.restype = None
         self.lib.fs_attend_one.argtypes = [p, p, p, p, p, i, i, i, i, i, p, p, i]
