@@ -623,7 +623,7 @@ def test_each_calling_thread_has_its_own_workspace():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("n_heads,n_kv,hd,pos", [(4, 4, 8, 0), (6, 2, 10, 5), (9, 3, 64, 300)])
+@pytest.mark.parametrize("n_heads,n_kv,hd,pos", [(4, 4, 8, 0), (6, 2, 10, 5), (9, 3, 64, 300), (8, 2, 128, 40)])
 def test_attend_one_matches_rope_cache_and_sdpa(variant, n_heads, n_kv, hd, pos):
     from fastserve_edge.engine.kv_cache import KVCache
     from fastserve_edge.engine.model import apply_rope

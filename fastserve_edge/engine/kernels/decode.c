@@ -65,6 +65,46 @@ void fs_swiglu(const float *gu, float *out, int n) {
     }
 }
 
+#if defined(__AVX512F__)
+/* One head of one token over its T cached keys in 512-bit vectors, NV vectors of sixteen
+ * floats a head (hd = 16 NV): the query in registers, a key's dot product NV fmas and one
+ * reduction, and the weighted values summed in registers (two sets, even and odd keys) rather
+ * than through o in memory (a store-to-load chain per key). s: [T] scratch; o: [16 NV]. */
+static inline __attribute__((always_inline)) void head_512(const float *q, const kv_t *k, const kv_t *v, int T,
+                                                           float scale, float *s, float *o, const int NV) {
+    __m512 qv[8], a[8], b[8];
+    for (int c = 0; c < NV; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    float best = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        const kv_t *kt = k + (size_t)t * 16 * NV;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kt)));
+        for (int c = 1; c < NV; c++)
+            acc = _mm512_fmadd_ps(qv[c], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kt + 16 * c))), acc);
+        s[t] = _mm512_reduce_add_ps(acc) * scale;
+        if (s[t] > best) best = s[t];
+    }
+    float sum = 0.f;
+    for (int t = 0; t < T; t++) { s[t] = expf(s[t] - best); sum += s[t]; }
+    for (int c = 0; c < NV; c++) a[c] = b[c] = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 2 <= T; t += 2) {
+        const __m512 p0 = _mm512_set1_ps(s[t]), p1 = _mm512_set1_ps(s[t + 1]);
+        const kv_t *v0 = v + (size_t)t * 16 * NV, *v1 = v0 + 16 * NV;
+        for (int c = 0; c < NV; c++) {
+            a[c] = _mm512_fmadd_ps(p0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v0 + 16 * c))), a[c]);
+            b[c] = _mm512_fmadd_ps(p1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v1 + 16 * c))), b[c]);
+        }
+    }
+    if (t < T) {
+        const __m512 p0 = _mm512_set1_ps(s[t]);
+        for (int c = 0; c < NV; c++)
+            a[c] = _mm512_fmadd_ps(p0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + (size_t)t * 16 * NV + 16 * c))), a[c]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (int c = 0; c < NV; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(_mm512_add_ps(a[c], b[c]), inv));
+}
+#endif
+
 static void rope(float *x, const float *cos, const float *sin, int hd) {
     const int half = hd / 2;
     for (int i = 0; i < half; i++) {
@@ -110,6 +150,13 @@ int fs_attend_one(float *qkv, const float *cos, const float *sin, kv_t *kc, kv_t
         const float *qh = q + (size_t)h * hd;
         const kv_t *kg = kc + (size_t)(h / group) * cap * hd, *vg = vc + (size_t)(h / group) * cap * hd;
         float *s = scratch + (size_t)h * T, *o = out + (size_t)h * hd;
+#if defined(__AVX512F__)
+        if (hd == 64 || hd == 128) {  /* the common head sizes, their vectors in registers */
+            if (hd == 64) head_512(qh, kg, vg, T, scale, s, o, 4);
+            else head_512(qh, kg, vg, T, scale, s, o, 8);
+            continue;
+        }
+#endif
         float best = -INFINITY;
         for (int t = 0; t < T; t++) {
             s[t] = dot_kv(qh, kg + (size_t)t * hd, hd) * scale;
