@@ -117,7 +117,8 @@ class Attention(nn.Module):
         v = v.view(B, S, self.cfg.n_kv_heads, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.kernels is not None and B == 1 and q.dtype == k.dtype == torch.float32:
+        in_c = self.kernels is not None and B == 1 and q.dtype == k.dtype == torch.float32
+        if in_c:
             self.kernels.rope_rows(q[0], cos, sin)  # q, k: fresh outputs of the projection (or norm)
             self.kernels.rope_rows(k[0], cos, sin)
             if cache.dtype == torch.float16 and hd % 16 == 0:  # attend.c over the cache as it is
@@ -125,9 +126,8 @@ class Attention(nn.Module):
                 k_cache[:, pos:pos + S] = k[0].transpose(0, 1)
                 v_cache[:, pos:pos + S] = v[0].transpose(0, 1)
                 return self.kernels.attend_rows(q[0], k_cache, v_cache, pos).view(B, S, -1)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
-        else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
+        if not in_c:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(layer, pos, k, v)  # [B, Hkv, pos+S, hd]
         if S == 1:

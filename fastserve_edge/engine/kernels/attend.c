@@ -82,7 +82,6 @@ static void head_rows(const float *q, long q_stride, int rows, int i0, int pos, 
         const int n = r < rows ? pos + i0 + r + 1 : 0;
         float best = -INFINITY;
         for (int t = 0; t < n; t++) best = sr[t] > best ? sr[t] : best;
-        for (int t = n; t < t_pad; t++) sr[t] = -INFINITY;
         v16f sum = {0};
         for (int t = 0; t < t_pad; t += LANES) {
             v16f e = exp_nonpositive(load16(sr + t) - best);
