@@ -61,15 +61,55 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 ACTIVATIONS = ("int16", "int8")  # fastserve_edge.engine.quant.ACTIVATIONS (not imported: this process stays light)
 LLAMA_CPP_SOURCE = "llama-cpp-python==0.3.36"  # or a path to its sdist: --llama-cpp-source
-CMAKE_ARGS = " ".join((
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",  # -march=native: every SIMD extension this CPU has
+NO_GPU_NO_EXTRAS = (
     "-DGGML_CUDA=OFF", "-DGGML_HIP=OFF", "-DGGML_VULKAN=OFF", "-DGGML_METAL=OFF",
     "-DGGML_SYCL=OFF", "-DGGML_OPENCL=OFF", "-DGGML_BLAS=OFF", "-DGGML_RPC=OFF",
     "-DLLAVA_BUILD=OFF",  # the multimodal library: not needed, a third of the compile
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
-))
+)
+# Sapphire Rapids and later, everything -march=native gives there except AMX (see cmake_args).
+NATIVE_WITHOUT_AMX = (
+    "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+    "-DGGML_AVX_VNNI=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
+    "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def _gcc_major() -> int | None:
+    try:
+        done = subprocess.run(["gcc", "-dumpversion"], capture_output=True, text=True, timeout=30, check=False)
+        return int(done.stdout.split(".")[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def cmake_args(cpu_flags: set[str], gcc_major: int | None) -> tuple[str, str | None]:
+    """llama.cpp's build flags for this machine, and why they differ from -march=native (or None).
+
+    GCC 12 (Debian 12's compiler) drops the stores that fill ggml's AMX tile configuration
+    (the struct is only read by the ldtilecfg builtin, and GCC 12 does not count that as a
+    read), so on a CPU with AMX every batch of more than one token dies with SIGSEGV at
+    ldtilecfg inside ggml_backend_amx_mul_mat. There llama.cpp is built with every extension
+    the CPU has but AMX: the build a user of that compiler can actually run.
+    """
+    base = ("-DCMAKE_BUILD_TYPE=Release",)
+    if "amx_int8" in cpu_flags and gcc_major is not None and gcc_major < 13:
+        why = (f"llama.cpp built without AMX: GCC {gcc_major} miscompiles ggml's AMX tile setup "
+               "(every batch crashes at ldtilecfg); AVX-512 VNNI/BF16 as -march=native otherwise")
+        return " ".join(base + NATIVE_WITHOUT_AMX + NO_GPU_NO_EXTRAS), why
+    return " ".join(base + ("-DGGML_NATIVE=ON",) + NO_GPU_NO_EXTRAS), None  # -march=native: all this CPU has
+
+
+CMAKE_ARGS, CMAKE_NOTE = cmake_args(_cpu_flags(), _gcc_major())
 BUILD_JOBS = 2
 BUILD_TIMEOUT_S = 3600
 QUANTIZE_TIMEOUT_S = 1800
@@ -669,7 +709,8 @@ def table_rows(rows: list[Row], args: argparse.Namespace) -> tuple[list[str], li
 def caption(results: dict[str, Any]) -> str:
     s = results["settings"]
     llama = results["llama_cpp"]
-    lcp = (f"llama-cpp-python {llama['version']} (GGML_NATIVE, CPU only)" if "version" in llama
+    build = llama.get("build_note") or "GGML_NATIVE"
+    lcp = (f"llama-cpp-python {llama['version']} ({build}, CPU only)" if "version" in llama
            else f"llama.cpp n/a ({llama.get('problem')})")
     return (f"{results['machine']['cpu']}, {results['machine']['cores']} cores; {lcp}; fastserve {results['fastserve']['commit']}"
             f"{' (dirty)' if results['fastserve']['dirty'] else ''}. Median of {s['repeats']} runs"
@@ -836,7 +877,9 @@ def main(argv: list[str]) -> int:
         llama = llama_env(cache, source=args.llama_cpp_source, python=args.llama_python,
                           rebuild=args.rebuild_llamacpp, build=not args.skip_llamacpp, say=say)
         results["llama_cpp"] = {"version": llama.version, "python": str(llama.python), "cmake_args": CMAKE_ARGS,
-                                "build_s": llama.build_s, "system_info": llama.system_info}
+                                "build_note": CMAKE_NOTE, "build_s": llama.build_s, "system_info": llama.system_info}
+        if CMAKE_NOTE:
+            say(CMAKE_NOTE, "bold yellow")
         say(f"llama-cpp-python {llama.version} at {llama.python}"
             + (f" (compiled in {llama.build_s:.0f} s)" if llama.build_s else " (reused)"))
     except BenchError as problem:
