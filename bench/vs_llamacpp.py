@@ -429,7 +429,8 @@ def build_llama_env(cache: Path, *, source: str, jobs: int, say) -> LlamaEnv:
         say(f"compiling {source} with {jobs} jobs (CMAKE_ARGS={CMAKE_ARGS}); log: {log}")
         env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs), FORCE_CMAKE="1")
         t0 = time.perf_counter()
-        _pip(python, "wheel", "-v", "--no-deps", "--no-binary", "llama-cpp-python", "-w", str(wheels), source,
+        # --no-cache-dir: pip's own wheel cache is keyed by the source alone, not by CMAKE_ARGS
+        _pip(python, "wheel", "-v", "--no-cache-dir", "--no-deps", "--no-binary", "llama-cpp-python", "-w", str(wheels), source,
              log=log, timeout=BUILD_TIMEOUT_S, env=env)
         build_s = time.perf_counter() - t0
         say(f"compiled in {build_s:.0f} s")

@@ -506,6 +506,9 @@ async def metrics(request: web.Request) -> web.Response:
               "# HELP fastserve_evictions_total Times a session's KV was dropped for room (it re-prefills).",
               "# TYPE fastserve_evictions_total counter",
               f"fastserve_evictions_total {m.evictions}",
+              "# HELP fastserve_session_waits_total Sessions left out of a step (queued or preempted), over all steps.",
+              "# TYPE fastserve_session_waits_total counter",
+              f"fastserve_session_waits_total {m.waits}",
               "# HELP fastserve_sessions_finished_total Sessions ended, by reason.",
               "# TYPE fastserve_sessions_finished_total counter"]
     for reason, n in sorted(m.sessions_finished.items()):
@@ -519,6 +522,8 @@ async def metrics(request: web.Request) -> web.Response:
         ("fastserve_prompt_cache_sessions", "Ended sessions whose KV is kept for later prompts (--prompt-cache).",
          engine.kept_sessions),
         ("fastserve_prompt_cache_tokens", "Tokens of KV they hold (counted in the KV budget).", engine.kept_tokens),
+        ("fastserve_kv_tokens_peak", "The most KV (sessions' and prompt cache's) held after any step so far.",
+         m.kv_peak),
         ("fastserve_kv_budget_tokens", "Tokens of KV all sessions may hold (memory, --kv-memory, --max-sessions).",
          engine.kv_budget_tokens),
         ("fastserve_max_sessions", "Sessions that may take a step together (--max-sessions).", engine.max_sessions),

@@ -102,6 +102,8 @@ class EngineMetrics:
     cached_tokens: int = 0    # of those, whose KV a kept session gave (not prefilled again)
     preemptions: int = 0      # a session that ran in one step and waits in the next (MLFQ)
     evictions: int = 0        # KV dropped under the KV budget; the session re-prefills later
+    waits: int = 0            # sessions left out of a step, summed over the steps (queued or preempted)
+    kv_peak: int = 0          # the most KV held after any step, the prompt cache's included
     sessions_finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     per_token: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
@@ -409,6 +411,8 @@ class EngineLoop:
             if sid in self._sessions:
                 self._finish(self._sessions[sid], Finished("length"))
         self._running = batch.run
+        self.metrics.waits += sum(1 for i in self._sessions if i not in batch.run)
+        self.metrics.kv_peak = max(self.metrics.kv_peak, batch.kv_tokens + self.kept_tokens)
         if not batch.run:
             # nothing fits (cannot happen with a budget of max_sessions full contexts)
             await asyncio.sleep(0.01)

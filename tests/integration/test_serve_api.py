@@ -229,26 +229,21 @@ def test_eight_concurrent_streams_each_get_their_single_user_answer(server, clie
 
 
 def test_kv_memory_bounds_the_sessions_and_the_rest_queue(model, client, model_id):
-    """--kv-memory with room for about one context: four clients at once never hold more KV
-    than that; they take turns (queue), and every answer is still its single-user answer."""
-    alone = [chat(client, model_id, q, max_tokens=24).choices[0].message.content for q in QUESTIONS]
+    """--kv-memory with room for about one context: four clients at once, whose prompts (~160
+    tokens each) do not all fit in it, never hold more KV than that; some wait for a step
+    (queue), and every answer is still its single-user answer."""
+    questions = ["Please answer briefly and plainly. " * 20 + q for q in QUESTIONS]
+    alone = [chat(client, model_id, q, max_tokens=24).choices[0].message.content for q in questions]
     with running_server(model, "--max-sessions", "4", "--kv-memory", "24M") as url:
         budget = metrics(url)["fastserve_kv_budget_tokens"]
         assert int(CTX) <= budget < 2 * int(CTX)  # 24 MB over 23 KB per token, halved for the caches' doubling
-        peak_kv = peak_queue = 0.0
-
-        async def run() -> list[str]:
-            nonlocal peak_kv, peak_queue
-            task = asyncio.ensure_future(stream_all(url, model_id, QUESTIONS, 24))
-            while not task.done():
-                m = await asyncio.to_thread(metrics, url)
-                held = m["fastserve_kv_tokens"] + m["fastserve_prompt_cache_tokens"]  # kept KV counts too
-                peak_kv, peak_queue = max(peak_kv, held), max(peak_queue, m["fastserve_queue_length"])
-                await asyncio.sleep(0.01)
-            return await task
-
-        assert asyncio.run(run()) == alone
-        assert 0 < peak_kv <= budget and peak_queue >= 1
+        answers = asyncio.run(stream_all(url, model_id, questions, 24))
+        after = metrics(url)
+        assert answers == alone
+        # the server's own high-water mark and count of waits (sampling the gauges from here
+        # saw a queue only when a request happened to arrive between two steps)
+        assert 0 < after["fastserve_kv_tokens_peak"] <= budget
+        assert after["fastserve_session_waits_total"] >= 1
     bad = subprocess.run([FASTSERVE, "serve", "--local-only", "--kv-memory", "0"], env=env(), capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "--kv-memory" in bad.stderr and "Traceback" not in bad.stderr

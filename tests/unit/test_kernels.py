@@ -51,6 +51,27 @@ def test_matmul_matches_reference_dequantization(variant, ttype, n, k, m):
     assert worst < (1e-3 if ttype in K_TYPES else 5e-5), worst
 
 
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_one_row_is_the_same_through_either_x8_kernel(ttype):
+    """Decode's one activation row: sixteen rows at once in 512-bit vectors (Intel's default,
+    kernels.single_row_x16) or eight at a time (AMD's): the same integer sums and float steps
+    per output, so the same bits, and both exact to the reference; 40 rows end in a lone group."""
+    k = kernels.load()
+    raw, ref = raw_matrix(ttype, 40, 544)
+    q = quant_tensor(raw, k)
+    x = torch.randn(1, 544)
+    try:
+        k.set_single_row_x16(True)
+        sixteen = q.matmul(x)
+        k.set_single_row_x16(False)
+        eight = q.matmul(x)
+    finally:
+        k.set_single_row_x16(kernels.single_row_x16())
+    assert torch.equal(sixteen, eight)
+    expected = x @ ref.T
+    assert ((sixteen - expected).abs() / (x.norm() * ref.norm(dim=1))).max().item() < 5e-5
+
+
 @pytest.mark.parametrize("ttype,n", [("Q4_0", 16), ("Q8_0", 9), ("Q4_K", 3)])
 def test_activation_rows_beyond_one_tile_are_right(ttype, n):
     """Many rows go through the kernels a tile at a time (512 KiB of int16 activations: 32

@@ -75,6 +75,14 @@ def half_width_512() -> bool:
     return _cpu_field("vendor_id") == "AuthenticAMD" and _cpu_field("cpu family") == "25"
 
 
+def single_row_x16() -> bool:
+    """Whether decode's one activation row takes the 512-bit x8 kernel (qmatmul.c
+    fs_set_single_row_x16) rather than one row group at a time: on Intel's AVX-512 cores, where
+    decode was bound by the core (1.5-1.6x a 1B's decode on a Xeon at 13 GB/s a core); not on
+    AMD's, where one stream from memory won (Zen 5: 1.2-1.3x; Zen 4 has no x16 kernel)."""
+    return _cpu_field("vendor_id") == "GenuineIntel"
+
+
 def _flags(variant: str) -> list[str]:
     return FLAGS[variant] + (["-DFS_NO_X16"] if variant == "native" and half_width_512() else [])
 
@@ -122,6 +130,10 @@ class Kernels:
             self.lib.fs_repack_x8.restype = i
             self.lib.fs_release_file_pages.argtypes = [p, l]
             self.lib.fs_release_file_pages.restype = i
+        if hasattr(self.lib, "fs_set_single_row_x16"):  # absent from older builds (kernels_ab)
+            self.lib.fs_set_single_row_x16.argtypes = [i]
+            self.lib.fs_set_single_row_x16.restype = None
+            self.set_single_row_x16(single_row_x16())
         # the x8 kernels take vpdpwssd (fs_x8_vnni); an older build (kernels_ab): when 512-bit
         self.x8_vnni = bool(self.lib.fs_x8_vnni()) if hasattr(self.lib, "fs_x8_vnni") else self.simd_bits >= 512
         # prefill's fp32 GEMM over weights dequantized on the fly (gemm.c); absent from older builds
@@ -154,6 +166,11 @@ class Kernels:
         self.lib.fs_block_batch_work_floats.restype = l
         self.lib.fs_block_batch.argtypes = [p, i, p, p, p, p, p, p, p, p, i]
         self.lib.fs_block_batch.restype = i
+
+    def set_single_row_x16(self, on: bool) -> None:
+        """One activation row through the 512-bit x8 kernel (on) or a row group at a time; for
+        the whole library (every Kernels of this variant), as single_row_x16() chose at load."""
+        self.lib.fs_set_single_row_x16(int(on))
 
     # -- one-token glue (decode.c): x is one contiguous float32 row ----------------------------
     def rmsnorm(self, x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1159,16 +1159,23 @@ int fs_simd_bits(void) {
 #endif
 }
 
-/* `groups` (1 or 2) row groups from w (stride bytes apart) . all M activation rows. One
- * activation row (decode) reads one group at a time: a single stream from memory ran 1.2-1.3x
- * faster than the two of x16_dot_n (its 512-bit vectors win in cache and from 2 rows on). */
+/* One activation row (decode) through x16_dot_n as well (fs_set_single_row_x16), or a group
+ * at a time through x8_dot_n. Where decode is bound by memory (Zen 5) a single stream ran
+ * 1.2-1.3x faster than x16_dot_n's two; where it is bound by the core (an Intel Xeon with AVX-512
+ * at 13 GB/s a core, 2026-12), x16_dot_n's half the instructions a weight won: a 1B Q4_0's
+ * decode 1.46x (1 thread) and 1.59x (2 threads) in one process (bench/kernels_ab.py). */
+static int single_row_x16 = 0;
+
+void fs_set_single_row_x16(int on) { single_row_x16 = on != 0; }
+
+/* `groups` (1 or 2) row groups from w (stride bytes apart) . all M activation rows. */
 static void x8_dot_all(int fmt, const uint8_t *w, long stride, int groups, int K, qrow all, int M, float *y, int total) {
     if (fmt == FMT_Q4_KX8) {
         for (int h = 0; h < groups; h++) q4kx8_dot_all(w + (size_t)h * stride, K, all, M, y + 8 * h, total);
         return;
     }
 #if defined(FS_X8_AVX512)
-    if (groups == 2 && M >= 2) {
+    if (groups == 2 && (M >= 2 || single_row_x16)) {
         switch (fmt) {
             case FMT_Q4_0X8: x16_dot_fmt(FMT_Q4_0X8, w, stride, K, all, M, y, total); break;
             case FMT_Q4_1X8: x16_dot_fmt(FMT_Q4_1X8, w, stride, K, all, M, y, total); break;
