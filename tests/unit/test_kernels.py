@@ -72,6 +72,42 @@ def test_one_row_is_the_same_through_either_x8_kernel(ttype):
     assert ((sixteen - expected).abs() / (x.norm() * ref.norm(dim=1))).max().item() < 5e-5
 
 
+AMX = kernels.load().amx  # this CPU and build have AMX's tiles, and Linux granted them
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX on this CPU (Sapphire Rapids and later) or build")
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("n,k,m", [(16, 544, 16), (40, 544, 37), (48, 1024, 70), (16, 32, 17)])
+def test_prompt_rows_on_amx_are_the_512_bit_kernels_bits(ttype, n, k, m):
+    """16 prompt rows at a time on AMX's int8 tiles (int16 activations as two byte planes):
+    the same outputs, bit for bit, as the 512-bit kernel, and exact to the reference; rows
+    beyond a multiple of 16 and a lone last row group go through the 512-bit kernel."""
+    kern = kernels.load()
+    raw, ref = raw_matrix(ttype, n, k, seed=m)
+    q = quant_tensor(raw, kern)
+    x = torch.randn(m, k)
+    try:
+        before = kern.amx_products()
+        tiles = q.matmul(x)
+        assert kern.amx_products() - before == m // 16 * 16 * (n // 16)  # whole 16 x 16 tiles only
+        assert not kern.set_amx(False)
+        vectors = q.matmul(x)
+    finally:
+        kern.set_amx(True)
+    assert torch.equal(tiles, vectors)
+    scale = x.norm(dim=1)[:, None] * ref.norm(dim=1)[None, :]
+    assert ((tiles - x @ ref.T).abs() / scale).max().item() < 5e-5
+
+
+def test_amx_can_be_turned_off_and_on_again():
+    kern = kernels.load()
+    try:
+        assert kern.set_amx(False) is False and kern.amx is False
+        assert kern.set_amx(True) is AMX
+    finally:
+        kern.set_amx(True)
+
+
 @pytest.mark.parametrize("ttype,n", [("Q4_0", 16), ("Q8_0", 9), ("Q4_K", 3)])
 def test_activation_rows_beyond_one_tile_are_right(ttype, n):
     """Many rows go through the kernels a tile at a time (512 KiB of int16 activations: 32

@@ -134,6 +134,14 @@ class Kernels:
             self.lib.fs_set_single_row_x16.argtypes = [i]
             self.lib.fs_set_single_row_x16.restype = None
             self.set_single_row_x16(single_row_x16())
+        # AMX's tiles for 16 prompt rows at a time where the CPU and build have them (qmatmul.c
+        # amx_dot16); absent from older builds (kernels_ab)
+        self.amx = False
+        if hasattr(self.lib, "fs_set_amx"):
+            self.lib.fs_set_amx.argtypes = [i]
+            self.lib.fs_set_amx.restype = i
+            self.lib.fs_amx_products.restype = l
+            self.set_amx(True)
         # the x8 kernels take vpdpwssd (fs_x8_vnni); an older build (kernels_ab): when 512-bit
         self.x8_vnni = bool(self.lib.fs_x8_vnni()) if hasattr(self.lib, "fs_x8_vnni") else self.simd_bits >= 512
         # prefill's fp32 GEMM over weights dequantized on the fly (gemm.c); absent from older builds
@@ -166,6 +174,17 @@ class Kernels:
         self.lib.fs_block_batch_work_floats.restype = l
         self.lib.fs_block_batch.argtypes = [p, i, p, p, p, p, p, p, p, p, i]
         self.lib.fs_block_batch.restype = i
+
+    def set_amx(self, on: bool) -> bool:
+        """Prompt rows of the x8 Q4_0/Q4_1/Q8_0 matrices through AMX (on: where this build has
+        it and Linux grants the tiles) or the 512-bit kernel; the same bits either way. For the
+        whole library, as set_single_row_x16. Returns whether AMX is now in use."""
+        self.amx = bool(self.lib.fs_set_amx(int(on)))
+        return self.amx
+
+    def amx_products(self) -> int:
+        """Activation rows x 16 weight rows multiplied on AMX's tiles so far (the whole process)."""
+        return self.lib.fs_amx_products() if hasattr(self.lib, "fs_amx_products") else 0
 
     def set_single_row_x16(self, on: bool) -> None:
         """One activation row through the 512-bit x8 kernel (on) or a row group at a time; for

@@ -49,7 +49,9 @@ enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
 
 /* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
  * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers) */
-typedef struct { int16_t *q; float *d, *s; int32_t *t; } qrow;
+/* an int16 activation row: values q, per 32 the scale d, d * sum(q) s and sum(q) t; where the
+ * AMX kernel runs, also q's high bytes hi and low bytes lo in its order (amx_split_row), else NULL */
+typedef struct { int16_t *q; float *d, *s; int32_t *t; int8_t *hi; uint8_t *lo; } qrow;
 
 static void quantize_row(const float *x, int K, qrow r) {
     for (int g = 0; g < K / 32; g++) {
@@ -429,7 +431,8 @@ static inline __m256i block32_dot(int fmt, const uint8_t *qs, __m256i x0, __m256
 
 static qrow row_of(qrow all, int m, int K) {
     const int ng = K / 32;
-    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.t + (size_t)m * ng };
+    qrow r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.t + (size_t)m * ng,
+               all.hi ? all.hi + (size_t)m * K : NULL, all.lo ? all.lo + (size_t)m * K : NULL };
     return r;
 }
 
@@ -1159,6 +1162,154 @@ int fs_simd_bits(void) {
 #endif
 }
 
+/* Sixteen weight rows (two x8 row groups) . sixteen activation rows at a time on AMX's
+ * tiles (Sapphire Rapids and later), the same numbers as x16_dot_n's vpdpwssd: int8 tiles
+ * take int16 activations exactly as two planes, q = 256 hi + lo (hi = q >> 8 signed, lo =
+ * q & 255 unsigned), so per 32-weight block tdpbssd(hi, w) x 256 + tdpbusd(lo, w) is the
+ * integer sum x16_dot_n gets, and the float steps after it are x16_dot_n's too: the same
+ * bits. B (weights) is one 8 x 64-byte tile a block: row c holds, per matrix row (4 bytes),
+ * the weights 2c, 2c + 1, 16 + 2c, 17 + 2c (q4: the chunk's low and high nibbles, as the
+ * int8 kernel's lanes_of, Q4_0's less 8; q8: chunks c and c + 8), and the activation planes follow that
+ * order (amx_split_row). The tiles' int32 sums go through memory to the float steps, which
+ * cost more than the tile products: a block's 16 x 16 x 32 products take two tdp
+ * instructions and ~130 vector ones, where vpdpwssd took ~450. */
+#if defined(FS_X8_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define FS_AMX 1
+#include <sys/syscall.h>
+static int amx_on = 0;  /* fs_set_amx: the process may use the tiles, and the kernels should */
+static long amx_products = 0;  /* activation rows x 16 weight rows done on the tiles (fs_amx_products) */
+
+long fs_amx_products(void) { return __atomic_load_n(&amx_products, __ATOMIC_RELAXED); }
+
+/* the tile configuration (palette 1): a constant, so no store to it can be dropped (GCC 12
+ * drops the stores to a stack copy only ldtilecfg reads: llama.cpp's crash at ldtilecfg) */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
+static const amx_config AMX_CONFIG __attribute__((aligned(64))) = {
+    .palette = 1,
+    .colsb = { 32, 32, 64, 64, 64, 64, 64 },  /* 0, 1: activation planes hi, lo (16 rows x 32 bytes); 2: B; 3-6: sums */
+    .rows = { 16, 16, 8, 16, 16, 16, 16 },
+};
+
+int fs_set_amx(int on) {
+    if (on && !amx_on) {  /* Linux hands out the tiles' state only on request (XFEATURE_XTILEDATA = 18) */
+        amx_on = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+        return amx_on;
+    }
+    amx_on = on != 0 && amx_on;
+    return amx_on;
+}
+
+/* the activation row's int16 values as the planes hi, lo in AMX's order (32 per block) */
+static void amx_split_row(const int16_t *q, int K, int8_t *hi, uint8_t *lo) {
+    for (int g = 0; g < K; g += 32)
+        for (int c = 0; c < 8; c++) {
+            const int from[4] = { g + 2 * c, g + 2 * c + 1, g + 16 + 2 * c, g + 17 + 2 * c };
+            for (int e = 0; e < 4; e++) {
+                const int v = q[from[e]];
+                hi[g + 4 * c + e] = (int8_t)(v >> 8);
+                lo[g + 4 * c + e] = (uint8_t)(v & 255);
+            }
+        }
+}
+
+static __thread uint8_t *amx_b;  /* a thread's B tiles for one pair of row groups: K / 32 x 512 bytes */
+static __thread size_t amx_b_bytes;
+
+/* the weights of two row groups (w, w + stride) as B tiles, block after block */
+static int amx_weights(int fmt, const uint8_t *w, long stride, int K) {
+    const size_t need = (size_t)K * 16;
+    if (amx_b_bytes < need) {
+        free(amx_b);
+        amx_b_bytes = 0;
+        if (posix_memalign((void **)&amx_b, 64, need) != 0) { amx_b = NULL; return 0; }
+        amx_b_bytes = need;
+    }
+    const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (int g = 0; g < K / 32; g++)
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *qs = w + (size_t)h * stride + (size_t)g * bs + at;
+            uint8_t *out = amx_b + (size_t)g * 512 + 32 * h;
+            for (int c = 0; c < 8; c++) {
+                __m256i lanes;
+                if (fmt == FMT_Q8X8) {
+                    lanes = lanes_of(_mm_loadu_si128((const __m128i *)(qs + 16 * c)),
+                                     _mm_loadu_si128((const __m128i *)(qs + 16 * (c + 8))));
+                } else {
+                    const __m128i v = _mm_loadu_si128((const __m128i *)(qs + 16 * c));
+                    lanes = lanes_of(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+                    if (fmt == FMT_Q4_0X8) lanes = _mm256_sub_epi8(lanes, eight);  /* -8 .. 7: no 8 sum(q) to take off */
+                }
+                _mm256_storeu_si256((__m256i *)(out + 64 * c), lanes);
+            }
+        }
+    return 1;
+}
+
+/* block g's tile products into sums (two tiles: hi, lo): tiles 3, 4 for even blocks and 5, 6
+ * for odd ones, so the float steps of one block run while the next one's sums are stored */
+#define AMX_BLOCK(C_HI, C_LO, hi, lo, b, K, out) do {                                     \
+        _tile_loadd(0, hi, K); _tile_loadd(1, lo, K); _tile_loadd(2, b, 64);             \
+        _tile_zero(C_HI); _tile_zero(C_LO);                                              \
+        _tile_dpbssd(C_HI, 0, 2); _tile_dpbusd(C_LO, 1, 2);                              \
+        _tile_stored(C_HI, (out)[0], 64); _tile_stored(C_LO, (out)[1], 64);              \
+    } while (0)
+
+/* rows m0 .. m0 + 16 of `all` . the 16 weight rows in amx_b, into y as x16_dot_n */
+static inline __attribute__((always_inline)) void amx_dot16(int fmt, const uint8_t *w, long stride, int K, qrow all,
+                                                            int m0, float *y, int total) {
+    const int bs = x8_block_bytes(fmt), ng = K / 32;
+    int32_t sums[2][2][16][16] __attribute__((aligned(64)));  /* [block parity][hi, lo][row][column] */
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    const qrow a = row_of(all, m0, K);
+    AMX_BLOCK(3, 4, a.hi, a.lo, amx_b, K, sums[0]);
+    for (int g = 0; g < ng; g++) {
+        if (g + 1 < ng) {
+            const size_t at = 32 * (size_t)(g + 1);
+            if (g & 1) AMX_BLOCK(3, 4, a.hi + at, a.lo + at, amx_b + (size_t)(g + 1) * 512, K, sums[0]);
+            else AMX_BLOCK(5, 6, a.hi + at, a.lo + at, amx_b + (size_t)(g + 1) * 512, K, sums[1]);
+        }
+        int32_t (*s)[16][16] = sums[g & 1];
+        const uint8_t *b0 = w + (size_t)g * bs, *b1 = b0 + stride;
+        const __m512 d16 = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b0)),
+                                                                   _mm_loadu_si128((const __m128i *)b1), 1));
+        __m512 m16 = _mm512_setzero_ps();
+        if (fmt == FMT_Q4_1X8)
+            m16 = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + 16))),
+                                                          _mm_loadu_si128((const __m128i *)(b1 + 16)), 1));
+        for (int i = 0; i < 16; i++) {  /* Q4_0's 8 is in the tiles' weights already (amx_weights) */
+            const __m512i p = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(s[0][i]), 8), _mm512_load_si512(s[1][i]));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d16, _mm512_set1_ps(a.d[(size_t)i * ng + g])), acc[i]);
+            if (fmt == FMT_Q4_1X8) acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(a.s[(size_t)i * ng + g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
+}
+
+/* Rows 0 .. M / 16 * 16 of `all` through the tiles (when they hold the planes and AMX is on);
+ * returns how many, the rest left to x16_dot_fmt */
+static int amx_dot_fmt(int fmt, const uint8_t *w, long stride, int K, qrow all, int M, float *y, int total) {
+    if (!amx_on || !all.hi || M < 16 || K > 64 * 1024 || !amx_weights(fmt, w, stride, K)) return 0;
+    _tile_loadconfig(&AMX_CONFIG);  /* per call: torch's oneDNN may use (and release) this thread's tiles between */
+    int m = 0;
+    for (; m + 16 <= M; m += 16) {
+        switch (fmt) {
+            case FMT_Q4_0X8: amx_dot16(FMT_Q4_0X8, w, stride, K, all, m, y, total); break;
+            case FMT_Q4_1X8: amx_dot16(FMT_Q4_1X8, w, stride, K, all, m, y, total); break;
+            default: amx_dot16(FMT_Q8X8, w, stride, K, all, m, y, total); break;
+        }
+    }
+    _tile_release();
+    __atomic_fetch_add(&amx_products, m, __ATOMIC_RELAXED);
+    return m;
+}
+#else
+int fs_set_amx(int on) { (void)on; return 0; }
+long fs_amx_products(void) { return 0; }
+#endif
+
 /* One activation row (decode) through x16_dot_n as well (fs_set_single_row_x16), or a group
  * at a time through x8_dot_n. Where decode is bound by memory (Zen 5) a single stream ran
  * 1.2-1.3x faster than x16_dot_n's two; where it is bound by the core (an Intel Xeon with AVX-512
@@ -1176,6 +1327,13 @@ static void x8_dot_all(int fmt, const uint8_t *w, long stride, int groups, int K
     }
 #if defined(FS_X8_AVX512)
     if (groups == 2 && (M >= 2 || single_row_x16)) {
+#if defined(FS_AMX)
+        const int done = amx_dot_fmt(fmt, w, stride, K, all, M, y, total);
+        if (done == M) return;
+        all = row_of(all, done, K);
+        y += (size_t)done * total;
+        M -= done;
+#endif
         switch (fmt) {
             case FMT_Q4_0X8: x16_dot_fmt(FMT_Q4_0X8, w, stride, K, all, M, y, total); break;
             case FMT_Q4_1X8: x16_dot_fmt(FMT_Q4_1X8, w, stride, K, all, M, y, total); break;
@@ -1359,7 +1517,7 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
                          int nthreads) {
     if (count < 1 || count > 8 || M <= 0 || K % 32 != 0 || x_stride < K) return -1;
     /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
-    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0, any6 = 0;
+    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0, any6 = 0, tiles = 0;
     pairs[0] = 0;
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
@@ -1372,6 +1530,9 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
         if ((x8[j] && ns[j] % 8 != 0) || (f16 && x_stride != K)) return -1;
         any8 |= act8[j];
         any6 |= fmt[j] == FMT_Q6_K;
+#if defined(FS_AMX)
+        tiles |= amx_on && M >= 16 && !act8[j] && (fmt[j] == FMT_Q4_0X8 || fmt[j] == FMT_Q4_1X8 || fmt[j] == FMT_Q8X8);
+#endif
         any16 |= !act8[j] && !f16 && fmt[j] != FMT_Q6_K;  /* 16-bit float rows take x as it is; Q6_K a q6row */
         offs[j] = total;
         total += ns[j];
@@ -1381,16 +1542,17 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
     const size_t ng = (size_t)M * (K / 32);
     /* q6row: h and l bytes, then the sums of 16 (K / 16 each of h and l), then the scales */
     const size_t mk = (size_t)M * K, b6_bytes = mk * 2 + sizeof(int16_t) * (mk / 8) + sizeof(float) * (mk / 256);
-    const size_t sizes[7] = { any16 ? sizeof(int16_t) * mk : 0, any8 ? mk : 0, any8 ? sizeof(int16_t) * (mk / 2) : 0,
-                              any8 ? mk : 0, sizeof(float) * ng * 4, sizeof(int32_t) * ng * 2, any6 ? b6_bytes : 0 };
-    uint8_t *parts[7];
-    if (!fs_workspace(sizes, parts, 7)) return -2;
+    const size_t sizes[8] = { any16 ? sizeof(int16_t) * mk : 0, any8 ? mk : 0, any8 ? sizeof(int16_t) * (mk / 2) : 0,
+                              any8 ? mk : 0, sizeof(float) * ng * 4, sizeof(int32_t) * ng * 2, any6 ? b6_bytes : 0,
+                              tiles ? 2 * mk : 0 };
+    uint8_t *parts[8];
+    if (!fs_workspace(sizes, parts, 8)) return -2;
     int16_t *q = (int16_t *)parts[0], *o8 = (int16_t *)parts[2];
     int8_t *q8 = (int8_t *)parts[1], *qi8 = (int8_t *)parts[3];
     float *f = (float *)parts[4];
     int32_t *t = (int32_t *)parts[5];
     uint8_t *b6 = parts[6];
-    qrow all = { q, f, f + ng, t };
+    qrow all = { q, f, f + ng, t, tiles ? (int8_t *)parts[7] : NULL, tiles ? parts[7] + mk : NULL };
     q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8, t + ng, qi8 };
     int16_t *sums6 = any6 ? (int16_t *)(b6 + (size_t)M * K * 2) : NULL;
     q6row all6 = { (int8_t *)b6, b6 + (size_t)M * K, any6 ? (float *)(sums6 + (size_t)M * (K / 8)) : NULL,
@@ -1398,6 +1560,9 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 1)
     for (int m = 0; m < M; m++) {
         if (any16) quantize_row(x + (size_t)m * x_stride, K, row_of(all, m, K));
+#if defined(FS_AMX)
+        if (tiles) amx_split_row(all.q + (size_t)m * K, K, all.hi + (size_t)m * K, all.lo + (size_t)m * K);
+#endif
         if (any8) quantize_row8(x + (size_t)m * x_stride, K, row8_of(all8, m, K));
         if (any6) quantize_row6(x + (size_t)m * x_stride, K, row6_of(all6, m, K));
     }
