@@ -48,9 +48,8 @@ enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
        FMT_Q5_K = 11, FMT_Q5_1 = 12 };  /* GGUF's 5-bit blocks in place, a row at a time (row_dot) */
 
 /* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
- * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers) */
-/* an int16 activation row: values q, per 32 the scale d, d * sum(q) s and sum(q) t; where the
- * AMX kernel runs, also q's high bytes hi and low bytes lo in its order (amx_split_row), else NULL */
+ * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers); where the AMX
+ * kernel runs, also q's high bytes hi[K] and low bytes lo[K] in its order (amx_split_row), else NULL */
 typedef struct { int16_t *q; float *d, *s; int32_t *t; int8_t *hi; uint8_t *lo; } qrow;
 
 static void quantize_row(const float *x, int K, qrow r) {
