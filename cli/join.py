@@ -84,7 +84,7 @@ async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, 
     ip = bind or interfaces[0][1]
     server, bound = serve(PeerService(node), token, bind=f"{ip}:{port}")
     info = discovery.NodeInfo.from_profile(profile, node_id=node.node_id, name=node.name, port=bound,
-                                           cluster_id=cluster, state=node.describe(), role="peer",
+                                           cluster_id=cluster, state=_announced_state(node), role="peer",
                                            addresses=(ip,) if bind else ())
     announcer = discovery.Announcer() if announce else None
     stop = asyncio.Event()
@@ -100,6 +100,14 @@ async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, 
             await announcer.close()  # goodbye packets: hosts forget us at once
         server.stop(1.0)
         print("fastserve join: left the cluster", file=sys.stderr, flush=True)
+
+
+def _announced_state(node) -> str:
+    """The one word mDNS carries (discovery.STATES): the panel says more, the LAN does not."""
+    from fastserve_edge.cluster.protocol import peer_pb2
+
+    return {peer_pb2.PEER_STATE_LOADING: "loading", peer_pb2.PEER_STATE_READY: "ready",
+            peer_pb2.PEER_STATE_SERVING: "serving"}.get(node.state, "idle")
 
 
 def _panel(node, info) -> Panel:
@@ -131,8 +139,8 @@ async def _show(node, info, announcer, changed: asyncio.Event, stop: asyncio.Eve
             changed.clear()
             state = node.describe(rate=False)
             if state != last:
-                info = replace(info, state=state)
-                if announcer is not None and announcer.info is not None:
+                info = replace(info, state=_announced_state(node))
+                if announcer is not None and announcer.info is not None and announcer.info.state != info.state:
                     await announcer.update(info)
                 if live is None:
                     print(f"fastserve join: {state}", file=sys.stderr, flush=True)

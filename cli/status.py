@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import err_console, user_errors
@@ -55,8 +56,10 @@ def command(
             table.add_column(column)
         for n in nodes:
             cluster = "ours" if ours is not None and n.cluster_id == ours else ("other" if n.cluster_id else "none")
-            table.add_row(n.name, ", ".join(f"{a}:{n.port}" for a in n.addresses), n.role, cluster,
-                          describe_bytes(n.memory_bytes), f"{n.decode_gflops:.1f}", f"{n.bandwidth_gbs:.1f}", n.state)
+            # every cell arrives from the LAN: printed as text, never as Rich markup
+            table.add_row(escape(n.name), ", ".join(f"{a}:{n.port}" for a in n.addresses), n.role, cluster,
+                          describe_bytes(n.memory_bytes), f"{n.decode_gflops:.1f}", f"{n.bandwidth_gbs:.1f}",
+                          escape(n.state))
         Console().print(table)
 
 
@@ -69,14 +72,14 @@ def show_server(url: str, api_key: str | None, as_json: bool) -> None:
         print(json.dumps(status, indent=2))
         return
     console = Console()
-    console.print(f"[bold]{status['model']}[/] · {status['scheduler']} · max {status['max_sessions']} sessions · "
+    console.print(f"[bold]{escape(str(status['model']))}[/] · {status['scheduler']} · max {status['max_sessions']} sessions · "
                   f"ctx {status['ctx']} · up {status['uptime_s']} s · {status['tokens_generated']} tokens generated · "
                   f"mean decode batch {status['mean_decode_batch']:.1f}", highlight=False)
     stages = Table(title="stages")
     for column in ("stage", "layers", "machine", "tokens", "busy s", "tokens/s", "KV held", "KV budget"):
         stages.add_column(column)
     for r in status["stages"]:
-        stages.add_row(str(r["index"]), f"{r['start']}-{r['end']}", r["machine"], str(r["tokens"]),
+        stages.add_row(str(r["index"]), f"{r['start']}-{r['end']}", escape(str(r["machine"])), str(r["tokens"]),
                        f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}", describe_bytes(r["kv_bytes"]),
                        describe_bytes(r["kv_budget_bytes"]))
     console.print(stages)
@@ -92,6 +95,6 @@ def show_server(url: str, api_key: str | None, as_json: bool) -> None:
     for column in ("session", "state", "prompt", "generated", "max", "KV tokens", "queue", "age s"):
         sessions.add_column(column)
     for s in status["sessions"]:
-        sessions.add_row(s["id"], s["state"], str(s["prompt_tokens"]), str(s["generated"]), str(s["max_tokens"]),
+        sessions.add_row(escape(str(s["id"])), escape(str(s["state"])), str(s["prompt_tokens"]), str(s["generated"]), str(s["max_tokens"]),
                          str(s["kv_tokens"]), str(s["level"]), f"{s['age_s']:.1f}")
     console.print(sessions)

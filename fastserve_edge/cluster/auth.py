@@ -1,61 +1,69 @@
-"""Who may talk to a peer: the cluster token, a proof of it on every call, and the settings
-every gRPC channel and server of the cluster uses.
+"""Who may talk to whom in a cluster: the token, the identity every machine derives from it,
+and the TLS settings of every gRPC channel and server between machines.
 
-The token is a shared secret, created once on the host (`<config>/cluster-token`, mode 0600)
-and given to each peer (`fastserve join --token T`). It never travels: mDNS carries
-`cluster_id(token)`, a hash of it, and every call carries the metadata
+The token is the cluster's one secret, created once on the host (`<config>/cluster-token`,
+mode 0600, 128 random bits) and given to each peer (`fastserve join --token T`). It never
+travels. Everything else is derived from it, with the `cryptography` package only:
 
-    x-fastserve-auth: v1:<unix ms>:<nonce hex>:<HMAC-SHA256(key, "<method>\\n<unix ms>\\n<nonce>") hex>
+    master     = scrypt(token, salt=SCRYPT_SALT, n=2**15, r=8, p=1)   memory-hard: each guess
+                                                                      costs 32 MiB and ~0.1 s
+    CA key     = P-256 key from HKDF-SHA256(master, "cluster CA key")  the same on every holder
+    cluster_id = HKDF-SHA256(master, "cluster id")[:8], as hex        the public name in mDNS
 
-with key = HMAC-SHA256(token, "fastserve peer call key v1"). A server runs the call only if
-the MAC is right, the timestamp is within CLOCK_WINDOW_S of its own clock, and the nonce
-has not been seen before (a recorded call replayed is refused). Everything else gets
-PERMISSION_DENIED before it reaches a servicer, and a warning is logged once per
-(address, reason).
+Each process makes a fresh P-256 key and a certificate for it signed by the CA key, named
+TLS_NAME. Every link between machines is TLS (BoringSSL inside gRPC negotiates TLS 1.3)
+with both ends presenting their certificate and trusting only the cluster's CA certificate:
 
-What this does not do: encrypt, or protect message bodies from someone on the path who can
-rewrite packets; that needs TLS. It keeps strangers, and a second cluster on the same LAN, out.
+- a machine without the token cannot finish a handshake, so it can neither call a peer nor
+  pose as one to the host (the host's Hello fails, and the peer is left out of the plan);
+- a refused handshake costs no Python thread: it never becomes a call;
+- session keys are per connection, so nothing recorded on the LAN can be read or replayed,
+  to the same machine or another.
 
-Sync gRPC (`grpc.server` + ThreadPoolExecutor, `grpc.insecure_channel`); `serve` and
-`open_channel` wire it all up so the peer and host code stay short.
+A user-chosen token must carry enough entropy (`check_token`): `cluster_id` is public, and
+a guess checked against it offline costs only one scrypt.
 """
 
 from __future__ import annotations
 
-import hashlib
-import heapq
-import hmac
+import datetime
+import functools
 import logging
+import math
 import os
 import secrets
 import tempfile
-import threading
-import time
-from collections import OrderedDict, namedtuple
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fastserve_edge.cluster.protocol import MAX_MESSAGE_BYTES, peer_pb2_grpc
 from fastserve_edge.errors import ConfigError, FastServeError
 
 log = logging.getLogger(__name__)
 
-AUTH_METADATA_KEY = "x-fastserve-auth"
 TOKEN_FILE = "cluster-token"
-MIN_TOKEN_CHARS = 16      # cluster_id is public: a short token could be guessed from it offline
-CLOCK_WINDOW_S = 60.0     # machines of a home lab without NTP drift; more than this is a replay risk
-MAX_NONCES = 100_000      # replay cache bound (~800 calls/s over the window; a call is a stream, not a token)
+MIN_TOKEN_CHARS = 16
+MIN_TOKEN_BITS = 72       # estimated; with scrypt a guess costs ~0.1 s, so 2**71 guesses on average
+TLS_NAME = "fastserve-peer"  # the name in every machine's certificate; channels expect it, not an IP
 KEEPALIVE_TIME_MS = 2000  # ping an idle or busy connection every 2 s ...
 KEEPALIVE_TIMEOUT_MS = 2000  # ... and call the peer dead 2 s after an unanswered ping
+HANDSHAKE_TIMEOUT_MS = 5000  # a connection that has not finished TLS by then is closed
 DEFAULT_MAX_WORKERS = 64  # sync server: each open Forward stream holds one worker thread
+MAX_STREAMS_PER_CONNECTION = 128  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS a peer advertises
 
-_PROOF_VERSION = "v1"
-_KEY_LABEL = b"fastserve peer call key v1"
-_CLUSTER_ID_LABEL = b"fastserve cluster id v1\0"
+_SCRYPT_SALT = b"fastserve cluster v2"
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
+_CA_KEY_INFO = b"fastserve cluster CA key v2"
+_CLUSTER_ID_INFO = b"fastserve cluster id v2"
 _HOW_TO_FIX_TOKEN = "use the token printed by `fastserve token` on the host (`fastserve join --token ...`)"
 
 
@@ -67,16 +75,41 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
+def token_bits(token: str) -> float:
+    """A conservative estimate of a token's entropy in bits: log2 of the pool of the character
+    classes it uses per character, except that a character repeating the one before, or
+    continuing a run (abc, 123, cba), counts 1 bit. 32 hex digits from `new_token`: ~128."""
+    pool = sum(size for present, size in (
+        (any(c.islower() for c in token), 26), (any(c.isupper() for c in token), 26),
+        (any(c.isdigit() for c in token), 10), (any(not c.isalnum() for c in token), 33)) if present)
+    if pool == 0:
+        return 0.0
+    per_char = math.log2(pool)
+    bits, before, step = 0.0, None, None
+    for c in token:
+        delta = ord(c) - ord(before) if before is not None else None
+        predictable = delta is not None and (delta == 0 or (abs(delta) == 1 and delta == step))
+        bits += 1.0 if predictable else per_char
+        before, step = c, delta
+    return bits
+
+
 def check_token(token: str) -> str:
     """The token without surrounding whitespace, or ConfigError if it cannot be a cluster token."""
     token = token.strip()
     if not token:
         raise ConfigError(f"the cluster token is empty; {_HOW_TO_FIX_TOKEN}")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ConfigError(f"the cluster token must be printable ASCII without spaces; {_HOW_TO_FIX_TOKEN}")
     if len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"the cluster token is {len(token)} characters; it needs at least {MIN_TOKEN_CHARS}. "
                           f"{_HOW_TO_FIX_TOKEN[0].upper()}{_HOW_TO_FIX_TOKEN[1:]}")
-    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
-        raise ConfigError(f"the cluster token must be printable ASCII without spaces; {_HOW_TO_FIX_TOKEN}")
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS:
+        raise ConfigError(
+            f"the cluster token is too easy to guess (about {bits:.0f} bits; at least {MIN_TOKEN_BITS} needed): "
+            "anyone on the LAN sees the cluster id derived from it and can test guesses offline. "
+            f"{_HOW_TO_FIX_TOKEN[0].upper()}{_HOW_TO_FIX_TOKEN[1:]}, or a longer random one")
     return token
 
 
@@ -132,202 +165,89 @@ def load_or_create_token(config_dir: Path) -> tuple[str, bool]:
     return token, True
 
 
-def cluster_id(token: str) -> str:
-    """16 hex characters naming the cluster in mDNS; reveals nothing usable about the token."""
-    return hashlib.sha256(_CLUSTER_ID_LABEL + token.encode("utf-8")).hexdigest()[:16]
-
-
-# -- proofs ------------------------------------------------------------------------------
-
-
-def _call_key(token: str) -> bytes:
-    return hmac.new(token.encode("utf-8"), _KEY_LABEL, hashlib.sha256).digest()
-
-
-def _mac(key: bytes, method: str, stamp: str, nonce: str) -> str:
-    return hmac.new(key, f"{method}\n{stamp}\n{nonce}".encode(), hashlib.sha256).hexdigest()
-
-
-def _proof(key: bytes, method: str, now: float, nonce: str | None = None) -> str:
-    stamp = str(int(now * 1000))
-    nonce = nonce if nonce is not None else secrets.token_hex(16)
-    return f"{_PROOF_VERSION}:{stamp}:{nonce}:{_mac(key, method, stamp, nonce)}"
-
-
-def make_proof(token: str, method: str, *, now: float | None = None, nonce: str | None = None) -> str:
-    """The `x-fastserve-auth` value for one call of `method` ("/fastserve.peer.v1.Peer/Hello")."""
-    return _proof(_call_key(token), method, time.time() if now is None else now, nonce)
+# -- the identity derived from it ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Denial:
-    kind: str     # short and stable: the log-once key ("missing", "malformed", "token", "clock", "replay")
-    message: str  # what the caller sees in the status details, and what to do about it
+class ClusterIdentity:
+    """What a process proves and trusts; see the module docstring."""
+    cluster_id: str
+    ca_pem: bytes    # the cluster's CA certificate: the only one trusted
+    cert_pem: bytes  # this process's certificate, signed by the CA key
+    key_pem: bytes   # this process's private key (never leaves the process)
 
 
-class ProofVerifier:
-    """Checks `x-fastserve-auth` values; remembers nonces for the clock window (thread-safe)."""
-
-    def __init__(self, token: str, *, window_s: float = CLOCK_WINDOW_S, max_nonces: int = MAX_NONCES,
-                 clock: Callable[[], float] = time.time):
-        self._key = _call_key(token)
-        self._window_ms = int(window_s * 1000)
-        self._max_nonces = max_nonces
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._seen: set[str] = set()
-        self._by_time: list[tuple[int, str]] = []  # heap of (stamp ms, nonce) for the nonces in _seen
-        self._floor_ms = -1  # stamps at or below this were forgotten: refused as replays
-
-    def check(self, method: str, proof: str | None) -> Denial | None:
-        """None if the call may run, else why not."""
-        if not proof:
-            return Denial("missing", f"no proof of the cluster token on this call; {_HOW_TO_FIX_TOKEN}")
-        parts = proof.split(":")
-        if (not proof.isascii() or len(parts) != 4 or parts[0] != _PROOF_VERSION
-                or not parts[1].isdigit() or len(parts[1]) > 16):
-            return Denial("malformed", f"malformed {AUTH_METADATA_KEY} metadata; is the other machine running "
-                                       "the same fastserve version?")
-        _, stamp, nonce, mac = parts
-        if not hmac.compare_digest(_mac(self._key, method, stamp, nonce), mac):
-            return Denial("token", f"wrong cluster token: this machine belongs to another cluster; {_HOW_TO_FIX_TOKEN}")
-        stamp_ms = int(stamp)
-        now_ms = int(self._clock() * 1000)
-        skew_s = (stamp_ms - now_ms) / 1000
-        if abs(stamp_ms - now_ms) > self._window_ms:
-            return Denial("clock", f"the caller's clock differs from this machine's by {skew_s:+.0f} s "
-                                   f"(limit {self._window_ms / 1000:.0f} s); sync the clocks (NTP)")
-        with self._lock:
-            self._forget(now_ms - self._window_ms)
-            if nonce in self._seen or stamp_ms <= self._floor_ms:
-                return Denial("replay", "replayed call (this proof was already used); refused")
-            self._seen.add(nonce)
-            heapq.heappush(self._by_time, (stamp_ms, nonce))
-            while len(self._seen) > self._max_nonces:
-                self._forget_oldest()
-        return None
-
-    def _forget(self, before_ms: int) -> None:
-        while self._by_time and self._by_time[0][0] < before_ms:
-            self._forget_oldest()
-
-    def _forget_oldest(self) -> None:
-        stamp_ms, nonce = heapq.heappop(self._by_time)
-        self._seen.discard(nonce)
-        self._floor_ms = max(self._floor_ms, stamp_ms)
-
-    def __len__(self) -> int:
-        return len(self._seen)
+def _master(token: str) -> bytes:
+    return Scrypt(salt=_SCRYPT_SALT, length=32, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P).derive(token.encode("utf-8"))
 
 
-# -- interceptors ------------------------------------------------------------------------
+def _hkdf(master: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(master)
 
 
-class _CallDetails(
-    namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-    grpc.ClientCallDetails,
-):
-    pass
+def _ca_key(master: bytes) -> ec.EllipticCurvePrivateKey:
+    # 48 bytes reduced modulo the group order: a bias below 2**-128 (FIPS 186-5 A.2.1's method)
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    secret = int.from_bytes(_hkdf(master, _CA_KEY_INFO, 48), "big") % (order - 1) + 1
+    return ec.derive_private_key(secret, ec.SECP256R1())
 
 
-class AuthClientInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds a fresh `x-fastserve-auth` proof to every call of the channel it wraps."""
-
-    def __init__(self, token: str, *, clock: Callable[[], float] = time.time):
-        self._key = _call_key(token)
-        self._clock = clock
-
-    def _with_proof(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        metadata = [(k, v) for k, v in (details.metadata or ()) if k != AUTH_METADATA_KEY]
-        metadata.append((AUTH_METADATA_KEY, _proof(self._key, method, self._clock())))
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._with_proof(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._with_proof(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._with_proof(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._with_proof(client_call_details), request_iterator)
+def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, not_before: datetime.datetime,
+                 not_after: datetime.datetime) -> x509.Certificate:
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(not_before).not_valid_after(not_after)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, key_cert_sign=True, crl_sign=False, encipher_only=False, decipher_only=False),
+            critical=True)
+    else:
+        builder = (builder
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                         ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _peer_host(peer: str) -> str:
-    """"ipv4:10.0.0.7:51234" -> "10.0.0.7"; "ipv6:[::1]:5" -> "::1": the port changes per connection."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or rest
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]") or rest
-    return peer
+@functools.lru_cache(maxsize=4)
+def identity(token: str) -> ClusterIdentity:
+    """This process's identity in the cluster of `token` (derived once per process: ~0.1 s)."""
+    master = _master(token)
+    ca_key = _ca_key(master)
+    ca_name = "fastserve cluster CA"
+    # Validity wide of the clock: machines of a home lab without NTP may be days apart, and the
+    # CA key, not the dates, is what a certificate proves.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca = _certificate(ca_name, ca_key, ca_name, ca_key, ca=True,
+                      not_before=datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc),
+                      not_after=datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _certificate(TLS_NAME, key, ca_name, ca_key, ca=False, not_before=now - datetime.timedelta(days=30),
+                        not_after=now + datetime.timedelta(days=3650))
+    return ClusterIdentity(
+        cluster_id=_hkdf(master, _CLUSTER_ID_INFO, 8).hex(),
+        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()),
+    )
 
 
-class AuthServerInterceptor(grpc.ServerInterceptor):
-    """Refuses, with PERMISSION_DENIED, every call without a valid fresh proof of the token.
-
-    A refused call never reaches the servicer and its request bytes are never parsed. The
-    warning is logged once per (caller address, reason), so a misconfigured peer that
-    retries does not flood the log.
-    """
-
-    _MAX_LOGGED = 1024
-
-    def __init__(self, token: str, *, window_s: float = CLOCK_WINDOW_S, max_nonces: int = MAX_NONCES,
-                 clock: Callable[[], float] = time.time):
-        self.verifier = ProofVerifier(token, window_s=window_s, max_nonces=max_nonces, clock=clock)
-        self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def intercept_service(self, continuation, handler_call_details):
-        proof = next((v for k, v in handler_call_details.invocation_metadata or () if k == AUTH_METADATA_KEY), None)
-        if isinstance(proof, bytes):
-            proof = proof.decode("ascii", errors="replace")
-        method = handler_call_details.method
-        denial = self.verifier.check(method, proof)
-        handler = continuation(handler_call_details)
-        if denial is None:
-            return handler
-
-        def deny(_request_or_iterator, context):
-            self._log_once(_peer_host(context.peer()), method, denial)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, denial.message)
-
-        # No (de)serializers: nothing from an unauthenticated caller is parsed.
-        if handler is None or not (handler.request_streaming or handler.response_streaming):
-            return grpc.unary_unary_rpc_method_handler(deny)
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        return grpc.unary_stream_rpc_method_handler(deny)
-
-    def _log_once(self, host: str, method: str, denial: Denial) -> None:
-        key = (host, denial.kind)
-        with self._lock:
-            if key in self._logged:
-                self._logged.move_to_end(key)
-                return
-            self._logged[key] = None
-            if len(self._logged) > self._MAX_LOGGED:
-                self._logged.popitem(last=False)
-        log.warning("refused %s from %s: %s (logged once per address and reason)", method, host, denial.message)
+def cluster_id(token: str) -> str:
+    """16 hex characters naming the cluster in mDNS; reveals nothing usable about the token."""
+    return identity(token).cluster_id
 
 
 # -- channels and servers ----------------------------------------------------------------
 
 
 def _both_ends(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message size limits, and keepalive that notices a dead other end in ~4 s."""
+    """Message size limits, and keepalive that notices a dead or frozen other end in ~4 s."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -338,44 +258,57 @@ def _both_ends(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Client side: the limits and keepalive, and quick reconnects."""
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
+    """Client side: the limits and keepalive, quick reconnects, and the certificate name to expect."""
     return _both_ends(max_message_bytes) + [
         ("grpc.initial_reconnect_backoff_ms", 500),  # a peer that comes back is used again soon ...
         ("grpc.max_reconnect_backoff_ms", 5000),     # ... not after gRPC's default 2 minutes
+        ("grpc.ssl_target_name_override", TLS_NAME),  # peers are reached by IP; they prove the cluster's name
+        ("grpc.default_authority", TLS_NAME),
     ]
 
 
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Server side: the same limits, keepalive towards the clients, and a ping policy that
-    accepts the clients' 2 s keepalive (gRPC's default would answer it with GOAWAY)."""
+    """Server side: the same limits, keepalive towards the clients, a ping policy that accepts
+    the clients' 2 s keepalive (gRPC's default would answer it with GOAWAY), and bounds on what
+    one connection may hold open."""
     return _both_ends(max_message_bytes) + [
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second silent listener
     ]
 
 
 def open_channel(address: str, token: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """A channel to "host:port" whose every call proves the token. Close it when done."""
-    channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
-    return grpc.intercept_channel(channel, AuthClientInterceptor(token))
+    """A TLS channel to "host:port" that proves the token and accepts only a peer that proves
+    it too. Close it when done."""
+    me = identity(token)
+    credentials = grpc.ssl_channel_credentials(root_certificates=me.ca_pem, private_key=me.key_pem,
+                                               certificate_chain=me.cert_pem)
+    return grpc.secure_channel(address, credentials, options=channel_options(max_message_bytes))
 
 
 def serve(servicer, token: str, *, bind: str = "127.0.0.1:0", max_message_bytes: int = MAX_MESSAGE_BYTES,
-          max_workers: int = DEFAULT_MAX_WORKERS,
-          extra_interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+          max_workers: int = DEFAULT_MAX_WORKERS) -> tuple[grpc.Server, int]:
     """Start a Peer server (a `peer_pb2_grpc.PeerServicer`) on `bind` that only the token's
-    holders can call. Returns (server, port): port 0 in `bind` picks a free one.
-    Stop it with `server.stop(grace)`."""
+    holders can reach. Returns (server, port): port 0 in `bind` picks a free one.
+    Stop it with `server.stop(grace)`.
+
+    Calls beyond `max_workers` at once are refused with RESOURCE_EXHAUSTED instead of
+    queueing behind the open Forward streams."""
+    me = identity(token)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fastserve-peer"),
-        interceptors=[AuthServerInterceptor(token), *extra_interceptors],
         options=server_options(max_message_bytes),
+        maximum_concurrent_rpcs=max_workers,
     )
     peer_pb2_grpc.add_PeerServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials([(me.key_pem, me.cert_pem)], root_certificates=me.ca_pem,
+                                              require_client_auth=True)
     try:
-        port = server.add_insecure_port(bind)
+        port = server.add_secure_port(bind, credentials)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -384,3 +317,11 @@ def serve(servicer, token: str, *, bind: str = "127.0.0.1:0", max_message_bytes:
                              "machine; choose another port (--port) or interface")
     server.start()
     return server, port
+
+
+def is_handshake_failure(err: grpc.RpcError) -> bool:
+    """True when a call failed because the other end could not prove the token (or we could not
+    prove it to them): TLS refused, as opposed to a machine that is down."""
+    details = (err.details() or "").lower()
+    return err.code() == grpc.StatusCode.UNAVAILABLE and any(
+        word in details for word in ("handshake", "ssl", "certificate", "tsi_"))

@@ -132,8 +132,10 @@ class Coordinator:
         if not self.options.static_peers or self.options.interface:
             interfaces = self._interfaces()
             want = self.options.want_peers or None
+            # keep_gone: a goodbye (anyone on the LAN can send one) does not hide a peer; its Hello decides
             nodes = discovery.browse_sync(timeout=self.options.wait_s if wait_s is None else wait_s,
-                                          interfaces=interfaces, want=want, cluster_id=self.cluster_id)
+                                          interfaces=interfaces, want=want, cluster_id=self.cluster_id,
+                                          keep_gone=True)
             for node in nodes:
                 if node.role != "peer" or node.node_id == self.node_id or not node.addresses:
                     continue
@@ -141,21 +143,43 @@ class Coordinator:
                     self.refused.append((node.name, "belongs to another cluster (a different --token)"))
                     continue
                 addresses.append(f"{node.addresses[0]}:{node.port}")
-        for address in addresses:
-            if any(entry.client.address == address for entry in self.peers.values()):
-                continue
+        addresses = [a for a in dict.fromkeys(addresses)
+                     if not any(entry.client.address == a for entry in self.peers.values())]
+        if not addresses:
+            return
+
+        def greet(address: str) -> tuple[PeerClient, peer_pb2.HelloReply | Exception]:
             client = PeerClient(address, self.options.token)
             try:
-                hello = client.hello(self.node_id, self.name)
+                return client, client.hello(self.node_id, self.name)
             except (PeerLost, PeerRefused) as err:
+                return client, err
+
+        # every address at once: a LAN full of fake announcements costs one Hello timeout, not one each
+        with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
+            greeted = list(pool.map(greet, addresses))
+        for address, (client, hello) in zip(addresses, greeted):
+            if isinstance(hello, Exception):
                 client.close()
-                self.refused.append((address, str(err)))
+                self.refused.append((address, str(hello)))
                 continue
             old = self.peers.get(hello.node_id)
+            if old is not None and self._alive(old):
+                client.close()  # a second machine with a node id we use: the one we have stays
+                self.refused.append((address, f"claims node id {hello.node_id}, which {old.client.address} has"))
+                continue
             if old is not None:
                 old.client.close()
             self.peers[hello.node_id] = PeerEntry(client, hello)
             on_found(len(self.peers))
+
+    @staticmethod
+    def _alive(entry: PeerEntry) -> bool:
+        try:
+            entry.client.health(timeout=2.0)
+        except FastServeError:
+            return False
+        return True
 
     def machines(self) -> list[planner.Machine]:
         p = self.profile
@@ -229,7 +253,8 @@ class Coordinator:
                 transfer = self.transfers[entry.client.address]
                 transfer.reply, transfer.done = reply, True
                 return RemoteStage(entry.client, s.start, s.end, is_last=s.end == self.config.n_layers,
-                                   max_elements=self.ctx * max(self.config.dim, self.config.vocab_size))
+                                   max_elements=self.ctx * max(self.config.dim, self.config.vocab_size),
+                                   vocab_size=self.config.vocab_size)
 
             with ThreadPoolExecutor(max_workers=len(peer_stages)) as pool:
                 futures = [pool.submit(load, s) for s in peer_stages]
@@ -266,9 +291,7 @@ class Coordinator:
         Raises PlanError when they cannot hold the model."""
         self.close_pipeline()
         for node_id, entry in list(self.peers.items()):
-            try:
-                entry.client.health(timeout=2.0)
-            except FastServeError:
+            if not self._alive(entry):
                 self.forget(node_id)
         try:
             self.discover(wait_s=REPLAN_BROWSE_S)

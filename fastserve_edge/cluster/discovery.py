@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_fastserve._tcp.local."
-PROTOCOL_VERSION = 1  # bumped when the peer protocol or these TXT keys change incompatibly
+PROTOCOL_VERSION = 2  # bumped when the peer protocol or these TXT keys change incompatibly
 RESOLVE_TIMEOUT_MS = 3000
 # Lifetime of our records in other machines' caches when no goodbye comes (crash, cable pulled).
 # RFC 6762 suggests 75 min for SRV/TXT/PTR; a home-lab LAN of a few nodes can afford the
@@ -47,12 +47,15 @@ RESOLVE_TIMEOUT_MS = 3000
 RECORD_TTL = 120
 NODE_ID_FILE = "node-id"
 ROLES = ("peer", "host")
+# All a machine says of its work on the LAN: no model, no layers, no host name (anyone can listen).
+STATES = ("idle", "loading", "ready", "serving")
 # Virtual links that are not the LAN: containers, VMs and their bridges. Loopback, interfaces
 # that are down, have no IPv4 address or cannot multicast are skipped as well.
 VIRTUAL_PREFIXES = ("docker", "veth", "virbr", "br-")
-MAX_STATE_BYTES = 200  # one TXT string holds 255 bytes, key and "=" included
+MAX_NAME_CHARS = 63  # a DNS label
 
 _NODE_ID = re.compile(r"[0-9a-f]{8,64}")
+_CLUSTER_ID = re.compile(r"(?:[0-9a-f]{16})?")
 
 
 class DiscoveryError(FastServeError):
@@ -178,7 +181,7 @@ class NodeInfo:
     name: str                    # hostname, for people
     port: int                    # gRPC port of the peer service
     cluster_id: str              # auth.cluster_id(token); "" when not in a cluster
-    state: str = "idle"          # "idle", "holding 0-11 of smollm2 for host", "serving"
+    state: str = "idle"          # one of STATES
     role: str = "peer"           # "peer" (fastserve join) or "host" (chat/serve)
     memory_bytes: int = 0        # profile summary: offered memory
     decode_gflops: float = 0.0
@@ -205,10 +208,11 @@ class NodeInfo:
         return f"fastserve-{self.node_id}.local."
 
     def to_properties(self) -> dict[str, str]:
-        state = self.state.encode()[:MAX_STATE_BYTES].decode(errors="ignore")
+        if self.state not in STATES:
+            raise ValueError(f"state {self.state!r} is not one of {STATES}")
         return {
-            "id": self.node_id, "pv": str(self.version), "cl": self.cluster_id, "hn": self.name[:63],
-            "st": state, "ro": self.role, "mem": str(self.memory_bytes),
+            "id": self.node_id, "pv": str(self.version), "cl": self.cluster_id, "hn": self.name[:MAX_NAME_CHARS],
+            "st": self.state, "ro": self.role, "mem": str(self.memory_bytes),
             "dg": repr(float(self.decode_gflops)), "pg": repr(float(self.prefill_gflops)),
             "bw": repr(float(self.bandwidth_gbs)),
         }
@@ -232,14 +236,20 @@ class NodeInfo:
                 raise MalformedRecord(f"TXT {key}={props.get(key)!r} out of range")
             return value
 
-        node_id, role = text("id"), text("ro")
+        node_id, role, state, name = text("id"), text("ro"), text("st"), text("hn")
         if not _NODE_ID.fullmatch(node_id):
             raise MalformedRecord(f"node id {node_id!r} is not 8-64 hex digits")
         if role not in ROLES:
             raise MalformedRecord(f"role {role!r} is not one of {ROLES}")
+        if state not in STATES:
+            raise MalformedRecord(f"state {state[:40]!r} is not one of {STATES}")
+        if not name.isprintable() or len(name) > MAX_NAME_CHARS:
+            raise MalformedRecord(f"machine name {name[:40]!r} is not printable or longer than {MAX_NAME_CHARS}")
+        if not _CLUSTER_ID.fullmatch(text("cl")):
+            raise MalformedRecord(f"cluster id {text('cl')[:40]!r} is not 16 hex digits (or empty)")
         if not 0 < port < 65536:
             raise MalformedRecord(f"port {port} out of range")
-        return cls(node_id=node_id, name=text("hn"), port=port, cluster_id=text("cl"), state=text("st"),
+        return cls(node_id=node_id, name=name, port=port, cluster_id=text("cl"), state=state,
                    role=role, memory_bytes=int(number("mem", int)), decode_gflops=number("dg", float),
                    prefill_gflops=number("pg", float), bandwidth_gbs=number("bw", float),
                    addresses=tuple(addresses), version=int(number("pv", int)))
@@ -326,6 +336,7 @@ class Browser:
     def __init__(self, aiozc: AsyncZeroconf, on_change: Callable[[], None] | None = None):
         self.aiozc, self.on_change = aiozc, on_change
         self.nodes: dict[str, NodeInfo] = {}
+        self.gone: dict[str, NodeInfo] = {}       # seen, then said goodbye (or expired): maybe spoofed
         self._present: set[str] = set()           # names announced and not yet removed
         self._tasks: set[asyncio.Task] = set()    # resolutions in flight
         self._logged: set[tuple[str, str]] = set()  # malformed records already reported
@@ -354,7 +365,9 @@ class Browser:
                          state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed:
             self._present.discard(name)
-            if self.nodes.pop(name, None) is not None:
+            node = self.nodes.pop(name, None)
+            if node is not None:
+                self.gone[name] = node
                 self._notify()
             return
         self._present.add(name)
@@ -376,6 +389,7 @@ class Browser:
                 self._logged.add((name, str(err)))
                 log.warning("ignoring %s: %s", name, err)
             return
+        self.gone.pop(name, None)
         if self.nodes.get(name) != node:
             self.nodes[name] = node
             self._notify()
@@ -385,18 +399,23 @@ class Browser:
         if self.on_change is not None:
             self.on_change()
 
-    def matching(self, cluster_id: str | None = None, role: str | None = None) -> list[NodeInfo]:
-        """The nodes seen (of one cluster, of one role, when given), by name then node id."""
-        found = [n for n in self.nodes.values()
+    def matching(self, cluster_id: str | None = None, role: str | None = None, *,
+                 keep_gone: bool = False) -> list[NodeInfo]:
+        """The nodes seen (of one cluster, of one role, when given), by name then node id; with
+        `keep_gone`, also those that said goodbye since (anyone can send a goodbye: a host asks
+        the machine itself, over TLS, whether it is still there)."""
+        nodes = {**self.gone, **self.nodes} if keep_gone else self.nodes
+        found = [n for n in nodes.values()
                  if (cluster_id is None or n.cluster_id == cluster_id) and (role is None or n.role == role)]
         return sorted(found, key=lambda n: (n.name, n.node_id))
 
-    async def wait(self, *, timeout: float, want: int | None = None, cluster_id: str | None = None) -> list[NodeInfo]:
+    async def wait(self, *, timeout: float, want: int | None = None, cluster_id: str | None = None,
+                   keep_gone: bool = False) -> list[NodeInfo]:
         """All nodes seen after `timeout` seconds, or as soon as `want` peers (role "peer": a
-        host does not count) of `cluster_id` (any cluster when None) are seen."""
+        host does not count) of `cluster_id` (any cluster when None) are seen (see `matching`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while want is None or len(self.matching(cluster_id, "peer")) < want:
+        while want is None or len(self.matching(cluster_id, "peer", keep_gone=keep_gone)) < want:
             left = deadline - loop.time()
             if left <= 0:
                 break
@@ -405,11 +424,12 @@ class Browser:
                 await asyncio.wait_for(self._changed.wait(), left)
             except TimeoutError:
                 break
-        return self.matching()
+        return self.matching(keep_gone=keep_gone)
 
 
 async def browse(*, timeout: float, interfaces: Sequence[tuple[str, str]] | None = None, want: int | None = None,
-                 cluster_id: str | None = None, aiozc: AsyncZeroconf | None = None) -> list[NodeInfo]:
+                 cluster_id: str | None = None, aiozc: AsyncZeroconf | None = None,
+                 keep_gone: bool = False) -> list[NodeInfo]:
     """The fastserve machines that answer within `timeout` seconds (every cluster and role:
     compare `cluster_id` yourself); returns early once `want` peers of `cluster_id` have answered. Uses
     `aiozc` when given (the process's one instance), else opens and closes its own."""
@@ -417,13 +437,14 @@ async def browse(*, timeout: float, interfaces: Sequence[tuple[str, str]] | None
     zc = open_zeroconf(interfaces) if own else aiozc
     try:
         async with Browser(zc) as browser:
-            return await browser.wait(timeout=timeout, want=want, cluster_id=cluster_id)
+            return await browser.wait(timeout=timeout, want=want, cluster_id=cluster_id, keep_gone=keep_gone)
     finally:
         if own:
             await zc.async_close()
 
 
 def browse_sync(*, timeout: float, interfaces: Sequence[tuple[str, str]] | None = None, want: int | None = None,
-                cluster_id: str | None = None) -> list[NodeInfo]:
+                cluster_id: str | None = None, keep_gone: bool = False) -> list[NodeInfo]:
     """browse() for code without an event loop (e.g. `fastserve status`)."""
-    return asyncio.run(browse(timeout=timeout, interfaces=interfaces, want=want, cluster_id=cluster_id))
+    return asyncio.run(browse(timeout=timeout, interfaces=interfaces, want=want, cluster_id=cluster_id,
+                              keep_gone=keep_gone))

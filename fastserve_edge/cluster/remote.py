@@ -3,29 +3,43 @@ as a LocalStage (`forward`, `drop`, and `forward_sample` for a last stage).
 
 Each session keeps one Forward stream open for the whole conversation; a step is one
 request and one reply on it (about a tenth of a millisecond on a LAN, no connection set-up).
-Any failure of the stream (the peer was killed, its cable pulled: keepalive notices within
-about 4 s) becomes PeerLost naming the machine, which the coordinator turns into a re-plan.
+Any failure of the stream (the peer was killed, its cable pulled or its process frozen:
+keepalive notices within about 4 s) becomes PeerLost naming the machine, which the
+coordinator turns into a re-plan. A peer whose connection lives but whose reply does not
+come (stuck, or swapping) is lost too: every step has a deadline (`step_deadline_s`).
+
+Every channel is mutually authenticated TLS (cluster/auth.py): a machine that cannot prove
+the token fails the handshake, and `hello` says so as PeerRefused, never as a usable peer.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import grpc
 import torch
 
-from fastserve_edge.cluster.auth import open_channel
+from fastserve_edge.cluster.auth import is_handshake_failure, open_channel
 from fastserve_edge.cluster.protocol import PROTOCOL_VERSION, peer_pb2, peer_pb2_grpc
 from fastserve_edge.cluster.wire import WireError, pack_hidden, sampling_to_pb, unpack_hidden
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.errors import FastServeError
 
-HELLO_TIMEOUT_S = 5.0
+HELLO_TIMEOUT_S = 3.0   # a LAN answers in milliseconds; fake or dead announcements cost no more than this
 LOAD_TIMEOUT_S = 3600.0  # a large stage over a slow link; a dead peer is noticed sooner by keepalive
+STEP_BASE_S = 10.0       # a decode step's deadline: 10 s is ~1000x a token of a 1B on an old PC ...
+STEP_PER_ROW_S = 0.05    # ... plus this per prompt row (a 2048-token prefill: 112 s)
 _END = object()
+
+
+def step_deadline_s(rows: int) -> float:
+    """Seconds a peer may take for a step of `rows` rows before it counts as lost."""
+    return STEP_BASE_S + STEP_PER_ROW_S * rows
 
 
 class PeerLost(FastServeError):
@@ -56,6 +70,9 @@ class PeerClient:
 
     def _refused(self, err: grpc.RpcError, what: str) -> FastServeError:
         code = err.code()
+        if is_handshake_failure(err):
+            return PeerRefused(f"{self.name} ({self.address}) cannot prove the cluster token (TLS handshake refused): "
+                               "it runs with another --token, an older fastserve, or is not a fastserve peer")
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return PeerRefused(f"{self.name} ({self.address}) refused our {what}: {err.details()}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -90,6 +107,57 @@ class PeerClient:
         self.channel.close()
 
 
+class Watchdog:
+    """Cancels what is late: one thread for the process, a heap of (deadline, cancel) entries.
+    Arming and disarming cost a lock and a heap push, not a thread per step."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._armed: set[int] = set()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float, cancel: Callable[[], None]) -> int:
+        with self._cond:
+            key = next(self._ids)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, key, cancel))
+            self._armed.add(key)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fastserve-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return key
+
+    def disarm(self, key: int) -> None:
+        with self._cond:
+            self._armed.discard(key)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._armed:
+                    heapq.heappop(self._heap)  # disarmed: forget it
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                due, key, cancel = self._heap[0]
+                left = due - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                self._armed.discard(key)
+            cancel()
+
+
+WATCHDOG = Watchdog()
+
+
+class StepTimeout(Exception):
+    """A peer did not answer a step within its deadline."""
+
+
 class _Stream:
     """One session's Forward stream: requests go in through a queue, replies come back in order."""
 
@@ -97,11 +165,25 @@ class _Stream:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._replies = stub.Forward(iter(self._requests.get, _END))
         self._seq = itertools.count()
+        self._late = False
 
-    def call(self, request: peer_pb2.ForwardRequest) -> peer_pb2.ForwardReply:
+    def _cancel_late(self) -> None:
+        self._late = True
+        self._replies.cancel()
+
+    def call(self, request: peer_pb2.ForwardRequest, rows: int) -> peer_pb2.ForwardReply:
         request.seq = next(self._seq)
         self._requests.put(request)
-        return next(self._replies)
+        seconds = step_deadline_s(rows)
+        key = WATCHDOG.arm(seconds, self._cancel_late)
+        try:
+            return next(self._replies)
+        except grpc.RpcError:
+            if self._late:
+                raise StepTimeout(f"no answer to a step within {seconds:.0f} s") from None
+            raise
+        finally:
+            WATCHDOG.disarm(key)
 
     def close(self) -> None:
         self._requests.put(_END)
@@ -111,16 +193,18 @@ class _Stream:
 class RemoteStage:
     """Layers [start, end) on a peer; the host's token loop cannot tell it from a LocalStage."""
 
-    def __init__(self, client: PeerClient, start: int, end: int, *, is_last: bool, max_elements: int):
+    def __init__(self, client: PeerClient, start: int, end: int, *, is_last: bool, max_elements: int,
+                 vocab_size: int):
         self.client = client
         self.start, self.end, self.is_last = start, end, is_last
         self.max_elements = max_elements  # largest hidden/logits reply we accept
+        self.vocab_size = vocab_size      # a sampled token id must lie below it
         self._streams: dict[str, _Stream] = {}
         self._sampler_of: dict[str, Sampler] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def _call(self, request: peer_pb2.ForwardRequest) -> peer_pb2.ForwardReply:
+    def _call(self, request: peer_pb2.ForwardRequest, rows: int) -> peer_pb2.ForwardReply:
         with self._lock:
             if self._closed:  # the pipeline was closed (a re-plan): no new stream on this peer
                 raise PeerLost(self.client.name, self.client.node_id, "the pipeline was closed for a re-plan")
@@ -128,10 +212,10 @@ class RemoteStage:
             if stream is None:
                 stream = self._streams[request.session] = _Stream(self.client.stub)
         try:
-            reply = stream.call(request)
-        except (grpc.RpcError, StopIteration) as err:
+            reply = stream.call(request, rows)
+        except (grpc.RpcError, StopIteration, StepTimeout) as err:
             self._forget(request.session)
-            detail = err.details() if isinstance(err, grpc.RpcError) else "the stream ended"
+            detail = err.details() if isinstance(err, grpc.RpcError) else str(err) or "the stream ended"
             raise PeerLost(self.client.name, self.client.node_id, detail) from None
         if reply.kv_lost:
             raise SessionLost(f"{self.client.name} no longer holds session {request.session[:8]}")
@@ -139,7 +223,7 @@ class RemoteStage:
 
     def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor:
         reply = self._call(peer_pb2.ForwardRequest(session=session, pos=pos, hidden=pack_hidden(x),
-                                                   all_logits=all_logits))
+                                                   all_logits=all_logits), rows=x.shape[-2])
         try:
             return unpack_hidden(reply.hidden, max_elements=self.max_elements)
         except WireError as err:
@@ -152,9 +236,12 @@ class RemoteStage:
         self._sampler_of[session] = sampler
         reply = self._call(peer_pb2.ForwardRequest(
             session=session, pos=pos, hidden=pack_hidden(x), tokens=list(context[pos:]), sample=True,
-            sampling=sampling_to_pb(sampler.params), new_sampler=new))
+            sampling=sampling_to_pb(sampler.params), new_sampler=new), rows=x.shape[-2])
         if reply.WhichOneof("output") != "token":
             raise PeerLost(self.client.name, self.client.node_id, "answered a sampling step without a token")
+        if not 0 <= reply.token < self.vocab_size:
+            raise PeerLost(self.client.name, self.client.node_id,
+                           f"sent token id {reply.token}, outside the vocabulary of {self.vocab_size}")
         return reply.token
 
     def _forget(self, session: str) -> None:

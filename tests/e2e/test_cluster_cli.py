@@ -33,12 +33,15 @@ def test_join_without_a_token_says_where_to_get_one(tmp_path):
     assert r.returncode == 1 and "fastserve token" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_join_refuses_a_short_token_and_bad_flags(tmp_path):
+def test_join_refuses_a_short_or_guessable_token_and_bad_flags(tmp_path):
     short = run(tmp_path, "join", "--token", "abc", "--no-announce", "--bind", "127.0.0.1")
     assert short.returncode == 1 and "token" in short.stderr and "Traceback" not in short.stderr
-    port = run(tmp_path, "join", "--token", "x" * 24, "--port", "70000")
+    weak = run(tmp_path, "join", "--token", "x" * 24, "--no-announce", "--bind", "127.0.0.1")
+    assert weak.returncode == 1 and "too easy to guess" in " ".join(weak.stderr.split())
+    good = "5f0c2a9e71d84b3a96e0c4f2b18d7a65"
+    port = run(tmp_path, "join", "--token", good, "--port", "70000")
     assert port.returncode == 1 and "--port" in port.stderr
-    memory = run(tmp_path, "join", "--token", "x" * 24, "--max-memory", "lots", "--no-announce", "--bind", "127.0.0.1")
+    memory = run(tmp_path, "join", "--token", good, "--max-memory", "lots", "--no-announce", "--bind", "127.0.0.1")
     assert memory.returncode == 1 and "512M" in memory.stderr
 
 

@@ -169,9 +169,9 @@ def test_two_announcers_seen_from_a_third_machine_then_updated_then_gone(machine
 
     # A state change reaches the live browser.
     watcher.until(lambda nodes: len(nodes) == 2)
-    procs["m0"].stdin.write("state holding 0-11 of smollm2 for host\n")
-    assert out["m0"].next() == {"updated": "holding 0-11 of smollm2 for host"}
-    watcher.until(lambda nodes: any(n["state"] == "holding 0-11 of smollm2 for host" for n in nodes), timeout=5)
+    procs["m0"].stdin.write("state serving\n")
+    assert out["m0"].next() == {"updated": "serving"}
+    watcher.until(lambda nodes: any(n["state"] == "serving" for n in nodes), timeout=5)
 
     # A clean exit says goodbye: the live browser drops it at once (not after the 120 s record TTL).
     procs["m0"].stdin.write("quit\n")

@@ -63,7 +63,7 @@ def test_garbage_and_unknown_sessions_are_refused_and_the_peer_keeps_serving(clu
     coordinator.apply(coordinator.make_plan())
     client = PeerClient(f"127.0.0.1:{port}", TOKEN)
     stage = node.holding
-    remote = RemoteStage(client, stage.start, stage.end, is_last=True, max_elements=10**6)
+    remote = RemoteStage(client, stage.start, stage.end, is_last=True, max_elements=10**6, vocab_size=10**6)
     hidden = torch.zeros(1, 1, source.config.dim)
     with pytest.raises(SessionLost):  # position 5 of a session it never saw
         remote.forward_sample("new", hidden, 5, Sampler(SamplingParams(temperature=0)), [0] * 6)
@@ -74,7 +74,7 @@ def test_garbage_and_unknown_sessions_are_refused_and_the_peer_keeps_serving(clu
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     wrong_width = torch.zeros(1, 2, source.config.dim + 1)
     with pytest.raises(PeerLost, match="do not fit"):
-        RemoteStage(client, stage.start, stage.end, is_last=True, max_elements=10**6).forward("w", wrong_width, 0)
+        RemoteStage(client, stage.start, stage.end, is_last=True, max_elements=10**6, vocab_size=10**6).forward("w", wrong_width, 0)
     token = remote.forward_sample("ok", hidden, 0, Sampler(SamplingParams(temperature=0)), [3])
     assert 0 <= token < source.config.vocab_size
     assert client.health().sessions >= 1

@@ -1,11 +1,13 @@
-"""The cluster token and the proof every call carries: token file, cluster id, the verifier
-(with a fake clock), and the interceptors on a real gRPC server on loopback."""
+"""The cluster token and the identity derived from it: token file and entropy, cluster id, and
+mutual TLS on a real gRPC server on loopback: a machine without the token can neither call a
+peer nor pose as one, and bytes recorded on the wire open nothing when sent again."""
 
 from __future__ import annotations
 
-import logging
-import queue
+import socket
 import stat
+import threading
+import time
 
 import grpc
 import pytest
@@ -14,10 +16,8 @@ from fastserve_edge.cluster import auth
 from fastserve_edge.cluster.protocol import peer_pb2, peer_pb2_grpc
 from fastserve_edge.errors import ConfigError
 
-TOKEN = "0123456789abcdef0123456789abcdef"
-OTHER = "fedcba9876543210fedcba9876543210"
-HEALTH = "/fastserve.peer.v1.Peer/Health"
-NOW = 1_700_000_000.0
+TOKEN = "5f0c2a9e71d84b3a96e0c4f2b18d7a65"
+OTHER = "c3e91b07a4f25d8e6b1f0a9c72d45e38"
 
 
 # -- the token --------------------------------------------------------------------------------
@@ -70,70 +70,51 @@ def test_cluster_id_stable_short_and_not_the_token():
     assert cid not in TOKEN and TOKEN not in cid
 
 
-# -- the verifier, on a fake clock ---------------------------------------------------------------
 
-
-def verifier(**kwargs) -> auth.ProofVerifier:
-    return auth.ProofVerifier(TOKEN, clock=lambda: NOW, **kwargs)
-
-
-def test_right_proof_passes():
-    assert verifier().check(HEALTH, auth.make_proof(TOKEN, HEALTH, now=NOW)) is None
-
-
-@pytest.mark.parametrize("proof,kind", [
-    (None, "missing"),
-    ("", "missing"),
-    ("hello", "malformed"),
-    ("v1:123:abc", "malformed"),
-    ("v2:1700000000000:abc:def", "malformed"),
-    ("v1:-5:abc:def", "malformed"),
-    ("v1:1700000000000:abc:dé", "malformed"),  # hmac.compare_digest would raise on non-ASCII
-    ("v1:²:abc:def", "malformed"),
-    (auth.make_proof(OTHER, HEALTH, now=NOW), "token"),
-    (auth.make_proof(TOKEN, "/fastserve.peer.v1.Peer/Hello", now=NOW), "token"),  # proof for another method
-    (auth.make_proof(TOKEN, HEALTH, now=NOW - 61), "clock"),
-    (auth.make_proof(TOKEN, HEALTH, now=NOW + 61), "clock"),
+@pytest.mark.parametrize("guessable", [
+    "aaaaaaaaaaaaaaaaaaaaaaaa",            # one character
+    "abcdefghijklmnopqrstuvwxyz",          # a run
+    "0123456789abcdef0123456789abcdef",    # runs, twice
+    "passwordpassword",                    # 16 lowercase letters, a doubled one
 ])
-def test_bad_proofs_are_denied(proof, kind):
-    denial = verifier().check(HEALTH, proof)
-    assert denial is not None and denial.kind == kind and denial.message
+def test_a_guessable_token_is_refused_and_the_error_says_why(guessable):
+    with pytest.raises(ConfigError, match="too easy to guess .*offline"):
+        auth.check_token(guessable)
 
 
-def test_tampered_timestamp_breaks_the_mac():
-    proof = auth.make_proof(TOKEN, HEALTH, now=NOW - 120)
-    version, _stamp, nonce, mac = proof.split(":")
-    assert verifier().check(HEALTH, f"{version}:{int(NOW * 1000)}:{nonce}:{mac}").kind == "token"
+def test_new_tokens_carry_128_random_bits_and_pass():
+    token = auth.new_token()
+    assert len(token) == 32 and int(token, 16) >= 0
+    assert auth.token_bits(token) >= 128 and auth.check_token(token) == token
 
 
-def test_clock_denial_says_by_how_much():
-    denial = verifier().check(HEALTH, auth.make_proof(TOKEN, HEALTH, now=NOW - 95))
-    assert "-95 s" in denial.message and "NTP" in denial.message
+def test_the_cluster_id_is_stretched_not_one_hash_of_the_token():
+    import hashlib
+
+    cid = auth.cluster_id(TOKEN)
+    for label in (b"", b"fastserve cluster id v1\0"):
+        assert hashlib.sha256(label + TOKEN.encode()).hexdigest()[:16] != cid
+    started = time.perf_counter()
+    auth._master(OTHER)  # what one offline guess costs: scrypt with 32 MiB
+    assert time.perf_counter() - started > 0.005
 
 
-def test_replay_is_denied():
-    v = verifier()
-    proof = auth.make_proof(TOKEN, HEALTH, now=NOW - 30)
-    assert v.check(HEALTH, proof) is None
-    assert v.check(HEALTH, proof).kind == "replay"
-    assert v.check(HEALTH, auth.make_proof(TOKEN, HEALTH, now=NOW - 30)) is None  # a new nonce is fine
+def test_every_holder_derives_the_same_ca_and_a_certificate_of_its_own():
+    from cryptography import x509
+
+    a = auth.identity(TOKEN)
+    ca_key = auth._ca_key(auth._master(TOKEN))
+    ca = x509.load_pem_x509_certificate(a.ca_pem)
+    assert ca.public_key().public_numbers() == ca_key.public_key().public_numbers()
+    leaf = x509.load_pem_x509_certificate(a.cert_pem)
+    leaf.verify_directly_issued_by(ca)  # raises if not signed by the cluster CA
+    other_ca = x509.load_pem_x509_certificate(auth.identity(OTHER).ca_pem)
+    with pytest.raises(Exception):
+        leaf.verify_directly_issued_by(other_ca)
+    assert b"PRIVATE KEY" in a.key_pem and str(ca_key.private_numbers().private_value) not in a.key_pem.decode()
 
 
-def test_replay_cache_is_bounded_and_stays_safe():
-    clock = [NOW]
-    v = auth.ProofVerifier(TOKEN, max_nonces=10, clock=lambda: clock[0])
-    proofs = [auth.make_proof(TOKEN, HEALTH, now=NOW + i / 1000) for i in range(50)]
-    assert all(v.check(HEALTH, p) is None for p in proofs)
-    assert len(v) == 10
-    # forgotten nonces are still refused: their stamps are below the floor
-    assert all(v.check(HEALTH, p).kind == "replay" for p in proofs)
-    # and nonces leave the cache once their stamp leaves the window
-    clock[0] = NOW + 200
-    assert v.check(HEALTH, auth.make_proof(TOKEN, HEALTH, now=clock[0])) is None
-    assert len(v) == 1
-
-
-# -- interceptors on a real server --------------------------------------------------------------
+# -- mutual TLS on a real server ---------------------------------------------------------------
 
 
 class CountingPeer(peer_pb2_grpc.PeerServicer):
@@ -162,10 +143,10 @@ def server():
     srv.stop(None)
 
 
-def denied(call) -> grpc.RpcError:
+def refused(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call()
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+    assert auth.is_handshake_failure(err.value), err.value
     return err.value
 
 
@@ -174,115 +155,104 @@ def test_right_token_passes_every_call_kind(server):
     with auth.open_channel(address, TOKEN) as channel:
         stub = peer_pb2_grpc.PeerStub(channel)
         assert stub.Health(peer_pb2.HealthRequest(), timeout=10).sessions == 7
-        assert stub.Health(peer_pb2.HealthRequest(), timeout=10).sessions == 7  # fresh nonce each call
         assert [c.last for c in stub.FetchLayer(peer_pb2.FetchLayerRequest(), timeout=10)] == [True]
         replies = stub.Forward(iter([peer_pb2.ForwardRequest(session="a", seq=1),
                                      peer_pb2.ForwardRequest(session="a", seq=2)]), timeout=10)
         assert [r.seq for r in replies] == [1, 2]
-        # unimplemented verbs still say so to a caller with the token
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(grpc.RpcError) as err:  # unimplemented verbs still say so to a caller with the token
             stub.Hello(peer_pb2.HelloRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_wrong_token_denied_on_every_call_kind_before_the_servicer(server):
+def test_a_client_without_the_token_never_reaches_the_servicer(server):
     servicer, address = server
     before = servicer.calls
     with auth.open_channel(address, OTHER) as channel:
         stub = peer_pb2_grpc.PeerStub(channel)
-        err = denied(lambda: stub.Health(peer_pb2.HealthRequest(), timeout=10))
-        assert "cluster token" in err.details()
-        denied(lambda: list(stub.FetchLayer(peer_pb2.FetchLayerRequest(), timeout=10)))
-        denied(lambda: list(stub.Forward(iter([peer_pb2.ForwardRequest(session="a")]), timeout=10)))
-        denied(lambda: stub.Hello(peer_pb2.HelloRequest(), timeout=10))  # unimplemented, still denied
+        refused(lambda: stub.Health(peer_pb2.HealthRequest(), timeout=10))
+        refused(lambda: list(stub.FetchLayer(peer_pb2.FetchLayerRequest(), timeout=10)))
+        refused(lambda: list(stub.Forward(iter([peer_pb2.ForwardRequest(session="a")]), timeout=10)))
+    # TLS with the right CA but no certificate of ours, and plaintext: refused as well
+    me = auth.identity(TOKEN)
+    anonymous = grpc.ssl_channel_credentials(root_certificates=me.ca_pem)
+    with grpc.secure_channel(address, anonymous, options=auth.channel_options()) as channel:
+        with pytest.raises(grpc.RpcError):
+            peer_pb2_grpc.PeerStub(channel).Health(peer_pb2.HealthRequest(), timeout=10)
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError):
+            peer_pb2_grpc.PeerStub(channel).Health(peer_pb2.HealthRequest(), timeout=10)
     assert servicer.calls == before
 
 
-def test_missing_metadata_denied(server):
-    _, address = server
-    with grpc.insecure_channel(address) as channel:
-        err = denied(lambda: peer_pb2_grpc.PeerStub(channel).Health(peer_pb2.HealthRequest(), timeout=10))
-    assert "no proof" in err.details()
-
-
-def test_replayed_metadata_denied(server):
-    _, address = server
-    proof = auth.make_proof(TOKEN, HEALTH)
-    with grpc.insecure_channel(address) as channel:
-        stub = peer_pb2_grpc.PeerStub(channel)
-        assert stub.Health(peer_pb2.HealthRequest(), metadata=[(auth.AUTH_METADATA_KEY, proof)], timeout=10).sessions == 7
-        err = denied(lambda: stub.Health(peer_pb2.HealthRequest(), metadata=[(auth.AUTH_METADATA_KEY, proof)],
-                                         timeout=10))
-    assert "replayed" in err.details()
-
-
-def test_stale_timestamp_denied(server):
-    import time
-
-    _, address = server
-    proof = auth.make_proof(TOKEN, HEALTH, now=time.time() - 120)
-    with grpc.insecure_channel(address) as channel:
-        err = denied(lambda: peer_pb2_grpc.PeerStub(channel).Health(
-            peer_pb2.HealthRequest(), metadata=[(auth.AUTH_METADATA_KEY, proof)], timeout=10))
-    assert "clock" in err.details()
-
-
-def test_denials_logged_once_per_address_and_reason(caplog):
-    caplog.set_level(logging.WARNING, logger=auth.__name__)
-    srv, port = auth.serve(CountingPeer(), TOKEN, max_workers=2)  # its own log-once memory
+def test_a_server_without_the_token_is_refused_by_the_client():
+    """The host checks the peer too: a stranger that answers every call gets nothing."""
+    stranger = CountingPeer()
+    srv, port = auth.serve(stranger, OTHER, max_workers=2)
     try:
-        with auth.open_channel(f"127.0.0.1:{port}", OTHER) as channel:
-            stub = peer_pb2_grpc.PeerStub(channel)
-            for _ in range(3):
-                denied(lambda: stub.Health(peer_pb2.HealthRequest(), timeout=10))
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # a new connection: another port
-            for _ in range(2):
-                denied(lambda: peer_pb2_grpc.PeerStub(channel).Health(peer_pb2.HealthRequest(), timeout=10))
+        with auth.open_channel(f"127.0.0.1:{port}", TOKEN) as channel:
+            refused(lambda: peer_pb2_grpc.PeerStub(channel).Health(peer_pb2.HealthRequest(), timeout=10))
     finally:
         srv.stop(None)
-    lines = [r.getMessage() for r in caplog.records if r.name == auth.__name__]
-    assert len(lines) == 2, lines
-    assert "from 127.0.0.1: wrong cluster token" in lines[0] and "from 127.0.0.1: no proof" in lines[1]
+    assert stranger.calls == 0
 
 
-def test_first_denial_of_a_kind_is_logged():
-    interceptor = auth.AuthServerInterceptor(TOKEN)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger(auth.__name__)
-    logger.addHandler(handler)
+class RecordingProxy:
+    """A TCP relay on loopback that keeps every byte the client sent (what a sniffer on the LAN sees)."""
+
+    def __init__(self, target: int):
+        self.sent = bytearray()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._target = target
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        client, _ = self._listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", self._target))
+
+        def pump(src, dst, record):
+            try:
+                while data := src.recv(65536):
+                    if record:
+                        self.sent.extend(data)
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
+        threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+
+
+def test_recorded_bytes_replayed_to_the_same_or_another_peer_open_nothing(server):
+    servicer, address = server
+    second = CountingPeer()
+    srv2, port2 = auth.serve(second, TOKEN, max_workers=2)  # another peer of the same cluster
     try:
-        denial = auth.Denial("token", "wrong cluster token")
-        for _ in range(3):
-            interceptor._log_once("10.0.0.7", HEALTH, denial)
-        interceptor._log_once("10.0.0.8", HEALTH, denial)
-        interceptor._log_once("10.0.0.7", HEALTH, auth.Denial("replay", "replayed call"))
+        proxy = RecordingProxy(int(address.rsplit(":", 1)[1]))
+        with auth.open_channel(f"127.0.0.1:{proxy.port}", TOKEN) as channel:
+            stub = peer_pb2_grpc.PeerStub(channel)
+            assert stub.Health(peer_pb2.HealthRequest(), timeout=10).sessions == 7
+            assert [r.seq for r in stub.Forward(iter([peer_pb2.ForwardRequest(session="s", seq=5)]), timeout=10)] == [5]
+        assert len(proxy.sent) > 1000
+        # the method, the session and the values are not readable on the wire (only the TLS name, in SNI)
+        assert b"Health" not in proxy.sent and b"fastserve.peer.v1" not in proxy.sent
+        before = servicer.calls, second.calls
+        for port in (int(address.rsplit(":", 1)[1]), port2):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as replay:
+                replay.sendall(bytes(proxy.sent))
+                replay.settimeout(5)
+                try:
+                    while replay.recv(65536):
+                        pass
+                except OSError:
+                    pass
+        time.sleep(0.2)
+        assert (servicer.calls, second.calls) == before
     finally:
-        logger.removeHandler(handler)
-    assert [r.getMessage().split(":")[0] for r in records] == [
-        f"refused {HEALTH} from 10.0.0.7", f"refused {HEALTH} from 10.0.0.8", f"refused {HEALTH} from 10.0.0.7"]
-
-
-def test_forward_stream_authenticated_once_then_streams(server):
-    """The proof is checked at stream start; the open stream then carries many steps."""
-    _, address = server
-    requests: queue.Queue = queue.Queue()
-
-    def feed():
-        while (item := requests.get()) is not None:
-            yield item
-
-    with auth.open_channel(address, TOKEN) as channel:
-        replies = peer_pb2_grpc.PeerStub(channel).Forward(feed(), timeout=20)
-        for seq in range(1, 6):
-            requests.put(peer_pb2.ForwardRequest(session="s", seq=seq))
-            assert next(replies).seq == seq
-        requests.put(None)
-        assert list(replies) == []
-
-
-@pytest.mark.parametrize("peer,host", [("ipv4:10.0.0.7:51234", "10.0.0.7"), ("ipv6:[::1]:5555", "::1"),
-                                       ("unix:/tmp/sock", "unix:/tmp/sock")])
-def test_peer_host_drops_the_port(peer, host):
-    assert auth._peer_host(peer) == host
+        srv2.stop(None)

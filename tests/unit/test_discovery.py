@@ -69,8 +69,9 @@ def test_this_machines_interfaces_are_read_without_ip():
 
 # --- TXT records and node ids ------------------------------------------------------------------
 
-NODE = NodeInfo(node_id="0123456789abcdef", name="old-thinkpad", port=50051, cluster_id=cluster_id("T0ken"),
-                state="holding 0-11 of smollm2 for host", role="peer", memory_bytes=7_500_000_000,
+TOKEN = "5f0c2a9e71d84b3a96e0c4f2b18d7a65"
+NODE = NodeInfo(node_id="0123456789abcdef", name="old-thinkpad", port=50051, cluster_id=cluster_id(TOKEN),
+                state="serving", role="peer", memory_bytes=7_500_000_000,
                 decode_gflops=41.25, prefill_gflops=97.5, bandwidth_gbs=11.3, addresses=("10.0.0.7",))
 
 
@@ -81,22 +82,23 @@ def test_node_info_round_trips_through_txt_strings():
     assert NodeInfo.from_properties(props, addresses=["10.0.0.7"], port=50051) == NODE
 
 
-def test_the_cluster_id_is_a_hash_never_the_token():
+def test_the_cluster_id_is_derived_never_the_token():
     props = NODE.to_properties()
-    assert "T0ken" not in json.dumps(props)
-    assert cluster_id("T0ken") == cluster_id("T0ken") != cluster_id("t0ken")
+    assert TOKEN not in json.dumps(props)
+    assert cluster_id(TOKEN) == cluster_id(TOKEN) != cluster_id(TOKEN.upper())
 
 
-def test_a_long_state_is_cut_to_fit_one_txt_string():
-    long = replace(NODE, state="holding layers " + "é" * 300)
-    props = long.to_properties()
-    assert len(f"st={props['st']}".encode()) <= 255
-    NodeInfo.from_properties(props, port=1)
+def test_the_txt_record_says_nothing_of_the_model_the_layers_or_the_host():
+    assert set(discovery.STATES) == {"idle", "loading", "ready", "serving"}
+    with pytest.raises(ValueError):
+        replace(NODE, state="holding layers 0-11 of smollm2 for host").to_properties()
+    assert set(NODE.to_properties()) == {"id", "pv", "cl", "hn", "st", "ro", "mem", "dg", "pg", "bw"}
 
 
 @pytest.mark.parametrize("change", [
     {"id": None}, {"id": "not-hex"}, {"mem": "lots"}, {"dg": "nan"}, {"bw": "-1"}, {"ro": "boss"},
-    {"pv": "1.5"}, {"hn": None},
+    {"pv": "1.5"}, {"hn": None}, {"st": "holding layers 0-11 of [bold red]x[/] for host"}, {"hn": "x" * 64},
+    {"hn": "bad\x1b[2Jname"}, {"cl": "not-a-cluster-id"}, {"st": None},
 ])
 def test_malformed_txt_records_are_refused_with_a_reason(change):
     props = NODE.to_properties() | change

@@ -5,7 +5,8 @@ scripts/gen_proto.sh after editing peer.proto; tests/unit/test_protocol.py check
 are fresh. The numbers every end of a connection must agree on live here.
 """
 
-PROTOCOL_VERSION = 1  # bump on any incompatible change to peer.proto; Hello refuses a mismatch
+PROTOCOL_VERSION = 2  # bump on any incompatible change to peer.proto; Hello refuses a mismatch
+                      # (2: every link is mutually authenticated TLS, cluster/auth.py)
 
 # Largest gRPC message either end sends or accepts. Prefill hidden states are [1, S, D] fp32:
 # 4096 tokens x 4096 dims is exactly 64 MiB, so a host cuts a long prompt into row chunks
