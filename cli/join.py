@@ -38,6 +38,8 @@ def command(
     reprofile: Annotated[bool, typer.Option(help="measure this machine again instead of using the cached profile")] = False,
     announce: Annotated[bool, typer.Option(help="announce over mDNS (--no-announce: reachable only with `chat --peer`)")] = True,
     bind: Annotated[str | None, typer.Option(help="address to listen on (default: the announced interface's)")] = None,
+    max_sessions: Annotated[int, typer.Option(min=1, max=48, help="sessions a host may keep on this machine at "
+                                                                  "once (their KV must also fit in --max-memory)")] = 48,
 ) -> None:
     """Offer this machine to a cluster: a host running `fastserve chat` will use it."""
     from fastserve_edge.cluster.auth import check_token, cluster_id, load_or_create_token
@@ -62,10 +64,12 @@ def command(
         n_threads = set_threads(threads)
         set_activations(activations)  # the layers this machine runs
         asyncio.run(_run(paths=paths, token=token, cluster=cluster_id(token), max_memory=cap, interface=interface,
-                         port=port, threads=n_threads, reprofile=reprofile, announce=announce, bind=bind))
+                         port=port, threads=n_threads, reprofile=reprofile, announce=announce, bind=bind,
+                         max_sessions=max_sessions))
 
 
-async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, threads, reprofile, announce, bind):
+async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, threads, reprofile, announce, bind,
+               max_sessions: int):
     from fastserve_edge.cluster import discovery
     from fastserve_edge.cluster.auth import serve
     from fastserve_edge.cluster.peer import PeerNode, PeerService
@@ -79,7 +83,7 @@ async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, 
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     node = PeerNode(node_id=discovery.load_node_id(paths.config), name=socket.gethostname(), profile=profile,
-                    cache=ShardCache(paths.cache / "shards"), token=token,
+                    cache=ShardCache(paths.cache / "shards"), token=token, max_sessions=max_sessions,
                     on_change=lambda: loop.call_soon_threadsafe(changed.set))
     ip = bind or interfaces[0][1]
     server, bound = serve(PeerService(node), token, bind=f"{ip}:{port}")

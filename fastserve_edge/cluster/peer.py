@@ -4,8 +4,15 @@ A peer starts empty. `LoadStage` makes it a stage: every part (layer, head, comm
 tensors) comes from the on-disk shard cache when its hashes match the host's manifest, and
 otherwise from the host's FetchLayer, verified, then cached. `Forward` streams run hidden
 states through the stage's layers, one stream per session; a last stage samples and only
-the token id goes back. The host also runs this servicer, with the model file as its
-`LayerProvider`, so that peers can fetch from it.
+the token id goes back. The host runs `WeightServer` (FetchLayer only) over its model file,
+so that peers can fetch from it.
+
+A token holder, or a bug on a host, must not be able to exhaust or wedge a peer (issue 21):
+every request is checked against the stage before it reaches an allocation or a kernel, a
+peer holds at most `max_sessions` sessions, `MAX_FORWARD_STREAMS` open streams and the KV its
+memory has room for (RESOURCE_EXHAUSTED beyond), LoadStage checks the manifest's declared
+sizes against the peer's memory before it fetches a byte, and any failure of a load leaves
+the peer IDLE, not LOADING.
 
 Converting to and from the wire happens here and in remote.py only (STYLE #6).
 """
@@ -14,11 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,19 +36,21 @@ import torch
 
 from fastserve_edge.cluster.auth import open_channel
 from fastserve_edge.cluster.profile import Profile
-from fastserve_edge.cluster.protocol import PROTOCOL_VERSION, peer_pb2, peer_pb2_grpc
-from fastserve_edge.cluster.shard_cache import Manifest, ShardCache, ShardError, ShardSource, part_blob
+from fastserve_edge.cluster.protocol import CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, peer_pb2, peer_pb2_grpc
+from fastserve_edge.cluster.shard_cache import (
+    Manifest, ShardCache, ShardError, ShardSource, part_blob, parts_for_stage,
+)
 from fastserve_edge.cluster.wire import (
     WireError, iter_chunks, join_chunks, pack_hidden, sampling_from_pb, unpack_hidden,
 )
 from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.generate import LocalStage
-from fastserve_edge.engine.kv_cache import kv_bytes_per_token
+from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, kv_bytes_per_token
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights, runtime_nbytes
-from fastserve_edge.engine.sampling import Sampler
-from fastserve_edge.errors import FastServeError
-from fastserve_edge.models.tensors import ModelSource
+from fastserve_edge.engine.sampling import Sampler, SamplingParams
+from fastserve_edge.errors import ConfigError, FastServeError
+from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 log = logging.getLogger("fastserve.peer")
 
@@ -47,6 +58,16 @@ MAX_PART_BYTES = 16 << 30        # one layer's blob; a corrupt header must not m
 FETCH_STREAMS = 3               # parts fetched at once
 FETCH_TIMEOUT_S = 600.0          # a whole part; a dead host is noticed sooner through keepalive
 TOKENS_PER_S_WINDOW_S = 5.0      # the tokens/s shown by `join` and Health
+MIN_CHUNK_BYTES = 64 << 10       # FetchLayer: a smaller ask gets this (1-byte chunks: a message per byte)
+MAX_CHUNK_BYTES = MAX_MESSAGE_BYTES - (64 << 10)  # the TensorChunk's other fields fit beside the data
+# auth.serve runs 64 worker threads and an open Forward stream holds one until it ends: 16 stay
+# free for Hello, Health, DropSession and LoadStage. The host opens one stream per session and
+# at most this many (coordinator.ClusterPipeline.max_open_sessions), so it never meets the cap.
+MAX_FORWARD_STREAMS = 48
+MAX_SESSIONS = 48                # sessions with KV on one peer (default and most of --max-sessions)
+MAX_SESSION_CHARS = 128          # a session id; hosts send uuid4 hex (32)
+PART_HEADER_BYTES = 4096         # a part blob's safetensors header, besides ...
+TENSOR_HEADER_BYTES = 512        # ... each tensor's two JSON entries (+ twice its name, escaped)
 
 
 # -- parts on the wire ---------------------------------------------------------------------
@@ -111,16 +132,73 @@ class CacheProvider:
         pass
 
 
-def fetch_part(address: str, token: str, digest: str, part: str) -> bytes:
-    """One part from another machine's FetchLayer, as one blob."""
+def fetch_part(address: str, token: str, digest: str, part: str, *, max_bytes: int = MAX_PART_BYTES) -> bytes:
+    """One part from another machine's FetchLayer, as one blob of at most max_bytes."""
     channel = open_channel(address, token)
     try:
         stub = peer_pb2_grpc.PeerStub(channel)
         chunks = stub.FetchLayer(peer_pb2.FetchLayerRequest(model_digest=digest, part=part_to_pb(part)),
                                  timeout=FETCH_TIMEOUT_S)
-        return join_chunks(chunks, max_bytes=MAX_PART_BYTES)
+        return join_chunks(chunks, max_bytes=max_bytes)
     finally:
         channel.close()
+
+
+def _digest_from_pb(digest: str) -> str:
+    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise WireError(f"model digest {digest[:80]!r} is not a sha256 in lowercase hex")
+    return digest
+
+
+def _stream_part(provider: LayerProvider, request: peer_pb2.FetchLayerRequest,
+                 context: grpc.ServicerContext) -> Iterator[peer_pb2.TensorChunk]:
+    """FetchLayer, as PeerService and WeightServer both serve it."""
+    try:
+        digest, part = _digest_from_pb(request.model_digest), part_from_pb(request.part)
+    except WireError as err:
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    try:
+        blob = provider.blob(digest, part)
+    except FastServeError as err:
+        _abort(context, grpc.StatusCode.NOT_FOUND, str(err))
+    # 0 = ours; tiny chunks cost a message per few bytes, huge ones break the message limit
+    chunk_bytes = min(max(request.chunk_bytes or CHUNK_BYTES, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    for piece in iter_chunks(blob, chunk_bytes):
+        yield piece
+        provider.sent(context.peer(), len(piece.data))
+
+
+class WeightServer(peer_pb2_grpc.PeerServicer):
+    """The host's Peer service: FetchLayer from `provider` (its model file) and nothing else.
+    Every other verb is the generated base class's UNIMPLEMENTED, so no LoadStage or Forward
+    ever runs inside the host's process."""
+
+    def __init__(self, provider: LayerProvider):
+        self.provider = provider
+
+    def FetchLayer(self, request, context):
+        yield from _stream_part(self.provider, request, context)
+
+
+# -- what a peer refuses, and with which status ------------------------------------------------
+
+class PeerFull(FastServeError):
+    """The peer is at a limit (Forward streams, sessions, KV memory, memory for a stage):
+    RESOURCE_EXHAUSTED. End sessions, use another peer, or re-plan."""
+
+
+class NoStage(FastServeError):
+    """A Forward step reached a peer that holds no stage (restarted or re-planned): FAILED_PRECONDITION."""
+
+
+def _code_of(err: Exception) -> grpc.StatusCode:
+    if isinstance(err, PeerFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(err, NoStage):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(err, WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
 
 
 # -- the node's state ------------------------------------------------------------------------
@@ -129,6 +207,108 @@ def fetch_part(address: str, token: str, digest: str, part: str) -> bytes:
 class Session:
     tokens: list[int] = field(default_factory=list)  # ids whose KV this stage holds, by position
     sampler: Sampler | None = None
+    kv_positions: int = 0  # positions its KV cache may have allocated by now (see _kv_positions)
+
+
+def _kv_positions(end: int, ctx: int) -> int:
+    """Positions a session's KV cache may have allocated once it holds `end`: it starts at
+    INITIAL_TOKENS and grows to at most twice what it needs (kv_cache.KVCache._room)."""
+    return min(ctx, max(INITIAL_TOKENS, 2 * end))
+
+
+@dataclass(frozen=True)
+class TensorWant:
+    sha256: str
+    nbytes: int  # data bytes, as the host's manifest declares them
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_MAX_NAME_CHARS = 256  # GGUF allows 64
+
+
+@dataclass(frozen=True)
+class StageOrder:
+    """A LoadStage request, checked: which layers to hold, and every tensor they take."""
+    digest: str
+    model_name: str
+    config: ModelConfig
+    start: int
+    end: int                                    # exclusive
+    ctx: int
+    threads: int                                # 0: keep this peer's
+    parts: dict[str, dict[str, TensorWant]]     # part -> tensor name -> what the manifest declares
+    source_address: str
+    host_name: str
+
+    @property
+    def kv_per_position(self) -> int:
+        """K and V of one position in every layer of the stage."""
+        return kv_bytes_per_token(self.config.n_kv_heads, self.config.head_dim) * (self.end - self.start)
+
+    def declared_bytes(self) -> int:
+        """The weights' data bytes: a lower bound of what they take once loaded."""
+        return sum(w.nbytes for want in self.parts.values() for w in want.values())
+
+    def fixed_bytes(self) -> int:
+        """Besides the weights: one session's KV for ctx, and the rope tables (cos, sin: [ctx, head_dim] fp32)."""
+        return self.kv_per_position * self.ctx + 2 * self.ctx * self.config.head_dim * 4
+
+    @classmethod
+    def from_pb(cls, req: peer_pb2.LoadStageRequest) -> StageOrder:
+        """WireError unless every field is in range; nothing here allocates by what it reads."""
+        digest = _digest_from_pb(req.model_digest)
+        try:
+            config = ModelConfig.from_dict(json.loads(req.model_config_json))
+        except (ValueError, TypeError, RecursionError) as err:  # not JSON, not an object, fields out of range
+            raise WireError(f"bad model config: {err}") from None
+        start, end = req.layer_start, req.layer_end
+        if not 0 <= start < end <= config.n_layers or req.has_embedding or not 1 <= req.ctx <= config.context_length:
+            raise WireError(f"bad stage: layers [{start}, {end}) of {config.n_layers}, ctx {req.ctx} of the model's "
+                            f"{config.context_length}, embedding {req.has_embedding} (a peer never embeds)")
+        cpus = os.cpu_count() or 1
+        if req.threads > cpus:
+            raise WireError(f"{req.threads} threads asked, this machine has {cpus} CPUs: send 0 to let the peer choose")
+        allowed = parts_for_stage(config, start, end)
+        parts: dict[str, dict[str, TensorWant]] = {}
+        names: set[str] = set()
+        for entry in req.manifest:
+            part = part_from_pb(entry.part)
+            if part not in allowed:
+                raise WireError(f"manifest entry {entry.name[:80]!r} is in part {part}, which layers [{start}, {end}) "
+                                f"do not take ({', '.join(allowed)})")
+            name_ok = 0 < len(entry.name) <= _MAX_NAME_CHARS and set(entry.name) <= _NAME_CHARS
+            if not name_ok or entry.name in names:
+                raise WireError(f"manifest entry {entry.name[:80]!r}: a tensor name is 1-{_MAX_NAME_CHARS} characters "
+                                "of [A-Za-z0-9_.-], listed once")
+            if len(entry.sha256) != 64 or not all(c in "0123456789abcdef" for c in entry.sha256):
+                raise WireError(f"manifest entry {entry.name}: sha256 {entry.sha256[:80]!r} is not lowercase hex")
+            if not 0 < entry.nbytes <= MAX_PART_BYTES:
+                raise WireError(f"manifest entry {entry.name} declares {entry.nbytes:,} bytes (1 to "
+                                f"{MAX_PART_BYTES:,}): the host must declare every tensor's size; run the same "
+                                "fastserve version everywhere")
+            names.add(entry.name)
+            parts.setdefault(part, {})[entry.name] = TensorWant(entry.sha256, entry.nbytes)
+        absent = [p for p in allowed if p != "common" and p not in parts]  # common is empty for most models
+        if absent:
+            raise WireError(f"the manifest has no tensors for {', '.join(absent)}")
+        for part, want in parts.items():
+            if sum(w.nbytes for w in want.values()) > MAX_PART_BYTES:
+                raise WireError(f"part {part} declares more than {MAX_PART_BYTES:,} bytes")
+        return cls(digest, req.model_name or config.name, config, start, end, req.ctx, req.threads, parts,
+                   req.source_address, req.host_name or "a host")
+
+
+def _blob_limit(want: dict[str, TensorWant]) -> int:
+    """Largest blob a part may arrive as: its declared data and the safetensors header around it."""
+    return PART_HEADER_BYTES + sum(w.nbytes + TENSOR_HEADER_BYTES + 2 * len(name) for name, w in want.items())
+
+
+def _check_sizes(part: str, tensors: list[RawTensor], want: dict[str, TensorWant]) -> None:
+    """The tensors' hashes matched already; the sizes the memory check counted must be theirs too."""
+    for t in tensors:
+        if t.nbytes != want[t.name].nbytes:
+            raise ShardError(f"part {part}: tensor {t.name} holds {t.nbytes:,} bytes, the manifest declared "
+                             f"{want[t.name].nbytes:,}: the host's manifest is wrong (another fastserve version?)")
 
 
 @dataclass
@@ -142,15 +322,21 @@ class Holding:
     stage: LocalStage
     dim: int
     ctx: int
+    vocab_size: int
+    kv_per_position: int   # bytes: K and V of one position in every layer held
+    kv_room: int           # bytes the KV of all sessions together may take (memory less weights and rope)
 
 
 class PeerNode:
     """What one machine is and holds; the servicer and the `join` panel both read it."""
 
     def __init__(self, *, node_id: str, name: str, profile: Profile, cache: ShardCache, token: str,
-                 on_change: Callable[[], None] = lambda: None):
+                 max_sessions: int = MAX_SESSIONS, on_change: Callable[[], None] = lambda: None):
+        if not 1 <= max_sessions <= MAX_SESSIONS:
+            raise ConfigError(f"--max-sessions must be between 1 and {MAX_SESSIONS}, got {max_sessions}")
         self.node_id, self.name, self.profile = node_id, name, profile
         self.cache, self.token = cache, token
+        self.max_sessions = max_sessions
         self.on_change = on_change
         self.state = peer_pb2.PEER_STATE_IDLE
         self.holding: Holding | None = None
@@ -195,13 +381,23 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str):
     context.abort(code, message)
 
 
+def _sampling_from_pb(msg: peer_pb2.Sampling) -> SamplingParams:
+    """wire.sampling_from_pb, and finite: an inf temperature or penalty turns every logit into NaN."""
+    values = {"temperature": msg.temperature, "top_p": msg.top_p, "min_p": msg.min_p,
+              "repeat_penalty": msg.repeat_penalty}
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise WireError(f"sampling parameters out of range: {', '.join(bad)} not finite")
+    return sampling_from_pb(msg)
+
+
 class _Pending:
     """One Forward request waiting for the stage, and what it got."""
 
     def __init__(self, req: peer_pb2.ForwardRequest):
         self.req = req
         self.reply: peer_pb2.ForwardReply | None = None
-        self.error: Exception | None = None  # WireError: the request was wrong; else a bug
+        self.error: Exception | None = None  # FastServeError: refused (see _code_of); else a bug
         self.done = False
         self.wake = threading.Event()  # its reply is ready, or it is to lead the next batch
 
@@ -214,6 +410,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.node = node
         self._pending: list[_Pending] = []  # Forward requests that wait for the stage (see _step)
         self._leader: _Pending | None = None  # the request whose stream runs the next batch
+        self._streams = 0  # Forward streams open (MAX_FORWARD_STREAMS)
         self._pending_lock = threading.Lock()
         self.provider = provider or CacheProvider(node.cache)
 
@@ -230,99 +427,145 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     # weights ----------------------------------------------------------------------------
     def FetchLayer(self, request, context):
-        try:
-            blob = self.provider.blob(request.model_digest, part_from_pb(request.part))
-        except FastServeError as err:
-            _abort(context, grpc.StatusCode.NOT_FOUND, str(err))
-        pieces = iter_chunks(blob, request.chunk_bytes) if request.chunk_bytes else iter_chunks(blob)
-        for piece in pieces:
-            yield piece
-            self.provider.sent(context.peer(), len(piece.data))
+        yield from _stream_part(self.provider, request, context)
 
     def LoadStage(self, request, context):
         n = self.node
         started = time.perf_counter()
         try:
-            config = ModelConfig.from_dict(json.loads(request.model_config_json))
-        except (ValueError, TypeError, KeyError, AssertionError) as err:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad model config: {err}")
-        start, end = request.layer_start, request.layer_end
-        if not 0 <= start < end <= config.n_layers or request.has_embedding or request.ctx < 1:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                   f"bad stage: layers [{start}, {end}) of {config.n_layers}, ctx {request.ctx}, "
-                   f"embedding {request.has_embedding} (a peer never embeds)")
-        wanted: dict[str, dict[str, str]] = {}
-        try:
-            for entry in request.manifest:
-                wanted.setdefault(part_from_pb(entry.part), {})[entry.name] = entry.sha256
-        except WireError as err:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            order = StageOrder.from_pb(request)
+            need = order.declared_bytes() + order.fixed_bytes()
+            if need > n.profile.memory_bytes:  # before a byte is fetched
+                raise PeerFull(f"this stage needs at least {need / 2**20:.0f} MiB (weights as its manifest declares "
+                               f"them, KV and rope for {order.ctx} tokens) but {n.name} offers "
+                               f"{n.profile.memory_bytes / 2**20:.0f} MiB (--max-memory); re-plan")
+        except FastServeError as err:
+            _abort(context, _code_of(err), str(err))
+        failure: tuple[grpc.StatusCode, str] | None = None
         with n.lock:
             n.holding, n.sessions = None, {}
             n._set_state(peer_pb2.PEER_STATE_LOADING)
             try:
-                tensors, cached, fetched, nbytes = [], 0, 0, 0
-                missing = []
-                for part, expected in sorted(wanted.items()):
-                    got = n.cache.load(request.model_digest, part, expected)
-                    if got is None:
-                        missing.append(part)
-                    else:
-                        cached += len(got)
-                        tensors.extend(got)
-
-                def fetch(part: str) -> tuple[list, int]:
-                    blob = fetch_part(request.source_address, n.token, request.model_digest, part)
-                    return n.cache.store(request.model_digest, part, blob, wanted[part]), len(blob)
-
-                # a few parts in flight at once: one stream alone leaves the link idle while we verify
-                with ThreadPoolExecutor(max_workers=FETCH_STREAMS) as pool:
-                    for got, size in pool.map(fetch, missing):
-                        fetched, nbytes = fetched + len(got), nbytes + size
-                        n.bytes_fetched += size
-                        tensors.extend(got)
-                need = sum(runtime_nbytes(t) for t in tensors)
-                need += kv_bytes_per_token(config.n_kv_heads, config.head_dim) * (end - start) * request.ctx
-                if need > n.profile.memory_bytes:
-                    raise ShardError(f"this stage needs {need / 2**20:.0f} MiB but {n.name} offers "
-                                     f"{n.profile.memory_bytes / 2**20:.0f} MiB (--max-memory); re-plan")
-                if request.threads:
-                    torch.set_num_threads(request.threads)
-                source = ShardSource(config, tensors)
-                stage = Stage(config, RuntimeWeights(source), start, end, max_tokens=request.ctx, embeds=False)
-            except grpc.RpcError as err:
+                n.holding, counts = self._load(order)
+            except Exception as err:  # whatever it was, the peer is IDLE again and the caller hears why
+                failure = self._load_failure(order, err)
                 n._set_state(peer_pb2.PEER_STATE_IDLE)
-                _abort(context, grpc.StatusCode.UNAVAILABLE,
-                       f"could not fetch layers from {request.source_address}: {err.details()}")
-            except FastServeError as err:
-                n._set_state(peer_pb2.PEER_STATE_IDLE)
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(err))
-            n.holding = Holding(request.model_digest, request.model_name or config.name, start, end,
-                                end == config.n_layers, request.host_name or "a host", LocalStage(stage),
-                                config.dim, request.ctx)
-            n._set_state(peer_pb2.PEER_STATE_READY)
+            else:
+                n._set_state(peer_pb2.PEER_STATE_READY)
+        if failure is not None:
+            context.abort(*failure)
+        cached, fetched, nbytes = counts
         log.info("holding layers %d-%d of %s (%d tensors cached, %d fetched, %.1f MB)",
-                 start, end - 1, request.model_name, cached, fetched, nbytes / 1e6)
+                 order.start, order.end - 1, order.model_name, cached, fetched, nbytes / 1e6)
         return peer_pb2.LoadStageReply(tensors_cached=cached, tensors_fetched=fetched, bytes_fetched=nbytes,
                                        load_seconds=time.perf_counter() - started)
+
+    def _load(self, order: StageOrder) -> tuple[Holding, tuple[int, int, int]]:
+        """Under the node lock: every part from the cache or the host, checked, then the stage.
+        -> (what the node now holds, (tensors cached, tensors fetched, bytes fetched))."""
+        n = self.node
+        tensors: list[RawTensor] = []
+        cached = fetched = nbytes = 0
+        missing = []
+        for part, want in sorted(order.parts.items()):
+            got = n.cache.load(order.digest, part, {name: w.sha256 for name, w in want.items()})
+            if got is None:
+                missing.append(part)
+            else:
+                _check_sizes(part, got, want)
+                cached += len(got)
+                tensors.extend(got)
+
+        for part in missing:  # the cache's quota, before any transfer
+            n.cache.check_size(part, _blob_limit(order.parts[part]))
+
+        def fetch(part: str) -> tuple[list[RawTensor], int]:
+            want = order.parts[part]
+            blob = fetch_part(order.source_address, n.token, order.digest, part, max_bytes=_blob_limit(want))
+            got = n.cache.store(order.digest, part, blob, {name: w.sha256 for name, w in want.items()},
+                                protect=order.parts.keys())
+            _check_sizes(part, got, want)
+            return got, len(blob)
+
+        # a few parts in flight at once: one stream alone leaves the link idle while we verify
+        pool = ThreadPoolExecutor(max_workers=FETCH_STREAMS)
+        try:
+            for got, size in pool.map(fetch, missing):
+                fetched, nbytes = fetched + len(got), nbytes + size
+                n.bytes_fetched += size
+                tensors.extend(got)
+        finally:
+            pool.shutdown(cancel_futures=True)  # a failed part: do not start the rest
+        weights = sum(runtime_nbytes(t) for t in tensors)
+        if weights + order.fixed_bytes() > n.profile.memory_bytes:
+            raise PeerFull(f"this stage needs {(weights + order.fixed_bytes()) / 2**20:.0f} MiB once loaded but "
+                           f"{n.name} offers {n.profile.memory_bytes / 2**20:.0f} MiB (--max-memory); re-plan")
+        if order.threads:
+            torch.set_num_threads(order.threads)
+        cfg = order.config
+        stage = Stage(cfg, RuntimeWeights(ShardSource(cfg, tensors)), order.start, order.end, max_tokens=order.ctx,
+                      embeds=False)
+        rope = order.fixed_bytes() - order.kv_per_position * order.ctx
+        holding = Holding(order.digest, order.model_name, order.start, order.end, order.end == cfg.n_layers,
+                          order.host_name, LocalStage(stage), cfg.dim, order.ctx, cfg.vocab_size,
+                          order.kv_per_position, n.profile.memory_bytes - weights - rope)
+        return holding, (cached, fetched, nbytes)
+
+    def _load_failure(self, order: StageOrder, err: Exception) -> tuple[grpc.StatusCode, str]:
+        """A failed load in a status and a message that says what to do; logged here."""
+        what = f"layers {order.start}-{order.end - 1} of {order.model_name}"
+        if isinstance(err, grpc.RpcError):
+            detail = err.details() if isinstance(err, grpc.Call) else str(err)
+            code, message = grpc.StatusCode.UNAVAILABLE, f"could not fetch layers from {order.source_address}: {detail}"
+        elif isinstance(err, PeerFull):
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
+        elif isinstance(err, FastServeError):  # the bytes did not match the manifest
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(err)
+        elif isinstance(err, OSError):
+            code, message = grpc.StatusCode.INTERNAL, (f"{self.node.name} could not read or write its shard cache "
+                                                       f"({err}); check the free space and permissions of "
+                                                       f"{self.node.cache.root}")
+        else:
+            log.error("loading %s failed", what, exc_info=err)
+            code, message = grpc.StatusCode.INTERNAL, (
+                f"{self.node.name} failed to build {what} ({type(err).__name__}: {err}): a model config that "
+                "does not match its tensors, or a bug (the peer's log has the traceback)")
+        log.error("could not load %s, back to idle: %s", what, message)
+        return code, message
 
     # the pipeline -----------------------------------------------------------------------
     def Forward(self, request_iterator, context) -> Iterator[peer_pb2.ForwardReply]:
         n = self.node
+        with self._pending_lock:
+            full = self._streams >= MAX_FORWARD_STREAMS
+            if not full:
+                self._streams += 1
+        if full:
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"{n.name} has {MAX_FORWARD_STREAMS} Forward streams open, its limit: close idle ones "
+                   "(one stream per session) or plan with more peers")
         opened: set[str] = set()
+        last_seq: int | None = None
         try:
             for req in request_iterator:
-                opened.add(req.session)
                 try:
-                    yield self._step(req)
-                except WireError as err:
-                    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                    if last_seq is not None and req.seq <= last_seq:
+                        raise WireError(f"seq {req.seq} after {last_seq}: a stream numbers its steps upward")
+                    reply = self._step(req)
+                except Exception as err:  # refused, or a bug: this stream ends, the peer serves on
+                    detail = str(err) if isinstance(err, FastServeError) else \
+                        f"{n.name} failed on this step ({type(err).__name__}; its log has the traceback): re-prefill"
+                    _abort(context, _code_of(err), detail)
+                last_seq = req.seq
+                if not reply.kv_lost:
+                    opened.add(req.session)
+                yield reply
         finally:
+            with self._pending_lock:
+                self._streams -= 1
             with n.lock:  # the host went away or closed the stream: free the KV it held
                 for session in opened:
-                    if n.holding is not None:
-                        n.holding.stage.drop(session)
-                    n.sessions.pop(session, None)
+                    self._forget(session)
                 if n.state == peer_pb2.PEER_STATE_SERVING and not n.sessions:
                     n._set_state(peer_pb2.PEER_STATE_READY)
 
@@ -352,7 +595,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         try:
             with self.node.lock:
                 self._run(batch)
-        except Exception as err:  # a bug: every stream of the batch hears of it, not only this one
+        except Exception as err:  # a bug outside any one step: every stream of the batch hears of it
             log.exception("a batch of %d Forward steps failed", len(batch))
             for other in batch:
                 if not other.done:
@@ -367,70 +610,133 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     def _run(self, batch: list[_Pending]) -> None:
         """Under the node lock: check every request, then one batched forward for the plain
-        decode steps and one forward each for the rest (prefills, all_logits)."""
+        decode steps and one forward each for the rest (prefills, all_logits). A step that is
+        refused or fails fails alone: the others of the batch go on."""
         n = self.node
         decode: list[tuple[_Pending, torch.Tensor]] = []
+        seen: set[str] = set()
         for item in batch:
+            admitted = False
             try:
+                if item.req.session in seen:  # two streams stepping one session: the KV would be written twice
+                    raise WireError(f"session {item.req.session[:40]!r} has another step running (from another "
+                                    "stream): send a session's steps on one stream, one at a time")
+                seen.add(item.req.session)
                 x = self._admit(item.req)
-            except WireError as err:
-                item.finish(error=err)
-                continue
-            if x is None:
-                item.finish(reply=peer_pb2.ForwardReply(session=item.req.session, seq=item.req.seq, kv_lost=True))
-            elif x.shape[1] == 1 and not item.req.all_logits:
-                decode.append((item, x))
-            else:
-                started = time.perf_counter()
-                out = n.holding.stage.forward(item.req.session, x, item.req.pos, all_logits=item.req.all_logits)
-                item.finish(reply=self._reply(item.req, out, time.perf_counter() - started))
+                admitted = x is not None
+                if x is None:
+                    item.finish(reply=peer_pb2.ForwardReply(session=item.req.session, seq=item.req.seq, kv_lost=True))
+                elif x.shape[1] == 1 and not item.req.all_logits:
+                    decode.append((item, x))
+                else:
+                    started = time.perf_counter()
+                    out = n.holding.stage.forward(item.req.session, x, item.req.pos, all_logits=item.req.all_logits)
+                    item.finish(reply=self._reply(item.req, out, time.perf_counter() - started))
+            except Exception as err:
+                self._fail(item, err, forget=admitted)
         if not decode:
             return
         started = time.perf_counter()
         sessions = [item.req.session for item, _ in decode]
         rows = torch.cat([x.reshape(1, -1) for _, x in decode])
-        out = n.holding.stage.forward_batch(sessions, rows, [item.req.pos for item, _ in decode])
+        try:
+            out = n.holding.stage.forward_batch(sessions, rows, [item.req.pos for item, _ in decode])
+        except Exception as err:
+            for item, _ in decode:
+                self._fail(item, err, forget=True)
+            return
         seconds = time.perf_counter() - started
         for r, (item, _) in enumerate(decode):
             n._decode_steps.append(time.monotonic())
-            item.finish(reply=self._reply(item.req, out[r:r + 1], seconds))
+            try:
+                item.finish(reply=self._reply(item.req, out[r:r + 1], seconds))
+            except Exception as err:
+                self._fail(item, err, forget=True)
+
+    def _fail(self, item: _Pending, err: Exception, *, forget: bool) -> None:
+        """A step refused or failed; forget: it had been admitted, so its KV may be half written
+        (the host re-prefills it after kv_lost)."""
+        if not isinstance(err, FastServeError):
+            log.error("a Forward step of session %.40r failed", item.req.session, exc_info=err)
+        if forget:
+            self._forget(item.req.session)
+        item.finish(error=err)
+
+    def _forget(self, session: str) -> None:
+        n = self.node
+        if n.holding is not None:
+            n.holding.stage.drop(session)
+        n.sessions.pop(session, None)
 
     def _admit(self, req: peer_pb2.ForwardRequest) -> torch.Tensor | None:
-        """Check a request against the stage and the session; record the tokens it feeds.
-        -> its hidden states [1, S, D], or None when the session's KV is gone (kv_lost)."""
+        """Check a request against the stage, the session and the peer's limits, then record the
+        tokens it feeds; nothing changes unless every check passes.
+        -> its hidden states [1, S, D] fp32, or None when the session's KV is gone (kv_lost)."""
         n = self.node
         h = n.holding
         if h is None:
-            raise WireError("this peer holds no stage (it was restarted or re-planned): send LoadStage first")
-        if req.reset:
-            h.stage.drop(req.session)
-            n.sessions.pop(req.session, None)
-        session = n.sessions.get(req.session)
-        if session is None:
-            session = n.sessions[req.session] = Session()
-        if req.pos > len(session.tokens):  # we never saw the positions before this step
-            h.stage.drop(req.session)
-            del n.sessions[req.session]
-            return None
+            raise NoStage(f"{n.name} holds no stage (it was restarted or re-planned): send LoadStage first")
+        if len(req.session) > MAX_SESSION_CHARS:
+            raise WireError(f"a session id of {len(req.session)} characters (at most {MAX_SESSION_CHARS})")
         x = unpack_hidden(req.hidden, max_elements=h.ctx * h.dim)
-        if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != h.dim or req.pos + x.shape[1] > h.ctx:
+        if x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != h.dim or not 1 <= x.shape[1] <= h.ctx - req.pos:
             raise WireError(f"hidden states of shape {tuple(x.shape)} at position {req.pos} do not fit "
-                            f"this stage ([1, S, {h.dim}] within a context of {h.ctx})")
+                            f"this stage ([1, S, {h.dim}], S >= 1, within a context of {h.ctx})")
+        rows = x.shape[1]
+        if not torch.isfinite(x).all():
+            raise WireError("hidden states hold inf or NaN: the stage before this one diverged or sent garbage")
+        if req.tokens and len(req.tokens) != rows:
+            raise WireError(f"{len(req.tokens)} token ids for {rows} rows of hidden states: one id per row, or none")
+        if req.tokens and not 0 <= min(req.tokens) <= max(req.tokens) < h.vocab_size:
+            raise WireError(f"a token id outside the vocabulary [0, {h.vocab_size})")
         if req.sample and not h.has_head:
             raise WireError("asked to sample, but this stage does not hold the head")
+        if not req.sample:  # a hidden or logits reply must fit in one message
+            width = h.vocab_size if h.has_head else h.dim
+            reply_bytes = (rows if req.all_logits or not h.has_head else 1) * width * 4
+            if reply_bytes > MAX_CHUNK_BYTES:
+                raise WireError(f"the reply would be {reply_bytes / 2**20:.0f} MiB, more than a message may carry: "
+                                "send fewer rows at once")
+        session = None if req.reset else n.sessions.get(req.session)
+        sampler = None
+        if req.sample and (req.new_sampler or session is None or session.sampler is None):
+            sampler = Sampler(_sampling_from_pb(req.sampling))
+        if req.pos > (len(session.tokens) if session is not None else 0):  # we never saw the positions before it
+            self._forget(req.session)
+            return None
+        if req.session not in n.sessions and len(n.sessions) >= n.max_sessions:
+            raise PeerFull(f"{n.name} holds {len(n.sessions)} sessions, its limit (--max-sessions): end one "
+                           "(DropSession) or use another peer")
+        positions = max(session.kv_positions if session is not None else 0, _kv_positions(req.pos + rows, h.ctx))
+        others = sum(s.kv_positions for sid, s in n.sessions.items() if sid != req.session)
+        if (others + positions) * h.kv_per_position > h.kv_room:
+            raise PeerFull(f"the KV of {len(n.sessions)} sessions fills the {h.kv_room / 2**20:.0f} MiB {n.name} has "
+                           f"for it: end sessions (DropSession) or give this peer more memory (--max-memory)")
+        if req.reset:
+            self._forget(req.session)
+        if session is None:
+            session = n.sessions[req.session] = Session()
+        session.kv_positions = positions
+        if sampler is not None:
+            session.sampler = sampler
         if n.state != peer_pb2.PEER_STATE_SERVING:
             n._set_state(peer_pb2.PEER_STATE_SERVING)
         del session.tokens[req.pos:]
-        session.tokens.extend(req.tokens if req.tokens else [0] * x.shape[1])
-        return x
+        session.tokens.extend(req.tokens if req.tokens else [0] * rows)
+        return x.float()
 
     def _reply(self, req: peer_pb2.ForwardRequest, out: torch.Tensor, seconds: float) -> peer_pb2.ForwardReply:
         """out: this request's hidden [1, S, D] or logits ([1, V], [1, S, V])."""
         if req.sample:
             session = self.node.sessions[req.session]
-            if req.new_sampler or session.sampler is None:
-                session.sampler = Sampler(sampling_from_pb(req.sampling))
-            token = session.sampler(out.reshape(-1, out.shape[-1])[-1], session.tokens)
+            logits = out.reshape(-1, out.shape[-1])[-1]
+            if not torch.isfinite(logits).all():
+                raise WireError("these hidden states give inf or NaN logits: the stages before this one sent "
+                                "values out of range")
+            try:
+                token = session.sampler(logits, session.tokens)
+            except RuntimeError as err:  # torch.multinomial: the parameters left no distribution to draw from
+                raise WireError(f"sampling parameters out of range: they leave nothing to draw from ({err})") from None
             return peer_pb2.ForwardReply(session=req.session, seq=req.seq, token=token, seconds=seconds)
         if out.dim() == 2 and not self.node.holding.has_head:
             out = out.unsqueeze(1)  # a batched decode row [1, D] -> [1, 1, D], as forward gives it
@@ -439,8 +745,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def DropSession(self, request, context):
         n = self.node
         with n.lock:
-            existed = n.sessions.pop(request.session, None) is not None
-            if n.holding is not None:
-                n.holding.stage.drop(request.session)
+            existed = n.sessions.get(request.session) is not None
+            self._forget(request.session)
         return peer_pb2.DropSessionReply(existed=existed)
-
