@@ -3,6 +3,10 @@
 Like `fastserve chat`, it looks for peers of its cluster and spreads the model over them
 (`--local-only`: this machine alone); a peer that leaves costs a re-plan, and every open
 answer goes on. The URL goes to stdout, one line; everything else to stderr.
+
+Against clients that would exhaust it: --max-queue (then 429 with Retry-After),
+--max-connections, --idle-timeout (slow or silent connections are closed); --tls-cert and
+--tls-key serve HTTPS (TLS 1.2 at least). Every flag is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -30,6 +36,15 @@ def command(
     api_key: Annotated[str | None, typer.Option(help="clients must send 'Authorization: Bearer KEY'",
                                                 envvar="FASTSERVE_API_KEY")] = None,
     max_sessions: Annotated[int, typer.Option(help="sessions that generate at the same time; others queue")] = 4,
+    max_queue: Annotated[int, typer.Option(help="requests that may wait beyond --max-sessions; more get "
+                                                "429 with Retry-After")] = 64,
+    max_connections: Annotated[int, typer.Option(help="open connections at once; more get a 503")] = 256,
+    idle_timeout: Annotated[float, typer.Option(help="seconds a connection may take to send a request's head, "
+                                                     "or its body, or sit idle; then it is closed")] = 30.0,
+    tls_cert: Annotated[Path | None, typer.Option(help="serve HTTPS with this PEM certificate (with --tls-key)",
+                                                  envvar="FASTSERVE_TLS_CERT")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="the certificate's PEM private key",
+                                                 envvar="FASTSERVE_TLS_KEY")] = None,
     kv_memory: Annotated[str | None, typer.Option(help="memory all sessions' KV may use on each machine, e.g. 2G "
                                                        "(default: what is free there once the weights are in)")] = None,
     scheduler: Annotated[str, typer.Option(help=f"which waiting session runs next: {' | '.join(SCHEDULERS)}")] = "fcfs",
@@ -60,13 +75,16 @@ def command(
                                                static_peers=tuple(peer or ()), reprofile=reprofile)
         serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions, kv_memory=kv_memory,
               scheduler=scheduler, ctx=ctx, threads=threads, insecure=insecure, cluster=cluster,
-              prompt_cache=prompt_cache, activations=activations)
+              prompt_cache=prompt_cache, activations=activations, max_queue=max_queue,
+              max_connections=max_connections, idle_timeout=idle_timeout, tls_cert=tls_cert, tls_key=tls_key)
 
 
 def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_sessions: int, scheduler: str,
           ctx: int | None, threads: int | None, insecure: bool, cluster: dict | None = None,
-          kv_memory: str | None = None, prompt_cache: int | None = None, activations: str = "int16") -> None:
-    from fastserve_edge.serving.api import ServeConfig, check_exposure, create_app
+          kv_memory: str | None = None, prompt_cache: int | None = None, activations: str = "int16",
+          max_queue: int = 64, max_connections: int = 256, idle_timeout: float = 30.0,
+          tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+    from fastserve_edge.serving.api import Limits, ServeConfig, check_exposure, create_app, tls_context
     from fastserve_edge.serving.engine_loop import KV_GROWTH, kv_room
 
     # every check that needs no model first: a refusal must not wait for a model load
@@ -75,6 +93,17 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
         raise ConfigError(f"--port must be in 0..65535, got {port}")
     if max_sessions < 1:
         raise ConfigError(f"--max-sessions must be at least 1, got {max_sessions}")
+    if max_queue < 0:
+        raise ConfigError(f"--max-queue must be at least 0 (0: every request past --max-sessions gets a 429), "
+                          f"got {max_queue}")
+    if max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {max_connections}")
+    if not idle_timeout > 0:
+        raise ConfigError(f"--idle-timeout must be more than 0 seconds, got {idle_timeout}")
+    limits = Limits(max_queue=max_queue, max_connections=max_connections, idle_timeout=idle_timeout)
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("HTTPS needs both --tls-cert and --tls-key; give the other one too")
+    ssl_context = tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     if prompt_cache is not None and prompt_cache < 0:
         raise ConfigError(f"--prompt-cache must be at least 0 (ended sessions whose KV is kept, within the KV "
                           f"budget; 0 turns the cache off), got {prompt_cache}")
@@ -128,10 +157,10 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
             err_console.print(f"[yellow]{escape(why)}: one session at a time may still run out of memory; "
                               "lower --ctx[/]", highlight=False)
         app = create_app(pipeline, tokenizer, config, max_sessions=max_sessions, scheduler=scheduler,
-                         threads=n_threads, kv_room=room, prompt_cache=prompt_cache)
+                         threads=n_threads, kv_room=room, prompt_cache=prompt_cache, limits=limits)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            asyncio.run(_run(app, host, port, resolved.name, pipeline.ctx, max_sessions, scheduler))
+            asyncio.run(_run(app, host, port, resolved.name, pipeline.ctx, max_sessions, scheduler, ssl_context))
         except KeyboardInterrupt:
             pass
     finally:
@@ -139,22 +168,14 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
             coordinator.close()
 
 
-async def _run(app, host: str, port: int, name: str, n_ctx: int, max_sessions: int, scheduler: str) -> None:
-    from aiohttp import web
+async def _run(app, host: str, port: int, name: str, n_ctx: int, max_sessions: int, scheduler: str,
+               ssl_context: ssl.SSLContext | None) -> None:
+    from fastserve_edge.serving.api import serving
 
-    # handler_cancellation: a client that disconnects cancels its handler, which cancels its session
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as err:
-            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror or err}); "
-                              "pick another --port or --host") from None
-        bound_host, bound_port = runner.addresses[0][:2]
+    async with serving(app, host, port, ssl_context=ssl_context) as (bound_host, bound_port):
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        print(f"serving {name} on http://{shown}:{bound_port}/v1", flush=True)
+        scheme = "https" if ssl_context is not None else "http"
+        print(f"serving {name} on {scheme}://{shown}:{bound_port}/v1", flush=True)
         err_console.print(f"[dim]ctx {n_ctx} · max {max_sessions} sessions · {scheduler} · Ctrl-C stops[/]",
                           highlight=False)
         stop = asyncio.Event()
@@ -163,5 +184,3 @@ async def _run(app, host: str, port: int, name: str, n_ctx: int, max_sessions: i
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         err_console.print(f"[dim]{escape(name)}: stopping[/]", highlight=False)
-    finally:
-        await runner.cleanup()

@@ -17,6 +17,17 @@ Behaviour worth knowing (where OpenAI leaves room):
 - Errors: OpenAI's body {"error": {"message", "type", "param", "code"}} with its status codes.
 - A client that disconnects cancels its session: generation stops, its KV is freed.
 - With --api-key, every endpoint but /health wants 'Authorization: Bearer KEY' (/metrics too).
+- GET /openapi.json: the OpenAPI 3.1 description of every route (openapi.py holds the limits).
+
+What a hostile client cannot do (issue 21; `Limits`, set by `fastserve serve`'s flags):
+- hold connections: a request's head must arrive within idle_timeout of the connection's
+  start (or of the previous answer), its body within idle_timeout of the head; an idle
+  keep-alive connection is closed after it; a TLS handshake gets as long. Past
+  max_connections open at once, a new one gets a 503 and is closed.
+- queue without end: past max_queue sessions waiting for the engine, 429 with Retry-After.
+- crash a handler: bodies over 1 MiB, nested deeper than MAX_DEPTH, with lone surrogates,
+  NaN, or wrong types anywhere get a 4xx with OpenAI's error JSON, never a 500.
+- TLS (`tls_context`): TLS 1.2 at least, with the certificate and key `serve` is given.
 """
 
 from __future__ import annotations
@@ -26,10 +37,13 @@ import hmac
 import ipaddress
 import json
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,19 +51,20 @@ from aiohttp import web
 from fastserve_edge.engine.generate import Pipeline
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.errors import ConfigError, FastServeError
+from fastserve_edge.serving import openapi
 from fastserve_edge.serving.engine_loop import (
     EngineClosed,
     EngineLoop,
     Finished,
+    QueueFull,
     Session,
     Token,
 )
+from fastserve_edge.serving.openapi import MAX_BODY_BYTES, MAX_DEPTH, MAX_STOP_STRINGS, ROLES, SEED, TEMPERATURE, TOP_P
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a context of text, far less than a memory problem
-MAX_STOP_STRINGS = 4      # OpenAI's limit
-ROLES = ("system", "developer", "user", "assistant", "tool")
+RETRY_AFTER_S = 2  # a 429's Retry-After: a queue slot frees when any session ends; the openai client honours it
 
 
 @dataclass(frozen=True)
@@ -63,7 +78,17 @@ class ServeConfig:
     max_tokens: int = 512
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What clients may hold of the server at once, however they behave."""
+    max_queue: int = 64          # requests waiting beyond --max-sessions; past it, 429
+    max_connections: int = 256   # open TCP connections; past it, a new one gets a 503 and is closed
+    idle_timeout: float = 30.0   # s: for a request's head, its body, a TLS handshake, an idle keep-alive
+                                 # connection (a 1 MiB body at 35 KB/s still arrives)
+
+
 CONFIG = web.AppKey("config", ServeConfig)
+LIMITS = web.AppKey("limits", Limits)
 PIPELINE = web.AppKey("pipeline", object)  # engine.generate.Pipeline, or cluster.coordinator.ClusterPipeline
 TOKENIZER = web.AppKey("tokenizer", object)  # models.tokenizer.Tokenizer
 ENGINE_OPTIONS = web.AppKey("engine_options", dict)
@@ -79,15 +104,16 @@ class APIError(Exception):
     """An error the client gets as OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 def _from_http(err: web.HTTPException) -> APIError:
@@ -149,15 +175,59 @@ def _check_key(request: web.Request) -> None:
 # -- request parsing ---------------------------------------------------------------------------
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    timeout = request.app[LIMITS].idle_timeout
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    except TimeoutError:  # aiohttp reads what follows for lingering_time (10 s) at most, then closes
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s; send it at once",
+                       code="request_timeout") from None
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # the C decoder recurses per level: thousands of '[' end here
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, NaN, an int over 4300 digits
         raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        raise APIError(400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json")
+    _check_tree(body)
     return body
+
+
+def _too_deep() -> APIError:
+    return APIError(400, f"the request body nests JSON deeper than {MAX_DEPTH} levels; no field of this API "
+                         "needs more than 5", code="invalid_json")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _check_tree(body: dict[str, Any]) -> None:
+    """Every value of the body, without recursion: not deeper than MAX_DEPTH, and every string
+    encodable (JSON's \ud800 escapes give lone surrogates, which the tokenizer cannot take)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep()
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise APIError(400, "the request body has a string with a lone UTF-16 surrogate (an unpaired "
+                                    "\\ud800-\\udfff escape); send valid Unicode", code="invalid_json") from None
 
 
 def _bad_type(name: str, expected: str, value: Any) -> APIError:
@@ -276,17 +346,18 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
     config, tokenizer, ctx = app[CONFIG], app[TOKENIZER], app[PIPELINE].ctx
     body = await _json_body(request)
     _check_model(body, config)
-    temperature = _number(body, "temperature", config.temperature, 0.0, 2.0)
-    top_p = _number(body, "top_p", config.top_p, 0.0, 1.0, lo_open=True)
+    temperature = _number(body, "temperature", config.temperature, *TEMPERATURE)
+    top_p = _number(body, "top_p", config.top_p, *TOP_P, lo_open=True)
     max_tokens = _integer(body, "max_completion_tokens", None, 1) if chat else None
     max_tokens = _integer(body, "max_tokens", max_tokens or config.max_tokens, 1)
-    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+    seed = _integer(body, "seed", None, *SEED)
     if (n := _integer(body, "n", 1, 1)) != 1:
         raise APIError(400, f"'n' must be 1 here (one answer per request), got {n}", param="n",
                        code="invalid_value")
     stops = _stops(body)
     stream = _flag(body, "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise _bad_type("stream_options", "an object", options)
     include_usage = _flag(options, "include_usage")
@@ -379,8 +450,16 @@ def _usage(gen: GenRequest, session: Session) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": session.cached}}  # as OpenAI reports its prompt cache
 
 
+def _queue_full(err: QueueFull) -> APIError:
+    return APIError(429, f"the server is busy: {err}; retry after {RETRY_AFTER_S} s (Retry-After), or start it "
+                         "with a larger --max-queue or --max-sessions", type="requests", code="rate_limit_exceeded",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     app = request.app
+    if app[ENGINE].queue_full:  # before reading and tokenizing a body that cannot be queued
+        raise _queue_full(QueueFull(f"{app[ENGINE].max_queue} requests already wait"))
     gen = await _parse(request, chat=chat)
     engine, config = app[ENGINE], app[CONFIG]
     try:
@@ -389,6 +468,8 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     except EngineClosed:
         raise APIError(503, "the server is shutting down; try again when it is back", type="server_error",
                        code="shutting_down") from None
+    except QueueFull as err:
+        raise _queue_full(err) from None
     text = TextStream(app[TOKENIZER], gen.stops)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{session.id}"
     created = int(time.time())
@@ -557,6 +638,10 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(request.app[CONFIG].model_id))
+
+
 async def status(request: web.Request) -> web.Response:
     """What `fastserve status --url` shows: the sessions and every stage, as JSON."""
     app = request.app
@@ -578,7 +663,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    engine = EngineLoop(app[PIPELINE], **app[ENGINE_OPTIONS])
+    engine = EngineLoop(app[PIPELINE], **app[ENGINE_OPTIONS], max_queue=app[LIMITS].max_queue)
     engine.start()
     app[ENGINE] = engine
     yield
@@ -593,12 +678,14 @@ async def _end_sessions(app: web.Application) -> None:
 
 def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessions: int = 4,
                scheduler: str = "fcfs", threads: int | None = None,
-               kv_room: Callable[[], int] | None = None, prompt_cache: int | None = None) -> web.Application:
+               kv_room: Callable[[], int] | None = None, prompt_cache: int | None = None,
+               limits: Limits = Limits()) -> web.Application:
     """The API over a loaded model. The engine loop starts and stops with the app (cleanup_ctx).
-    Run it with handler_cancellation=True (as `fastserve serve` does) so that a client leaving
-    a non-streaming request also cancels its generation; streams notice on their next write."""
+    Run it with `serving()`, which enforces the connection limits and cancels the generation
+    of a client that leaves a non-streaming request (streams notice on their next write)."""
     app = web.Application(middlewares=[errors_and_counts], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
+    app[LIMITS] = limits
     app[PIPELINE] = pipeline
     app[TOKENIZER] = tokenizer
     app[ENGINE_OPTIONS] = {"max_sessions": max_sessions, "scheduler": scheduler, "threads": threads,
@@ -614,7 +701,88 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/openapi.json", openapi_json)
     return app
+
+
+@asynccontextmanager
+async def serving(app: web.Application, host: str, port: int, *,
+                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[tuple[str, int]]:
+    """Serve `app` on host:port (0: any free port) inside the block; yields the bound (host, port).
+    On leaving, the listener closes first, then aiohttp ends the app (on_shutdown ends the
+    sessions, open requests get up to its shutdown timeout, cleanup_ctx stops the engine)."""
+    limits = app[LIMITS]
+    # keepalive_timeout: aiohttp 3.14 arms it when a connection opens and after every answer,
+    # and closes the connection if a whole request head has not arrived by then: the idle
+    # limit and the head limit in one (bytes trickling in do not push it back)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its session
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=limits.idle_timeout)
+    await runner.setup()
+    try:
+        # not a web.TCPSite: aiohttp has no cap on connections, so the protocol factory counts them
+        loop = asyncio.get_running_loop()
+        try:
+            listener = await loop.create_server(
+                _at_most(runner.server, limits.max_connections), host, port, ssl=ssl_context,
+                ssl_handshake_timeout=limits.idle_timeout if ssl_context is not None else None)
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror or err}); "
+                              "pick another --port or --host") from None
+        try:
+            yield listener.sockets[0].getsockname()[:2]
+        finally:
+            listener.close()
+    finally:
+        await runner.cleanup()
+
+
+def _at_most(server: web.Server, max_connections: int) -> Callable[[], asyncio.Protocol]:
+    def protocol() -> asyncio.Protocol:
+        return server() if len(server.connections) < max_connections else _TurnAway(max_connections)
+    return protocol
+
+
+class _TurnAway(asyncio.Protocol):
+    """A connection past the cap: one 503 with OpenAI's error JSON, then closed, unread."""
+
+    def __init__(self, max_connections: int):
+        self.max_connections = max_connections
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = json.dumps(APIError(503, f"the server holds its limit of {self.max_connections} connections; retry "
+                                        f"after {RETRY_AFTER_S} s, or close idle ones", type="server_error",
+                                   code="too_many_connections").body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n")
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(head.encode() + body)
+        transport.close()
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context for --tls-cert/--tls-key (PEM), TLS 1.2 at least."""
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file; give the PEM file (e.g. from certbot, mkcert or "
+                              "openssl req -x509)")
+        try:
+            path.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"{flag} {path}: cannot read it ({err.strerror or err}); check its permissions") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    def encrypted() -> bytes:  # OpenSSL would otherwise ask on the terminal
+        raise ConfigError(f"--tls-key {key} is encrypted; give it unencrypted (openssl pkey -in KEY -out PLAIN), "
+                          "readable only by the user that serves")
+
+    try:
+        context.load_cert_chain(cert, key, password=encrypted)
+    except ssl.SSLError as err:
+        what = ("the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(err) else
+                f"they are not a PEM certificate and its unencrypted PEM key ({err.reason or err})")
+        raise ConfigError(f"--tls-cert {cert} --tls-key {key}: {what}; give the key the certificate was "
+                          "made with") from None
+    return context
 
 
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:

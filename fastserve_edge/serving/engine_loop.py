@@ -131,6 +131,10 @@ class EngineClosed(Exception):
     """submit() after shutdown()."""
 
 
+class QueueFull(Exception):
+    """submit() while max_queue sessions already wait beyond the max_sessions that run."""
+
+
 @dataclass(frozen=True)
 class Token:
     id: int
@@ -175,12 +179,15 @@ class EngineLoop:
 
     def __init__(self, pipeline: Pipeline, *, max_sessions: int = 4, scheduler: str = "fcfs",
                  threads: int | None = None, kv_room: Callable[[], int] | None = None,
-                 prompt_cache: int | None = None):
+                 prompt_cache: int | None = None, max_queue: int | None = None):
         """kv_room: KV tokens the stages have memory for (asked before every step: a re-plan
         may change it); the budget is the smaller of that and max_sessions full contexts.
-        prompt_cache: ended sessions whose KV is kept for later prompts (default max_sessions; 0: none)."""
+        prompt_cache: ended sessions whose KV is kept for later prompts (default max_sessions; 0: none).
+        max_queue: sessions that may wait beyond the max_sessions that run (None: no limit);
+        submit() raises QueueFull past it."""
         self.pipeline = pipeline
         self.max_sessions = max_sessions
+        self.max_queue = max_queue
         self.prompt_cache = max_sessions if prompt_cache is None else prompt_cache
         self._kept: OrderedDict[str, list[int]] = OrderedDict()  # ended session -> tokens its KV holds
         self.scheduler_name = scheduler
@@ -247,6 +254,8 @@ class EngineLoop:
         assert 0 < len(prompt) < self.pipeline.ctx and max_tokens >= 1
         if self._closing:
             raise EngineClosed("the server is shutting down")
+        if self.queue_full:
+            raise QueueFull(f"{self.max_queue} requests already wait for the {self.max_sessions} that run")
         now = time.monotonic()
         kept, reuse = self._take_kept(prompt)
         s = Session(uuid.uuid4().hex, list(prompt), sampler, min(max_tokens, self.pipeline.ctx - len(prompt)),
@@ -289,6 +298,12 @@ class EngineLoop:
     def active_sessions(self) -> int:
         """Sessions whose KV the pipeline holds (running or preempted)."""
         return sum(1 for i in self._sessions if i in self.sched and self.sched.job(i).kv_tokens > 0)
+
+    @property
+    def queue_full(self) -> bool:
+        """submit() would raise QueueFull. Counted over every session held, not the last step's
+        batch: a request arriving between two steps must not find a shorter queue."""
+        return self.max_queue is not None and len(self._sessions) >= self.max_sessions + self.max_queue
 
     @property
     def queue_length(self) -> int:

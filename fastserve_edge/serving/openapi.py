@@ -1,0 +1,135 @@
+"""The HTTP contract of `fastserve serve` in one place: the limits a request must keep and
+the OpenAPI 3.1 document (GET /openapi.json) that states them.
+
+api.py validates with these same constants, and tests/integration/test_serve_hostile.py
+generates requests from this document: a body the document allows must be served (or fail
+only on what no schema can say: the context length, the chat template), and any other body
+must get a 4xx with OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a context of text, far less than a memory problem
+MAX_DEPTH = 32            # JSON nesting; the deepest valid body (messages[i].content[j].text) is 5
+MAX_STOP_STRINGS = 4      # OpenAI's limit
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TEMPERATURE = (0.0, 2.0)  # closed interval, as OpenAI's
+TOP_P = (0.0, 1.0)        # (0, 1]: top_p 0 would keep no token
+SEED = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """null means "the default", as in OpenAI's own spec."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _request_schemas(model_id: str) -> dict[str, dict[str, Any]]:
+    sampling = {
+        "model": {"type": "string", "enum": [model_id], "description": "GET /v1/models lists it"},
+        "temperature": _nullable({"type": "number", "minimum": TEMPERATURE[0], "maximum": TEMPERATURE[1]}),
+        "top_p": _nullable({"type": "number", "exclusiveMinimum": TOP_P[0], "maximum": TOP_P[1]}),
+        "max_tokens": _nullable({"type": "integer", "minimum": 1,
+                                 "description": "cut to the room the context leaves after the prompt"}),
+        "seed": _nullable({"type": "integer", "minimum": SEED[0], "maximum": SEED[1]}),
+        "n": _nullable({"type": "integer", "const": 1}),
+        "stop": _nullable({"anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1}},
+        ]}),
+        "stream": _nullable({"type": "boolean"}),
+        "stream_options": _nullable({"type": "object",
+                                     "properties": {"include_usage": _nullable({"type": "boolean"})}}),
+    }
+    text_part = {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    message = {
+        "type": "object", "required": ["role"],
+        "properties": {
+            "role": {"enum": list(ROLES), "description": "developer is read as system"},
+            "content": _nullable({"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]}),
+        },
+    }
+    chat = {"type": "object", "required": ["model", "messages"],
+            "properties": {**sampling,
+                           "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
+                           "messages": {"type": "array", "minItems": 1, "items": message}}}
+    completion = {"type": "object", "required": ["model", "prompt"],
+                  "properties": {**sampling,
+                                 "prompt": {"anyOf": [{"type": "string", "minLength": 1},
+                                                      {"type": "array", "minItems": 1, "maxItems": 1,
+                                                       "items": {"type": "string", "minLength": 1}}]}}}
+    return {"ChatCompletionRequest": chat, "CompletionRequest": completion}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    why = {400: "invalid request (the message and param say what)", 401: "missing or wrong API key",
+           404: "no such model", 408: "the body did not arrive in time", 413: "body over the limit",
+           429: "the queue is full; see Retry-After", 503: "the server is shutting down"}
+    return {str(s): _json("Error", why[s]) for s in statuses}
+
+
+def document(model_id: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every route, for the model this server serves."""
+    generate = _errors(400, 401, 404, 408, 413, 429, 503)
+    answer = {"description": "the answer (JSON), or Server-Sent Events with stream: true, `data: [DONE]` last",
+              "content": {"application/json": {"schema": {"type": "object"}},
+                          "text/event-stream": {"schema": {"type": "string"}}}}
+    anything = {"type": "object"}
+    bearer = [{"bearer": []}]
+    paths = {
+        "/v1/chat/completions": {"post": {
+            "operationId": "createChatCompletion", "security": bearer,
+            "requestBody": {"required": True, **_json("ChatCompletionRequest", "OpenAI's chat request")},
+            "responses": {"200": answer, **generate}}},
+        "/v1/completions": {"post": {
+            "operationId": "createCompletion", "security": bearer,
+            "requestBody": {"required": True, **_json("CompletionRequest", "OpenAI's completion request")},
+            "responses": {"200": answer, **generate}}},
+        "/v1/models": {"get": {
+            "operationId": "listModels", "security": bearer,
+            "responses": {"200": {"description": "the one model served",
+                                  "content": {"application/json": {"schema": anything}}}, **_errors(401)}}},
+        "/v1/models/{model}": {"get": {
+            "operationId": "retrieveModel", "security": bearer,
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the model card",
+                                  "content": {"application/json": {"schema": anything}}}, **_errors(401, 404)}}},
+        "/v1/status": {"get": {
+            "operationId": "status", "security": bearer,
+            "responses": {"200": {"description": "sessions and stages (`fastserve status --url`)",
+                                  "content": {"application/json": {"schema": anything}}}, **_errors(401)}}},
+        "/health": {"get": {
+            "operationId": "health", "security": [],
+            "responses": {"200": {"description": "up; sessions and queue length",
+                                  "content": {"application/json": {"schema": anything}}}}}},
+        "/metrics": {"get": {
+            "operationId": "metrics", "security": bearer,
+            "responses": {"200": {"description": "Prometheus text format",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
+        "/openapi.json": {"get": {
+            "operationId": "openapi", "security": bearer,
+            "responses": {"200": {"description": "this document",
+                                  "content": {"application/json": {"schema": anything}}}, **_errors(401)}}},
+    }
+    error = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fastserve serve", "version": "1",
+                 "description": f"OpenAI-compatible API over {model_id}. Request bodies are JSON objects of at "
+                              f"most {MAX_BODY_BYTES} bytes, nested at most {MAX_DEPTH} deep; other fields "
+                              "are ignored."},
+        "paths": paths,
+        "components": {"schemas": {**_request_schemas(model_id), "Error": error},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "the server's --api-key, if it has one"}}},
+    }
