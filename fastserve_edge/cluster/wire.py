@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from fastserve_edge.cluster.protocol import CHUNK_BYTES, peer_pb2
 from fastserve_edge.engine.sampling import SamplingParams
 from fastserve_edge.errors import FastServeError
-from fastserve_edge.models.tensors import RawTensor
+from fastserve_edge.models.tensors import RawTensor, block_rows, check_layout
 
 
 class WireError(FastServeError):
@@ -66,7 +66,7 @@ def _header(blob: bytes, what: str) -> tuple[dict[str, dict[str, Any]], dict[str
         raise WireError(f"{what}: not safetensors (header of {size:,} bytes in a {len(blob):,}-byte message)")
     try:
         header = json.loads(bytes(blob[8:8 + size]))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise WireError(f"{what}: not safetensors (the header is not JSON)") from None
     if not isinstance(header, dict):
         raise WireError(f"{what}: not safetensors (the header is not a JSON object)")
@@ -107,8 +107,8 @@ def unpack_hidden(blob: bytes, *, max_elements: int) -> torch.Tensor:
     if info["dtype"] not in HIDDEN_DTYPES:
         raise WireError(f"{what}: dtype {info['dtype']} (allowed: {', '.join(HIDDEN_DTYPES)})")
     shape = info["shape"]
-    if len(shape) not in (2, 3):
-        raise WireError(f"{what}: shape {shape} (expected [B, S, D] or [B, D])")
+    if len(shape) not in (2, 3) or not all(shape):
+        raise WireError(f"{what}: shape {shape} (expected [B, S, D] or [B, D], none of them 0)")
     if math.prod(shape) > max_elements:
         raise WireError(f"{what}: {math.prod(shape):,} elements, more than the {max_elements:,} allowed")
     try:
@@ -167,7 +167,7 @@ def unpack_tensors(blob: bytes) -> list[RawTensor]:
     header, metadata = _header(blob, what)
     try:
         entries = json.loads(metadata[TENSORS_KEY])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise WireError(f"{what}: no {TENSORS_KEY} metadata: not sent by fastserve pack_tensors") from None
     if not (isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries)
             and sorted(e["name"] for e in entries) == sorted(header)):
@@ -185,19 +185,30 @@ def unpack_tensors(blob: bytes) -> list[RawTensor]:
         if entry["array"] == "torch":
             t = torch.from_numpy(np.array(arr))  # own, writable memory
             data = t.view(torch.bfloat16) if entry["dtype"] == "BF16" else t
-        out.append(RawTensor(entry["name"], QType[entry["qtype"]], tuple(entry["shape"]), data))
+        raw = RawTensor(entry["name"], QType[entry["qtype"]], tuple(entry["shape"]), data)
+        try:
+            check_layout(raw)  # what quant.py takes the row stride and count from
+        except ValueError as err:
+            raise WireError(f"{what}: {raw.name}: {err}") from None
+        out.append(raw)
     return out
 
 
 def _check_entry(entry: dict, info: dict, what: str) -> None:
     name = entry["name"]
     qtype = entry.get("qtype")
-    if qtype not in QType.__members__ or QType[qtype] not in GGML_QUANT_SIZES:
+    if not isinstance(qtype, str) or qtype not in QType.__members__ or QType[qtype] not in GGML_QUANT_SIZES:
         raise WireError(f"{what}: {name}: unknown qtype {qtype!r}")
     shape = entry.get("shape")
     if not _int_list(shape) or not shape:
         raise WireError(f"{what}: {name}: bad logical shape {shape!r}")
+    try:  # the data's rows and row bytes follow from qtype and shape alone
+        rows, row_bytes = block_rows(QType[qtype], tuple(shape))
+    except ValueError as err:
+        raise WireError(f"{what}: {name}: {err}") from None
     kind, dtype = entry.get("array"), entry.get("dtype")
+    if not isinstance(dtype, str):
+        raise WireError(f"{what}: {name}: array dtype {dtype!r}")
     allowed = _NUMPY_DTYPES if kind == "numpy" else _TORCH_DTYPES if kind == "torch" else {}
     wire_dtype = "I16" if dtype == "BF16" else dtype
     if dtype not in allowed or info["dtype"] != wire_dtype:
@@ -209,6 +220,11 @@ def _check_entry(entry: dict, info: dict, what: str) -> None:
     stored = info["data_offsets"][1] - info["data_offsets"][0]
     if stored != expected or math.prod(info["shape"]) * _ITEMSIZE[dtype] != expected:
         raise WireError(f"{what}: {name}: {stored} bytes stored, {qtype} {shape} needs {expected}")
+    # a block array must be [rows, row bytes]: [1, nbytes] has the right byte count and a
+    # row stride that would have the kernels read past it
+    if kind == "numpy" and info["shape"] != [rows, row_bytes // _ITEMSIZE[dtype]]:
+        raise WireError(f"{what}: {name}: array {info['shape']} of {dtype}, where {qtype} {shape} is "
+                        f"{rows} rows of {row_bytes} bytes")
 
 
 def sha256_of(raw: RawTensor) -> str:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+# Bounds on what a config may say (it arrives from model files and from other machines, and
+# sizes allocations and C loops): far above any model these families ship (Llama 3.1 405B:
+# 126 layers, dim 16384, ffn 53248; Qwen2: 152k vocabulary; 128k context).
+MAX_LAYERS = 4096
+MAX_WIDTH = 1 << 20       # dim, ffn_dim, n_heads * head_dim
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 24
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+\.(?:weight|bias))")
 
 
 @dataclass(frozen=True)
@@ -15,6 +26,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context_length: int = 8192
+
+    def __post_init__(self) -> None:
+        numbers = (self.factor, self.low_freq_factor, self.high_freq_factor, self.original_context_length)
+        if not (all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in numbers)
+                and self.high_freq_factor > self.low_freq_factor):
+            raise ValueError(f"rope scaling {self} is not llama3's (positive factors, high above low)")
 
 
 @dataclass(frozen=True)
@@ -37,9 +54,50 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        """ValueError for a config no model can have: every size feeds allocations and C loops."""
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"unsupported architecture {self.arch!r}")
-        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and not (isinstance(value, Integral) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+            if f.type == "float" and not (isinstance(value, Real) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{f.name} must be a positive finite number, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rope, got {self.head_dim}")
+        if self.n_layers > MAX_LAYERS or self.vocab_size > MAX_VOCAB or self.context_length > MAX_CONTEXT:
+            raise ValueError(f"{self.n_layers} layers, a vocabulary of {self.vocab_size} or a context of "
+                             f"{self.context_length} is beyond any model this supports")
+        if max(self.dim, self.ffn_dim, self.n_heads * self.head_dim) > MAX_WIDTH:
+            raise ValueError(f"dim {self.dim}, ffn_dim {self.ffn_dim} or {self.n_heads} heads of {self.head_dim} "
+                             "is beyond any model this supports")
+        if self.n_heads > self.dim or self.head_dim > self.dim * 4:
+            raise ValueError(f"{self.n_heads} heads of {self.head_dim} do not fit a model of dim {self.dim}")
+        if not isinstance(self.name, str) or not isinstance(self.rope_scaling, (RopeScaling, type(None))):
+            raise ValueError("name must be a string and rope_scaling a RopeScaling")
+
+    def weight_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape (torch order: [out, in]) this config gives the tensor `name` (canonical
+        GGUF name); None for a name the decoder does not read."""
+        D, F, hd = self.dim, self.ffn_dim, self.head_dim
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        top = {"token_embd.weight": (self.vocab_size, D), "output.weight": (self.vocab_size, D),
+               "output_norm.weight": (D,), "rope_freqs.weight": (hd // 2,)}
+        if name in top:
+            return top[name]
+        m = _BLOCK_TENSOR.fullmatch(name)
+        if m is None or int(m[1]) >= self.n_layers:
+            return None
+        return {
+            "attn_norm.weight": (D,), "ffn_norm.weight": (D,),
+            "attn_q.weight": (q, D), "attn_k.weight": (kv, D), "attn_v.weight": (kv, D),
+            "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+            "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
+            "attn_output.weight": (D, q),
+            "ffn_gate.weight": (F, D), "ffn_up.weight": (F, D), "ffn_down.weight": (D, F),
+        }.get(m[2])
 
     def to_dict(self) -> dict:
         """Plain JSON-able fields (the config travels to peers with their stage)."""
@@ -50,5 +108,7 @@ class ModelConfig:
         """Inverse of to_dict; unknown or missing fields raise TypeError/ValueError."""
         data = dict(data)
         if data.get("rope_scaling") is not None:
+            if not isinstance(data["rope_scaling"], dict):
+                raise TypeError(f"rope_scaling must be an object, got {data['rope_scaling']!r}")
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         return cls(**data)

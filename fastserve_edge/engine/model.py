@@ -19,10 +19,17 @@ from torch import nn
 
 from fastserve_edge.engine.config import ModelConfig, RopeScaling
 from fastserve_edge.engine.kv_cache import KV_DTYPE, KVCache
+from fastserve_edge.errors import ModelFormatError
+
+# the fields of a config that size a tensor (ModelConfig.weight_shape) or a kernel's loop
+SIZES = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size")
 
 
 class Weights(Protocol):
-    """What a stage needs to be built; engine/quant.py's RuntimeWeights is the real one."""
+    """What a stage needs to be built; engine/quant.py's RuntimeWeights is the real one.
+    Every tensor it hands out has the shape `config` gives it (ModelFormatError otherwise)."""
+
+    config: ModelConfig
 
     def has(self, name: str) -> bool: ...
     def vector(self, name: str) -> torch.Tensor: ...
@@ -242,6 +249,13 @@ class Stage(nn.Module):
         a peer holding layer 0 gets hidden states from the host, which embeds)."""
         super().__init__()
         assert 0 <= start <= end <= cfg.n_layers and (start < end or start == 0), f"bad layer range [{start}, {end})"
+        assert max_tokens >= 1, f"max_tokens {max_tokens}"
+        # the C block is sized by cfg, each matrix by its tensor: the weights were checked
+        # against their own config, which must be this one
+        differ = [f for f in SIZES if getattr(cfg, f) != getattr(weights.config, f)]
+        if differ:
+            raise ModelFormatError(f"the stage's config and its weights' disagree on {', '.join(differ)}: "
+                                   "the host sent a config that is not the model's; re-plan from the model file")
         self.cfg, self.start, self.end, self.max_tokens = cfg, start, end, max_tokens
         self.is_first, self.is_last = (start == 0 if embeds is None else embeds), end == cfg.n_layers
         self.embed = weights.embedding() if self.is_first else None
@@ -268,6 +282,7 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache, pos: int, *, all_logits: bool = False) -> torch.Tensor:
         """x: ids [B, S] (first stage) or hidden [B, S, D]. Returns hidden [B, S, D], or
         logits [B, vocab] of the last position ([B, S, vocab] with all_logits) if last."""
+        self._check_input(x, 2 if self.is_first else 3, [pos], [x.shape[1] if x.dim() > 1 else 0])
         h = self.embed(x) if self.is_first else x.float()
         S = h.shape[1]
         cos, sin = self.cos[pos:pos + S], self.sin[pos:pos + S]
@@ -288,6 +303,8 @@ class Stage(nn.Module):
         linears take the same path alone as together: every S_r >= quant.DENSE_PREFILL_ROWS."""
         sizes = [x.shape[0] for x in xs]
         assert len(xs) == len(caches) == len(positions) >= 1 and min(sizes) >= 1
+        for x, pos in zip(xs, positions):
+            self._check_input(x, 1 if self.is_first else 2, [pos], [x.shape[0]])
         h = torch.cat([self.embed(x.view(1, -1))[0] if self.is_first else x.float() for x in xs]).unsqueeze(0)
         for layer, block in enumerate(self.blocks):
             h = block.forward_packed(h, sizes, self.cos, self.sin, caches, layer, positions)
@@ -295,6 +312,17 @@ class Stage(nn.Module):
         if not self.is_last:
             return parts
         return list(self._head_each(self.norm(torch.stack([part[-1] for part in parts]))))
+
+    def _check_input(self, x: torch.Tensor, dims: int, positions: list[int], lengths: list[int]) -> None:
+        """ValueError unless x has `dims` dims (ids; hidden states: one more, of width dim) and
+        the tokens at each position fit the stage's max_tokens (its rope table and KV cache).
+        Ids out of the vocabulary: the embedding's IndexError."""
+        if x.dim() != dims or (not self.is_first and x.shape[-1] != self.cfg.dim):
+            raise ValueError(f"stage input {tuple(x.shape)}: expected {dims} dims"
+                             + ("" if self.is_first else f", the last of {self.cfg.dim}"))
+        for pos, n in zip(positions, lengths):
+            if pos < 0 or n < 1 or pos + n > self.max_tokens:
+                raise ValueError(f"{n} tokens at position {pos} do not fit this stage's {self.max_tokens} positions")
 
     def _head_each(self, h: torch.Tensor) -> torch.Tensor:
         """h: [R, D] normed rows of R sessions -> logits [R, vocab], each row the bits the head
@@ -310,6 +338,7 @@ class Stage(nn.Module):
         per session); otherwise the sessions run one after another."""
         M = x.shape[0]
         assert M == len(caches) == len(positions) >= 1
+        self._check_input(x, 1 if self.is_first else 2, positions, [1] * M)
         if any(block.program is None for block in self.blocks):
             rows = [self.forward(x[r:r + 1].unsqueeze(1), caches[r], positions[r]) for r in range(M)]
             return torch.cat([row.reshape(1, -1) for row in rows])

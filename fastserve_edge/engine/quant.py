@@ -26,8 +26,9 @@ from gguf.quants import dequantize
 from torch import nn
 
 from fastserve_edge.engine import kernels, memory
-from fastserve_edge.errors import ConfigError
-from fastserve_edge.models.tensors import ModelSource, RawTensor
+from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.errors import ConfigError, ModelFormatError
+from fastserve_edge.models.tensors import ModelSource, RawTensor, block_rows, check_layout
 
 REPACK_CHUNK_ROWS = 512  # rows repacked at a time: bounds the float temporaries
 DENSE_PREFILL_ROWS = 192  # from this many rows on every format takes the fp32 GEMM (kernels/gemm.c:
@@ -109,6 +110,16 @@ class DenseLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
+def check_ids(ids: torch.Tensor, vocab: int) -> None:
+    """IndexError unless every id is in [0, vocab): ids come from peers and callers, and
+    index a table (a kernel reads the row in place)."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)].reshape(-1)[0]
+        raise IndexError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+
+
 class DenseEmbedding(nn.Module):
     """Rows of the token table [vocab, D]."""
 
@@ -117,6 +128,7 @@ class DenseEmbedding(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        check_ids(ids, self.weight.shape[0])
         return F.embedding(ids, self.weight).float()
 
     def as_linear(self) -> DenseLinear:
@@ -293,6 +305,7 @@ class QuantEmbedding(nn.Module):
         self.weight = weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        check_ids(ids, self.weight.shape[0])
         return self.weight.rows(ids).reshape(*ids.shape, self.weight.shape[1])
 
     def as_linear(self) -> QuantLinear:
@@ -348,14 +361,18 @@ def runtime_nbytes(raw: RawTensor) -> int:
 
 
 def quant_tensor(raw: RawTensor, k: kernels.Kernels, activations: str = "int16") -> QuantTensor | None:
-    """The runtime form of a quantized GGUF matrix, or None when it has none (use dense)."""
+    """The runtime form of a quantized GGUF matrix, or None when it has none (use dense).
+    The blocks' row count and stride come from the qtype and logical shape (block_rows), never
+    from the array as it arrived: ValueError when the data is not exactly that."""
     if not isinstance(raw.data, np.ndarray) or len(raw.shape) != 2:
         return None
+    check_layout(raw)
     if raw.qtype in IN_PLACE:
         fmt, group = IN_PLACE[raw.qtype]
         if raw.shape[1] % group != 0:
             return None  # a 16-bit float matrix whose rows are no multiple of 32 (the kernels' unit)
         blocks = kernels.as_uint8_rows(raw.data)
+        assert tuple(blocks.shape) == block_rows(raw.qtype, raw.shape)  # [N, bytes per row], check_layout's
     elif raw.qtype in REPACKED:
         fmt, group, repack = REPACKED[raw.qtype]
         data = np.asarray(raw.data)
@@ -383,6 +400,7 @@ class RuntimeWeights:
     def __init__(self, source: ModelSource, dtype: torch.dtype = torch.float32, *, quantized: bool = True,
                  variant: str = "native", activations: str | None = None):
         self.source = source
+        self.config: ModelConfig = source.config  # every tensor's shape is checked against it
         self.dtype = dtype
         self.activations = checked_activations(activations) if activations is not None else _activations
         self.kernels = kernels.load(variant) if quantized else None
@@ -392,15 +410,34 @@ class RuntimeWeights:
     def has(self, name: str) -> bool:
         return self.source.has(name)
 
+    def _raw(self, name: str) -> RawTensor:
+        """The tensor `name`, checked: its shape is the one the config gives it, and its data
+        is exactly that shape in its format. ModelFormatError otherwise (before any kernel or
+        allocation sees it)."""
+        raw = self.source.tensor(name)
+        want = self.config.weight_shape(name)
+        if want is not None and tuple(raw.shape) != want:
+            c = self.config
+            raise ModelFormatError(
+                f"tensor {name} has shape {list(raw.shape)}, but the model's config (dim {c.dim}, {c.n_heads} heads "
+                f"of {c.head_dim}, {c.n_kv_heads} kv heads, ffn {c.ffn_dim}, vocabulary {c.vocab_size}) gives it "
+                f"{list(want)}: the model file is corrupt or was converted wrongly; download or convert it again")
+        try:
+            check_layout(raw)
+        except ValueError as err:
+            raise ModelFormatError(f"tensor {name}: {err}; the model file (or the part a peer was sent) is corrupt: "
+                                   "download it again") from None
+        return raw
+
     def vector(self, name: str) -> torch.Tensor:
         """Norm weights and biases: always fp32, they are tiny and sensitive."""
-        return self.source.tensor(name).to_float(torch.float32)
+        return self._raw(name).to_float(torch.float32)
 
     def _quant(self, raw: RawTensor) -> QuantTensor | None:
         return quant_tensor(raw, self.kernels, self.activations) if self.kernels is not None else None
 
     def linear(self, name: str, *, bias: bool = False) -> nn.Module:
-        raw = self.source.tensor(f"{name}.weight")
+        raw = self._raw(f"{name}.weight")
         b = self.vector(f"{name}.bias") if bias else None
         q = self._quant(raw)
         return QuantLinear(q, b) if q is not None else DenseLinear(raw.to_float(self.dtype), b)
@@ -410,7 +447,7 @@ class RuntimeWeights:
 
     def embedding(self) -> nn.Module:
         if self._embedding is None:
-            raw = self.source.tensor("token_embd.weight")
+            raw = self._raw("token_embd.weight")
             q = self._quant(raw)
             self._embedding = QuantEmbedding(q) if q is not None else DenseEmbedding(raw.to_float(self.dtype))
         return self._embedding

@@ -11,6 +11,7 @@ Conventions of llama.cpp that matter here:
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from functools import cached_property
@@ -23,7 +24,7 @@ from gguf import GGMLQuantizationType as QType
 
 from fastserve_edge.engine.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from fastserve_edge.errors import ModelFormatError, ModelNotFound
-from fastserve_edge.models.tensors import SUPPORTED_TYPES, RawTensor
+from fastserve_edge.models.tensors import MAX_DIMS, SUPPORTED_TYPES, RawTensor, block_rows
 
 _SUPPORTED_TYPE_NAMES = ", ".join(t.name for t in SUPPORTED_TYPES)
 
@@ -45,11 +46,16 @@ class GGUFFile:
     128k-token vocabulary; this reads the same format with struct in a fraction of that.
     Layout: magic "GGUF", u32 version (2, 3), u64 n_tensors, u64 n_kv, the key/values,
     the tensor infos, then tensor data at an `general.alignment` boundary (default 32).
+
+    Nothing in the header is trusted: every count is checked against the bytes left before
+    anything is allocated or looped over, so a corrupt or hostile file is a ValueError
+    (open_reader: ModelFormatError), never a crash or an allocation the file cannot back.
     """
 
     _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
     _NUMPY = {0: np.uint8, 1: np.int8, 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: np.bool_, 10: "<u8", 11: "<i8", 12: "<f8"}
     STRING, ARRAY = 8, 9
+    MAX_NESTING = 4  # arrays of arrays: gguf-py writes them; no model we read has any
 
     def __init__(self, path: Path):
         self.path = path
@@ -70,6 +76,8 @@ class GGUFFile:
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} (supported: 2, 3)")
         n_tensors, n_kv = self._scalar(10), self._scalar(10)
+        self._room(n_kv, 12, "metadata keys")  # each: a string length (8) and a type (4) at least
+        self._room(n_tensors, 24, "tensor infos")  # name length, dim count, type, offset
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
@@ -77,11 +85,22 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            dims = tuple(self._scalar(10) for _ in range(self._scalar(4)))
+            n_dims = self._scalar(4)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+            dims = tuple(self._scalar(10) for _ in range(n_dims))
             infos.append((name, dims, self._scalar(4), self._scalar(10)))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if type(align) is not int or not (8 <= align <= 1 << 20 and align % 8 == 0):
+            raise ValueError(f"general.alignment is {align!r} (a multiple of 8 up to 1 MiB expected)")
+        self.align = align
         self.data_offset = -(-self.pos // align) * align
         self.tensors = [self._tensor(*info) for info in infos]
+
+    def _room(self, count: int, each: int, what: str) -> None:
+        """ValueError unless `count` items of at least `each` bytes can follow in the file."""
+        if count * each > self.size - self.pos:
+            raise ValueError(f"{count:,} {what} cannot fit the {self.size - self.pos:,} bytes left at byte {self.pos:,}")
 
     def _bytes(self, n: int) -> bytes:
         if self.pos + n > self.size:
@@ -105,6 +124,7 @@ class GGUFFile:
     def _strings(self, count: int) -> list[str]:
         """An array of strings in one loop: a 128k vocabulary with its merges is ~180k of
         them, and a call chain per string (_string) took 0.35 s of a 1B model's load."""
+        self._room(count, 8, "strings")
         buf, pos, size, out = self.buf, self.pos, self.size, []
         length = self._LENGTH.unpack_from
         for _ in range(count):
@@ -117,7 +137,7 @@ class GGUFFile:
         self.pos = pos
         return out
 
-    def _value(self, vtype: int) -> Any:
+    def _value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == self.STRING:
             return self._string()
         if vtype != self.ARRAY:
@@ -126,7 +146,10 @@ class GGUFFile:
         if item == self.STRING:
             return self._strings(count)
         if item == self.ARRAY:
-            return [self._value(self.ARRAY) for _ in range(count)]
+            if depth >= self.MAX_NESTING:
+                raise ValueError(f"metadata arrays nested deeper than {self.MAX_NESTING} at byte {self.pos:,}")
+            self._room(count, 12, "nested arrays")  # each: item type (4) and count (8)
+            return [self._value(self.ARRAY, depth + 1) for _ in range(count)]
         dtype = np.dtype(self._NUMPY.get(item) or _unknown(item))
         return np.frombuffer(self._bytes(count * dtype.itemsize), dtype=dtype).tolist()
 
@@ -136,17 +159,20 @@ class GGUFFile:
         except ValueError:
             raise ModelFormatError(f"{self.path.name}: tensor {name} has unknown type id {type_id}; "
                                    f"supported types: {_SUPPORTED_TYPE_NAMES}") from None
-        n_elements = int(np.prod(dims)) if dims else 1
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        n_bytes = n_elements // block * type_size
+        try:  # dims in ggml order: the row (ne0) first; Python ints (np.prod wraps)
+            rows, row_bytes = block_rows(qtype, tuple(reversed(dims)))
+        except ValueError as err:
+            raise ValueError(f"tensor {name} of {qtype.name} {list(dims)}: {err}") from None
+        n_elements, n_bytes = math.prod(dims), rows * row_bytes
+        if offset % self.align:
+            raise ValueError(f"tensor {name} at offset {offset:,}, not a multiple of the alignment {self.align}")
         start = self.data_offset + offset
         if start + n_bytes > self.size:
             raise ModelFormatError(
                 f"{self.path} is truncated: tensor {name} ends at byte {start + n_bytes:,} "
                 f"but the file has {self.size:,} bytes; download it again (`fastserve pull`)"
             )
-        rows = n_elements // dims[0] if dims else 1
-        data = self.map[start:start + n_bytes].reshape(rows, -1)
+        data = self.map[start:start + n_bytes].reshape(rows, row_bytes)
         return GGUFTensorInfo(name, qtype, dims, n_elements, n_bytes, start, data)
 
 
@@ -183,7 +209,7 @@ def quantization_label(reader: GGUFFile) -> str | None:
     if file_type is not None:
         try:
             return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
+        except (ValueError, TypeError, OverflowError):
             pass
     by_type: dict[str, int] = {}
     for t in reader.tensors:
@@ -204,29 +230,47 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: Pat
             raise ModelFormatError(f"{path.name}: metadata key {arch}.{name} is missing; the file is incomplete")
         return value
 
-    n_heads = int(key("attention.head_count"))
-    dim = int(key("embedding_length"))
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    try:
+        return _config(meta, tensor_names, path, arch, key)
+    except (ValueError, TypeError, OverflowError, ZeroDivisionError) as err:
+        raise ModelFormatError(f"{path.name}: its metadata describes no model we can run ({err}); "
+                               "the file is corrupt or was converted wrongly: download or convert it again") from None
+
+
+def _number(value: Any, kind: type) -> Any:
+    """int or float of a metadata scalar; TypeError for a string, an array, a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} where a number belongs")
+    return kind(value)
+
+
+def _config(meta: dict[str, Any], tensor_names: set[str], path: Path, arch: str, key) -> ModelConfig:
+    n_heads = _number(key("attention.head_count"), int)
+    dim = _number(key("embedding_length"), int)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else 0)
     if not vocab:
         raise ModelFormatError(f"{path.name}: no vocabulary size (neither {arch}.vocab_size nor tokenizer tokens)")
     scaling = None
     if str(meta.get(f"{arch}.rope.scaling.type", "")).lower() == "llama3" or "rope_freqs.weight" in tensor_names:
         scaling = RopeScaling(
-            factor=float(meta.get(f"{arch}.rope.scaling.factor", 8.0)),
-            original_context_length=int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192)),
+            factor=_number(meta.get(f"{arch}.rope.scaling.factor", 8.0), float),
+            original_context_length=_number(meta.get(f"{arch}.rope.scaling.original_context_length", 8192), int),
         )
+    if n_heads <= 0:
+        raise ValueError(f"{n_heads} attention heads")
     return ModelConfig(
         arch=arch,
-        n_layers=int(key("block_count")),
+        n_layers=_number(key("block_count"), int),
         dim=dim,
         n_heads=n_heads,
-        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-        head_dim=int(key("attention.key_length", dim // n_heads)),
-        ffn_dim=int(key("feed_forward_length")),
-        vocab_size=int(vocab),
-        context_length=int(key("context_length", 2048)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        n_kv_heads=_number(key("attention.head_count_kv", n_heads), int),
+        head_dim=_number(key("attention.key_length", dim // n_heads), int),
+        ffn_dim=_number(key("feed_forward_length"), int),
+        vocab_size=_number(vocab, int),
+        context_length=_number(key("context_length", 2048), int),
+        norm_eps=_number(key("attention.layer_norm_rms_epsilon", 1e-5), float),
+        rope_theta=_number(key("rope.freq_base", 10000.0), float),
         rope_scaling=scaling,
         tie_embeddings="output.weight" not in tensor_names,
         attn_bias="blk.0.attn_q.bias" in tensor_names,
@@ -264,6 +308,14 @@ class GGUFModel:
                     f"supported; supported types: {_SUPPORTED_TYPE_NAMES}. Re-quantize the model "
                     "to one of them (e.g. llama-quantize ... Q4_K_M)"
                 )
+            want, got = self.config.weight_shape(t.name), tuple(reversed(t.shape))
+            if want is not None and got != want:
+                c = self.config
+                raise ModelFormatError(
+                    f"{self.path.name}: tensor {t.name} has shape {list(got)}, but the file's metadata (dim {c.dim}, "
+                    f"{c.n_heads} heads of {c.head_dim}, {c.n_kv_heads} kv heads, ffn {c.ffn_dim}, vocabulary "
+                    f"{c.vocab_size}) gives it {list(want)}: the file is corrupt or was converted wrongly; "
+                    "download or convert it again")
 
     def has(self, name: str) -> bool:
         return name in self._tensors

@@ -57,6 +57,8 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(f"{path}/config.json is not a JSON object; it is not a model config")
     arch = str(cfg.get("model_type", "")).lower()
     if arch not in SUPPORTED_ARCHS:
         raise ModelFormatError(
@@ -98,6 +100,9 @@ def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
         )
     except KeyError as err:
         raise ModelFormatError(f"{path}/config.json lacks {err}; it is not a complete {arch} config") from None
+    except (TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError) as err:
+        raise ModelFormatError(f"{path}/config.json describes no model we can run ({err}); fix the file or "
+                               "download the model again") from None
 
 
 class HFModel:
@@ -115,6 +120,8 @@ class HFModel:
             self.hf_config = json.loads((self.path / "config.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ModelFormatError(f"{self.path}/config.json is not valid JSON ({err})") from None
+        except RecursionError:  # the C parser's nesting limit is Python's recursion limit
+            raise ModelFormatError(f"{self.path}/config.json nests too deeply to be a model config") from None
         self.config = config_from_hf(self.hf_config, self.path)
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[Path, str]] = {}

@@ -6,11 +6,13 @@ A RawTensor is the boundary between "file format" and "runtime weight": the read
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
@@ -21,6 +23,48 @@ SUPPORTED_TYPES = (
     QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
     QType.Q4_K, QType.Q5_K, QType.Q6_K,
 )
+
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ELEMENTS = 1 << 40  # far above any tensor a machine of ours holds; keeps the arithmetic small
+_TORCH_DTYPE_OF = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+
+
+def block_rows(qtype: QType, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, bytes per row) of a tensor's data in its format, from its logical shape alone:
+    rows = the product of the outer dims, a row = the last dim in whole blocks of qtype.
+    ValueError for a shape no data of that type can have (zero or negative dims, too many,
+    a row that is no whole number of blocks)."""
+    if not (isinstance(shape, tuple) and 1 <= len(shape) <= MAX_DIMS
+            and all(type(n) is int and n > 0 for n in shape)):
+        raise ValueError(f"shape {list(shape) if isinstance(shape, tuple) else shape!r} is not 1 to {MAX_DIMS} "
+                         "positive dimensions")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"shape {list(shape)} has more than 2^40 elements")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        raise ValueError(f"rows of {shape[-1]} are not a whole number of {qtype.name} blocks of {block}")
+    return math.prod(shape[:-1]), shape[-1] // block * type_size
+
+
+def check_layout(raw: RawTensor) -> None:
+    """ValueError unless raw's data is exactly what its qtype and logical shape say: numpy
+    data [rows, bytes per row] (block_rows; any item type of that many bytes), torch data of
+    the shape's element count in the qtype's float dtype. What the kernels take a row stride
+    and a row count from must be this, not whatever array arrived."""
+    rows, row_bytes = block_rows(raw.qtype, tuple(raw.shape))
+    data = raw.data
+    if isinstance(data, torch.Tensor):
+        want = _TORCH_DTYPE_OF.get(raw.qtype)
+        if want is None or data.dtype != want or data.numel() != math.prod(raw.shape):
+            raise ValueError(f"a {data.dtype} tensor of {tuple(data.shape)} holds no {raw.qtype.name} {list(raw.shape)}")
+        return
+    if not isinstance(data, np.ndarray):
+        raise ValueError(f"data of type {type(data).__name__}")
+    if data.ndim != 2 or data.shape[0] != rows or data.shape[1] * data.itemsize != row_bytes:
+        raise ValueError(f"data {data.dtype} {list(data.shape)} is not {rows} rows of {row_bytes} bytes, "
+                         f"what {raw.qtype.name} {list(raw.shape)} takes")
+    if data.strides[1] != data.itemsize or (rows > 1 and data.strides[0] < row_bytes):
+        raise ValueError(f"data rows overlap or are not contiguous (strides {data.strides})")
 
 
 @dataclass(frozen=True)

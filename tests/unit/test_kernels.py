@@ -351,11 +351,15 @@ def test_gemm_refuses_bad_arguments():
     q = quant_tensor(raw, k)
     x, y = torch.randn(3, 64), torch.empty(3, 8)
     work = torch.empty(k.lib.fs_gemm_work_floats(3, 64, 1))
-    call = lambda m, count, K, ldy: k.lib.fs_gemm(q.fmt, 32, q.blocks.data_ptr(), q.blocks.stride(0), 0, count, K,  # noqa: E731
-                                                  x.data_ptr(), m, y.data_ptr(), ldy, work.data_ptr(), 1)
+    def call(m, count, K, ldy, n_rows=8, w_bytes=q.blocks.numel()):
+        return k.lib.fs_gemm(q.fmt, 32, q.blocks.data_ptr(), q.blocks.stride(0), 0, count, K, x.data_ptr(), m,
+                             y.data_ptr(), ldy, work.data_ptr(), 1, n_rows, w_bytes)
+
     assert call(3, 8, 64, 8) == 0
     for bad in ((0, 8, 64, 8), (3, 0, 64, 8), (3, 8, 48, 8), (3, 8, 64, 4)):  # no rows, no columns, K % 32, ldy < count
         assert call(*bad) < 0, bad
+    # more rows than the matrix holds, or fewer bytes behind the pointer than its rows take
+    assert call(3, 8, 64, 8, n_rows=7) < 0 and call(3, 8, 64, 8, w_bytes=q.blocks.numel() - 1) < 0
     with pytest.raises(AssertionError):  # the binding checks shapes before C sees them
         k.gemm(q.fmt, 32, q.blocks, 0, 8, 64, x, torch.empty(3, 7))
 

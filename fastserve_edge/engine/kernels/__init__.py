@@ -7,6 +7,12 @@ cached under the fastserve cache, keyed by source, flags and CPU. Variants:
     avx2      AVX2 + F16C, for testing that path on a newer CPU
     portable  plain C, no SIMD
 When no compiler is present, `load()` returns None and quant.py keeps dense torch weights.
+
+Every entry point that reads a weight matrix or looks rows up takes the sizes it may read
+(bytes behind each pointer, rows held) and returns an error code rather than read past them;
+the methods here turn the code into an exception. FASTSERVE_KERNELS_SANITIZE=1 builds them
+with AddressSanitizer and UBSan (a separate cached library) for the fuzz tests (tests/fuzz):
+the process must have the sanitizer runtime loaded first (LD_PRELOAD, sanitizer_preload()).
 """
 
 from __future__ import annotations
@@ -83,8 +89,41 @@ def single_row_x16() -> bool:
     return _cpu_field("vendor_id") == "GenuineIntel"
 
 
+SANITIZE_ENV = "FASTSERVE_KERNELS_SANITIZE"
+# out-of-bounds reads/writes and undefined behaviour end the process with a report (no recovery)
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitized() -> bool:
+    """Whether this process builds and loads the sanitizer build (FASTSERVE_KERNELS_SANITIZE=1)."""
+    return os.environ.get(SANITIZE_ENV, "") not in ("", "0")
+
+
+def sanitizer_preload() -> str:
+    """LD_PRELOAD for a process that loads the sanitizer build: ASan's runtime must come
+    before every other library (Python's own), so it cannot be loaded with the kernels."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    libs = []
+    for name in ("libasan.so", "libubsan.so"):
+        out = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30)
+        path = out.stdout.strip()
+        if out.returncode != 0 or not os.path.isabs(path):
+            raise RuntimeError(f"{compiler} has no {name}: install the compiler's sanitizer runtime (libasan, libubsan)")
+        libs.append(path)
+    return ":".join(libs)
+
+
 def _flags(variant: str) -> list[str]:
-    return FLAGS[variant] + (["-DFS_NO_X16"] if variant == "native" and half_width_512() else [])
+    return (FLAGS[variant] + (["-DFS_NO_X16"] if variant == "native" and half_width_512() else [])
+            + (SANITIZE_FLAGS if sanitized() else []))
+
+
+def _span(t: torch.Tensor) -> int:
+    """Bytes from t's first element to the end of its last (strides >= 0): what the kernels
+    may read at t.data_ptr()."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
 
 
 def _build(variant: str, out: Path, sources: list[Path] = SOURCES) -> None:
@@ -109,16 +148,17 @@ class Kernels:
         self.variant = variant
         self.lib = ctypes.CDLL(str(path))
         p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-        self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i]
+        # the sizes the kernels check come last (an older build ignores them: bench/kernels_ab.py)
+        self.lib.fs_qmatmul.argtypes = [i, i, p, l, i, i, p, i, p, i, l]
         self.lib.fs_qmatmul.restype = i
         # x rows any stride apart; absent from older builds (bench/kernels_ab.py)
         self.strided = hasattr(self.lib, "fs_qmatmul_strided")
         if self.strided:
-            self.lib.fs_qmatmul_strided.argtypes = [i, i, p, l, i, i, p, l, i, p, i]
+            self.lib.fs_qmatmul_strided.argtypes = [i, i, p, l, i, i, p, l, i, p, i, l]
             self.lib.fs_qmatmul_strided.restype = i
-        self.lib.fs_qmatmul_multi.argtypes = [i, p, p, p, p, p, i, p, i, p, i]
+        self.lib.fs_qmatmul_multi.argtypes = [i, p, p, p, p, p, i, p, i, p, i, p]
         self.lib.fs_qmatmul_multi.restype = i
-        self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i]
+        self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i, l, l]
         self.lib.fs_dequant_rows.restype = i
         # the x8 layout: absent only from an older revision's build (bench/kernels_ab.py)
         self.x8 = hasattr(self.lib, "fs_repack_x8")
@@ -126,7 +166,7 @@ class Kernels:
         if self.x8:
             self.lib.fs_simd_bits.restype = i
             self.simd_bits = self.lib.fs_simd_bits()
-            self.lib.fs_repack_x8.argtypes = [i, p, l, i, i, p, i]
+            self.lib.fs_repack_x8.argtypes = [i, p, l, i, i, p, i, l]
             self.lib.fs_repack_x8.restype = i
             self.lib.fs_release_file_pages.argtypes = [p, l]
             self.lib.fs_release_file_pages.restype = i
@@ -147,7 +187,7 @@ class Kernels:
         # prefill's fp32 GEMM over weights dequantized on the fly (gemm.c); absent from older builds
         self.has_gemm = hasattr(self.lib, "fs_gemm")
         if self.has_gemm:
-            self.lib.fs_gemm.argtypes = [i, i, p, l, i, i, i, p, i, p, l, p, i]
+            self.lib.fs_gemm.argtypes = [i, i, p, l, i, i, i, p, i, p, l, p, i, l, l]
             self.lib.fs_gemm.restype = i
             self.lib.fs_gemm_work_floats.argtypes = [i, i, i]
             self.lib.fs_gemm_work_floats.restype = l
@@ -168,11 +208,11 @@ class Kernels:
         self.lib.fs_attend_one.restype = i
         self.lib.fs_block_work_floats.argtypes = [p, i]
         self.lib.fs_block_work_floats.restype = l
-        self.lib.fs_block_one.argtypes = [p, p, p, p, i, i, p, p, p, i]
+        self.lib.fs_block_one.argtypes = [p, p, p, p, i, i, p, p, p, i, l]
         self.lib.fs_block_one.restype = i
         self.lib.fs_block_batch_work_floats.argtypes = [p, i, i]
         self.lib.fs_block_batch_work_floats.restype = l
-        self.lib.fs_block_batch.argtypes = [p, i, p, p, p, p, p, p, p, p, i]
+        self.lib.fs_block_batch.argtypes = [p, i, p, p, p, p, p, p, p, p, i, l]
         self.lib.fs_block_batch.restype = i
 
     def set_amx(self, on: bool) -> bool:
@@ -246,15 +286,19 @@ class Kernels:
 
     def matmul(self, fmt: int, group: int, w: torch.Tensor, n: int, k: int, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] float32 -> [M, N]; w: uint8 [N, bytes_per_row] blocks. x's rows may lie
-        any stride apart (a column slice), except for 16-bit float matrices."""
+        any stride apart (a column slice), except for 16-bit float matrices. The kernel checks
+        that N rows of K lie inside w."""
+        if x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"matmul of x {tuple(x.shape)} with a matrix of K = {k}")
         y = torch.empty((x.shape[0], n), dtype=torch.float32)
         if self.strided and x.stride(1) == 1 and fmt not in (FMT_F16, FMT_BF16) and x.dtype == torch.float32:
             rc = self.lib.fs_qmatmul_strided(fmt, group, w.data_ptr(), w.stride(0), n, k, x.data_ptr(),
-                                             max(x.stride(0), k), x.shape[0], y.data_ptr(), torch.get_num_threads())
+                                             max(x.stride(0), k), x.shape[0], y.data_ptr(), torch.get_num_threads(),
+                                             _span(w))
         else:
-            x = x.contiguous()
+            x = x.contiguous().float()
             rc = self.lib.fs_qmatmul(fmt, group, w.data_ptr(), w.stride(0), n, k, x.data_ptr(), x.shape[0],
-                                     y.data_ptr(), torch.get_num_threads())
+                                     y.data_ptr(), torch.get_num_threads(), _span(w))
         if rc != 0:
             raise RuntimeError(f"fs_qmatmul failed ({rc}) for N={n} K={k} fmt={fmt} group={group}")
         return y
@@ -272,8 +316,10 @@ class Kernels:
         need = self.lib.fs_gemm_work_floats(m, k, threads)
         if self._gemm_work.numel() < need:
             self._gemm_work = torch.empty(need)
+        rows_per_block_row = 8 if fmt & 0xff in X8_OF.values() else 1
         rc = self.lib.fs_gemm(fmt & 0xff, group, w.data_ptr(), w.stride(0), start, count, k, x.data_ptr(), m,
-                              out.data_ptr(), out.stride(0), self._gemm_work.data_ptr(), threads)
+                              out.data_ptr(), out.stride(0), self._gemm_work.data_ptr(), threads,
+                              w.shape[0] * rows_per_block_row, _span(w))
         if rc != 0:
             raise RuntimeError(f"fs_gemm failed ({rc}) for rows {start}..{start + count} K={k} fmt={fmt}")
         return out
@@ -291,7 +337,8 @@ class Kernels:
         x8_group_bytes] in the format's x8 layout (X8_OF[fmt]): eight rows interleaved."""
         n = w.shape[0]
         out = torch.empty((n // 8, x8_group_bytes(fmt, k)), dtype=torch.uint8)
-        rc = self.lib.fs_repack_x8(fmt, w.data_ptr(), w.stride(0), n, k, out.data_ptr(), torch.get_num_threads())
+        rc = self.lib.fs_repack_x8(fmt, w.data_ptr(), w.stride(0), n, k, out.data_ptr(), torch.get_num_threads(),
+                                   _span(w))
         if rc != 0:
             raise RuntimeError(f"fs_repack_x8 failed ({rc}) for fmt={fmt} N={n} K={k}")
         return out
@@ -303,18 +350,22 @@ class Kernels:
 
     def dequant_rows(self, fmt: int, group: int, w: torch.Tensor, k: int, rows: torch.Tensor | None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of W (all when `rows` is None) as float32 [R, K], into `out` when given."""
+        """Rows of W (all when `rows` is None) as float32 [R, K], into `out` when given.
+        IndexError when a row is outside W (the kernel checks every index; nothing is read)."""
         if rows is not None:
             rows = rows.reshape(-1).to(torch.int64).contiguous()
         rows_per_block_row = 8 if fmt & 0xff in X8_OF.values() else 1  # x8: a block row is a group of 8
-        count = w.shape[0] * rows_per_block_row if rows is None else rows.numel()
+        n_rows = w.shape[0] * rows_per_block_row
+        count = n_rows if rows is None else rows.numel()
         if out is None:
             out = torch.empty((count, k), dtype=torch.float32)
         assert out.shape == (count, k) and out.is_contiguous() and out.dtype == torch.float32
         rc = self.lib.fs_dequant_rows(fmt, group, w.data_ptr(), w.stride(0), k, None if rows is None else rows.data_ptr(),
-                                      count, out.data_ptr(), torch.get_num_threads())
+                                      count, out.data_ptr(), torch.get_num_threads(), n_rows, _span(w))
+        if rc == -3:
+            raise IndexError(f"a row index is outside the {n_rows} rows of the matrix")
         if rc != 0:
-            raise RuntimeError(f"fs_dequant_rows failed ({rc})")
+            raise RuntimeError(f"fs_dequant_rows failed ({rc}) for {n_rows} rows of K={k} in {_span(w)} bytes")
         return out
 
 
@@ -328,7 +379,8 @@ class _Block(ctypes.Structure):  # decode.c fs_block
                 ("ffn", ctypes.c_int), ("eps", ctypes.c_float),
                 ("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
                 ("k_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
-                ("qkv", _Mats), ("wo", _Mats), ("gate_up", _Mats), ("down", _Mats)]
+                ("qkv", _Mats), ("wo", _Mats), ("gate_up", _Mats), ("down", _Mats),
+                ("nbytes", (ctypes.c_long * 8) * 4)]  # bytes behind each matrix's pointer: qkv, wo, gate_up, down
 
 
 class BlockProgram:
@@ -340,18 +392,29 @@ class BlockProgram:
                  k_norm: torch.Tensor | None, qkv_bias: torch.Tensor | None,
                  qkv: MultiMatmul, wo: MultiMatmul, gate_up: MultiMatmul, down: MultiMatmul):
         self.kernels = kernels
+        self.n_kv, self.head_dim = n_kv, head_dim
         vectors = [attn_norm, ffn_norm, q_norm, k_norm, qkv_bias]
+        lengths = [dim, dim, head_dim, head_dim, (n_heads + 2 * n_kv) * head_dim]
+        for name, v, n in zip(("attn_norm", "ffn_norm", "q_norm", "k_norm", "qkv_bias"), vectors, lengths):
+            if v is not None and v.numel() != n:
+                raise ValueError(f"{name} has {v.numel()} values, the block needs {n}")
         self._keep = [v.contiguous().float() if v is not None else None for v in vectors]
         ptr = [v.data_ptr() if v is not None else None for v in self._keep]
-        self.spec = _Block(dim, n_heads, n_kv, head_dim, ffn, eps, *ptr,
-                           qkv.as_struct(), wo.as_struct(), gate_up.as_struct(), down.as_struct())
-        self._mats = (qkv, wo, gate_up, down)  # their blocks stay alive
+        mats = (qkv, wo, gate_up, down)
+        nbytes = ((ctypes.c_long * 8) * 4)(*((ctypes.c_long * 8)(*m.nbytes) for m in mats))
+        self.spec = _Block(dim, n_heads, n_kv, head_dim, ffn, eps, *ptr, *(m.as_struct() for m in mats), nbytes)
+        if kernels.lib.fs_block_work_floats(ctypes.byref(self.spec), 0) < 0:
+            raise ValueError(f"a block of dim {dim}, {n_heads} heads ({n_kv} kv) of {head_dim}, ffn {ffn} does not "
+                             f"match its matrices (K, N: qkv {qkv.k}, {qkv.total}; wo {wo.k}, {wo.total}; "
+                             f"gate_up {gate_up.k}, {gate_up.total}; down {down.k}, {down.total})")
+        self._mats = mats  # their blocks stay alive
         self._work, self._work_cap = torch.empty(0), -1
 
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
                  cos: torch.Tensor, sin: torch.Tensor) -> None:
         """x: one contiguous float32 row [dim], updated in place; caches as attend_one's."""
         cap = k_cache.shape[1]
+        self._check_row_and_cache(x, 1, k_cache, v_cache)
         if cap != self._work_cap:  # the cache grew: the scores need more room
             need = self.kernels.lib.fs_block_work_floats(ctypes.byref(self.spec), cap)
             if self._work.numel() < need:
@@ -359,17 +422,28 @@ class BlockProgram:
             self._work_cap = cap
         rc = self.kernels.lib.fs_block_one(ctypes.byref(self.spec), x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                            cap, pos, cos.data_ptr(), sin.data_ptr(), self._work.data_ptr(),
-                                           torch.get_num_threads())
+                                           torch.get_num_threads(), self._work.numel())
         if rc != 0:
             raise RuntimeError(f"fs_block_one failed ({rc}) at pos {pos}")
 
+    def _check_row_and_cache(self, x: torch.Tensor, m: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """What the kernel writes and reads without knowing its size: x [m, dim] and one
+        layer's caches [n_kv, cap, hd] float16."""
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != m * self.spec.dim:
+            raise ValueError(f"block input {x.dtype} {tuple(x.shape)}: expected {m} contiguous float32 rows of {self.spec.dim}")
+        for c in (k_cache, v_cache):
+            if (c.dtype != torch.float16 or not c.is_contiguous() or c.dim() != 3
+                    or c.shape[0] != self.n_kv or c.shape[2] != self.head_dim or c.shape != k_cache.shape):
+                raise ValueError(f"KV cache {c.dtype} {tuple(c.shape)}: expected float16 [{self.n_kv}, cap, {self.head_dim}]")
 
     def batch(self, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], positions: list[int],
               cos: torch.Tensor, sin: torch.Tensor) -> None:
         """x: [M, dim] contiguous float32, row r the newest token of a session whose cache is
         caches[r] at positions[r]; updated in place. cos, sin: the stage's whole rope tables."""
         m = x.shape[0]
-        assert x.is_contiguous() and x.dtype == torch.float32 and len(caches) == len(positions) == m
+        assert len(caches) == len(positions) == m
+        for k, v in caches:
+            self._check_row_and_cache(x, m, k, v)
         caps = [k.shape[1] for k, _ in caches]
         need = self.kernels.lib.fs_block_batch_work_floats(ctypes.byref(self.spec), m, max(caps))
         if self._work.numel() < need:
@@ -379,7 +453,7 @@ class BlockProgram:
             ctypes.byref(self.spec), m, x.data_ptr(), pointers(*(k.data_ptr() for k, _ in caches)),
             pointers(*(v.data_ptr() for _, v in caches)), (ctypes.c_int * m)(*caps), (ctypes.c_int * m)(*positions),
             pointers(*(cos[p].data_ptr() for p in positions)), pointers(*(sin[p].data_ptr() for p in positions)),
-            self._work.data_ptr(), torch.get_num_threads())
+            self._work.data_ptr(), torch.get_num_threads(), self._work.numel())
         if rc != 0:
             raise RuntimeError(f"fs_block_batch failed ({rc}) for {m} sessions at positions {positions}")
 
@@ -395,6 +469,7 @@ class MultiMatmul:
         self.ptrs = (ctypes.c_void_p * count)(*(p[2].data_ptr() for p in parts))
         self.strides = (ctypes.c_long * count)(*(p[2].stride(0) for p in parts))
         self.ns = (ctypes.c_int * count)(*(p[3] for p in parts))
+        self.nbytes = (ctypes.c_long * count)(*(_span(p[2]) for p in parts))  # checked against ns, k by the kernel
         self.count, self.total = count, sum(p[3] for p in parts)
 
     def as_struct(self) -> _Mats:
@@ -402,11 +477,13 @@ class MultiMatmul:
                      (ctypes.c_int * 8)(*self.ns), (ctypes.c_void_p * 8)(*self.ptrs), (ctypes.c_long * 8)(*self.strides))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
+        x = x.contiguous().float()
+        if x.dim() != 2 or x.shape[1] != self.k:
+            raise ValueError(f"matmul of x {tuple(x.shape)} with matrices of K = {self.k}")
         y = torch.empty((x.shape[0], self.total), dtype=torch.float32)
         rc = self.kernels.lib.fs_qmatmul_multi(self.count, self.fmts, self.groups, self.ptrs, self.strides, self.ns,
                                                self.k, x.data_ptr(), x.shape[0], y.data_ptr(),
-                                               torch.get_num_threads())
+                                               torch.get_num_threads(), self.nbytes)
         if rc != 0:
             raise RuntimeError(f"fs_qmatmul_multi failed ({rc}) for K={self.k}")
         return y
@@ -419,7 +496,8 @@ def load(variant: str = "native") -> Kernels | None:
         return None
     source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(_flags(variant)).encode() + _cpu_id().encode()).hexdigest()[:16]
-    path = Paths.from_env().cache / "kernels" / f"qmatmul-{variant}-{key}.so"
+    build = f"{variant}-sanitize" if sanitized() else variant  # a separate file: it needs the runtime preloaded
+    path = Paths.from_env().cache / "kernels" / f"qmatmul-{build}-{key}.so"
     try:
         if not path.exists():
             _build(variant, path)

@@ -178,7 +178,8 @@ int fs_attend_one(float *qkv, const float *cos, const float *sin, kv_t *kc, kv_t
  * and run here with the same functions and order as Block.forward_one. */
 
 int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
-                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads);
+                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads,
+                     const long *w_bytes);
 
 typedef struct {  /* matrices that read the same input, outputs side by side */
     int count, k;
@@ -194,37 +195,69 @@ typedef struct {
     const float *q_norm, *k_norm;       /* [hd] per-head norms (qwen3), or NULL */
     const float *qkv_bias;              /* [(n_heads + 2 n_kv) hd] (qwen2), or NULL */
     fs_mats qkv, wo, gate_up, down;
+    long nbytes[4][8];                  /* the bytes at each matrix's ws[j]: qkv, wo, gate_up, down
+                                           (last: an older build reads the fields above only) */
 } fs_block;
 
-static int run_mats(const fs_mats *m, const float *x, int rows, float *y, int nthreads) {
-    return fs_qmatmul_multi(m->count, m->fmts, m->groups, m->ws, m->strides, m->ns, m->k, x, rows, y, nthreads);
+static int run_mats(const fs_block *b, const fs_mats *m, const float *x, int rows, float *y, int nthreads) {
+    const long *nbytes = b->nbytes[m == &b->qkv ? 0 : m == &b->wo ? 1 : m == &b->gate_up ? 2 : 3];
+    return fs_qmatmul_multi(m->count, m->fmts, m->groups, m->ws, m->strides, m->ns, m->k, x, rows, y, nthreads,
+                            nbytes);
+}
+
+static long mats_rows(const fs_mats *m) {
+    long n = 0;
+    for (int j = 0; j < m->count && j < 8; j++) n += m->ns[j];
+    return n;
+}
+
+/* 0 when the block's sizes agree with each other: every matrix reads what the one before
+ * it wrote (a model file whose config and tensors disagree would have the kernels read and
+ * write past the work buffer), and the head sizes make sense; -1 otherwise. */
+static int block_sizes_agree(const fs_block *b) {
+    const long D = b->dim, H = b->n_heads, Hkv = b->n_kv, hd = b->hd, F = b->ffn, limit = 1L << 24;
+    if (D <= 0 || H <= 0 || Hkv <= 0 || hd <= 0 || F <= 0 || D > limit || H * hd > limit || F > limit) return -1;
+    if (H % Hkv != 0 || hd % 2 != 0) return -1;
+    const fs_mats *all[4] = { &b->qkv, &b->wo, &b->gate_up, &b->down };
+    for (int i = 0; i < 4; i++)
+        if (all[i]->count < 1 || all[i]->count > 8) return -1;
+    if (b->qkv.k != D || mats_rows(&b->qkv) != (H + 2 * Hkv) * hd) return -1;
+    if (b->wo.k != H * hd || mats_rows(&b->wo) != D) return -1;
+    if (b->gate_up.k != D || b->gate_up.count != 2 || b->gate_up.ns[0] != F || b->gate_up.ns[1] != F) return -1;
+    if (b->down.k != F || mats_rows(&b->down) != D) return -1;
+    if (!b->attn_norm || !b->ffn_norm || (b->q_norm == NULL) != (b->k_norm == NULL)) return -1;
+    return 0;
 }
 
 /* x [dim] in place: x += attn(norm(x)); x += ffn(norm(x)). kc, vc, cap, pos as fs_attend_one.
- * work: fs_block_work_floats(b, cap) floats. Returns 0, or < 0 on bad arguments. */
+ * work: work_floats >= fs_block_work_floats(b, cap) floats. Returns 0, or < 0 on bad
+ * arguments (-1: the block's sizes disagree, or too little work room). */
 long fs_block_work_floats(const fs_block *b, int cap) {
+    if (block_sizes_agree(b) != 0 || cap < 0) return -1;
     return 2L * b->dim + (long)(2 * b->n_heads + 2 * b->n_kv) * b->hd + 3L * b->ffn + (long)b->n_heads * cap;
 }
 
 int fs_block_one(const fs_block *b, float *x, kv_t *kc, kv_t *vc, int cap, int pos, const float *cos,
-                 const float *sin, float *work, int nthreads) {
+                 const float *sin, float *work, int nthreads, long work_floats) {
+    const long need = fs_block_work_floats(b, cap);
+    if (need < 0 || work_floats < need) return -1;
     const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd;
     float *h = work, *qkv = h + b->dim, *heads = qkv + qkv_dim, *o = heads + q_dim;
     float *gu = o + b->dim, *act = gu + 2 * b->ffn, *scores = act + b->ffn;
     fs_rmsnorm(x, b->attn_norm, h, 1, b->dim, b->eps);
-    if (run_mats(&b->qkv, h, 1, qkv, nthreads) != 0) return -2;
+    if (run_mats(b, &b->qkv, h, 1, qkv, nthreads) != 0) return -2;
     if (b->qkv_bias) for (int i = 0; i < qkv_dim; i++) qkv[i] += b->qkv_bias[i];
     if (b->q_norm) {  /* before rope, over each head of q and of k */
         fs_rmsnorm(qkv, b->q_norm, qkv, b->n_heads, b->hd, b->eps);
         fs_rmsnorm(qkv + q_dim, b->k_norm, qkv + q_dim, b->n_kv, b->hd, b->eps);
     }
     if (fs_attend_one(qkv, cos, sin, kc, vc, cap, pos, b->n_heads, b->n_kv, b->hd, heads, scores, nthreads) != 0) return -3;
-    if (run_mats(&b->wo, heads, 1, o, nthreads) != 0) return -4;
+    if (run_mats(b, &b->wo, heads, 1, o, nthreads) != 0) return -4;
     for (int i = 0; i < b->dim; i++) x[i] += o[i];
     fs_rmsnorm(x, b->ffn_norm, h, 1, b->dim, b->eps);
-    if (run_mats(&b->gate_up, h, 1, gu, nthreads) != 0) return -5;
+    if (run_mats(b, &b->gate_up, h, 1, gu, nthreads) != 0) return -5;
     fs_swiglu(gu, act, b->ffn);
-    if (run_mats(&b->down, act, 1, o, nthreads) != 0) return -6;
+    if (run_mats(b, &b->down, act, 1, o, nthreads) != 0) return -6;
     for (int i = 0; i < b->dim; i++) x[i] += o[i];
     return 0;
 }
@@ -241,17 +274,23 @@ static long block_row_floats(const fs_block *b) {
 }
 
 long fs_block_batch_work_floats(const fs_block *b, int M, int max_cap) {
+    if (block_sizes_agree(b) != 0 || M < 1 || max_cap < 0) return -1;
     return M * block_row_floats(b) + (long)b->n_heads * max_cap;
 }
 
 int fs_block_batch(const fs_block *b, int M, float *x, kv_t *const *kcs, kv_t *const *vcs, const int *caps,
-                   const int *poss, const float *const *coss, const float *const *sins, float *work, int nthreads) {
+                   const int *poss, const float *const *coss, const float *const *sins, float *work, int nthreads,
+                   long work_floats) {
     if (M < 1) return -1;
+    int max_cap = 0;
+    for (int r = 0; r < M; r++) max_cap = caps[r] > max_cap ? caps[r] : max_cap;
+    const long need = fs_block_batch_work_floats(b, M, max_cap);
+    if (need < 0 || work_floats < need) return -1;
     const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd, D = b->dim, F = b->ffn;
     float *h = work, *qkv = h + (size_t)M * D, *heads = qkv + (size_t)M * qkv_dim, *o = heads + (size_t)M * q_dim;
     float *gu = o + (size_t)M * D, *act = gu + (size_t)M * 2 * F, *scores = act + (size_t)M * F;
     fs_rmsnorm(x, b->attn_norm, h, M, D, b->eps);
-    if (run_mats(&b->qkv, h, M, qkv, nthreads) != 0) return -2;
+    if (run_mats(b, &b->qkv, h, M, qkv, nthreads) != 0) return -2;
     for (int r = 0; r < M; r++) {
         float *row = qkv + (size_t)r * qkv_dim;
         if (b->qkv_bias) for (int i = 0; i < qkv_dim; i++) row[i] += b->qkv_bias[i];
@@ -262,12 +301,12 @@ int fs_block_batch(const fs_block *b, int M, float *x, kv_t *const *kcs, kv_t *c
         if (fs_attend_one(row, coss[r], sins[r], kcs[r], vcs[r], caps[r], poss[r], b->n_heads, b->n_kv, b->hd,
                           heads + (size_t)r * q_dim, scores, nthreads) != 0) return -3;
     }
-    if (run_mats(&b->wo, heads, M, o, nthreads) != 0) return -4;
+    if (run_mats(b, &b->wo, heads, M, o, nthreads) != 0) return -4;
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     fs_rmsnorm(x, b->ffn_norm, h, M, D, b->eps);
-    if (run_mats(&b->gate_up, h, M, gu, nthreads) != 0) return -5;
+    if (run_mats(b, &b->gate_up, h, M, gu, nthreads) != 0) return -5;
     for (int r = 0; r < M; r++) fs_swiglu(gu + (size_t)r * 2 * F, act + (size_t)r * F, F);
-    if (run_mats(&b->down, act, M, o, nthreads) != 0) return -6;
+    if (run_mats(b, &b->down, act, M, o, nthreads) != 0) return -6;
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     return 0;
 }

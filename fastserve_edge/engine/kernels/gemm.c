@@ -25,7 +25,7 @@
 #endif
 
 int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R,
-                    float *out, int nthreads);  /* qmatmul.c */
+                    float *out, int nthreads, long n_rows, long w_bytes);  /* qmatmul.c */
 
 #define MR 6    /* rows of x per inner kernel call */
 #define NR 16   /* output columns per panel */
@@ -191,9 +191,9 @@ static void pack_x8_panel(int fmt, const uint8_t *g0, const uint8_t *g1, int K, 
 #endif
 
 /* Panels B[p][K][NR] of W's rows n0 .. n0 + cols (the last panel repeats the last row);
- * `rows` is room for NR row indices, `t` for NR x K floats */
+ * `rows` is room for NR row indices, `t` for NR x K floats; W: n_rows rows in w_bytes bytes */
 static int pack_w(int fmt, int G, const uint8_t *w, long row_stride, int K, int n0, int cols, int64_t *rows,
-                  float *t, float *B) {
+                  float *t, float *B, long n_rows, long w_bytes) {
     for (int p = 0; p * NR < cols; p++) {
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
         if (fmt >= Q4_0X8 && fmt <= Q4_KX8 && n0 % 8 == 0 && (p + 1) * NR <= cols) {
@@ -203,7 +203,7 @@ static int pack_w(int fmt, int G, const uint8_t *w, long row_stride, int K, int 
         }
 #endif
         for (int j = 0; j < NR; j++) rows[j] = n0 + (p * NR + j < cols ? p * NR + j : cols - 1);
-        const int rc = fs_dequant_rows(fmt, G, w, row_stride, K, rows, NR, t, 1);
+        const int rc = fs_dequant_rows(fmt, G, w, row_stride, K, rows, NR, t, 1, n_rows, w_bytes);
         if (rc != 0) return rc;
         float *dst = B + (size_t)p * K * NR;
         for (int k = 0; k < K; k++)
@@ -224,11 +224,14 @@ long fs_gemm_work_floats(int M, int K, int nthreads) {
 
 /* y[m][j] = sum_k x[m][k] W[n0 + j][k] for m < M, j < count (row stride ldy); W as for
  * fs_dequant_rows (rows of blocks, or groups of eight rows for the x8 formats; K a multiple
- * of 32, of 256 for the K-quants), work: fs_gemm_work_floats(M, K, nthreads) floats.
- * Returns 0, or < 0 on bad arguments. */
+ * of 32, of 256 for the K-quants; n_rows rows in the w_bytes bytes at w), work:
+ * fs_gemm_work_floats(M, K, nthreads) floats. Returns 0, or < 0 on bad arguments. */
 int fs_gemm(int fmt, int G, const uint8_t *w, long row_stride, int n0, int count, int K,
-            const float *x, int M, float *y, long ldy, float *work, int nthreads) {
+            const float *x, int M, float *y, long ldy, float *work, int nthreads, long n_rows, long w_bytes) {
     if (M < 1 || count < 1 || K < 1 || K % 32 != 0 || ldy < count || nthreads < 1) return -2;
+    if (n0 < 0 || (long)n0 + count > n_rows) return -2;
+    /* the sizes of W: a call that reads no row at all still checks them (fs_dequant_rows) */
+    if (fs_dequant_rows(fmt, G, w, row_stride, K, NULL, 0, NULL, 1, n_rows, w_bytes) != 0) return -2;
     /* chunks of at most NC columns, as many per thread (576 columns on two threads: 6 x 96, not 128 + 128 + 128 against 128 + 64) */
     const int panels = (M + MR - 1) / MR, even = ((count + NC - 1) / NC + nthreads - 1) / nthreads * nthreads;
     const int nc = ((count + even - 1) / even + NR - 1) / NR * NR, chunks = (count + nc - 1) / nc;
@@ -244,7 +247,7 @@ int fs_gemm(int fmt, int G, const uint8_t *w, long row_stride, int n0, int count
         for (int ch = 0; ch < chunks; ch++) {
             if (failed) continue;
             const int c0 = ch * nc, cols = count - c0 < nc ? count - c0 : nc;
-            if (pack_w(fmt, G, w, row_stride, K, n0 + c0, cols, rows, t, B) != 0) {
+            if (pack_w(fmt, G, w, row_stride, K, n0 + c0, cols, rows, t, B, n_rows, w_bytes) != 0) {
                 failed = 1;
                 continue;
             }

@@ -1380,6 +1380,45 @@ static inline void interleave8(const uint8_t *in, long stride, uint8_t *out) {
 #endif
 }
 
+/* ---- sizes ---------------------------------------------------------------------------------
+ * The weights come from model files and from other machines. Every entry point that reads a
+ * matrix is told how many bytes lie behind its pointer (w_bytes) and how many rows it holds,
+ * and refuses (returns < 0) a row, a K or a stride that would read outside them. The sizes
+ * are its last arguments: an older revision's build (bench/kernels_ab.py) ignores them. */
+
+/* Bytes of one row of K weights in fmt (the x8 formats: of one group of eight rows), or -1
+ * for an unknown format or a K that is no whole number of its blocks. */
+long fs_row_bytes(int fmt, long K) {
+    fmt &= FMT_BASE;
+    const int k_quant = fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q5_K || fmt == FMT_Q4_KX8;
+    if (K <= 0 || K > (1L << 30) || K % (k_quant ? 256 : 32) != 0) return -1;
+    switch (fmt) {
+    case FMT_Q4_0: return K / 32 * 18;
+    case FMT_Q4_1: return K / 32 * 20;
+    case FMT_Q8: return K / 32 * 34;
+    case FMT_Q5_1: return K / 32 * 24;
+    case FMT_Q4_K: return K / 256 * 144;
+    case FMT_Q5_K: return K / 256 * 176;
+    case FMT_Q6_K: return K / 256 * 210;
+    case FMT_F16: case FMT_BF16: return 2 * K;
+    case FMT_Q4_0X8: case FMT_Q4_1X8: case FMT_Q8X8: return K / 32 * x8_block_bytes(fmt);
+    case FMT_Q4_KX8: return K / 256 * Q4KX8_BYTES;
+    default: return -1;
+    }
+}
+
+/* 0 when n rows of K weights in fmt (x8: n / 8 row groups), rows (groups) row_stride bytes
+ * apart from w, lie inside the w_bytes bytes at w; -1 otherwise. */
+static int matrix_fits(int fmt, const uint8_t *w, long row_stride, long n, long K, long w_bytes) {
+    const long rb = fs_row_bytes(fmt, K);
+    const int x8 = (fmt & FMT_BASE) >= FMT_Q4_0X8 && (fmt & FMT_BASE) <= FMT_Q4_KX8;
+    if (rb < 0 || w == NULL || n <= 0 || (x8 && n % 8 != 0) || row_stride < rb) return -1;
+    long end;
+    if (__builtin_mul_overflow((x8 ? n / 8 : n) - 1, row_stride, &end) || __builtin_add_overflow(end, rb, &end))
+        return -1;
+    return end <= w_bytes ? 0 : -1;
+}
+
 /* Ask for 2 MiB pages where [p, p + bytes) covers them whole, before anything is written
  * there: the copy of a 1B model then takes ~300 page faults instead of ~140k (0.2 s of its
  * load at one thread), and decoding walks fewer page tables. Pages partly outside stay
@@ -1394,9 +1433,13 @@ static void huge_pages(uint8_t *p, size_t bytes) {
 #endif
 }
 
-/* Q4_0/Q4_1/Q8 rows (src, src_stride bytes apart; n % 8 == 0) -> the x8 layout of the same
- * format at dst: [n / 8] row groups of K / 32 x8 blocks. Returns 0, or -1 on bad arguments. */
-int fs_repack_x8(int fmt, const uint8_t *src, long src_stride, int n, int K, uint8_t *dst, int nthreads) {
+/* Q4_0/Q4_1/Q8 rows (src, src_stride bytes apart; n % 8 == 0; src_bytes bytes at src) -> the x8
+ * layout of the same format at dst: [n / 8] row groups of K / 32 x8 blocks. Returns 0, or -1
+ * on bad arguments. */
+int fs_repack_x8(int fmt, const uint8_t *src, long src_stride, int n, int K, uint8_t *dst, int nthreads,
+                 long src_bytes) {
+    if ((fmt != FMT_Q4_K && fmt != FMT_Q4_0 && fmt != FMT_Q4_1 && fmt != FMT_Q8)
+        || matrix_fits(fmt, src, src_stride, n, K, src_bytes) != 0) return -1;
     if (fmt == FMT_Q4_K) {
         if (n <= 0 || n % 8 != 0 || K <= 0 || K % 256 != 0) return -1;
         huge_pages(dst, (size_t)n / 8 * (K / 256) * Q4KX8_BYTES);
@@ -1511,11 +1554,11 @@ int fs_workspace(const size_t *sizes, uint8_t **parts, int count) {
  * activations, Q4_0/Q4_1/Q8 only), group groups[j], blocks ws[j] (rows strides[j] bytes
  * apart), ns[j] rows. x's rows are x_stride floats apart (>= K; 16-bit float matrices take
  * them packed, x_stride == K). y is [M][sum ns], matrix j's outputs in columns [off_j, off_j + ns[j]).
- * Returns 0, or < 0 on bad arguments. */
+ * w_bytes[j]: the bytes at ws[j] (matrix_fits). Returns 0, or < 0 on bad arguments. */
 static int qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
                          const long *strides, const int *ns, int K, const float *x, long x_stride, int M, float *y,
-                         int nthreads) {
-    if (count < 1 || count > 8 || M <= 0 || K % 32 != 0 || x_stride < K) return -1;
+                         int nthreads, const long *w_bytes) {
+    if (count < 1 || count > 8 || M <= 0 || K <= 0 || K % 32 != 0 || x_stride < K || w_bytes == NULL) return -1;
     /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
     int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0, any6 = 0, tiles = 0;
     pairs[0] = 0;
@@ -1528,6 +1571,7 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
         if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q5_1 || (act8[j] && int16_only)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if ((x8[j] && ns[j] % 8 != 0) || (f16 && x_stride != K)) return -1;
+        if (matrix_fits(fmt[j], ws[j], strides[j], ns[j], K, w_bytes[j]) != 0 || total > (1 << 30) - ns[j]) return -1;
         any8 |= act8[j];
         any6 |= fmt[j] == FMT_Q6_K;
 #if defined(FS_AMX)
@@ -1618,28 +1662,36 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
 }
 
 int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
-                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads) {
-    return qmatmul_multi(count, fmts, groups, ws, strides, ns, K, x, K, M, y, nthreads);
+                     const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads,
+                     const long *w_bytes) {
+    return qmatmul_multi(count, fmts, groups, ws, strides, ns, K, x, K, M, y, nthreads, w_bytes);
 }
 
-/* y[M][N] = x[M][K] . W^T for one matrix (G: weights per block, 32 or 256 for K-quants). */
+/* y[M][N] = x[M][K] . W^T for one matrix (G: weights per block, 32 or 256 for K-quants);
+ * w_bytes: the bytes at w. */
 int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
-               const float *x, int M, float *y, int nthreads) {
-    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, K, M, y, nthreads);
+               const float *x, int M, float *y, int nthreads, long w_bytes) {
+    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, K, M, y, nthreads, &w_bytes);
 }
 
 /* fs_qmatmul with x's rows x_stride floats apart: a column slice of a wider matrix (prefill's
  * SwiGLU product, left in the gate columns of the fused gate/up output) without a copy. */
 int fs_qmatmul_strided(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
-                       const float *x, long x_stride, int M, float *y, int nthreads) {
-    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, x_stride, M, y, nthreads);
+                       const float *x, long x_stride, int M, float *y, int nthreads, long w_bytes) {
+    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, x_stride, M, y, nthreads, &w_bytes);
 }
 
-/* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. */
+/* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. W holds
+ * n_rows rows in the w_bytes bytes at w. Returns 0, -1 on bad sizes, -3 when a row index is
+ * outside [0, n_rows) (a token id outside the vocabulary: nothing is written). */
 int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, const int64_t *rows, int R,
-                    float *out, int nthreads) {
+                    float *out, int nthreads, long n_rows, long w_bytes) {
+    (void)G;
     fmt &= FMT_BASE;  /* the activations' precision does not matter here */
-    if (K % (fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q4_KX8 || fmt == FMT_Q5_K ? 256 : 32) != 0) return -1;
+    if (R < 0 || matrix_fits(fmt, w, row_stride, n_rows, K, w_bytes) != 0) return -1;
+    if (rows == NULL && R > n_rows) return -3;
+    for (int r = 0; rows != NULL && r < R; r++)
+        if (rows[r] < 0 || rows[r] >= n_rows) return -3;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (R > 64)
     for (int r = 0; r < R; r++) {
         float *o = out + (size_t)r * K;
