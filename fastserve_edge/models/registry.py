@@ -561,11 +561,27 @@ def _receipt_path(folder: Path, ref: str) -> Path:
 
 
 def _hf_incomplete(spec: _HfSpec, settings: Settings) -> bool:
-    """Files of spec on disk without its receipt: an interrupted pull."""
+    """Files of spec on disk that no finished pull's receipt lists at their size: an
+    interrupted pull (or a file damaged since)."""
     folder = _hf_dir(spec, settings)
+    if not folder.is_dir():
+        return False
     if spec.file is not None:
-        return (folder / spec.file).exists()
-    return folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir())
+        on_disk = [spec.file] if (folder / spec.file).is_file() else []
+    else:
+        on_disk = [
+            p.relative_to(folder).as_posix() for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        ]
+    finished: set[str] = set()
+    for receipt in folder.glob(f"{RECEIPT_DIR}/pulled-*.json"):
+        try:
+            files = json.loads(receipt.read_text(encoding="utf-8"))["files"]
+            finished.update(name for name, size in files.items()
+                            if _inside(name) and (folder / name).stat().st_size == size)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return any(name not in finished for name in on_disk)
 
 
 def _gguf_files(folder: Path) -> list[Path]:
@@ -721,8 +737,9 @@ def _hf_call(spec: _HfSpec, fn: Callable[..., Any], *args: Any, **kwargs: Any) -
     except Exception as err:  # noqa: BLE001 - huggingface_hub's network errors come from
         # requests, httpx or httpx2 depending on its version, with no common base but
         # Exception; the person must see one line, never a traceback.
+        why = " ".join(str(err).split())  # httpx's messages run over several lines
         raise DownloadError(
-            f"could not download {spec.ref} from Hugging Face ({type(err).__name__}: {err}); "
+            f"could not download {spec.ref} from Hugging Face ({type(err).__name__}: {why}); "
             "check the network and run `fastserve pull` again"
         ) from None
 

@@ -112,12 +112,22 @@ def tiny_gguf(path: Path) -> bytes:
 
 class FakeHub:
     """Answers the few routes huggingface_hub uses to download files (HEAD/GET resolve,
-    the repo tree, the revision info) for repos held in memory."""
+    the repo tree, the revision info) for repos held in memory. Weights (.gguf, .safetensors)
+    are listed with their LFS sha256, as the real hub lists them.
+
+    Failures on demand, by file name: `fail` answers GET with a 500, `corrupt` serves the
+    file with one byte flipped, `stall` sends half the file and then waits (`stalled` is set)
+    until the hub is closed."""
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
     def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
         self.repos = repos
+        self.fail: set[str] = set()
+        self.corrupt: set[str] = set()
+        self.stall: set[str] = set()
+        self.stalled = threading.Event()
+        self.closing = threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -136,17 +146,23 @@ class FakeHub:
         self.thread.start()
 
     def close(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
     def answer(self, h: BaseHTTPRequestHandler, *, head: bool) -> None:
         parts = h.path.split("?")[0].strip("/").split("/")
         status, body, headers = 404, b"", {"X-Error-Code": "RepoNotFound"}
+        name = ""  # a file of a repo, on the resolve route
         if parts[:2] == ["api", "models"] and "/".join(parts[2:4]) in self.repos:
             files = self.repos["/".join(parts[2:4])]
             if parts[4:5] == ["tree"]:
                 listing = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
                            for p, b in files.items()]  # fmt: skip
+                for entry in listing:
+                    if entry["path"].endswith((".gguf", ".safetensors")):
+                        body = files[entry["path"]]
+                        entry["lfs"] = {"oid": hashlib.sha256(body).hexdigest(), "size": len(body), "pointerSize": 134}
                 status, body, headers = 200, json.dumps(listing).encode(), {}
             else:
                 info = {"id": "/".join(parts[2:4]), "sha": self.COMMIT, "siblings": [{"rfilename": p} for p in files]}
@@ -157,6 +173,10 @@ class FakeHub:
             if name in files:
                 body = files[name]
                 status, headers = 200, {"X-Repo-Commit": self.COMMIT, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'}
+                if not head and name in self.fail:
+                    status, body, headers = 500, b"", {"X-Error-Message": "the hub broke"}
+                elif not head and name in self.corrupt:
+                    body = bytes([body[0] ^ 0xFF]) + body[1:]
             else:
                 headers = {"X-Error-Code": "EntryNotFound"}
         h.send_response(status)
@@ -164,8 +184,15 @@ class FakeHub:
             h.send_header(key, value)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
-        if not head:
-            h.wfile.write(body)
+        if head:
+            return
+        if status == 200 and name in self.stall:
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            self.stalled.set()
+            self.closing.wait(60)
+            return
+        h.wfile.write(body)
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 Nothing here reaches a network: the alias tests point pip at a find-links folder holding a
 wheel built in tmp_path (PIP_NO_INDEX / PIP_FIND_LINKS, pip's own settings), and the alias
-itself comes from a models.toml in $FASTSERVE_HOME/config, the way a person adds one.
+itself comes from a models.toml in $FASTSERVE_HOME/config, the way a person adds one. The
+hf: tests talk to the integration tests' fake hub on loopback.
 """
 
 from __future__ import annotations
@@ -10,19 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
 from fastserve_edge.errors import DownloadError, ModelFormatError, ModelNotFound
 from fastserve_edge.models import registry
-from fastserve_edge.models.registry import list_models, pull, resolve
+from fastserve_edge.models.registry import CHUNK, list_models, pull, resolve
 from fastserve_edge.settings import Settings, load_settings
+from tests.integration.test_pull_cli import FakeHub
 
 WHEEL = "tiny-model==1.0"
 MEMBER = "tiny_model/tiny.gguf"
@@ -74,6 +79,13 @@ def build_wheel(find_links: Path, payload: bytes, *, name: str = "tiny_model", v
         zf.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{dist}/RECORD", "")
     return wheel
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    return int(child.stdout)
 
 
 class Recorder:
@@ -308,19 +320,145 @@ def test_malformed_hf_reference(settings: Settings, ref: str) -> None:
         resolve(ref, settings)
 
 
-def test_hf_in_cache_resolves_offline(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # proves no download is attempted
-    models = settings.paths.models
-    gguf_file = write_gguf(models / "hf" / "org" / "tiny" / "tiny.gguf")
-    folder = write_hf_folder(models / "hf" / "org" / "tinyhf")
+@pytest.fixture
+def hf_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """The integration tests' fake hub on loopback, for huggingface_hub in this process.
 
+    huggingface_hub reads HF_ENDPOINT once, at import, into the two constants set here.
+    org/tiny: one GGUF; org/tinyhf: a model folder in two safetensors shards, plus a file
+    the folder pattern does not want."""
+    from huggingface_hub import constants
+
+    hub = FakeHub({
+        "org/tiny": {"tiny.gguf": write_gguf(tmp_path / "hub" / "tiny.gguf", pad_to=CHUNK).read_bytes(),
+                     "README.md": b"hi"},
+        "org/tinyhf": {
+            "config.json": json.dumps({"model_type": "llama"}).encode(),
+            "tokenizer.json": b"{}",
+            "tokenizer_config.json": b'{"chat_template": "{{ messages }}"}',
+            "model-00001-of-00002.safetensors": save({"embed.weight": np.zeros((6, 4), dtype=np.float16)}),
+            "model-00002-of-00002.safetensors": save({"norm.weight": np.ones(4, dtype=np.float16)}),
+            "optimizer.pt": b"not wanted",
+        },
+    })  # fmt: skip
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    yield hub
+    hub.close()
+
+
+def assert_pulled(settings: Settings, hub: FakeHub, repo: str, names: list[str]) -> None:
+    folder = settings.paths.models / "hf" / repo
+    for name in names:
+        assert (folder / name).read_bytes() == hub.repos[repo][name], name
+
+
+HF_FOLDER = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_hf_pulls_resolve_offline_afterwards(
+    settings: Settings, hf_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf_file = settings.paths.models / "hf" / "org" / "tiny" / "tiny.gguf"
+    assert pull("hf:org/tiny/tiny.gguf", settings).fetched
+    assert pull("hf:org/tinyhf", settings).fetched
+    assert_pulled(settings, hf_hub, "org/tinyhf", HF_FOLDER)
+    assert not (settings.paths.models / "hf" / "org" / "tinyhf" / "optimizer.pt").exists()
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # proves no download is attempted
     assert resolve("hf:org/tiny/tiny.gguf", settings) == registry.ResolvedModel(
         ref="hf:org/tiny/tiny.gguf", path=gguf_file, kind="gguf", name="hf:org/tiny/tiny.gguf"
     )
-    assert resolve("hf:org/tiny", settings).path == gguf_file  # the repo's only GGUF
     assert resolve("hf:org/tinyhf", settings, pull_missing=True).kind == "hf"
-    assert resolve("hf:org/tinyhf", settings).path == folder
+    assert resolve("hf:org/tinyhf", settings).path == settings.paths.models / "hf" / "org" / "tinyhf"
     assert not pull("hf:org/tinyhf", settings).fetched
+    with pytest.raises(ModelNotFound, match="hf:org/tiny is not in the model cache"):
+        resolve("hf:org/tiny", settings)  # the same file, but only pulled under another name
+
+
+def test_an_interrupted_hf_folder_pull_is_never_a_model_and_the_next_pull_finishes_it(
+    settings: Settings, hf_hub: FakeHub
+) -> None:
+    folder = settings.paths.models / "hf" / "org" / "tinyhf"
+    hf_hub.fail.add("model-00002-of-00002.safetensors")  # the connection dies on the second shard
+
+    with pytest.raises(DownloadError, match="could not download hf:org/tinyhf.*run `fastserve pull` again"):
+        pull("hf:org/tinyhf", settings)
+
+    assert not registry._hf_folder_missing(folder)  # config, tokenizer, a shard: it looks like a model ...
+    assert not (folder / "model-00002-of-00002.safetensors").exists()
+    with pytest.raises(ModelNotFound, match=r"hf:org/tinyhf is incomplete .*run `fastserve pull hf:org/tinyhf`"):
+        resolve("hf:org/tinyhf", settings)  # ... and is not one
+
+    hf_hub.fail.clear()
+    again = pull("hf:org/tinyhf", settings)
+    assert again.fetched and again.model.path == folder
+    assert_pulled(settings, hf_hub, "org/tinyhf", HF_FOLDER)
+    assert resolve("hf:org/tinyhf", settings).path == folder
+
+
+def test_a_cut_short_hf_file_is_never_used_and_the_next_pull_fetches_it_whole(
+    settings: Settings, hf_hub: FakeHub
+) -> None:
+    ref = "hf:org/tiny/tiny.gguf"
+    path = pull(ref, settings).model.path
+    whole = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    with path.open("r+b") as f:
+        f.truncate(len(whole) // 2)  # a download cut short (an older huggingface_hub, a power cut)
+    assert registry._is_gguf(path)  # still starts with the magic
+
+    with pytest.raises(ModelNotFound, match="is incomplete in the model cache"):
+        resolve(ref, settings)
+    again = pull(ref, settings)  # huggingface_hub's own bookkeeping still calls the file done
+
+    assert again.fetched and again.model.path == path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(whole).hexdigest()
+
+
+def test_a_hf_file_that_does_not_match_the_hubs_checksum_is_removed(settings: Settings, hf_hub: FakeHub) -> None:
+    ref = "hf:org/tiny/tiny.gguf"
+    hf_hub.corrupt.add("tiny.gguf")
+
+    with pytest.raises(DownloadError, match=r"tiny.gguf of hf:org/tiny/tiny.gguf has sha256 \w+, the hub lists \w+; "
+                                            r"it is removed: run `fastserve pull hf:org/tiny/tiny.gguf` again"):
+        pull(ref, settings)
+    assert not (settings.paths.models / "hf" / "org" / "tiny" / "tiny.gguf").exists()
+
+    hf_hub.corrupt.clear()
+    assert pull(ref, settings).fetched
+    assert_pulled(settings, hf_hub, "org/tiny", ["tiny.gguf"])
+
+
+def test_sweep_partial_removes_what_dead_pulls_left_and_keeps_live_ones(settings: Settings) -> None:
+    cache, models = settings.paths.cache, settings.paths.models
+    download = models / "hf" / "org" / "repo" / ".cache" / "huggingface" / "download"
+    download.mkdir(parents=True)
+    dead = dead_pid()
+    stale = [
+        models / f"tiny.Q8_0.gguf.pid{dead}.x1y2.part",         # an alias file being extracted
+        models / f".index.json.pid{dead}.1a2b3c4d.tmp",          # index.json being saved
+        cache / f"pull-pid{dead}-abc",                           # a wheel being downloaded
+        download / "model.safetensors.1a2b3c4d.incomplete",      # huggingface_hub's (old: see below)
+    ]
+    live = [
+        models / f"tiny.Q8_0.gguf.pid{os.getpid()}.x1y2.part",
+        cache / f"pull-pid{os.getpid()}-abc",
+        download / "model.safetensors.5e6f7a8b.incomplete",      # written to right now
+    ]
+    for path in stale + live:
+        if path.name.startswith("pull-"):
+            path.mkdir(parents=True)
+            (path / "tiny_model-1.0-py3-none-any.whl").write_bytes(b"PK")
+        else:
+            path.write_bytes(b"partial")
+    old = time.time() - registry.STALE_AFTER_S - 60
+    os.utime(stale[-1], (old, old))
+
+    assert sorted(registry.sweep_partial(settings)) == sorted(stale)
+    assert all(path.exists() for path in live)
+    assert not any(path.exists() for path in stale)
 
 
 # ---------------------------------------------------------------- ollama:
