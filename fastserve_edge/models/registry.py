@@ -727,7 +727,7 @@ def _hf_call(spec: _HfSpec, fn: Callable[..., Any], *args: Any, **kwargs: Any) -
         raise DownloadError(
             f"{spec.repo} is gated: accept its licence on huggingface.co, then `hf auth login`"
         ) from None
-    except hf_errors.LocalEntryNotFoundError:
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
         raise DownloadError(
             f"could not reach Hugging Face to download {spec.ref} (offline, or HF_HUB_OFFLINE is set); "
             "connect and run `fastserve pull` again"

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -251,3 +252,41 @@ def test_hf_offline_is_a_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "error: could not reach Hugging Face to download hf:org/repo/model.gguf" in done.stderr
+
+
+def test_a_killed_hf_pull_is_finished_by_the_next_one_not_taken_as_cached(tmp_path: Path) -> None:
+    """SIGKILL while the second weight shard streams in: config.json, tokenizer.json and the
+    first shard are in place and look like a model folder; the next pull must finish it."""
+    files = {
+        "config.json": json.dumps({"model_type": "qwen2"}).encode(),
+        "tokenizer.json": b"{}",
+        "model-00001-of-00002.safetensors": save({"embed.weight": np.zeros((10, 4), dtype=np.float32)}),
+        "model-00002-of-00002.safetensors": save({"norm.weight": np.ones(1 << 16, dtype=np.float32)}),
+    }
+    hub = FakeHub({"org/sharded": files})
+    env = clean_env(tmp_path / "home", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    folder = tmp_path / "home" / "cache" / "models" / "hf" / "org" / "sharded"
+    try:
+        hub.stall.add("model-00002-of-00002.safetensors")
+        first = subprocess.Popen([str(FASTSERVE), "pull", "hf:org/sharded"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert hub.stalled.wait(120), "the pull never reached the second shard"
+            for _ in range(300):  # the other files arrive beside it (huggingface_hub fetches 8 at once)
+                if all((folder / name).is_file() for name in list(files)[:3]):
+                    break
+                time.sleep(0.1)
+        finally:
+            first.kill()
+            first.wait()
+        assert not (folder / "model-00002-of-00002.safetensors").exists()
+        assert all((folder / name).is_file() for name in list(files)[:3])
+
+        hub.stall.clear()
+        again = fastserve("pull", "hf:org/sharded", env=env, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert "hf:org/sharded: downloaded" in again.stderr
+        for name, body in files.items():
+            assert (folder / name).read_bytes() == body, name
+    finally:
+        hub.close()
