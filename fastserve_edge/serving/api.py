@@ -508,21 +508,34 @@ async def _stream(request: web.Request, engine: EngineLoop, session: Session, te
             data["usage"] = None
         return b"data: " + json.dumps(data).encode() + b"\n\n"
 
+    timeout = request.app[LIMITS].idle_timeout
+
+    async def send(data: bytes) -> None:
+        """write() waits while the client's window is full: one that stops reading is cut off
+        after idle_timeout, or it would hold its handler and connection for ever."""
+        try:
+            async with asyncio.timeout(timeout):
+                await response.write(data)
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait to flush to the same client
+            raise ConnectionResetError(f"the client read nothing for {timeout:g} s") from None
+
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     try:
         if chat:
-            await response.write(chunk({"role": "assistant", "content": ""}))
+            await send(chunk({"role": "assistant", "content": ""}))
         async for item in _generate(engine, session, text):
             if isinstance(item, Finished):
-                await response.write(chunk({} if chat else "", item.reason))
+                await send(chunk({} if chat else "", item.reason))
             else:
-                await response.write(chunk({"content": item} if chat else item))
+                await send(chunk({"content": item} if chat else item))
         if gen.include_usage:
             final = {"id": rid, "object": kind, "created": created, "model": model, "choices": [],
                      "usage": _usage(gen, session)}
-            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+            await send(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await send(b"data: [DONE]\n\n")
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
         pass  # the client went away: the caller's finally cancels the session

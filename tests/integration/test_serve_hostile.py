@@ -538,3 +538,31 @@ def test_tls_context_is_tls12_at_least_and_bad_files_say_what_to_do(tmp_path):
         result = CliRunner().invoke(app, ["serve", "no-such-model", "--local-only", "--port", "0", *flags])
         assert result.exit_code == 1 and what in result.output, (flags, result.output)
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+def test_a_stream_nobody_reads_is_cut_off_and_its_session_cancelled(smollm2_source, tokenizer):
+    """A client that asks for a long stream and never reads: once the socket buffers are full,
+    the server's writes wait; after idle_timeout it drops the connection and the session."""
+    long = ScriptedPipeline(smollm2_source.config, tokenizer.encode(" word" * 30_000), tokenizer.eos_id,
+                            ctx=32_768)
+    with in_thread(long, tokenizer, limits=Limits(idle_timeout=1.0)) as address:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        s.connect(address)
+        body = json.dumps({**OK_CHAT, "stream": True, "max_tokens": 30_000}).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        started = time.monotonic()
+
+        def finished() -> dict[str, float]:
+            text = request(address, "GET", "/metrics")[2].decode()
+            return {m[1]: float(m[2]) for m in re.finditer(r'fastserve_sessions_finished_total\{reason="(\w+)"\} (\S+)',
+                                                           text)}
+
+        while not finished():
+            assert time.monotonic() - started < 30, "the session never ended"
+            time.sleep(0.1)
+        assert finished() == {"cancelled": 1.0}
+        assert long.answered == {}  # its KV was dropped
+        s.close()
+        assert_served(address)
