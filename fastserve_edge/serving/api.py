@@ -23,7 +23,8 @@ What a hostile client cannot do (issue 21; `Limits`, set by `fastserve serve`'s 
 - hold connections: a request's head must arrive within idle_timeout of the connection's
   start (or of the previous answer), its body within idle_timeout of the head; an idle
   keep-alive connection is closed after it; a TLS handshake gets as long. Past
-  max_connections open at once, a new one gets a 503 and is closed.
+  max_connections open at once, a new one gets a 503 and is closed. A stream whose client
+  stops reading is dropped (and its session cancelled) once a write has waited idle_timeout.
 - queue without end: past max_queue sessions waiting for the engine, 429 with Retry-After.
 - crash a handler: bodies over 1 MiB, nested deeper than MAX_DEPTH, with lone surrogates,
   NaN, or wrong types anywhere get a 4xx with OpenAI's error JSON, never a 500.
