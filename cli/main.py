@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
+
+# gRPC's C core logs every refused TLS handshake at INFO; a stranger on the LAN is expected,
+# and the host says in its own words which machine could not prove the token.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from cli import bench, chat, join, models, pull, serve, status, token
 

@@ -40,7 +40,7 @@ from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.errors import FastServeError, PlanError
-from fastserve_edge.models.tensors import ModelSource
+from fastserve_edge.models.tensors import ModelSource, block_rows
 from fastserve_edge.settings import Paths
 
 REPLAN_BROWSE_S = 1.0  # a short look for machines that joined since the last plan
@@ -221,7 +221,7 @@ class Coordinator:
 
     def _load_request(self, stage: planner.Stage) -> peer_pb2.LoadStageRequest:
         manifest = [
-            peer_pb2.TensorEntry(name=name, sha256=sha, part=part_to_pb(part))
+            peer_pb2.TensorEntry(name=name, sha256=sha, part=part_to_pb(part), nbytes=self._data_bytes(name))
             for part in parts_for_stage(self.config, stage.start, stage.end)
             for name, sha in sorted(self.manifest.parts.get(part, {}).items())
         ]
@@ -230,6 +230,12 @@ class Coordinator:
             model_config_json=json.dumps(self.config.to_dict()), layer_start=stage.start, layer_end=stage.end,
             has_embedding=False, has_head=stage.end == self.config.n_layers, manifest=manifest,
             source_address=self.address, ctx=self.ctx, host_name=self.name, host_node_id=self.node_id)
+
+    def _data_bytes(self, name: str) -> int:
+        """A tensor's data bytes as its type and shape say (what a peer may expect to receive)."""
+        t = self.source.tensor(name)
+        rows, row_bytes = block_rows(t.qtype, tuple(t.shape))
+        return rows * row_bytes
 
     def apply(self, plan: planner.Plan) -> Pipeline:
         """Build the host's stage and load every peer's; returns the ready pipeline."""
