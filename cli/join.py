@@ -46,7 +46,7 @@ def command(
     from fastserve_edge.cluster.profile import parse_size
     from fastserve_edge.engine.local import set_threads
     from fastserve_edge.engine.quant import set_activations
-    from fastserve_edge.settings import Paths
+    from fastserve_edge.settings import Paths, load_settings
 
     freeze_imports()
     with user_errors():
@@ -63,13 +63,14 @@ def command(
         cap = parse_size(max_memory) if max_memory is not None else None
         n_threads = set_threads(threads)
         set_activations(activations)  # the layers this machine runs
+        quota = load_settings().cluster.shard_cache_bytes
         asyncio.run(_run(paths=paths, token=token, cluster=cluster_id(token), max_memory=cap, interface=interface,
                          port=port, threads=n_threads, reprofile=reprofile, announce=announce, bind=bind,
-                         max_sessions=max_sessions))
+                         max_sessions=max_sessions, cache_quota=quota))
 
 
 async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, threads, reprofile, announce, bind,
-               max_sessions: int):
+               max_sessions: int, cache_quota: int):
     from fastserve_edge.cluster import discovery
     from fastserve_edge.cluster.auth import serve
     from fastserve_edge.cluster.peer import PeerNode, PeerService
@@ -83,7 +84,7 @@ async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, 
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     node = PeerNode(node_id=discovery.load_node_id(paths.config), name=socket.gethostname(), profile=profile,
-                    cache=ShardCache(paths.cache / "shards"), token=token, max_sessions=max_sessions,
+                    cache=ShardCache(paths.cache / "shards", quota_bytes=cache_quota), token=token, max_sessions=max_sessions,
                     on_change=lambda: loop.call_soon_threadsafe(changed.set))
     ip = bind or interfaces[0][1]
     server, bound = serve(PeerService(node), token, bind=f"{ip}:{port}")

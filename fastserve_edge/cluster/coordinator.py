@@ -21,11 +21,11 @@ import grpc
 
 from fastserve_edge.cluster import discovery, planner
 from fastserve_edge.cluster.auth import DEFAULT_MAX_WORKERS, cluster_id, serve
-from fastserve_edge.cluster.peer import ModelProvider, PeerNode, PeerService, part_to_pb
+from fastserve_edge.cluster.peer import ModelProvider, WeightServer, part_to_pb
 from fastserve_edge.cluster.profile import Profile, load_profile
 from fastserve_edge.cluster.protocol import peer_pb2
 from fastserve_edge.cluster.remote import PeerClient, PeerLost, PeerRefused, RemoteStage, SessionLost
-from fastserve_edge.cluster.shard_cache import Manifest, ShardCache, build_manifest, parts_for_stage
+from fastserve_edge.cluster.shard_cache import Manifest, build_manifest, parts_for_stage
 from fastserve_edge.engine.generate import (
     DecodeStep,
     GenerationStats,
@@ -206,10 +206,8 @@ class Coordinator:
             ip = "127.0.0.1"
         else:
             ip = self._interfaces()[0][1]
-        node = PeerNode(node_id=self.node_id, name=self.name, profile=self.profile,
-                        cache=ShardCache(self.paths.cache / "shards"), token=self.options.token)
         provider = ModelProvider(self.source, self.manifest, on_sent=self._sent)
-        self._server, port = serve(PeerService(node, provider), self.options.token, bind=f"{ip}:0")
+        self._server, port = serve(WeightServer(provider), self.options.token, bind=f"{ip}:0")
         self.address = f"{ip}:{port}"
 
     def _sent(self, peer: str, nbytes: int) -> None:
