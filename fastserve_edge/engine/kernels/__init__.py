@@ -90,8 +90,9 @@ def single_row_x16() -> bool:
 
 
 SANITIZE_ENV = "FASTSERVE_KERNELS_SANITIZE"
-# out-of-bounds reads/writes and undefined behaviour end the process with a report (no recovery)
-SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+# out-of-bounds reads/writes and undefined behaviour end the process with a report (no recovery);
+# -O0: the sanitizers find the same faults, and the build takes ~8 s where -O3's took minutes
+SANITIZE_FLAGS = ["-O0", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
 def sanitized() -> bool:
