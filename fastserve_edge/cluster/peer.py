@@ -406,13 +406,15 @@ class _Pending:
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):
-    def __init__(self, node: PeerNode, provider: LayerProvider | None = None):
+    """A `fastserve join` peer: every verb; FetchLayer serves the parts in its shard cache."""
+
+    def __init__(self, node: PeerNode):
         self.node = node
         self._pending: list[_Pending] = []  # Forward requests that wait for the stage (see _step)
         self._leader: _Pending | None = None  # the request whose stream runs the next batch
         self._streams = 0  # Forward streams open (MAX_FORWARD_STREAMS)
         self._pending_lock = threading.Lock()
-        self.provider = provider or CacheProvider(node.cache)
+        self.provider = CacheProvider(node.cache)
 
     # Hello / Health ---------------------------------------------------------------------
     def Hello(self, request, context):
