@@ -238,9 +238,9 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], path: Pat
 
 
 def _number(value: Any, kind: type) -> Any:
-    """int or float of a metadata scalar; TypeError for a string, an array, a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{value!r} where a number belongs")
+    """int or float of a metadata scalar; TypeError for a string, an array, a bool (a float for an int)."""
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        raise TypeError(f"{value!r} where {'an integer' if kind is int else 'a number'} belongs")
     return kind(value)
 
 
