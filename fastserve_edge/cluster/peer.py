@@ -45,7 +45,7 @@ from fastserve_edge.cluster.wire import (
 )
 from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.generate import LocalStage
-from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, kv_bytes_per_token
+from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights, runtime_nbytes
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
@@ -207,13 +207,14 @@ def _code_of(err: Exception) -> grpc.StatusCode:
 class Session:
     tokens: list[int] = field(default_factory=list)  # ids whose KV this stage holds, by position
     sampler: Sampler | None = None
-    kv_positions: int = 0  # positions its KV cache may have allocated by now (see _kv_positions)
+    kv_positions: int = 0  # positions of KV it holds after its last step
 
 
-def _kv_positions(end: int, ctx: int) -> int:
-    """Positions a session's KV cache may have allocated once it holds `end`: it starts at
-    INITIAL_TOKENS and grows to at most twice what it needs (kv_cache.KVCache._room)."""
-    return min(ctx, max(INITIAL_TOKENS, 2 * end))
+# The KV cap counts positions held, the unit the host's serving loop budgets in
+# (planner.kv_room_tokens over the same memory less weights). Counting what the cache has
+# allocated instead (it starts at kv_cache.INITIAL_TOKENS and doubles) refused sessions a
+# correct host sent: bench/soak.py lost every answer at 100 MiB caps that way. The cap is the
+# guard against a host that ignores its budget, not a second, stricter budget.
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ class Holding:
     ctx: int
     vocab_size: int
     kv_per_position: int   # bytes: K and V of one position in every layer held
-    kv_room: int           # bytes the KV of all sessions together may take (memory less weights and rope)
+    kv_room: int           # bytes the KV of all sessions together may take (memory less weights, as the host counts)
 
 
 class PeerNode:
@@ -507,10 +508,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         cfg = order.config
         stage = Stage(cfg, RuntimeWeights(ShardSource(cfg, tensors)), order.start, order.end, max_tokens=order.ctx,
                       embeds=False)
-        rope = order.fixed_bytes() - order.kv_per_position * order.ctx
         holding = Holding(order.digest, order.model_name, order.start, order.end, order.end == cfg.n_layers,
                           order.host_name, LocalStage(stage), cfg.dim, order.ctx, cfg.vocab_size,
-                          order.kv_per_position, n.profile.memory_bytes - weights - rope)
+                          order.kv_per_position, n.profile.memory_bytes - weights)
         return holding, (cached, fetched, nbytes)
 
     def _load_failure(self, order: StageOrder, err: Exception) -> tuple[grpc.StatusCode, str]:
@@ -709,7 +709,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         if req.session not in n.sessions and len(n.sessions) >= n.max_sessions:
             raise PeerFull(f"{n.name} holds {len(n.sessions)} sessions, its limit (--max-sessions): end one "
                            "(DropSession) or use another peer")
-        positions = max(session.kv_positions if session is not None else 0, _kv_positions(req.pos + rows, h.ctx))
+        positions = req.pos + rows  # the session's KV beyond pos is discarded by this step
         others = sum(s.kv_positions for sid, s in n.sessions.items() if sid != req.session)
         if (others + positions) * h.kv_per_position > h.kv_room:
             raise PeerFull(f"the KV of {len(n.sessions)} sessions fills the {h.kv_room / 2**20:.0f} MiB {n.name} has "

@@ -193,18 +193,23 @@ def test_max_sessions_is_between_one_and_the_fixed_cap(tmp_path):
 
 
 def test_sessions_whose_kv_would_not_fit_the_memory_left_by_the_weights_are_refused(host, start_peer):
-    # room for the KV of two and a bit sessions (each reserves its whole context of 32 positions)
-    memory = host.stage_bytes() + 3 * CTX * host.kv_per_position() - 1
+    """The cap counts positions held, as the host's budget does (planner.kv_room_tokens): room
+    for 2.5 full-context sessions after the weights takes two, refuses a third, and takes it
+    once one ends."""
+    rope = 2 * CTX * host.config.head_dim * 4
+    weights = host.stage_bytes() - rope
+    memory = weights + int(2.5 * CTX * host.kv_per_position())
+    assert memory >= host.stage_bytes() + CTX * host.kv_per_position()  # LoadStage's own check passes
     p = start_peer(memory_bytes=memory)
     p.stub.LoadStage(host.load_request(), timeout=60)
     streams = [Stream(p.stub) for _ in range(3)]
     for i, stream in enumerate(streams[:2]):
-        assert stream.call(sample_step(host, f"s{i}")).token >= 0
+        assert stream.call(sample_step(host, f"s{i}", rows=CTX, tokens=[1] * CTX)).token >= 0
     with pytest.raises(grpc.RpcError) as err:
-        streams[2].call(sample_step(host, "s2"))
+        streams[2].call(sample_step(host, "s2", rows=CTX, tokens=[1] * CTX))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-memory" in err.value.details()
     streams[0].close()  # its sessions' KV goes with the stream
-    assert Stream(p.stub).call(sample_step(host, "s3")).token >= 0
+    assert Stream(p.stub).call(sample_step(host, "s3", rows=CTX, tokens=[1] * CTX)).token >= 0
     for stream in streams[1:]:
         stream.close()
 
