@@ -215,6 +215,9 @@ class RemoteStage:
             reply = stream.call(request, rows)
         except (grpc.RpcError, StopIteration, StepTimeout) as err:
             self._forget(request.session)
+            if isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # the peer is alive and at a limit (sessions, KV): a re-plan would meet it again
+                raise PeerRefused(f"{self.client.name} refused a step: {err.details()}") from None
             detail = err.details() if isinstance(err, grpc.RpcError) else str(err) or "the stream ended"
             raise PeerLost(self.client.name, self.client.node_id, detail) from None
         if reply.kv_lost:
