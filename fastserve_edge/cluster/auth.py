@@ -22,6 +22,11 @@ with both ends presenting their certificate and trusting only the cluster's CA c
 
 A user-chosen token must carry enough entropy (`check_token`): `cluster_id` is public, and
 a guess checked against it offline costs only one scrypt.
+
+Any other link between machines (a data path of its own, outside gRPC) must take its TLS
+settings from `identity()` the same way: both ends present `cert_pem`, trust only `ca_pem`.
+gRPC's Python API cannot raise the minimum to TLS 1.3; fastserve machines negotiate 1.3, and
+a 1.2 client still needs a certificate from the cluster's CA (ECDHE-ECDSA with AES-GCM).
 """
 
 from __future__ import annotations
