@@ -13,6 +13,7 @@ import time
 import pytest
 
 from fastserve_edge.cluster.auth import cluster_id
+from fastserve_edge.cluster.discovery import PROTOCOL_VERSION
 from tests import netns
 
 # --- real mDNS between namespaces --------------------------------------------------------------
@@ -134,10 +135,10 @@ def machines():
 
 def test_two_announcers_seen_from_a_third_machine_then_updated_then_gone(machines, tmp_path):
     a, b, c = machines
-    cluster = cluster_id("secret-token")
+    cluster, other = cluster_id("secret-token-of-ours-4d1f"), cluster_id("secret-token-of-theirs-9b2e")
     watcher = Lines(python(c, WATCH))
     assert watcher.next() == "watching"
-    procs = {m.name: python(m, ANNOUNCE, str(tmp_path / m.name), f"box-{m.name}", cluster if m is a else "other",
+    procs = {m.name: python(m, ANNOUNCE, str(tmp_path / m.name), f"box-{m.name}", cluster if m is a else other,
                             "1" if m is b else "0")
              for m in (a, b)}
     out = {name: Lines(p) for name, p in procs.items()}
@@ -156,11 +157,11 @@ def test_two_announcers_seen_from_a_third_machine_then_updated_then_gone(machine
     assert found["seconds"] < 6  # returned as soon as both answered
     for m in (a, b):
         n = nodes[f"box-{m.name}"]
-        assert (n["node_id"], n["addresses"], n["port"], n["version"]) == (ids[m.name], [m.ip], 50051, 1)
+        assert (n["node_id"], n["addresses"], n["port"], n["version"]) == (ids[m.name], [m.ip], 50051, PROTOCOL_VERSION)
         assert (n["memory_bytes"], n["decode_gflops"], n["prefill_gflops"], n["bandwidth_gbs"]) == \
                (4_000_000_000, 12.5, 30.25, 8.5)
         assert (n["state"], n["role"]) == ("idle", "peer")
-    assert nodes["box-m0"]["cluster_id"] == cluster and nodes["box-m1"]["cluster_id"] == "other"
+    assert nodes["box-m0"]["cluster_id"] == cluster and nodes["box-m1"]["cluster_id"] == other
     assert "ignoring broken._fastserve._tcp.local." in log  # the malformed record: logged, skipped
 
     # want counts only our cluster: one of ours is enough to stop early.
@@ -192,9 +193,9 @@ def test_two_announcers_seen_from_a_third_machine_then_updated_then_gone(machine
 
 def test_a_copied_configuration_folder_is_refused_not_announced_twice(machines, tmp_path):
     a, b, _ = machines
-    first = Lines(python(a, ANNOUNCE, str(tmp_path), "original", "c", "0"))
+    first = Lines(python(a, ANNOUNCE, str(tmp_path), "original", "", "0"))
     assert "started" in first.next(15)
-    copy = python(b, ANNOUNCE, str(tmp_path), "clone", "c", "0")
+    copy = python(b, ANNOUNCE, str(tmp_path), "clone", "", "0")
     refused = Lines(copy).next(15)
     assert "already announces node id" in refused["error"] and "configuration folder" in refused["error"]
     assert copy.wait(timeout=10) == 0
