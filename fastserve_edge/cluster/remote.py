@@ -3,10 +3,11 @@ as a LocalStage (`forward`, `drop`, and `forward_sample` for a last stage).
 
 Each session keeps one Forward stream open for the whole conversation; a step is one
 request and one reply on it (about a tenth of a millisecond on a LAN, no connection set-up).
-Any failure of the stream (the peer was killed, its cable pulled or its process frozen:
-keepalive notices within about 4 s) becomes PeerLost naming the machine, which the
-coordinator turns into a re-plan. A peer whose connection lives but whose reply does not
-come (stuck, or swapping) is lost too: every step has a deadline (`step_deadline_s`).
+Any failure of the stream (the peer was killed, or its cable pulled: keepalive notices within
+about 4 s) becomes PeerLost naming the machine, which the coordinator turns into a re-plan.
+A peer whose connection lives but whose reply does not come (frozen by SIGSTOP, stuck, or
+swapping) is lost too: every step has a deadline (`step_deadline_s`). bench/soak.py saw
+keepalive miss a SIGSTOPped peer: its stops of 9-10 s only slowed the answers in flight.
 
 Every channel is mutually authenticated TLS (cluster/auth.py): a machine that cannot prove
 the token fails the handshake, and `hello` says so as PeerRefused, never as a usable peer.
