@@ -415,8 +415,11 @@ class BlockProgram:
                  cos: torch.Tensor, sin: torch.Tensor) -> None:
         """x: one contiguous float32 row [dim], updated in place; caches as attend_one's."""
         cap = k_cache.shape[1]
-        self._check_row_and_cache(x, 1, k_cache, v_cache)
-        if cap != self._work_cap:  # the cache grew: the scores need more room
+        self._check_row(x, 1)
+        if cap != self._work_cap:  # the cache grew (or is another's): the scores need more room
+            # caches come from KVCache, the same layout for every session of this layer; checked
+            # when their size changes, not at every layer of every token
+            self._check_cache(k_cache, v_cache)
             need = self.kernels.lib.fs_block_work_floats(ctypes.byref(self.spec), cap)
             if self._work.numel() < need:
                 self._work = torch.empty(need)
@@ -427,11 +430,13 @@ class BlockProgram:
         if rc != 0:
             raise RuntimeError(f"fs_block_one failed ({rc}) at pos {pos}")
 
-    def _check_row_and_cache(self, x: torch.Tensor, m: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """What the kernel writes and reads without knowing its size: x [m, dim] and one
-        layer's caches [n_kv, cap, hd] float16."""
+    def _check_row(self, x: torch.Tensor, m: int) -> None:
+        """What the kernel writes without knowing its size: x [m, dim] float32."""
         if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != m * self.spec.dim:
             raise ValueError(f"block input {x.dtype} {tuple(x.shape)}: expected {m} contiguous float32 rows of {self.spec.dim}")
+
+    def _check_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """What the kernel reads and writes at a position: one layer's caches [n_kv, cap, hd] float16."""
         for c in (k_cache, v_cache):
             if (c.dtype != torch.float16 or not c.is_contiguous() or c.dim() != 3
                     or c.shape[0] != self.n_kv or c.shape[2] != self.head_dim or c.shape != k_cache.shape):
@@ -443,8 +448,9 @@ class BlockProgram:
         caches[r] at positions[r]; updated in place. cos, sin: the stage's whole rope tables."""
         m = x.shape[0]
         assert len(caches) == len(positions) == m
+        self._check_row(x, m)
         for k, v in caches:
-            self._check_row_and_cache(x, m, k, v)
+            self._check_cache(k, v)
         caps = [k.shape[1] for k, _ in caches]
         need = self.kernels.lib.fs_block_batch_work_floats(ctypes.byref(self.spec), m, max(caps))
         if self._work.numel() < need:
