@@ -884,17 +884,17 @@ def test_where_prefill_switches_to_dequantize_and_gemm(variant):
     assert k.x8_vnni == (variant == "native" and " avx512_vnni " in CPU_FLAGS and " avx512vl " in CPU_FLAGS)
 
 
-def anon_huge_kib(address: int) -> int | None:
-    """AnonHugePages of the mapping of this process holding `address` (/proc/self/smaps)."""
+def mapping_flags(address: int) -> set[str]:
+    """VmFlags of the mapping of this process holding `address` (/proc/self/smaps)."""
     inside = False
     for line in open("/proc/self/smaps"):
         head = line.split()[0]
         if "-" in head and ":" not in head:
             start, end = (int(v, 16) for v in head.split("-"))
             inside = start <= address < end
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    return None
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    return set()
 
 
 THP = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if os.path.exists(
@@ -904,9 +904,11 @@ THP = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if os.path.exis
 @pytest.mark.skipif("[never]" in THP or not THP, reason="transparent huge pages are off on this kernel")
 def test_a_large_x8_copy_lands_in_huge_pages():
     """The repack asks for 2 MiB pages where the copy covers them whole (a 1B model's load:
-    ~300 page faults instead of ~140k); what it writes is the same bytes either way."""
+    ~300 page faults instead of ~140k); what it writes is the same bytes either way. Whether the
+    kernel grants them depends on how fragmented its memory is (CI got none once), so the test
+    checks the request: the mapping is marked `hg` (MADV_HUGEPAGE)."""
     rows = torch.randint(0, 256, (4096, 2048 // 32 * 18), dtype=torch.uint8)  # Q4_0 blocks: 9 MiB
     k = kernels.load()
     out = k.repack_x8(kernels.FMT_Q4_0, rows, 2048)
-    assert anon_huge_kib(out.data_ptr() + out.numel() // 2) >= 2048
+    assert "hg" in mapping_flags(out.data_ptr() + out.numel() // 2)
     assert torch.equal(out, kernels.load("portable").repack_x8(kernels.FMT_Q4_0, rows, 2048))
