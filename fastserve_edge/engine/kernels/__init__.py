@@ -33,7 +33,7 @@ import torch
 
 from fastserve_edge.settings import Paths
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.c", "decode.c", "gemm.c", "attend.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qmatmul.c", "decode.c", "gemm.c", "attend.c", "mesh.c")]
 FLAGS = {
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -215,6 +215,28 @@ class Kernels:
         self.lib.fs_block_batch_work_floats.restype = l
         self.lib.fs_block_batch.argtypes = [p, i, p, p, p, p, p, p, p, p, i, l]
         self.lib.fs_block_batch.restype = i
+        # the tensor-parallel block and its data path (decode.c, mesh.c); absent from older builds
+        self.tensor_parallel = hasattr(self.lib, "fs_tp_block_batch")
+        if self.tensor_parallel:
+            self.lib.fs_tp_work_floats.argtypes = [p, i, i]
+            self.lib.fs_tp_work_floats.restype = l
+            self.lib.fs_tp_block_batch.argtypes = [p, p, i, p, p, p, p, p, p, p, p, i, l]
+            self.lib.fs_tp_block_batch.restype = i
+            self.lib.fs_mesh_new.argtypes = [i, i, p, p]
+            self.lib.fs_mesh_new.restype = p
+            self.lib.fs_mesh_free.argtypes = [p]
+            self.lib.fs_mesh_free.restype = None
+            self.lib.fs_mesh_error.argtypes = [p]
+            self.lib.fs_mesh_error.restype = ctypes.c_char_p
+            for name in ("fs_mesh_failed_peer",):
+                getattr(self.lib, name).argtypes = [p]
+                getattr(self.lib, name).restype = i
+            for name in ("fs_mesh_exchanges", "fs_mesh_bytes_out"):
+                getattr(self.lib, name).argtypes = [p]
+                getattr(self.lib, name).restype = l
+            self.lib.fs_mesh_exchange.argtypes = [p, p, p, p, p, i]
+            self.lib.fs_mesh_exchange.restype = i
+            self.lib.fs_mesh_crypto_available.restype = i
 
     def set_amx(self, on: bool) -> bool:
         """Prompt rows of the x8 Q4_0/Q4_1/Q8_0 matrices through AMX (on: where this build has
@@ -463,6 +485,154 @@ class BlockProgram:
             self._work.data_ptr(), torch.get_num_threads(), self._work.numel())
         if rc != 0:
             raise RuntimeError(f"fs_block_batch failed ({rc}) for {m} sessions at positions {positions}")
+
+
+class ExchangeError(RuntimeError):
+    """An exchange of the tensor-parallel data path failed: `peer` (its rank in the group, or
+    -1) closed its connection, stopped answering, or sent a frame that failed its checks."""
+
+    def __init__(self, message: str, peer: int, code: int):
+        super().__init__(message)
+        self.peer, self.code = peer, code
+
+
+class Mesh:
+    """mesh.c's fs_mesh: this machine's sealed connections to the others of a tensor-parallel
+    group. fds[p]: a connected socket to rank p (the caller keeps them open while the mesh
+    lives; -1 for this rank). keys: per peer (key of frames to it, key of frames from it), 32
+    bytes each; None only to measure what the encryption costs."""
+
+    def __init__(self, kernels: Kernels, rank: int, fds: list[int], keys: list[tuple[bytes, bytes]] | None):
+        n = len(fds)
+        if not kernels.tensor_parallel:
+            raise RuntimeError("these kernels have no tensor-parallel data path (an older build)")
+        if keys is not None and not kernels.lib.fs_mesh_crypto_available():
+            raise RuntimeError("the system's libcrypto (libssl3) cannot be loaded: the data path cannot seal its "
+                               "frames; install libssl3")
+        packed = None
+        if keys is not None:
+            if len(keys) != n or any(len(a) != 32 or len(b) != 32 for a, b in keys):
+                raise ValueError("a mesh needs a pair of 32-byte keys for each machine")
+            packed = ctypes.create_string_buffer(b"".join(a + b for a, b in keys), 64 * n)
+        self.kernels, self.n, self.rank = kernels, n, rank
+        self.ptr = kernels.lib.fs_mesh_new(n, rank, (ctypes.c_int * n)(*fds), packed)
+        if not self.ptr:
+            raise ValueError(f"cannot build a mesh of {n} machines as rank {rank}")
+
+    def _raise(self, rc: int) -> None:
+        lib = self.kernels.lib
+        message = (lib.fs_mesh_error(self.ptr) or b"").decode(errors="replace") or f"exchange failed ({rc})"
+        raise ExchangeError(message, lib.fs_mesh_failed_peer(self.ptr), rc)
+
+    def exchange(self, send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor], timeout_ms: int = -1) -> None:
+        """Send send[p] (contiguous) to each p in send, receive exactly recv[p]'s bytes from each
+        p in recv, all at once. ExchangeError on failure."""
+        n = self.n
+        sp, sl = (ctypes.c_void_p * n)(), (ctypes.c_long * n)(*([-1] * n))
+        rp, rl = (ctypes.c_void_p * n)(), (ctypes.c_long * n)(*([-1] * n))
+        for p, t in send.items():
+            assert t.is_contiguous()
+            sp[p], sl[p] = t.data_ptr(), t.numel() * t.element_size()
+        for p, t in recv.items():
+            assert t.is_contiguous()
+            rp[p], rl[p] = t.data_ptr(), t.numel() * t.element_size()
+        rc = self.kernels.lib.fs_mesh_exchange(self.ptr, sp, sl, rp, rl, timeout_ms)
+        if rc != 0:
+            self._raise(rc)
+
+    @property
+    def exchanges(self) -> int:
+        return self.kernels.lib.fs_mesh_exchanges(self.ptr)
+
+    @property
+    def bytes_out(self) -> int:
+        return self.kernels.lib.fs_mesh_bytes_out(self.ptr)
+
+    def close(self) -> None:
+        if self.ptr:
+            self.kernels.lib.fs_mesh_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class _TPBlock(ctypes.Structure):  # decode.c fs_tp_block
+    _fields_ = [("b", _Block), ("ranks", ctypes.c_int), ("rank", ctypes.c_int), ("timeout_ms", ctypes.c_int),
+                ("heads_at", ctypes.c_int * 65), ("dim_at", ctypes.c_int * 65), ("ffn_at", ctypes.c_int * 65)]
+
+
+class TensorBlockProgram:
+    """One decoder block's slice on one machine of a tensor-parallel group (decode.c
+    fs_tp_block_batch): M rows through the block with the group's four all-gathers. The
+    block's own heads, FFN columns and output rows are this machine's; *_at give every
+    machine's spans."""
+
+    def __init__(self, kernels: Kernels, *, dim: int, n_heads: int, n_kv: int, head_dim: int, ffn: int, eps: float,
+                 attn_norm: torch.Tensor, ffn_norm: torch.Tensor, q_norm: torch.Tensor | None,
+                 k_norm: torch.Tensor | None, qkv_bias: torch.Tensor | None, qkv: MultiMatmul | None,
+                 wo: MultiMatmul, gate_up: MultiMatmul, down: MultiMatmul, rank: int, heads_at: list[int],
+                 dim_at: list[int], ffn_at: list[int], timeout_ms: int):
+        self.kernels = kernels
+        self.n_kv, self.head_dim, self.dim = n_kv, head_dim, dim
+        vectors = [attn_norm, ffn_norm, q_norm, k_norm, qkv_bias]
+        self._keep = [v.contiguous().float() if v is not None else None for v in vectors]
+        ptr = [v.data_ptr() if v is not None else None for v in self._keep]
+        empty = _Mats()
+        mats = (qkv, wo, gate_up, down)
+        nbytes = ((ctypes.c_long * 8) * 4)(*((ctypes.c_long * 8)(*(m.nbytes if m is not None else [])) for m in mats))
+        block = _Block(dim, n_heads, n_kv, head_dim, ffn, eps, *ptr,
+                       *(m.as_struct() if m is not None else empty for m in mats), nbytes)
+        ranks = len(heads_at) - 1
+        if not 1 <= ranks <= 64 or len(dim_at) != ranks + 1 or len(ffn_at) != ranks + 1:
+            raise ValueError(f"spans for {ranks} machines")
+        self.spec = _TPBlock(block, ranks, rank, timeout_ms, (ctypes.c_int * 65)(*heads_at),
+                             (ctypes.c_int * 65)(*dim_at), (ctypes.c_int * 65)(*ffn_at))
+        if kernels.lib.fs_tp_work_floats(ctypes.byref(self.spec), 1, 0) < 0:
+            raise ValueError(f"a tensor-parallel slice of {n_heads} heads ({n_kv} kv) of {head_dim}, ffn {ffn}, "
+                             f"as rank {rank} of spans heads {heads_at} dim {dim_at} ffn {ffn_at}, does not match "
+                             "its matrices")
+        self._mats = mats
+        self._work = torch.empty(0)
+
+    def batch(self, mesh: Mesh | None, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+              positions: list[int], cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """x: [M, dim] contiguous float32, the same on every machine, updated in place; row r at
+        positions[r] of caches[r] (this machine's KV heads; None for a machine without heads).
+        Rows may share a cache at consecutive positions (a prompt: each sees the ones before)."""
+        m = x.shape[0]
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != m * self.dim:
+            raise ValueError(f"block input {x.dtype} {tuple(x.shape)}: expected {m} contiguous float32 rows of {self.dim}")
+        if len(positions) != m or (caches is not None and len(caches) != m):
+            raise ValueError(f"{m} rows with {len(positions)} positions")
+        if caches is None:
+            if self.n_kv:
+                raise ValueError("a slice with attention heads needs their KV caches")
+            none = torch.zeros(1, dtype=torch.float16)
+            caches = [(none, none)] * m
+            caps = [p + 1 for p in positions]
+        else:
+            caps = [k.shape[1] for k, _ in caches]
+        for k, v in caches if self.n_kv else ():
+            if (k.dtype != torch.float16 or not k.is_contiguous() or not v.is_contiguous() or k.shape != v.shape
+                    or k.dim() != 3 or k.shape[0] != self.n_kv or k.shape[2] != self.head_dim):
+                raise ValueError(f"KV cache {tuple(k.shape)}: expected float16 [{self.n_kv}, cap, {self.head_dim}]")
+        if any(not 0 <= p < c for p, c in zip(positions, caps)):
+            raise ValueError(f"positions {positions} outside their caches ({caps})")
+        need = self.kernels.lib.fs_tp_work_floats(ctypes.byref(self.spec), m, max(caps))
+        if self._work.numel() < need:
+            self._work = torch.empty(need)
+        pointers = ctypes.c_void_p * m
+        rc = self.kernels.lib.fs_tp_block_batch(
+            ctypes.byref(self.spec), mesh.ptr if mesh is not None else None, m, x.data_ptr(),
+            pointers(*(k.data_ptr() for k, _ in caches)), pointers(*(v.data_ptr() for _, v in caches)),
+            (ctypes.c_int * m)(*caps), (ctypes.c_int * m)(*positions),
+            pointers(*(cos[p].data_ptr() for p in positions)), pointers(*(sin[p].data_ptr() for p in positions)),
+            self._work.data_ptr(), torch.get_num_threads(), self._work.numel())
+        if rc <= -10 and mesh is not None:
+            mesh._raise(rc // 10)
+        if rc != 0:
+            raise RuntimeError(f"fs_tp_block_batch failed ({rc}) for {m} rows at positions {positions}")
 
 
 class MultiMatmul:

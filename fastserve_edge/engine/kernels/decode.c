@@ -310,3 +310,116 @@ int fs_block_batch(const fs_block *b, int M, float *x, kv_t *const *kcs, kv_t *c
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     return 0;
 }
+
+/* ---- one decoder block over a tensor-parallel group ----------------------------------------
+ * Each machine of the group holds a slice of every layer: its query heads with their KV heads
+ * (and those heads' cache), its FFN columns, and its rows of wo and down. Every matrix is split
+ * by output rows, so every output element is computed whole, from the whole input, on one
+ * machine: the four all-gathers (attention output, wo's output, the SwiGLU activation, down's
+ * output) give every machine the same rows, and the step is bit for bit fs_block_batch's (the
+ * kernels compute each output row from its own weights and the whole quantized input, at any
+ * row offset that keeps the x8 row groups whole). x: [M][dim], the same on every machine.
+ * mesh: fs_mesh (mesh.c), NULL for a group of one. */
+#define FS_TP_MAX 64
+
+typedef struct fs_mesh fs_mesh;
+int fs_mesh_allgather_rows(fs_mesh *m, const float *mine, float *full, int M, const int *at, float *scratch,
+                           int timeout_ms);
+
+typedef struct {
+    fs_block b;                   /* this machine's slice: n_heads, n_kv, ffn are its own, dim the model's;
+                                     wo and down: its rows of their output */
+    int ranks, rank, timeout_ms;
+    int heads_at[FS_TP_MAX + 1];  /* each machine's floats of the attention output (n_heads hd of it) */
+    int dim_at[FS_TP_MAX + 1];    /* each machine's rows of wo and down */
+    int ffn_at[FS_TP_MAX + 1];    /* each machine's FFN columns */
+} fs_tp_block;
+
+static int spans_ok(const int *at, int n, long total) {
+    if (at[0] != 0 || at[n] != total) return -1;
+    for (int r = 0; r < n; r++) if (at[r + 1] < at[r]) return -1;
+    return 0;
+}
+
+static int tp_sizes_agree(const fs_tp_block *t) {
+    const fs_block *b = &t->b;
+    if (t->ranks < 1 || t->ranks > FS_TP_MAX || t->rank < 0 || t->rank >= t->ranks) return -1;
+    const long D = b->dim, hd = b->hd, limit = 1L << 24, r = t->rank;
+    const long H_all = t->heads_at[t->ranks], F_all = t->ffn_at[t->ranks];
+    if (D <= 0 || hd <= 0 || hd % 2 != 0 || b->n_heads < 0 || b->n_kv < 0 || D > limit || H_all > limit || F_all > limit)
+        return -1;
+    if (spans_ok(t->heads_at, t->ranks, H_all) || spans_ok(t->dim_at, t->ranks, D) || spans_ok(t->ffn_at, t->ranks, F_all))
+        return -1;
+    if (H_all <= 0 || F_all <= 0 || t->heads_at[r + 1] - t->heads_at[r] != (long)b->n_heads * hd) return -1;
+    if (t->ffn_at[r + 1] - t->ffn_at[r] != b->ffn || t->dim_at[r + 1] - t->dim_at[r] <= 0 || b->ffn <= 0) return -1;
+    if (b->n_heads > 0) {
+        if (b->n_kv <= 0 || b->n_heads % b->n_kv != 0) return -1;
+        if (b->qkv.count < 1 || b->qkv.count > 8 || b->qkv.k != D || mats_rows(&b->qkv) != (b->n_heads + 2L * b->n_kv) * hd)
+            return -1;
+    } else if (b->n_kv != 0) return -1;
+    const long rows = t->dim_at[r + 1] - t->dim_at[r];
+    if (b->wo.count < 1 || b->wo.count > 8 || b->wo.k != H_all || mats_rows(&b->wo) != rows) return -1;
+    if (b->gate_up.k != D || b->gate_up.count != 2 || b->gate_up.ns[0] != b->ffn || b->gate_up.ns[1] != b->ffn) return -1;
+    if (b->down.count < 1 || b->down.count > 8 || b->down.k != F_all || mats_rows(&b->down) != rows) return -1;
+    if (!b->attn_norm || !b->ffn_norm || (b->q_norm == NULL) != (b->k_norm == NULL)) return -1;
+    return 0;
+}
+
+long fs_tp_work_floats(const fs_tp_block *t, int M, int max_cap) {
+    if (tp_sizes_agree(t) != 0 || M < 1 || max_cap < 0) return -1;
+    const fs_block *b = &t->b;
+    const long D = b->dim, hl = (long)b->n_heads * b->hd, qkv = hl + 2L * b->n_kv * b->hd;
+    const long H_all = t->heads_at[t->ranks], F_all = t->ffn_at[t->ranks];
+    const long rows = t->dim_at[t->rank + 1] - t->dim_at[t->rank];
+    long widest = H_all > F_all ? H_all : F_all;
+    if (D > widest) widest = D;
+    /* h, qkv, heads (mine, all), o (mine, all), gate_up, act (mine, all), the gather's scratch */
+    return M * (D + qkv + hl + H_all + rows + D + 3L * b->ffn + F_all + widest) + (long)b->n_heads * max_cap;
+}
+
+int fs_tp_block_batch(const fs_tp_block *t, fs_mesh *mesh, int M, float *x, kv_t *const *kcs, kv_t *const *vcs,
+                      const int *caps, const int *poss, const float *const *coss, const float *const *sins,
+                      float *work, int nthreads, long work_floats) {
+    if (M < 1 || (t->ranks > 1 && !mesh)) return -1;
+    int max_cap = 0;
+    for (int r = 0; r < M; r++) max_cap = caps[r] > max_cap ? caps[r] : max_cap;
+    const long need = fs_tp_work_floats(t, M, max_cap);
+    if (need < 0 || work_floats < need) return -1;
+    const fs_block *b = &t->b;
+    const long D = b->dim, hl = (long)b->n_heads * b->hd, qkv_dim = hl + 2L * b->n_kv * b->hd, F = b->ffn;
+    const long H_all = t->heads_at[t->ranks], F_all = t->ffn_at[t->ranks];
+    const long rows = t->dim_at[t->rank + 1] - t->dim_at[t->rank];
+    float *h = work, *qkv = h + M * D, *heads = qkv + M * qkv_dim, *heads_all = heads + M * hl;
+    float *o = heads_all + M * H_all, *o_all = o + M * rows, *gu = o_all + M * D, *act = gu + M * 2 * F;
+    float *act_all = act + M * F, *scratch = act_all + M * F_all;
+    long widest = H_all > F_all ? H_all : F_all;
+    if (D > widest) widest = D;
+    float *scores = scratch + M * widest;
+    int rc;
+    fs_rmsnorm(x, b->attn_norm, h, M, (int)D, b->eps);
+    if (b->n_heads > 0) {
+        if (run_mats(b, &b->qkv, h, M, qkv, nthreads) != 0) return -2;
+        for (int r = 0; r < M; r++) {
+            float *row = qkv + (size_t)r * qkv_dim;
+            if (b->qkv_bias) for (long i = 0; i < qkv_dim; i++) row[i] += b->qkv_bias[i];
+            if (b->q_norm) {
+                fs_rmsnorm(row, b->q_norm, row, b->n_heads, b->hd, b->eps);
+                fs_rmsnorm(row + hl, b->k_norm, row + hl, b->n_kv, b->hd, b->eps);
+            }
+            if (fs_attend_one(row, coss[r], sins[r], kcs[r], vcs[r], caps[r], poss[r], b->n_heads, b->n_kv, b->hd,
+                              heads + (size_t)r * hl, scores, nthreads) != 0) return -3;
+        }
+    }
+    if ((rc = fs_mesh_allgather_rows(mesh, heads, heads_all, M, t->heads_at, scratch, t->timeout_ms))) return rc * 10;
+    if (run_mats(b, &b->wo, heads_all, M, o, nthreads) != 0) return -4;
+    if ((rc = fs_mesh_allgather_rows(mesh, o, o_all, M, t->dim_at, scratch, t->timeout_ms))) return rc * 10;
+    for (long i = 0; i < M * D; i++) x[i] += o_all[i];
+    fs_rmsnorm(x, b->ffn_norm, h, M, (int)D, b->eps);
+    if (run_mats(b, &b->gate_up, h, M, gu, nthreads) != 0) return -5;
+    for (int r = 0; r < M; r++) fs_swiglu(gu + (size_t)r * 2 * F, act + (size_t)r * F, (int)F);
+    if ((rc = fs_mesh_allgather_rows(mesh, act, act_all, M, t->ffn_at, scratch, t->timeout_ms))) return rc * 10;
+    if (run_mats(b, &b->down, act_all, M, o, nthreads) != 0) return -6;
+    if ((rc = fs_mesh_allgather_rows(mesh, o, o_all, M, t->dim_at, scratch, t->timeout_ms))) return rc * 10;
+    for (long i = 0; i < M * D; i++) x[i] += o_all[i];
+    return 0;
+}

@@ -1,0 +1,387 @@
+"""Tensor parallelism: every machine of a group holds a slice of every layer and works on
+every token at once, so each added machine adds its memory bandwidth to one chat.
+
+What a machine holds (`Slices`, proportional to each machine's measured speed; any number of
+machines):
+- attention: whole KV heads with their query heads (a group), and those heads' KV cache;
+  with more machines than KV heads the extra machines hold no heads and take their share of
+  the FFN, wo, down and vocabulary instead;
+- FFN: gate and up columns; wo and down: rows of their output (the model's dim);
+- the LM head: rows of the vocabulary;
+- replicated: the norms. The group's first machine (the host) also holds the embedding and
+  sends each step's rows.
+Every matrix is split by output rows, so every output element is computed whole from the
+whole input on one machine, and four all-gathers a layer (decode.c fs_tp_block_batch, over
+mesh.c's sealed TCP mesh) make the answer bit for bit one machine's (the exact design).
+
+A step, from the first machine to the others over the mesh: a fixed header (kind, rows,
+flags), then the rows (slot, position, whether it wants logits) and their hidden states.
+Each machine answers with the best `TOP_CANDIDATES` logits of its vocabulary rows for every
+row that wants them (or all of them when asked); the first machine samples from those.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.engine.kernels import ExchangeError, Mesh, TensorBlockProgram
+from fastserve_edge.engine.kv_cache import KVCache
+from fastserve_edge.engine.model import RMSNorm, llama3_freq_factors, rope_table
+from fastserve_edge.engine.quant import RuntimeWeights
+from fastserve_edge.errors import ConfigError
+from fastserve_edge.models.tensors import ModelSource, RawTensor
+
+ROW_GROUP = 32        # FFN columns, output rows and vocabulary rows go to machines in multiples of this
+TOP_CANDIDATES = 64   # logits per machine and row sent back for sampling (greedy needs the first)
+PREFILL_ROWS = 128    # prompt rows per step: bounds each machine's work buffers
+STEP, DROP, STOP = 1, 2, 3
+WANT_LOGITS, ALL_LOGITS = 1, 2
+
+
+def apportion(units: int, weights: Sequence[float], *, at_least: int = 1) -> list[int]:
+    """`units` split in proportion to `weights` (largest remainder; ties to the lower rank),
+    every share at least `at_least`. ValueError when that cannot be."""
+    n = len(weights)
+    if n < 1 or units < at_least * n or any(not w > 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"cannot split {units} units over {n} machines (at least {at_least} each)")
+    spare = units - at_least * n
+    total = sum(weights)
+    exact = [spare * w / total for w in weights]
+    shares = [math.floor(e) for e in exact]
+    order = sorted(range(n), key=lambda r: (-(exact[r] - shares[r]), r))
+    for r in order[:spare - sum(shares)]:
+        shares[r] += 1
+    return [s + at_least for s in shares]
+
+
+def _spans(sizes: Sequence[int], scale: int = 1, limit: int | None = None) -> tuple[int, ...]:
+    at = [0]
+    for s in sizes:
+        at.append(at[-1] + s * scale)
+    if limit is not None:
+        at = [min(a, limit) for a in at]
+    return tuple(at)
+
+
+@dataclass(frozen=True)
+class Slices:
+    """Who holds what in a tensor-parallel group of `ranks` machines; each *_at has ranks + 1
+    bounds, machine r holding [at[r], at[r + 1])."""
+
+    kv_at: tuple[int, ...]     # KV heads (with their query heads)
+    dim_at: tuple[int, ...]    # rows of wo and down
+    ffn_at: tuple[int, ...]    # FFN columns
+    vocab_at: tuple[int, ...]  # rows of the LM head
+
+    @property
+    def ranks(self) -> int:
+        return len(self.kv_at) - 1
+
+    @classmethod
+    def split(cls, cfg: ModelConfig, speeds: Sequence[float]) -> Slices:
+        """Shares proportional to `speeds` (one per machine, the first the host's)."""
+        n = len(speeds)
+        units = {name: -(-size // ROW_GROUP) for name, size in
+                 (("dim", cfg.dim), ("ffn", cfg.ffn_dim), ("vocab", cfg.vocab_size))}
+        if min(units.values()) < n:
+            raise ConfigError(f"{n} machines are more than this model's dim {cfg.dim} / ffn {cfg.ffn_dim} can be "
+                              f"split into (groups of {ROW_GROUP}): use fewer machines or a pipeline")
+        kv = apportion(cfg.n_kv_heads, speeds, at_least=0) if n > 1 else [cfg.n_kv_heads]
+        return cls(kv_at=_spans(kv), dim_at=_spans(apportion(units["dim"], speeds), ROW_GROUP, cfg.dim),
+                   ffn_at=_spans(apportion(units["ffn"], speeds), ROW_GROUP, cfg.ffn_dim),
+                   vocab_at=_spans(apportion(units["vocab"], speeds), ROW_GROUP, cfg.vocab_size))
+
+    def rows_of(self, cfg: ModelConfig, name: str, rank: int) -> tuple[int, int] | None:
+        """The rows of tensor `name` machine `rank` holds, or None for the whole tensor."""
+        parts = name.split(".")
+        group = cfg.n_heads // cfg.n_kv_heads
+        a, b = self.kv_at[rank], self.kv_at[rank + 1]
+        if len(parts) >= 3 and parts[0] == "blk":
+            kind = parts[2]
+            if kind == "attn_q":
+                return a * group * cfg.head_dim, b * group * cfg.head_dim
+            if kind in ("attn_k", "attn_v"):
+                return a * cfg.head_dim, b * cfg.head_dim
+            if kind in ("attn_output", "ffn_down"):
+                return self.dim_at[rank], self.dim_at[rank + 1]
+            if kind in ("ffn_gate", "ffn_up"):
+                return self.ffn_at[rank], self.ffn_at[rank + 1]
+            return None
+        if name == "output.weight":
+            return self.vocab_at[rank], self.vocab_at[rank + 1]
+        return None
+
+
+class SliceWeights(RuntimeWeights):
+    """RuntimeWeights that hands out one machine's rows of each sliced tensor. sliced: the
+    source already holds only those rows (a peer sent its slice); otherwise whole tensors are
+    checked against the config and cut here."""
+
+    def __init__(self, source: ModelSource, slices: Slices, rank: int, *, sliced: bool = False, **kw):
+        super().__init__(source, **kw)
+        self.slices, self.rank, self.sliced = slices, rank, sliced
+
+    def rows(self, name: str) -> tuple[int, int] | None:
+        return self.slices.rows_of(self.config, name, self.rank)
+
+    def _raw(self, name: str) -> RawTensor:
+        span = self.rows(name)
+        if span is None or not self.sliced:
+            raw = super()._raw(name)
+            return raw if span is None else _take(raw, *span)
+        raw = self.source.tensor(name)  # a slice as sent: its rows, the model's row width
+        whole = self.config.weight_shape(name)
+        want = (span[1] - span[0], *whole[1:]) if whole is not None else None
+        if want is not None and tuple(raw.shape) != want:
+            from fastserve_edge.errors import ModelFormatError
+            raise ModelFormatError(f"slice {name} has shape {list(raw.shape)}, this machine's share is {list(want)}: "
+                                   "the host sent another plan's slice; re-plan")
+        return raw
+
+    def head_slice(self) -> torch.nn.Module:
+        """This machine's vocabulary rows of the LM head (of the embedding, when tied)."""
+        span = self.slices.vocab_at[self.rank], self.slices.vocab_at[self.rank + 1]
+        if self.config.tie_embeddings:
+            raw = (self.source.tensor("token_embd.weight") if self.sliced
+                   else _take(RuntimeWeights._raw(self, "token_embd.weight"), *span))
+        else:
+            raw = self._raw("output.weight")
+        q = self._quant(raw)
+        from fastserve_edge.engine.quant import DenseLinear, QuantLinear
+        return QuantLinear(q) if q is not None else DenseLinear(raw.to_float(self.dtype), None)
+
+
+def _take(raw: RawTensor, a: int, b: int) -> RawTensor:
+    return RawTensor(raw.name, raw.qtype, (b - a, *raw.shape[1:]), raw.data[a:b])
+
+
+class TensorSlice:
+    """One machine's slice of every layer, its KV caches by slot, and the step it runs with the
+    group. The host's slice (rank 0) also embeds; every slice ends with its LM-head rows."""
+
+    def __init__(self, weights: SliceWeights, *, max_tokens: int, timeout_ms: int = 30_000):
+        cfg, s, r = weights.config, weights.slices, weights.rank
+        self.cfg, self.slices, self.rank, self.max_tokens = cfg, s, r, max_tokens
+        kernels = weights.kernels
+        if kernels is None or not kernels.tensor_parallel:
+            raise ConfigError("tensor parallelism needs this machine's compiled kernels (a C compiler)")
+        group = cfg.n_heads // cfg.n_kv_heads
+        self.n_kv = s.kv_at[r + 1] - s.kv_at[r]
+        heads_at = [kv * group * cfg.head_dim for kv in s.kv_at]
+        ffn = s.ffn_at[r + 1] - s.ffn_at[r]
+        self.programs: list[TensorBlockProgram] = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}"
+            qkv = None
+            if self.n_kv:
+                fused = weights.fused([f"{p}.attn_q", f"{p}.attn_k", f"{p}.attn_v"], bias=cfg.attn_bias)
+                qkv, bias = fused.multi, fused.bias
+            else:
+                bias = None
+            gate_up = weights.fused([f"{p}.ffn_gate", f"{p}.ffn_up"]).multi
+            wo, down = (weights.linear(f"{p}.{n}").one_call() for n in ("attn_output", "ffn_down"))
+            if (self.n_kv and qkv is None) or gate_up is None or wo is None or down is None:
+                raise ConfigError("tensor parallelism needs every matrix of a block quantized (GGUF blocks)")
+            norm = (lambda n: weights.vector(f"{p}.{n}.weight")) if cfg.qk_norm else (lambda n: None)
+            self.programs.append(TensorBlockProgram(
+                kernels, dim=cfg.dim, n_heads=self.n_kv * group, n_kv=self.n_kv, head_dim=cfg.head_dim, ffn=ffn,
+                eps=cfg.norm_eps, attn_norm=weights.vector(f"{p}.attn_norm.weight"),
+                ffn_norm=weights.vector(f"{p}.ffn_norm.weight"), q_norm=norm("attn_q_norm"),
+                k_norm=norm("attn_k_norm"), qkv_bias=bias, qkv=qkv, wo=wo, gate_up=gate_up, down=down, rank=r,
+                heads_at=heads_at, dim_at=list(s.dim_at), ffn_at=list(s.ffn_at), timeout_ms=timeout_ms))
+        self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps)
+        self.head = weights.head_slice()
+        self.embed = weights.embedding() if r == 0 else None
+        if weights.has("rope_freqs.weight"):
+            factors = weights.vector("rope_freqs.weight")
+        elif cfg.rope_scaling is not None:
+            factors = llama3_freq_factors(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta)
+        else:
+            factors = None
+        self.cos, self.sin = rope_table(cfg, max_tokens, factors)
+        self.caches: dict[int, KVCache] = {}
+
+    def cache(self, slot: int) -> KVCache:
+        cache = self.caches.get(slot)
+        if cache is None:
+            cache = self.caches[slot] = KVCache(self.cfg.n_layers, self.n_kv, self.cfg.head_dim, self.max_tokens)
+        return cache
+
+    def layers(self, mesh: Mesh | None, x: torch.Tensor, slots: Sequence[int], positions: Sequence[int]) -> None:
+        """x [M, dim] through every layer, in place; row r at positions[r] of slot slots[r]'s
+        cache (rows of one slot at consecutive positions: a prompt). A machine without heads
+        keeps no cache."""
+        if any(not 0 <= p < self.max_tokens for p in positions):
+            raise ValueError(f"positions {list(positions)} outside this group's {self.max_tokens}")
+        ends: dict[int, int] = {}
+        for slot, pos in zip(slots, positions):
+            ends[slot] = max(ends.get(slot, 0), pos + 1)
+            if self.n_kv:
+                self.cache(slot)
+        with torch.inference_mode():
+            for layer, program in enumerate(self.programs):
+                kv = None
+                if self.n_kv:
+                    views = {slot: self.caches[slot].layer(layer, end) for slot, end in ends.items()}
+                    kv = [views[slot] for slot in slots]
+                program.batch(mesh, x, kv, list(positions), self.cos, self.sin)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [R, dim] -> this machine's vocabulary rows of the logits [R, its rows]."""
+        with torch.inference_mode():
+            return self.head(self.norm(x))
+
+
+def _candidates(logits: torch.Tensor, start: int, flags: int) -> torch.Tensor:
+    """[R, n] logits of vocabulary rows start.. -> what goes back to the host: [R, 2 k] float64
+    (values, then their vocabulary ids), k = TOP_CANDIDATES (or every row with ALL_LOGITS)."""
+    k = logits.shape[1] if flags & ALL_LOGITS else min(TOP_CANDIDATES, logits.shape[1])
+    values, ids = logits.topk(k, dim=1, sorted=False) if k < logits.shape[1] else (
+        logits, torch.arange(logits.shape[1]).expand_as(logits))
+    return torch.cat([values.double(), (ids + start).double()], dim=1).contiguous()
+
+
+class TensorWorker:
+    """A machine of the group other than the first: runs the steps the first sends until it
+    says stop or the mesh fails (`error` says why)."""
+
+    def __init__(self, part: TensorSlice, mesh: Mesh):
+        self.part, self.mesh = part, mesh
+        self.error: Exception | None = None
+        self.steps = 0
+
+    def serve(self) -> None:
+        part, mesh = self.part, self.mesh
+        D = part.cfg.dim
+        try:
+            while True:
+                head = torch.zeros(4, dtype=torch.int64)
+                mesh.exchange({}, {0: head})
+                kind, m, flags, arg = (int(v) for v in head)
+                if kind == STOP:
+                    return
+                if kind == DROP:
+                    part.caches.pop(arg, None)
+                    continue
+                if kind != STEP or not 1 <= m <= PREFILL_ROWS:
+                    raise ExchangeError(f"a step of kind {kind} with {m} rows", 0, -4)
+                rows = torch.zeros(m, 3, dtype=torch.int64)
+                x = torch.zeros(m, D)
+                mesh.exchange({}, {0: rows})
+                mesh.exchange({}, {0: x})
+                slots, positions, want = rows[:, 0].tolist(), rows[:, 1].tolist(), rows[:, 2].tolist()
+                part.layers(mesh, x, slots, positions)
+                out = [r for r in range(m) if want[r]]
+                if out:
+                    cand = _candidates(part.logits(x[out]), part.slices.vocab_at[part.rank], flags)
+                    mesh.exchange({0: cand}, {})
+                self.steps += 1
+        except Exception as err:  # noqa: BLE001 - the owner reads it and re-plans
+            self.error = err
+
+
+class TensorGroup:
+    """The first machine of a tensor-parallel group, as the token loop sees it: one stage
+    holding every layer (start 0, end n_layers) that takes ids and gives logits. The logits of
+    each row are the best TOP_CANDIDATES of every machine's vocabulary rows (the rest -inf):
+    greedy decoding and top-k up to that many are exactly one machine's."""
+
+    def __init__(self, part: TensorSlice, mesh: Mesh | None):
+        assert part.rank == 0 and part.embed is not None
+        self.part, self.mesh = part, mesh
+        self.cfg = part.cfg
+        self.start, self.end = 0, part.cfg.n_layers
+        self._slots: dict[str, int] = {}
+        self._next_slot = 0
+        self._lock = threading.Lock()  # one step at a time over the mesh
+
+    def _slot(self, session: str) -> int:
+        slot = self._slots.get(session)
+        if slot is None:
+            slot = self._slots[session] = self._next_slot
+            self._next_slot += 1
+        return slot
+
+    def _step(self, ids: torch.Tensor, slots: list[int], positions: list[int], want: list[int],
+              flags: int = 0) -> torch.Tensor:
+        """Rows through the group; logits [rows that want them, vocab]."""
+        part, mesh, m = self.part, self.mesh, len(slots)
+        peers = range(1, self.mesh.n) if mesh is not None else range(0)
+        with torch.inference_mode():
+            x = part.embed(ids.view(m, 1)).reshape(m, -1).float().contiguous()
+        rows = torch.tensor([[s, p, w] for s, p, w in zip(slots, positions, want)], dtype=torch.int64)
+        if mesh is not None:
+            head = torch.tensor([STEP, m, flags, 0], dtype=torch.int64)
+            mesh.exchange({p: head for p in peers}, {})
+            mesh.exchange({p: rows for p in peers}, {})
+            mesh.exchange({p: x for p in peers}, {})
+        part.layers(mesh, x, slots, positions)
+        out = [r for r in range(m) if want[r]]
+        if not out:
+            return torch.empty(0, self.cfg.vocab_size)
+        mine = _candidates(part.logits(x[out]), 0, flags)
+        gathered = {0: mine}
+        if mesh is not None:
+            s = part.slices
+            for p in peers:
+                k = s.vocab_at[p + 1] - s.vocab_at[p] if flags & ALL_LOGITS else min(TOP_CANDIDATES,
+                                                                                    s.vocab_at[p + 1] - s.vocab_at[p])
+                gathered[p] = torch.empty(len(out), 2 * k, dtype=torch.float64)
+            mesh.exchange({}, {p: gathered[p] for p in peers})
+        logits = torch.full((len(out), self.cfg.vocab_size), -math.inf)
+        for cand in gathered.values():
+            k = cand.shape[1] // 2
+            ids_ = cand[:, k:].long()
+            if ids_.numel() and (ids_.min() < 0 or ids_.max() >= self.cfg.vocab_size):
+                raise ExchangeError("a machine sent logits of ids outside the vocabulary", -1, -4)
+            logits.scatter_(1, ids_, cand[:, :k].float())
+        return logits
+
+    # -- the stage interface of engine/generate.py --------------------------------------------
+    def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor:
+        """x: ids [1, S] at pos.. -> logits [1, vocab] of the last ([1, S, vocab] with all_logits)."""
+        ids = x.reshape(-1)
+        slot = self._slot(session)
+        out = []
+        with self._lock:
+            for a in range(0, ids.numel(), PREFILL_ROWS):
+                chunk = ids[a:a + PREFILL_ROWS]
+                n = chunk.numel()
+                want = [1] * n if all_logits else [int(a + r == ids.numel() - 1) for r in range(n)]
+                logits = self._step(chunk, [slot] * n, list(range(pos + a, pos + a + n)), want,
+                                    ALL_LOGITS if all_logits else 0)
+                if logits.shape[0]:
+                    out.append(logits)
+        logits = torch.cat(out)
+        return logits.unsqueeze(0) if all_logits else logits[-1:].reshape(1, -1)
+
+    def forward_batch(self, sessions: Sequence[str], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """One new token for each session: ids [M] -> logits [M, vocab]."""
+        slots = [self._slot(s) for s in sessions]
+        with self._lock:
+            return self._step(x.reshape(-1), slots, list(positions), [1] * len(slots))
+
+    def drop(self, session: str) -> None:
+        slot = self._slots.pop(session, None)
+        if slot is None:
+            return
+        with self._lock:
+            self.part.caches.pop(slot, None)
+            if self.mesh is not None:
+                head = torch.tensor([DROP, 0, 0, slot], dtype=torch.int64)
+                self.mesh.exchange({p: head for p in range(1, self.mesh.n)}, {})
+
+    def close(self) -> None:
+        """Tell the other machines to stop (they return from TensorWorker.serve)."""
+        if self.mesh is not None and self.mesh.ptr:
+            try:
+                head = torch.tensor([STOP, 0, 0, 0], dtype=torch.int64)
+                self.mesh.exchange({p: head for p in range(1, self.mesh.n)}, {}, timeout_ms=2000)
+            except ExchangeError:
+                pass
