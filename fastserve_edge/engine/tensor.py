@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fastserve_edge.engine.config import ModelConfig
@@ -40,6 +41,7 @@ from fastserve_edge.models.tensors import ModelSource, RawTensor
 ROW_GROUP = 32        # FFN columns, output rows and vocabulary rows go to machines in multiples of this
 TOP_CANDIDATES = 64   # logits per machine and row sent back for sampling (greedy needs the first)
 PREFILL_ROWS = 128    # prompt rows per step: bounds each machine's work buffers
+MAX_SLOTS = 256       # sessions whose KV a machine of a group holds at once
 STEP, DROP, STOP = 1, 2, 3
 WANT_LOGITS, ALL_LOGITS = 1, 2
 
@@ -158,6 +160,11 @@ class SliceWeights(RuntimeWeights):
 
 
 def _take(raw: RawTensor, a: int, b: int) -> RawTensor:
+    """Rows a..b of a matrix; elements a..b of a vector (a bias: one row of float bytes in a file)."""
+    if len(raw.shape) == 1 and isinstance(raw.data, np.ndarray):
+        width = raw.nbytes // raw.shape[0]
+        flat = raw.data.reshape(1, -1).view(np.uint8)
+        return RawTensor(raw.name, raw.qtype, (b - a,), flat[:, a * width:b * width])
     return RawTensor(raw.name, raw.qtype, (b - a, *raw.shape[1:]), raw.data[a:b])
 
 
@@ -168,6 +175,7 @@ class TensorSlice:
     def __init__(self, weights: SliceWeights, *, max_tokens: int, timeout_ms: int = 30_000):
         cfg, s, r = weights.config, weights.slices, weights.rank
         self.cfg, self.slices, self.rank, self.max_tokens = cfg, s, r, max_tokens
+        self.timeout_ms = timeout_ms  # an exchange that makes no progress this long fails
         kernels = weights.kernels
         if kernels is None or not kernels.tensor_parallel:
             raise ConfigError("tensor parallelism needs this machine's compiled kernels (a C compiler)")
@@ -273,14 +281,16 @@ class TensorWorker:
                     raise ExchangeError(f"a step of kind {kind} with {m} rows", 0, -4)
                 rows = torch.zeros(m, 3, dtype=torch.int64)
                 x = torch.zeros(m, D)
-                mesh.exchange({}, {0: rows})
-                mesh.exchange({}, {0: x})
+                mesh.exchange({}, {0: rows}, part.timeout_ms)
+                mesh.exchange({}, {0: x}, part.timeout_ms)
                 slots, positions, want = rows[:, 0].tolist(), rows[:, 1].tolist(), rows[:, 2].tolist()
+                if any(not 0 <= s < MAX_SLOTS for s in slots) or any(w not in (0, 1) for w in want):
+                    raise ExchangeError(f"a step with slots {slots[:4]}.. or flags outside their range", 0, -4)
                 part.layers(mesh, x, slots, positions)
                 out = [r for r in range(m) if want[r]]
                 if out:
                     cand = _candidates(part.logits(x[out]), part.slices.vocab_at[part.rank], flags)
-                    mesh.exchange({0: cand}, {})
+                    mesh.exchange({0: cand}, {}, part.timeout_ms)
                 self.steps += 1
         except Exception as err:  # noqa: BLE001 - the owner reads it and re-plans
             self.error = err
@@ -298,14 +308,15 @@ class TensorGroup:
         self.cfg = part.cfg
         self.start, self.end = 0, part.cfg.n_layers
         self._slots: dict[str, int] = {}
-        self._next_slot = 0
         self._lock = threading.Lock()  # one step at a time over the mesh
 
     def _slot(self, session: str) -> int:
         slot = self._slots.get(session)
         if slot is None:
-            slot = self._slots[session] = self._next_slot
-            self._next_slot += 1
+            free = sorted(set(range(MAX_SLOTS)) - set(self._slots.values()))
+            if not free:
+                raise RuntimeError(f"a tensor-parallel group holds at most {MAX_SLOTS} sessions; drop one first")
+            slot = self._slots[session] = free[0]
         return slot
 
     def _step(self, ids: torch.Tensor, slots: list[int], positions: list[int], want: list[int],
@@ -318,9 +329,10 @@ class TensorGroup:
         rows = torch.tensor([[s, p, w] for s, p, w in zip(slots, positions, want)], dtype=torch.int64)
         if mesh is not None:
             head = torch.tensor([STEP, m, flags, 0], dtype=torch.int64)
-            mesh.exchange({p: head for p in peers}, {})
-            mesh.exchange({p: rows for p in peers}, {})
-            mesh.exchange({p: x for p in peers}, {})
+            wait = part.timeout_ms
+            mesh.exchange({p: head for p in peers}, {}, wait)
+            mesh.exchange({p: rows for p in peers}, {}, wait)
+            mesh.exchange({p: x for p in peers}, {}, wait)
         part.layers(mesh, x, slots, positions)
         out = [r for r in range(m) if want[r]]
         if not out:
@@ -333,7 +345,7 @@ class TensorGroup:
                 k = s.vocab_at[p + 1] - s.vocab_at[p] if flags & ALL_LOGITS else min(TOP_CANDIDATES,
                                                                                     s.vocab_at[p + 1] - s.vocab_at[p])
                 gathered[p] = torch.empty(len(out), 2 * k, dtype=torch.float64)
-            mesh.exchange({}, {p: gathered[p] for p in peers})
+            mesh.exchange({}, {p: gathered[p] for p in peers}, part.timeout_ms)
         logits = torch.full((len(out), self.cfg.vocab_size), -math.inf)
         for cand in gathered.values():
             k = cand.shape[1] // 2
@@ -375,7 +387,7 @@ class TensorGroup:
             self.part.caches.pop(slot, None)
             if self.mesh is not None:
                 head = torch.tensor([DROP, 0, 0, slot], dtype=torch.int64)
-                self.mesh.exchange({p: head for p in range(1, self.mesh.n)}, {})
+                self.mesh.exchange({p: head for p in range(1, self.mesh.n)}, {}, self.part.timeout_ms)
 
     def close(self) -> None:
         """Tell the other machines to stop (they return from TensorWorker.serve)."""
