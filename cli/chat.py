@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch-heavy: imported when the command runs, so `fastserve 
 
 # what only the side that holds the model decides: refused with --url (when given on the command line)
 SERVER_SIDE = ("top_k", "min_p", "repeat_penalty", "ctx", "threads", "activations", "token", "peers", "wait", "local_only",
-               "min_stages", "max_memory", "interface", "peer", "reprofile")
+               "min_stages", "layout", "max_memory", "interface", "peer", "reprofile")
 
 HELP = ("Commands: /reset clears the conversation, /replan looks for peers and plans again (cluster), "
         "/exit (or Ctrl-D) leaves; Ctrl-C stops an answer.")
@@ -56,6 +56,7 @@ def command(
     local_only: Annotated[bool, typer.Option(help="do not look for peers: this machine alone",
                                              envvar="FASTSERVE_LOCAL_ONLY")] = False,
     min_stages: Annotated[int, typer.Option(help="spread the model over at least N machines")] = 1,
+    layout: Annotated[str, typer.Option(help="auto (the fastest the planner predicts), single, pipeline, or tensor (every machine a slice of every layer)")] = "auto",
     max_memory: Annotated[str | None, typer.Option(help="memory this host may use for the model (e.g. 4G)")] = None,
     interface: Annotated[str | None, typer.Option(help="network interface to look for peers on")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="a peer's ADDRESS:PORT, for networks without mDNS (repeatable)")] = None,
@@ -102,7 +103,7 @@ def command(
             raise ConfigError(f"--max-tokens must be at least 1, got {answer_limit}")
         n_threads = set_threads(threads)
         set_activations(activations)
-        check_cluster_flags(wait=wait, peers=peers, min_stages=min_stages)
+        check_cluster_flags(wait=wait, peers=peers, min_stages=min_stages, layout=layout)
         resolved = resolve_or_pull(model, settings)
         notice = lambda m: err_console.print(f"[yellow]{escape(m)}[/]", highlight=False)  # noqa: E731
         coordinator = None
@@ -114,7 +115,7 @@ def command(
             from cli.cluster_view import start_cluster
 
             coordinator, pipeline, tokenizer, config = start_cluster(
-                resolved, settings, ctx=ctx, token=token, peers=peers, wait=wait, min_stages=min_stages,
+                resolved, settings, ctx=ctx, token=token, peers=peers, wait=wait, min_stages=min_stages, layout=layout,
                 max_memory=max_memory, interface=interface, static_peers=tuple(peer or ()), threads=n_threads,
                 reprofile=reprofile, notice=notice)
         try:

@@ -16,10 +16,13 @@ from rich.table import Table
 from cli.common import err_console
 
 
-def check_cluster_flags(*, wait: float, peers: int, min_stages: int) -> None:
+def check_cluster_flags(*, wait: float, peers: int, min_stages: int, layout: str = "auto") -> None:
     """chat's and serve's peer flags, checked before any model is pulled or loaded."""
+    from fastserve_edge.cluster.planner import LAYOUTS
     from fastserve_edge.errors import ConfigError
 
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if wait < 0 or peers < 0 or min_stages < 1:
         raise ConfigError(f"--wait ({wait:g}) and --peers ({peers}) must be >= 0 and --min-stages ({min_stages}) >= 1")
 
@@ -27,7 +30,9 @@ def check_cluster_flags(*, wait: float, peers: int, min_stages: int) -> None:
 def show_plan(plan, console: Console = err_console) -> None:
     from fastserve_edge.cluster.planner import SUMMARY_COLUMNS
 
-    table = Table(title=f"plan: {plan.n_active} machine(s), about {plan.est_ms_per_token:.1f} ms per token")
+    others = "; ".join(f"{name} {ms:.1f} ms" if ms is not None else f"{name}: {why[:60]}"
+                       for name, ms, why in plan.alternatives if name != plan.layout)
+    table = Table(title=f"plan: {plan.headline()}", caption=f"predicted per token: {others}" if others else None)
     for column in SUMMARY_COLUMNS:
         table.add_column(column, overflow="fold")
     for row in plan.summary_rows():
@@ -47,7 +52,7 @@ def apply_with_progress(coordinator, plan, console: Console = err_console):
 
     thread = threading.Thread(target=work, name="fastserve-apply", daemon=True)
     thread.start()
-    if len(plan.stages) > 1:
+    if len(plan.stages) > 1 or plan.layout == "tensor":
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       console=console, transient=False) as progress:
             tasks: dict[str, int] = {}
@@ -75,7 +80,7 @@ def apply_with_progress(coordinator, plan, console: Console = err_console):
 
 
 def start_cluster(resolved, settings, *, ctx, token, peers, wait, min_stages, max_memory, interface, static_peers,
-                  threads, reprofile, notice):
+                  threads, reprofile, notice, layout="auto"):
     """Discover, plan, show, load: returns (coordinator, pipeline, tokenizer, config)."""
     from cli.token import announce_token
     from fastserve_edge.cluster import discovery
@@ -94,7 +99,7 @@ def start_cluster(resolved, settings, *, ctx, token, peers, wait, min_stages, ma
     token = check_token(token)
     options = ClusterOptions(token=token, want_peers=peers, wait_s=wait, min_stages=min_stages,
                              max_memory=parse_size(max_memory) if max_memory else None, interface=interface,
-                             static_peers=static_peers, threads=threads, reprofile=reprofile)
+                             static_peers=static_peers, threads=threads, reprofile=reprofile, layout=layout)
     with err_console.status(f"opening {resolved.name} and measuring this machine…"):
         source = open_model(resolved.path)
         n_ctx = choose_ctx(source.config, ctx, settings.chat.max_ctx)

@@ -83,10 +83,12 @@ async def _run(*, paths, token: str, cluster: str, max_memory, interface, port, 
         profile = load_profile(paths.cache, threads=threads, max_memory=max_memory, reprofile=reprofile)
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
+    ip = bind or interfaces[0][1]
+    from fastserve_edge.cluster import datapath
+    data_listener = datapath.listen(ip, 0)  # the tensor-parallel data path: a port per machine, told in Hello
     node = PeerNode(node_id=discovery.load_node_id(paths.config), name=socket.gethostname(), profile=profile,
                     cache=ShardCache(paths.cache / "shards", quota_bytes=cache_quota), token=token, max_sessions=max_sessions,
-                    on_change=lambda: loop.call_soon_threadsafe(changed.set))
-    ip = bind or interfaces[0][1]
+                    on_change=lambda: loop.call_soon_threadsafe(changed.set), data_listener=data_listener)
     server, bound = serve(PeerService(node), token, bind=f"{ip}:{port}")
     info = discovery.NodeInfo.from_profile(profile, node_id=node.node_id, name=node.name, port=bound,
                                            cluster_id=cluster, state=_announced_state(node), role="peer",

@@ -62,6 +62,7 @@ def command(
     wait: Annotated[float, typer.Option(help="seconds to look for peers on the LAN")] = 2.0,
     local_only: Annotated[bool, typer.Option(help="do not look for peers: this machine alone")] = False,
     min_stages: Annotated[int, typer.Option(help="spread the model over at least N machines")] = 1,
+    layout: Annotated[str, typer.Option(help="auto (the fastest the planner predicts), single, pipeline, or tensor (every machine a slice of every layer)")] = "auto",
     max_memory: Annotated[str | None, typer.Option(help="memory this host may use for the model (e.g. 4G)")] = None,
     interface: Annotated[str | None, typer.Option(help="network interface to look for peers on")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="a peer's ADDRESS:PORT, for networks without mDNS (repeatable)")] = None,
@@ -70,7 +71,7 @@ def command(
     """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, metrics),
     on this machine and the peers it finds, as `fastserve chat` does."""
     with user_errors():
-        cluster = None if local_only else dict(token=token, peers=peers, wait=wait, min_stages=min_stages,
+        cluster = None if local_only else dict(token=token, peers=peers, wait=wait, min_stages=min_stages, layout=layout,
                                                max_memory=max_memory, interface=interface,
                                                static_peers=tuple(peer or ()), reprofile=reprofile)
         serve(model=model, host=host, port=port, api_key=api_key, max_sessions=max_sessions, kv_memory=kv_memory,
@@ -127,7 +128,8 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
         from cli.cluster_view import check_cluster_flags
         from fastserve_edge.cluster.coordinator import ClusterPipeline
 
-        check_cluster_flags(wait=cluster["wait"], peers=cluster["peers"], min_stages=cluster["min_stages"])
+        check_cluster_flags(wait=cluster["wait"], peers=cluster["peers"], min_stages=cluster["min_stages"],
+                            layout=cluster["layout"])
         if max_sessions > ClusterPipeline.max_open_sessions:
             raise ConfigError(f"--max-sessions {max_sessions} is more than a cluster keeps open at once "
                               f"({ClusterPipeline.max_open_sessions}: one stream per session on every peer); "

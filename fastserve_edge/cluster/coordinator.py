@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from fastserve_edge.cluster import discovery, planner
+from fastserve_edge.cluster import datapath, discovery, planner
 from fastserve_edge.cluster.auth import DEFAULT_MAX_WORKERS, cluster_id, serve
 from fastserve_edge.cluster.peer import ModelProvider, WeightServer, part_to_pb
 from fastserve_edge.cluster.profile import Profile, load_profile
@@ -35,14 +35,18 @@ from fastserve_edge.engine.generate import (
     Prefill,
     StageRunner,
 )
+from fastserve_edge.engine.kernels import ExchangeError
 from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights
 from fastserve_edge.engine.sampling import Sampler
+from fastserve_edge.engine.tensor import Slices, SliceWeights, TensorGroup, TensorSlice
 from fastserve_edge.errors import FastServeError, PlanError
 from fastserve_edge.models.tensors import ModelSource, block_rows
 from fastserve_edge.settings import Paths
 
+GROUP_TIMEOUT_MS = 10_000  # an exchange of a tensor-parallel group that makes no progress this long fails
+GROUP_CONNECT_S = 60.0     # the data path opens once every machine has loaded its slice
 REPLAN_BROWSE_S = 1.0  # a short look for machines that joined since the last plan
 
 
@@ -57,6 +61,7 @@ class ClusterOptions:
     static_peers: tuple[str, ...] = ()  # --peer ADDR: peers to use without mDNS
     threads: int = 1
     reprofile: bool = False
+    layout: str = "auto"           # --layout: auto | single | pipeline | tensor (planner.LAYOUTS)
 
 
 @dataclass
@@ -97,6 +102,8 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
         ctx=ctx,
         tied_embeddings=c.tie_embeddings,
         head_flops=2.0 * c.vocab_size * c.dim,
+        exchange_floats=(c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim
+                         if min(c.dim, c.ffn_dim) >= 2 * planner.TP_GROUP else 0),
     )
 
 
@@ -120,6 +127,8 @@ class Coordinator:
         self.transfers: dict[str, Transfer] = {}
         self._weights = RuntimeWeights(source)
         self._server: grpc.Server | None = None
+        self._provider: ModelProvider | None = None
+        self._data_listener: socket.socket | None = None  # the tensor-parallel data port, opened on first use
         self.address = ""
 
     # -- finding machines -------------------------------------------------------------------
@@ -193,7 +202,8 @@ class Coordinator:
     def make_plan(self, *, min_stages: int | None = None) -> planner.Plan:
         want = self.options.min_stages if min_stages is None else min_stages
         machines = self.machines()
-        self.plan = planner.plan(machines, self.shape, min_stages=min(want, len(machines)), margin=0.0, margin_bytes=0)
+        self.plan = planner.plan(machines, self.shape, layout=self.options.layout, min_stages=min(want, len(machines)),
+                                 margin=0.0, margin_bytes=0)
         return self.plan
 
     # -- handing out stages -------------------------------------------------------------------
@@ -206,7 +216,7 @@ class Coordinator:
             ip = "127.0.0.1"
         else:
             ip = self._interfaces()[0][1]
-        provider = ModelProvider(self.source, self.manifest, on_sent=self._sent)
+        provider = self._provider = ModelProvider(self.source, self.manifest, on_sent=self._sent)
         self._server, port = serve(WeightServer(provider), self.options.token, bind=f"{ip}:0")
         self.address = f"{ip}:{port}"
 
@@ -238,6 +248,8 @@ class Coordinator:
     def apply(self, plan: planner.Plan) -> Pipeline:
         """Build the host's stage and load every peer's; returns the ready pipeline."""
         self.close_pipeline()
+        if plan.layout == "tensor":
+            return self._apply_tensor(plan)
         host_stage = plan.stages[0]
         stages: list[StageRunner] = [LocalStage(Stage(self.config, self._weights, 0, host_stage.end,
                                                       max_tokens=self.ctx))]
@@ -277,6 +289,63 @@ class Coordinator:
         self.pipeline = Pipeline(self.config, stages, self.ctx)
         return self.pipeline
 
+    def _apply_tensor(self, plan: planner.Plan) -> Pipeline:
+        """A tensor-parallel group: the host is machine 0. Every peer loads its slice (from its
+        shard cache, or fetched from the host), then all open the data path to each other."""
+        cfg = self.config
+        slices = Slices.split(cfg, [g.share for g in plan.group])
+        self._serve_weights()
+        ip = self.address.rsplit(":", 1)[0]
+        if self._data_listener is None:
+            self._data_listener = datapath.listen(ip, 0)
+        entries = [self.peers[g.machine.node_id] for g in plan.group[1:]]
+        addresses = [(ip, self._data_listener.getsockname()[1])] + [
+            (e.client.address.rsplit(":", 1)[0], e.hello.data_port) for e in entries]
+        secret = datapath.new_plan_secret()
+        parts = parts_for_stage(cfg, 0, cfg.n_layers)
+        assert self._provider is not None
+        manifests = [self._provider.slice_manifest(slices, r, parts) for r in range(1, slices.ranks)]
+        self.transfers = {e.client.address: Transfer(e.hello.name, sum(n for part in m.values() for _, n in part.values()))
+                          for e, m in zip(entries, manifests)}
+        tensor_plan = dict(kv_at=slices.kv_at, dim_at=slices.dim_at, ffn_at=slices.ffn_at, vocab_at=slices.vocab_at,
+                           data_addresses=[f"{h}:{p}" for h, p in addresses], secret=secret)
+
+        def load(rank: int, entry: PeerEntry) -> None:
+            if not entry.hello.data_port:
+                raise PeerRefused(f"{entry.hello.name} runs a fastserve without the tensor-parallel data path: "
+                                  "update it, or use --layout pipeline")
+            manifest = [peer_pb2.TensorEntry(name=name, sha256=sha, part=part_to_pb(part), nbytes=nbytes)
+                        for part, names in sorted(manifests[rank - 1].items())
+                        for name, (sha, nbytes) in sorted(names.items())]
+            request = peer_pb2.LoadStageRequest(
+                model_digest=self.manifest.digest, model_name=self.model_name,
+                model_config_json=json.dumps(cfg.to_dict()), layer_start=0, layer_end=cfg.n_layers,
+                has_head=True, manifest=manifest, source_address=self.address, ctx=self.ctx, host_name=self.name,
+                host_node_id=self.node_id, tensor=peer_pb2.TensorPlan(rank=rank, **tensor_plan))
+            transfer = self.transfers[entry.client.address]
+            transfer.reply, transfer.done = entry.client.load_stage(request), True
+
+        with ThreadPoolExecutor(max_workers=len(entries)) as pool:
+            futures = [pool.submit(load, r, e) for r, e in enumerate(entries, start=1)]
+            mine = TensorSlice(SliceWeights(self.source, slices, 0), max_tokens=self.ctx, timeout_ms=GROUP_TIMEOUT_MS)
+            errors = []
+            for entry, future in zip(entries, futures):
+                try:
+                    future.result()
+                except (PeerLost, PeerRefused) as err:
+                    self.forget(entry.hello.node_id)
+                    errors.append(err)
+            if errors:
+                raise errors[0]
+        try:
+            links = datapath.connect(mine.programs[0].kernels, 0, addresses, self._data_listener, secret,
+                                     timeout_s=GROUP_CONNECT_S)
+        except datapath.DataPathError as err:
+            raise PeerLost(entries[0].hello.name, entries[0].hello.node_id, str(err)) from None
+        stage = GroupStage(TensorGroup(mine, links.mesh), links, [(e.hello.name, e.hello.node_id) for e in entries])
+        self.pipeline = Pipeline(cfg, [stage], self.ctx)
+        return self.pipeline
+
     def forget(self, node_id: str) -> None:
         entry = self.peers.pop(node_id, None)
         if entry is not None:
@@ -286,7 +355,7 @@ class Coordinator:
         if self.pipeline is not None:
             self.pipeline.close()
             for stage in self.pipeline.stages:
-                if isinstance(stage, RemoteStage):
+                if isinstance(stage, (RemoteStage, GroupStage)):
                     stage.close()
             self.pipeline = None
 
@@ -316,6 +385,44 @@ class Coordinator:
         if self._server is not None:
             self._server.stop(None)
             self._server = None
+        if self._data_listener is not None:
+            self._data_listener.close()
+            self._data_listener = None
+
+
+class GroupStage:
+    """A tensor-parallel group as the token loop's one stage (engine/tensor.py TensorGroup): a
+    failed exchange names the machine, and becomes PeerLost, which re-plans without it."""
+
+    def __init__(self, group: TensorGroup, links: datapath.Links, peers: list[tuple[str, str]]):
+        self.group, self.links, self.peers = group, links, peers  # peers[r - 1]: (name, node id) of rank r
+        self.start, self.end = group.start, group.end
+
+    def _lost(self, err: ExchangeError) -> PeerLost:
+        name, node_id = self.peers[err.peer - 1] if 1 <= err.peer <= len(self.peers) else self.peers[0]
+        return PeerLost(name, node_id, f"the tensor-parallel data path failed: {err}")
+
+    def forward(self, session: str, x, pos: int, *, all_logits: bool = False):
+        try:
+            return self.group.forward(session, x, pos, all_logits=all_logits)
+        except ExchangeError as err:
+            raise self._lost(err) from None
+
+    def forward_batch(self, sessions, x, positions):
+        try:
+            return self.group.forward_batch(sessions, x, positions)
+        except ExchangeError as err:
+            raise self._lost(err) from None
+
+    def drop(self, session: str) -> None:
+        try:
+            self.group.drop(session)
+        except ExchangeError:
+            pass  # the next step will notice
+
+    def close(self) -> None:
+        self.group.close()
+        self.links.close()
 
 
 class ClusterPipeline:
@@ -362,7 +469,7 @@ class ClusterPipeline:
         if plan is None:
             return self.ctx
         cfg = self.coordinator.config
-        return planner.kv_room_tokens(plan, kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim), self.ctx)
+        return planner.kv_room_tokens(plan, kv_bytes_per_token(cfg.n_kv_heads, cfg.head_dim), self.ctx, cfg.n_layers)
 
     def _current(self) -> Pipeline:
         if self.coordinator.pipeline is None:

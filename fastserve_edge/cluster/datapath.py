@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -103,28 +104,37 @@ class Links:
 
 
 def connect(kernels: Kernels, rank: int, addresses: list[tuple[str, int]], listener: socket.socket, secret: bytes,
-            *, timeout_s: float = 10.0, sealed: bool = True) -> Links:
+            *, timeout_s: float = 10.0, sealed: bool = True, cancel: threading.Event | None = None) -> Links:
     """Open this machine's connections to every other of the group (addresses[p]: machine p's
     data port; its own entry is ignored) and the mesh over them. sealed=False only measures
-    what the encryption costs. DataPathError naming the machine that did not answer."""
+    what the encryption costs. cancel: set to give up waiting (a new plan). DataPathError
+    naming the machine that did not answer."""
     n = len(addresses)
     deadline = time.monotonic() + timeout_s
     socks: dict[int, socket.socket] = {}
     try:
         for p in range(rank):  # below: we call
             host, port = addresses[p]
-            try:
-                s = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
-            except OSError as err:
-                raise DataPathError(f"cannot reach machine {p} of the group at {host}:{port} ({err}); "
-                                    "it left or a firewall blocks its data port") from None
+            while True:  # it may still be loading its slice: refused until it listens
+                try:
+                    s = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
+                    break
+                except OSError as err:
+                    if time.monotonic() + 0.05 >= deadline or (cancel is not None and cancel.is_set()):
+                        raise DataPathError(f"cannot reach machine {p} of the group at {host}:{port} ({err}); "
+                                            "it left or a firewall blocks its data port") from None
+                    time.sleep(0.05)
             _tune(s)
             s.sendall(_hello(secret, rank, p))
             socks[p] = s
         expected = {_hello(secret, p, rank): p for p in range(rank + 1, n)}
         while len(socks) < n - 1:  # above: they call; strangers are closed unanswered
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([listener], [], [], left)[0]:
+            if cancel is not None and cancel.is_set():
+                raise DataPathError("a new plan replaced this group before it connected")
+            if left > 0 and not select.select([listener], [], [], min(left, 0.5))[0]:
+                continue
+            if left <= 0:
                 missing = sorted(set(range(rank + 1, n)) - set(socks))
                 raise DataPathError(f"machines {missing} of the group did not connect within {timeout_s:.0f} s")
             s, _ = listener.accept()

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -40,8 +41,9 @@ from fastserve_edge.cluster.protocol import CHUNK_BYTES, MAX_MESSAGE_BYTES, PROT
 from fastserve_edge.cluster.shard_cache import (
     Manifest, ShardCache, ShardError, ShardSource, part_blob, parts_for_stage,
 )
+from fastserve_edge.cluster import datapath
 from fastserve_edge.cluster.wire import (
-    WireError, iter_chunks, join_chunks, pack_hidden, sampling_from_pb, unpack_hidden,
+    WireError, iter_chunks, join_chunks, pack_hidden, pack_tensors, sampling_from_pb, sha256_of, unpack_hidden,
 )
 from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.generate import LocalStage
@@ -49,6 +51,7 @@ from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import RuntimeWeights, runtime_nbytes
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
+from fastserve_edge.engine.tensor import Slices, SliceWeights, TensorSlice, TensorWorker
 from fastserve_edge.errors import ConfigError, FastServeError
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
@@ -77,17 +80,22 @@ _NAME_OF = {kind: name for name, kind in _KIND_OF.items()}
 
 
 def part_to_pb(part: str) -> peer_pb2.Part:
+    """"layer.3", "head", ...; "layer.3@KEY": a tensor-parallel machine's rows of it (KEY: Slices.key)."""
+    part, _, key = part.partition("@")
     if part.startswith("layer."):
-        return peer_pb2.Part(kind=peer_pb2.PART_KIND_LAYER, layer=int(part.split(".", 1)[1]))
-    return peer_pb2.Part(kind=_KIND_OF[part])
+        return peer_pb2.Part(kind=peer_pb2.PART_KIND_LAYER, layer=int(part.split(".", 1)[1]), slice=key)
+    return peer_pb2.Part(kind=_KIND_OF[part], slice=key)
 
 
 def part_from_pb(msg: peer_pb2.Part) -> str:
+    if msg.slice and (len(msg.slice) != 16 or not all(c in "0123456789abcdef" for c in msg.slice)):
+        raise WireError(f"slice key {msg.slice[:40]!r} is not 16 lowercase hex digits")
+    suffix = f"@{msg.slice}" if msg.slice else ""
     if msg.kind == peer_pb2.PART_KIND_LAYER:
-        return f"layer.{msg.layer}"
+        return f"layer.{msg.layer}{suffix}"
     if msg.kind not in _NAME_OF:
         raise WireError(f"unknown part kind {msg.kind}")
-    return _NAME_OF[msg.kind]
+    return _NAME_OF[msg.kind] + suffix
 
 
 def profile_to_pb(p: Profile) -> peer_pb2.Profile:
@@ -110,10 +118,36 @@ class ModelProvider:
         self.source, self.manifest = source, manifest
         self.sent = on_sent or (lambda peer, nbytes: None)
 
+        self._slices: dict[str, tuple[Slices, int]] = {}  # slice key -> (spans, rank): what "part@key" means
+        self._slice_manifests: dict[str, dict[str, dict[str, tuple[str, int]]]] = {}
+
     def blob(self, digest: str, part: str) -> bytes:
         if digest != self.manifest.digest:
             raise ShardError(f"this host serves model {self.manifest.digest[:12]}, not {digest[:12]}")
-        return part_blob(self.source, self.manifest, part)
+        base, _, key = part.partition("@")
+        if not key:
+            return part_blob(self.source, self.manifest, part)
+        if key not in self._slices or base not in self.manifest.parts:
+            raise ShardError(f"this host plans no slice {key} of part {base!r}")
+        return pack_tensors(self._cut(base, key))
+
+    def _cut(self, base: str, key: str) -> list[RawTensor]:
+        slices, rank = self._slices[key]
+        cfg = self.source.config
+        return [slices.cut(cfg, self.source.tensor(name), rank, head=base == "head")
+                for name in sorted(self.manifest.parts[base])]
+
+    def slice_manifest(self, slices: Slices, rank: int, parts: list[str]) -> dict[str, dict[str, tuple[str, int]]]:
+        """part@key -> tensor name -> (sha256, data bytes) of machine `rank`'s rows of it (hashed
+        once per plan shape; a peer's shard cache keeps the slice under these names: a warm start
+        sends nothing)."""
+        key = slices.key(rank)
+        self._slices[key] = (slices, rank)
+        if key not in self._slice_manifests:
+            self._slice_manifests[key] = {
+                f"{base}@{key}": {t.name: (sha256_of(t), t.nbytes) for t in self._cut(base, key)}
+                for base in parts if base in self.manifest.parts}
+        return self._slice_manifests[key]
 
 
 class CacheProvider:
@@ -228,6 +262,32 @@ _MAX_NAME_CHARS = 256  # GGUF allows 64
 
 
 @dataclass(frozen=True)
+class TensorOrder:
+    """A LoadStage request's tensor-parallel part, checked: this machine's place in the group."""
+    slices: Slices
+    rank: int
+    addresses: list[tuple[str, int]]   # every machine's data port, by rank
+    secret: bytes
+
+    @classmethod
+    def from_pb(cls, msg: peer_pb2.TensorPlan, config: ModelConfig) -> TensorOrder:
+        try:
+            slices = Slices.checked(config, msg.kv_at, msg.dim_at, msg.ffn_at, msg.vocab_at)
+        except ValueError as err:
+            raise WireError(f"bad tensor-parallel plan: {err}") from None
+        if not 1 <= msg.rank < slices.ranks or len(msg.data_addresses) != slices.ranks or len(msg.secret) != 32:
+            raise WireError(f"bad tensor-parallel plan: rank {msg.rank} of {slices.ranks} (the host is 0), "
+                            f"{len(msg.data_addresses)} data addresses, a {len(msg.secret)}-byte secret (32)")
+        addresses = []
+        for text in msg.data_addresses:
+            host, _, port = text.rpartition(":")
+            if not host or len(host) > 64 or not port.isdigit() or not 0 < int(port) < 65536:
+                raise WireError(f"data address {text[:80]!r} is not ip:port")
+            addresses.append((host, int(port)))
+        return cls(slices, msg.rank, addresses, bytes(msg.secret))
+
+
+@dataclass(frozen=True)
 class StageOrder:
     """A LoadStage request, checked: which layers to hold, and every tensor they take."""
     digest: str
@@ -240,11 +300,14 @@ class StageOrder:
     parts: dict[str, dict[str, TensorWant]]     # part -> tensor name -> what the manifest declares
     source_address: str
     host_name: str
+    tensor: TensorOrder | None = None           # a slice of every layer, not a range
 
     @property
     def kv_per_position(self) -> int:
-        """K and V of one position in every layer of the stage."""
-        return kv_bytes_per_token(self.config.n_kv_heads, self.config.head_dim) * (self.end - self.start)
+        """K and V of one position in every layer of the stage (of this machine's KV heads)."""
+        t = self.tensor
+        heads = t.slices.kv_at[t.rank + 1] - t.slices.kv_at[t.rank] if t is not None else self.config.n_kv_heads
+        return kv_bytes_per_token(heads, self.config.head_dim) * (self.end - self.start)
 
     def declared_bytes(self) -> int:
         """The weights' data bytes: a lower bound of what they take once loaded."""
@@ -269,7 +332,13 @@ class StageOrder:
         cpus = os.cpu_count() or 1
         if req.threads > cpus:
             raise WireError(f"{req.threads} threads asked, this machine has {cpus} CPUs: send 0 to let the peer choose")
+        tensor = TensorOrder.from_pb(req.tensor, config) if req.HasField("tensor") else None
         allowed = parts_for_stage(config, start, end)
+        if tensor is not None:
+            if (start, end) != (0, config.n_layers):
+                raise WireError("a tensor-parallel slice covers every layer: send layers [0, n_layers)")
+            key = tensor.slices.key(tensor.rank)
+            allowed = [f"{p}@{key}" for p in allowed]
         parts: dict[str, dict[str, TensorWant]] = {}
         names: set[str] = set()
         for entry in req.manifest:
@@ -289,14 +358,14 @@ class StageOrder:
                                 "fastserve version everywhere")
             names.add(entry.name)
             parts.setdefault(part, {})[entry.name] = TensorWant(entry.sha256, entry.nbytes)
-        absent = [p for p in allowed if p != "common" and p not in parts]  # common is empty for most models
+        absent = [p for p in allowed if not p.startswith("common") and p not in parts]  # common: empty for most
         if absent:
             raise WireError(f"the manifest has no tensors for {', '.join(absent)}")
         for part, want in parts.items():
             if sum(w.nbytes for w in want.values()) > MAX_PART_BYTES:
                 raise WireError(f"part {part} declares more than {MAX_PART_BYTES:,} bytes")
         return cls(digest, req.model_name or config.name, config, start, end, req.ctx, req.threads, parts,
-                   req.source_address, req.host_name or "a host")
+                   req.source_address, req.host_name or "a host", tensor)
 
 
 def _blob_limit(want: dict[str, TensorWant]) -> int:
@@ -312,6 +381,58 @@ def _check_sizes(part: str, tensors: list[RawTensor], want: dict[str, TensorWant
                              f"{want[t.name].nbytes:,}: the host's manifest is wrong (another fastserve version?)")
 
 
+class TensorGroupMember:
+    """This machine's place in a tensor-parallel group: its slice, and the thread that opens the
+    data path to the others and runs the host's steps until the host says stop or a link fails."""
+
+    CONNECT_S = 60.0  # the host connects once every machine has loaded its slice
+
+    def __init__(self, part: TensorSlice, order: TensorOrder, listener, on_end: Callable[[TensorGroupMember], None]):
+        self.part, self.order, self.listener, self.on_end = part, order, listener, on_end
+        self.links: datapath.Links | None = None
+        self.error: Exception | None = None
+        self.cancel = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="fastserve-tensor")
+
+    @property
+    def share(self) -> float:
+        s, r = self.order.slices, self.order.rank
+        return (s.ffn_at[r + 1] - s.ffn_at[r]) / s.ffn_at[-1]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        o = self.order
+        try:
+            self.links = datapath.connect(self.part.programs[0].kernels, o.rank, o.addresses, self.listener, o.secret,
+                                          timeout_s=self.CONNECT_S, cancel=self.cancel)
+            worker = TensorWorker(self.part, self.links.mesh)
+            worker.serve()
+            self.error = worker.error
+        except Exception as err:  # noqa: BLE001 - logged; the host re-plans
+            self.error = err
+        finally:
+            if self.error is not None:
+                log.warning("left the tensor-parallel group: %s", self.error)
+            if self.links is not None:
+                self.links.close()
+            self.on_end(self)
+
+    def stop(self) -> None:
+        """A new plan: end the thread (its sockets are shut so that a wait returns at once)."""
+        self.cancel.set()
+        links = self.links
+        if links is not None:
+            for sock in links.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(10)
+
+
 @dataclass
 class Holding:
     digest: str
@@ -320,25 +441,29 @@ class Holding:
     end: int
     has_head: bool
     host_name: str
-    stage: LocalStage
+    stage: LocalStage | None          # None: a tensor-parallel slice (`group`)
     dim: int
     ctx: int
     vocab_size: int
     kv_per_position: int   # bytes: K and V of one position in every layer held
     kv_room: int           # bytes the KV of all sessions together may take (memory less weights, as the host counts)
+    group: TensorGroupMember | None = None
 
 
 class PeerNode:
     """What one machine is and holds; the servicer and the `join` panel both read it."""
 
     def __init__(self, *, node_id: str, name: str, profile: Profile, cache: ShardCache, token: str,
-                 max_sessions: int = MAX_SESSIONS, on_change: Callable[[], None] = lambda: None):
+                 max_sessions: int = MAX_SESSIONS, on_change: Callable[[], None] = lambda: None,
+                 data_listener: socket.socket | None = None):
         if not 1 <= max_sessions <= MAX_SESSIONS:
             raise ConfigError(f"--max-sessions must be between 1 and {MAX_SESSIONS}, got {max_sessions}")
         self.node_id, self.name, self.profile = node_id, name, profile
         self.cache, self.token = cache, token
         self.max_sessions = max_sessions
         self.on_change = on_change
+        self.data_listener = data_listener  # the tensor-parallel data port (cluster/datapath.py), or None
+        self.data_port = data_listener.getsockname()[1] if data_listener is not None else 0
         self.state = peer_pb2.PEER_STATE_IDLE
         self.holding: Holding | None = None
         self.sessions: dict[str, Session] = {}
@@ -367,7 +492,8 @@ class PeerNode:
             return "loading layers"
         if h is None:
             return "idle"
-        held = f"holding layers {h.start}-{h.end - 1} of {h.model_name} for {h.host_name}"
+        held = (f"holding {100 * h.group.share:.0f}% of every layer of {h.model_name} for {h.host_name}"
+                if h.group is not None else f"holding layers {h.start}-{h.end - 1} of {h.model_name} for {h.host_name}")
         if self.state == peer_pb2.PEER_STATE_SERVING:
             return f"serving: {held}" + (f", {self.tokens_per_second():.1f} tok/s" if rate else "")
         return held
@@ -421,7 +547,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def Hello(self, request, context):
         n = self.node
         return peer_pb2.HelloReply(protocol_version=PROTOCOL_VERSION, node_id=n.node_id, name=n.name,
-                                   profile=profile_to_pb(n.profile), state=n.state, stage=n.stage_info())
+                                   profile=profile_to_pb(n.profile), state=n.state, stage=n.stage_info(),
+                                   data_port=n.data_port)
 
     def Health(self, request, context):
         n = self.node
@@ -445,6 +572,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except FastServeError as err:
             _abort(context, _code_of(err), str(err))
         failure: tuple[grpc.StatusCode, str] | None = None
+        if order.tensor is not None and n.data_listener is None:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                   f"{n.name} has no data port for the tensor-parallel layout: restart `fastserve join`")
+        old = n.holding
+        if old is not None and old.group is not None:
+            old.group.stop()
         with n.lock:
             n.holding, n.sessions = None, {}
             n._set_state(peer_pb2.PEER_STATE_LOADING)
@@ -454,7 +587,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 failure = self._load_failure(order, err)
                 n._set_state(peer_pb2.PEER_STATE_IDLE)
             else:
-                n._set_state(peer_pb2.PEER_STATE_READY)
+                n._set_state(peer_pb2.PEER_STATE_SERVING if order.tensor is not None else peer_pb2.PEER_STATE_READY)
+                if n.holding.group is not None:
+                    n.holding.group.start()
         if failure is not None:
             context.abort(*failure)
         cached, fetched, nbytes = counts
@@ -506,12 +641,29 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         if order.threads:
             torch.set_num_threads(order.threads)
         cfg = order.config
+        if order.tensor is not None:
+            t = order.tensor
+            part = TensorSlice(SliceWeights(ShardSource(cfg, tensors), t.slices, t.rank, sliced=True),
+                               max_tokens=order.ctx)
+            member = TensorGroupMember(part, t, n.data_listener, self._group_ended)
+            holding = Holding(order.digest, order.model_name, 0, cfg.n_layers, True, order.host_name, None, cfg.dim,
+                              order.ctx, cfg.vocab_size, order.kv_per_position, n.profile.memory_bytes - weights,
+                              member)
+            return holding, (cached, fetched, nbytes)
         stage = Stage(cfg, RuntimeWeights(ShardSource(cfg, tensors)), order.start, order.end, max_tokens=order.ctx,
                       embeds=False)
         holding = Holding(order.digest, order.model_name, order.start, order.end, order.end == cfg.n_layers,
                           order.host_name, LocalStage(stage), cfg.dim, order.ctx, cfg.vocab_size,
                           order.kv_per_position, n.profile.memory_bytes - weights)
         return holding, (cached, fetched, nbytes)
+
+    def _group_ended(self, member: TensorGroupMember) -> None:
+        """The host stopped the group or a link failed: back to idle (the slice stays cached on disk)."""
+        n = self.node
+        with n.lock:
+            if n.holding is not None and n.holding.group is member:
+                n.holding = None
+                n._set_state(peer_pb2.PEER_STATE_IDLE)
 
     def _load_failure(self, order: StageOrder, err: Exception) -> tuple[grpc.StatusCode, str]:
         """A failed load in a status and a message that says what to do; logged here."""
@@ -666,7 +818,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     def _forget(self, session: str) -> None:
         n = self.node
-        if n.holding is not None:
+        if n.holding is not None and n.holding.stage is not None:
             n.holding.stage.drop(session)
         n.sessions.pop(session, None)
 
@@ -676,8 +828,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         -> its hidden states [1, S, D] fp32, or None when the session's KV is gone (kv_lost)."""
         n = self.node
         h = n.holding
-        if h is None:
-            raise NoStage(f"{n.name} holds no stage (it was restarted or re-planned): send LoadStage first")
+        if h is None or h.stage is None:
+            raise NoStage(f"{n.name} holds no stage (it was restarted or re-planned, or holds a tensor-parallel "
+                          "slice): send LoadStage first")
         if len(req.session) > MAX_SESSION_CHARS:
             raise WireError(f"a session id of {len(req.session)} characters (at most {MAX_SESSION_CHARS})")
         x = unpack_hidden(req.hidden, max_elements=h.ctx * h.dim)

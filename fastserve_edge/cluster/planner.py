@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastserve_edge.errors import PlanError
 
@@ -63,6 +63,8 @@ class ModelShape:
     ctx: int                        # tokens of context to reserve KV for
     tied_embeddings: bool = False   # the head reuses the embedding: one copy when the host holds both
     head_flops: float = 0.0         # 2 * vocab * hidden; 0 counts only the head's bytes
+    exchange_floats: int = 0        # tensor parallel: floats all-gathered per layer per token
+                                    # (attention output + 2 dim + ffn); 0: no tensor layout
 
     def __post_init__(self):
         if self.n_layers < 1 or len(self.layer_bytes) != self.n_layers:
@@ -105,13 +107,40 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Share:
+    """One machine of a tensor-parallel group: its share of every layer and its cost."""
+    machine: Machine
+    share: float                    # of the FFN columns, output rows and vocabulary (KV heads: near it)
+    memory_bytes: int
+    compute_ms: float
+    network_ms: float
+
+
+@dataclass(frozen=True)
 class Plan:
     stages: tuple[Stage, ...]       # pipeline order; stages[0].machine is the host
     est_ms_per_token: float
     decisions: tuple[tuple[Machine, str], ...]  # every machine given, in/out and why
+    layout: str = "pipeline"        # "single" | "pipeline" | "tensor"
+    group: tuple[Share, ...] = ()   # layout "tensor": the group, host first
+    alternatives: tuple[tuple[str, float | None, str], ...] = ()  # (layout, est ms/token or None, why)
+
+    def headline(self) -> str:
+        """The choice in one line, for the plan table's title."""
+        single = next((ms for name, ms, _ in self.alternatives if name == "single" and ms is not None), None)
+        alone = f" (one machine: {single:.0f} ms)" if single is not None and self.layout != "single" else ""
+        if self.layout == "tensor":
+            shares = " / ".join(f"{100 * g.share:.0f}%" for g in self.group)
+            return (f"tensor-parallel over {len(self.group)} machines, shares {shares} by measured speed, "
+                    f"about {self.est_ms_per_token:.1f} ms per token{alone}")
+        if self.layout == "single":
+            return f"one machine, about {self.est_ms_per_token:.1f} ms per token"
+        return f"pipeline over {self.n_active} machine(s), about {self.est_ms_per_token:.1f} ms per token{alone}"
 
     @property
     def machines(self) -> tuple[Machine, ...]:
+        if self.layout == "tensor":
+            return tuple(g.machine for g in self.group)
         return tuple(s.machine for s in self.stages)
 
     @property
@@ -121,7 +150,9 @@ class Plan:
 
     @property
     def n_active(self) -> int:
-        """Machines that hold at least one layer."""
+        """Machines that hold at least one layer (or a slice of every layer)."""
+        if self.layout == "tensor":
+            return len(self.group)
         return sum(1 for s in self.stages if s.n_layers)
 
     def reason(self, machine: Machine | str) -> str:
@@ -138,16 +169,21 @@ class Plan:
     def summary_rows(self) -> tuple[tuple[str, ...], ...]:
         """One row of strings per machine, in SUMMARY_COLUMNS order: pipeline order, then left out."""
         rows = []
+        shares = {g.machine.node_id: g for g in self.group}
         for m, why in self.decisions:
-            st = self.stage_of(m)
+            st = self.stage_of(m) if self.layout != "tensor" else None
+            g = shares.get(m.node_id)
+            held = (f"{100 * g.share:.0f}% of each" if g else "-") if self.layout == "tensor" else (
+                st.describe_layers() if st else "-")
+            est = g.compute_ms + g.network_ms if g else (st.est_ms if st else None)
             rows.append((
                 m.name,
                 m.address or "(this machine)",
                 describe_bytes(m.memory_bytes),
                 f"{m.decode_gflops:.1f}",
                 f"{m.bandwidth_gbs:.1f}",
-                st.describe_layers() if st else "-",
-                f"{st.est_ms:.2f}" if st else "-",
+                held,
+                f"{est:.2f}" if est is not None else "-",
                 why,
             ))
         return tuple(rows)
@@ -304,13 +340,124 @@ def _best(host: Machine, peers: Sequence[Machine], cost: _Cost, need_stages: int
     return best
 
 
-def plan(machines: Sequence[Machine], model: ModelShape, *, min_stages: int = 1,
-         link_gbps: float = 1.0, hop_ms: float = 0.5, margin: float = 0.10, margin_bytes: int = 64 << 20) -> Plan:
-    """Give each machine a contiguous range of layers, minimising estimated decode ms per token.
+LAYOUTS = ("auto", "single", "pipeline", "tensor")
+EXCHANGE_MS = 0.05  # one all-gather's latency on a LAN, beyond its bytes (bench/tensor.py measured
+                    # 0.03-0.05 ms on veth; a switch adds ~0.02)
+
+
+def plan(machines: Sequence[Machine], model: ModelShape, *, layout: str = "auto", min_stages: int = 1,
+         link_gbps: float = 1.0, hop_ms: float = 0.5, exchange_ms: float = EXCHANGE_MS, margin: float = 0.10,
+         margin_bytes: int = 64 << 20) -> Plan:
+    """The fastest layout that fits, by estimated decode ms per token: one machine, a pipeline
+    (contiguous layer ranges), or a tensor-parallel group (a slice of every layer on each).
+    layout: "auto", or one of them forced. The plan lists the others' estimates. Never slower
+    than the best single machine that can hold the model (a pipeline of one is searched).
 
     machines: exactly one with is_host=True. Raises PlanError when the model cannot fit (the
-    message says how much memory is missing) or min_stages cannot be met.
+    message says how much memory is missing) or the layout / min_stages cannot be met.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    host = next((m for m in machines if m.is_host), None)
+    piped: Plan | PlanError
+    try:
+        piped = _pipeline_plan(machines, model, min_stages=min_stages, link_gbps=link_gbps, hop_ms=hop_ms,
+                               margin=margin, margin_bytes=margin_bytes)
+    except PlanError as err:
+        piped = err
+    single: Plan | PlanError
+    try:
+        single = _pipeline_plan([host] if host else machines, model, min_stages=1, link_gbps=link_gbps,
+                                hop_ms=hop_ms, margin=margin, margin_bytes=margin_bytes)
+        single = replace(single, layout="single")
+    except PlanError as err:
+        single = err
+    tensor = _tensor_plan(machines, model, link_gbps=link_gbps, exchange_ms=exchange_ms, margin=margin,
+                          margin_bytes=margin_bytes) if min_stages <= 1 or layout == "tensor" else None
+    options = {"single": single, "pipeline": piped, "tensor": tensor}
+    alternatives = tuple(
+        (name, option.est_ms_per_token if isinstance(option, Plan) else None,
+         str(option) if isinstance(option, PlanError) else ("needs 2 machines and quantized weights"
+                                                            if option is None else ""))
+        for name, option in options.items())
+    if layout == "auto":
+        fits = [o for o in (piped, tensor) if isinstance(o, Plan)]
+        if not fits:
+            raise piped if isinstance(piped, PlanError) else PlanError("no layout fits")
+        chosen = min(fits, key=lambda o: (o.est_ms_per_token, o.layout != "pipeline"))
+        if chosen.layout == "pipeline" and chosen.n_active == 1 and len(chosen.stages) == 1:
+            chosen = replace(chosen, layout="single")
+    else:
+        chosen = options[layout]
+        if chosen is None:
+            raise PlanError("the tensor-parallel layout needs at least one peer with a measured speed "
+                            "(and a model whose dims split in groups of 32): use --layout auto or pipeline")
+        if isinstance(chosen, PlanError):
+            raise chosen
+    return replace(chosen, alternatives=alternatives)
+
+
+TP_GROUP = 32  # engine/tensor.py ROW_GROUP: a machine holds at least this many FFN columns and dims
+
+
+def _tensor_plan(machines: Sequence[Machine], model: ModelShape, *, link_gbps: float, exchange_ms: float,
+                 margin: float, margin_bytes: int) -> Plan | None:
+    """The best tensor-parallel group: the host and its k - 1 fastest measured peers, for the k
+    with the lowest estimate that fits. Each machine's share is proportional to its speed, so
+    all finish a layer together: compute = 1 / sum(1 / whole-model ms). The exchanges: four
+    all-gathers a layer (+ the step and the candidates), each machine sending its share of
+    exchange_floats fp32 to each other one. None without a tensor-parallel shape or a peer."""
+    host = next((m for m in machines if m.is_host), None)
+    if host is None or model.exchange_floats <= 0 or not _measured(host):
+        return None
+    peers = sorted((m for m in machines if not m.is_host and _measured(m)), key=lambda m: (_whole_ms(m, model), m.node_id))
+    cost = _Cost(model, _prefix(model.layer_bytes), 0.0, 0.0, margin, margin_bytes)
+    best: Plan | None = None
+    for k in range(2, len(peers) + 2):
+        group = [host, *peers[:k - 1]]
+        speeds = [1.0 / _whole_ms(m, model) for m in group]
+        total = sum(speeds)
+        shares = [v / total for v in speeds]
+        compute = 1.0 / total
+        per_layer = model.exchange_floats * 4
+        net = []
+        for share in shares:  # bytes this machine sends each token, over its one link
+            out = share * per_layer * model.n_layers * (k - 1)
+            net.append(out * 8 / (link_gbps * 1e6) + (4 * model.n_layers + 4) * exchange_ms)
+        fits = True
+        members = []
+        for m, share, n_ms in zip(group, shares, net):
+            need = share * (model.weight_bytes + model.n_layers * model.kv_bytes_per_layer + model.head_bytes)
+            if m.is_host:
+                need += model.embed_bytes
+            if need > cost.usable(m):
+                fits = False
+            members.append(Share(m, share, int(need), compute, n_ms))
+        if not fits:
+            continue
+        est = compute + max(net)
+        if best is None or est < best.est_ms_per_token - 1e-12:
+            used = {g.machine.node_id for g in members}
+            decisions = tuple((m, f"{100 * g.share:.0f}% of every layer, by measured speed")
+                              for g in members for m in [g.machine])
+            decisions += tuple((m, "slower: the group is faster without it" if _measured(m)
+                                else "no measured speed: run `fastserve join --reprofile` on it")
+                               for m in sorted(machines, key=lambda m: m.node_id) if m.node_id not in used)
+            best = Plan(stages=(), est_ms_per_token=est, decisions=decisions, layout="tensor", group=tuple(members))
+    return best
+
+
+def _whole_ms(m: Machine, model: ModelShape) -> float:
+    """The whole model's decode step alone on m (layers and head), by its measurements."""
+    nbytes = model.weight_bytes + model.head_bytes
+    flops = model.n_layers * model.layer_flops + model.head_flops
+    return max(nbytes / (m.bandwidth_gbs * 1e6), flops / (m.decode_gflops * 1e6))
+
+
+def _pipeline_plan(machines: Sequence[Machine], model: ModelShape, *, min_stages: int = 1,
+                   link_gbps: float = 1.0, hop_ms: float = 0.5, margin: float = 0.10,
+                   margin_bytes: int = 64 << 20) -> Plan:
+    """Give each machine a contiguous range of layers, minimising estimated decode ms per token."""
     hosts = [m for m in machines if m.is_host]
     if len(hosts) != 1:
         raise ValueError(f"plan() needs exactly one host machine, got {len(hosts)}")
@@ -452,12 +599,16 @@ def _fits_with_newcomer(host: Machine, peers: Sequence[Machine], usable: int, co
     return _best(host, [*peers, newcomer], cost, 1, exhaustive=False) is not None
 
 
-def kv_room_tokens(plan: Plan, kv_bytes_per_token: int, ctx: int) -> int:
+def kv_room_tokens(plan: Plan, kv_bytes_per_token: int, ctx: int, n_layers: int = 1) -> int:
     """Tokens of KV that every stage of `plan` can hold for all sessions together: what its
     machine offers, less the stage's weights (a stage's memory_bytes counts one context of
-    KV; that is given back here), over its layers' KV bytes per token. The serving loop bounds
-    the KV of all its sessions by this."""
+    KV; that is given back here), over its layers' KV bytes per token (a tensor-parallel
+    machine: its share of n_layers layers'). The serving loop bounds the KV of all its sessions
+    by this."""
     rooms = []
+    for g in plan.group:  # tensor parallel: each machine holds its share of every layer's KV
+        per_token = max(1, math.ceil(kv_bytes_per_token * n_layers * g.share))
+        rooms.append(max(0, g.machine.memory_bytes - g.memory_bytes) // per_token + ctx)
     for s in plan.stages:
         if s.n_layers == 0:
             continue

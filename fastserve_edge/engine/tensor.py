@@ -22,6 +22,8 @@ row that wants them (or all of them when asked); the first machine samples from 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import threading
 from collections.abc import Sequence
@@ -118,6 +120,33 @@ class Slices:
         if name == "output.weight":
             return self.vocab_at[rank], self.vocab_at[rank + 1]
         return None
+
+
+    def key(self, rank: int) -> str:
+        """What names machine `rank`'s slice in a shard cache: the same spans, the same key."""
+        text = json.dumps([rank, self.kv_at, self.dim_at, self.ffn_at, self.vocab_at])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def checked(cls, cfg: ModelConfig, kv_at, dim_at, ffn_at, vocab_at) -> Slices:
+        """Spans from the network: ValueError unless each covers its dimension in order, and a
+        machine of the group holds at least one FFN column and one row of dim and vocabulary."""
+        spans = [tuple(int(v) for v in at) for at in (kv_at, dim_at, ffn_at, vocab_at)]
+        n = len(spans[0]) - 1
+        if not 1 <= n <= 64 or any(len(at) != n + 1 for at in spans):
+            raise ValueError(f"spans for 1 to 64 machines, all of one length: got {[len(at) for at in spans]}")
+        totals = (cfg.n_kv_heads, cfg.dim, cfg.ffn_dim, cfg.vocab_size)
+        for name, at, total, least in zip(("kv", "dim", "ffn", "vocab"), spans, totals, (0, 1, 1, 1)):
+            if at[0] != 0 or at[-1] != total or any(at[r + 1] - at[r] < least for r in range(n)):
+                raise ValueError(f"{name} spans {list(at)[:8]} do not cover 0..{total} in order")
+        return cls(*spans)
+
+    def cut(self, cfg: ModelConfig, raw: RawTensor, rank: int, *, head: bool = False) -> RawTensor:
+        """Machine `rank`'s rows of a tensor (in the head part, a tied embedding's vocabulary rows)."""
+        span = self.rows_of(cfg, raw.name, rank)
+        if span is None and head and raw.name == "token_embd.weight":
+            span = self.vocab_at[rank], self.vocab_at[rank + 1]
+        return raw if span is None else _take(raw, *span)
 
 
 class SliceWeights(RuntimeWeights):

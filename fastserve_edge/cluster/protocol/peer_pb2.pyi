@@ -48,12 +48,14 @@ class Profile(_message.Message):
     def __init__(self, memory_bytes: _Optional[int] = ..., decode_gflops: _Optional[float] = ..., prefill_gflops: _Optional[float] = ..., bandwidth_gbs: _Optional[float] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class Part(_message.Message):
-    __slots__ = ("kind", "layer")
+    __slots__ = ("kind", "layer", "slice")
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
     kind: PartKind
     layer: int
-    def __init__(self, kind: _Optional[_Union[PartKind, str]] = ..., layer: _Optional[int] = ...) -> None: ...
+    slice: str
+    def __init__(self, kind: _Optional[_Union[PartKind, str]] = ..., layer: _Optional[int] = ..., slice: _Optional[str] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("model_digest", "model_name", "layer_start", "layer_end", "has_embedding", "has_head", "host_name")
@@ -92,7 +94,7 @@ class HelloRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "name", "profile", "state", "stage", "cached")
+    __slots__ = ("protocol_version", "node_id", "name", "profile", "state", "stage", "cached", "data_port")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +102,7 @@ class HelloReply(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     name: str
@@ -107,7 +110,8 @@ class HelloReply(_message.Message):
     state: PeerState
     stage: StageInfo
     cached: _containers.RepeatedCompositeFieldContainer[CachedModel]
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[PeerState, str]] = ..., stage: _Optional[_Union[StageInfo, _Mapping]] = ..., cached: _Optional[_Iterable[_Union[CachedModel, _Mapping]]] = ...) -> None: ...
+    data_port: int
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., state: _Optional[_Union[PeerState, str]] = ..., stage: _Optional[_Union[StageInfo, _Mapping]] = ..., cached: _Optional[_Iterable[_Union[CachedModel, _Mapping]]] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "sha256", "nbytes", "part")
@@ -122,7 +126,7 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., nbytes: _Optional[int] = ..., part: _Optional[_Union[Part, _Mapping]] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("model_digest", "model_name", "model_config_json", "layer_start", "layer_end", "has_embedding", "has_head", "manifest", "source_address", "ctx", "threads", "host_name", "host_node_id")
+    __slots__ = ("model_digest", "model_name", "model_config_json", "layer_start", "layer_end", "has_embedding", "has_head", "manifest", "source_address", "ctx", "threads", "host_name", "host_node_id", "tensor")
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +140,7 @@ class LoadStageRequest(_message.Message):
     THREADS_FIELD_NUMBER: _ClassVar[int]
     HOST_NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     model_digest: str
     model_name: str
     model_config_json: str
@@ -149,7 +154,26 @@ class LoadStageRequest(_message.Message):
     threads: int
     host_name: str
     host_node_id: str
-    def __init__(self, model_digest: _Optional[str] = ..., model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., manifest: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., source_address: _Optional[str] = ..., ctx: _Optional[int] = ..., threads: _Optional[int] = ..., host_name: _Optional[str] = ..., host_node_id: _Optional[str] = ...) -> None: ...
+    tensor: TensorPlan
+    def __init__(self, model_digest: _Optional[str] = ..., model_name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., manifest: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., source_address: _Optional[str] = ..., ctx: _Optional[int] = ..., threads: _Optional[int] = ..., host_name: _Optional[str] = ..., host_node_id: _Optional[str] = ..., tensor: _Optional[_Union[TensorPlan, _Mapping]] = ...) -> None: ...
+
+class TensorPlan(_message.Message):
+    __slots__ = ("rank", "kv_at", "dim_at", "ffn_at", "vocab_at", "data_addresses", "secret")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    KV_AT_FIELD_NUMBER: _ClassVar[int]
+    DIM_AT_FIELD_NUMBER: _ClassVar[int]
+    FFN_AT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_AT_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    kv_at: _containers.RepeatedScalarFieldContainer[int]
+    dim_at: _containers.RepeatedScalarFieldContainer[int]
+    ffn_at: _containers.RepeatedScalarFieldContainer[int]
+    vocab_at: _containers.RepeatedScalarFieldContainer[int]
+    data_addresses: _containers.RepeatedScalarFieldContainer[str]
+    secret: bytes
+    def __init__(self, rank: _Optional[int] = ..., kv_at: _Optional[_Iterable[int]] = ..., dim_at: _Optional[_Iterable[int]] = ..., ffn_at: _Optional[_Iterable[int]] = ..., vocab_at: _Optional[_Iterable[int]] = ..., data_addresses: _Optional[_Iterable[str]] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class LoadStageReply(_message.Message):
     __slots__ = ("tensors_cached", "tensors_fetched", "bytes_fetched", "load_seconds")

@@ -234,6 +234,8 @@ class Kernels:
             for name in ("fs_mesh_exchanges", "fs_mesh_bytes_out"):
                 getattr(self.lib, name).argtypes = [p]
                 getattr(self.lib, name).restype = l
+            self.lib.fs_mesh_ms.argtypes = [p]
+            self.lib.fs_mesh_ms.restype = ctypes.c_double
             self.lib.fs_mesh_exchange.argtypes = [p, p, p, p, p, i]
             self.lib.fs_mesh_exchange.restype = i
             self.lib.fs_mesh_crypto_available.restype = i
@@ -547,6 +549,11 @@ class Mesh:
     @property
     def bytes_out(self) -> int:
         return self.kernels.lib.fs_mesh_bytes_out(self.ptr)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time spent in exchanges so far (waiting for the others included)."""
+        return self.kernels.lib.fs_mesh_ms(self.ptr) / 1e3
 
     def close(self) -> None:
         if self.ptr:

@@ -84,6 +84,7 @@ typedef struct fs_mesh {
     uint8_t *txbuf[FS_MESH_MAX], *rxbuf[FS_MESH_MAX];
     long txcap[FS_MESH_MAX], rxcap[FS_MESH_MAX];
     long exchanges, bytes_out;   /* counters for the benchmark */
+    double ms_in_exchanges;
     int failed_peer;             /* the peer of the last failure, or -1 */
     char error[256];
 } fs_mesh;
@@ -92,6 +93,7 @@ const char *fs_mesh_error(const fs_mesh *m) { return m->error; }
 int fs_mesh_failed_peer(const fs_mesh *m) { return m->failed_peer; }
 long fs_mesh_exchanges(const fs_mesh *m) { return m->exchanges; }
 long fs_mesh_bytes_out(const fs_mesh *m) { return m->bytes_out; }
+double fs_mesh_ms(const fs_mesh *m) { return m->ms_in_exchanges; }
 
 static int fail(fs_mesh *m, int peer, int code, const char *what) {
     m->failed_peer = peer;
@@ -223,7 +225,8 @@ int fs_mesh_exchange(fs_mesh *m, const void *const *out, const long *send_len, v
             pending++;
         }
     }
-    double deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : 0;
+    const double started = now_ms();
+    double deadline = timeout_ms >= 0 ? started + timeout_ms : 0;
     int idle = 0;
     while (pending > 0) {
         int moved = 0;
@@ -285,6 +288,7 @@ int fs_mesh_exchange(fs_mesh *m, const void *const *out, const long *send_len, v
         idle = 0;
     }
     m->exchanges++;
+    m->ms_in_exchanges += now_ms() - started;
     return 0;
 }
 
