@@ -18,6 +18,8 @@ rows it looks up, and a tied LM head shares the same blocks.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -80,10 +82,11 @@ SCRATCH_FLOATS = 4 << 20  # 16 MiB of dequantized rows at a time during prefill 
                           # matrix: 3.5 MiB on SmolLM2); 4 MiB made a 1B model's prefill 20% slower
 
 
-class _Scratch:
-    """One fp32 buffer shared by every QuantLinear: holds a slice of one dequantized matrix
-    (or the same slice of gate and up, QuantTensor.swiglu) at a time during prefill (the
-    engine runs one forward at a time per process)."""
+class _Scratch(threading.local):
+    """An fp32 buffer shared by every QuantLinear of a thread: holds a slice of one dequantized
+    matrix (or the same slice of gate and up, QuantTensor.swiglu) at a time during prefill (a
+    thread runs one forward at a time; the machines of an in-process tensor-parallel group are
+    threads, each with its own)."""
 
     def __init__(self) -> None:
         self.buffer = torch.empty(0)

@@ -27,7 +27,7 @@ import json
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,14 +35,14 @@ import torch
 from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.kernels import ExchangeError, Mesh, TensorBlockProgram
 from fastserve_edge.engine.kv_cache import KVCache
-from fastserve_edge.engine.model import RMSNorm, llama3_freq_factors, rope_table
+from fastserve_edge.engine.model import Attention, FeedForward, RMSNorm, _one_call, llama3_freq_factors, rope_table
 from fastserve_edge.engine.quant import RuntimeWeights
 from fastserve_edge.errors import ConfigError
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 ROW_GROUP = 32        # FFN columns, output rows and vocabulary rows go to machines in multiples of this
 TOP_CANDIDATES = 64   # logits per machine and row sent back for sampling (greedy needs the first)
-PREFILL_ROWS = 128    # prompt rows per step: bounds each machine's work buffers
+PREFILL_ROWS = 512    # prompt rows per step: bounds each machine's activations
 MAX_SLOTS = 256       # sessions whose KV a machine of a group holds at once
 STEP, DROP, STOP = 1, 2, 3
 WANT_LOGITS, ALL_LOGITS = 1, 2
@@ -197,6 +197,21 @@ def _take(raw: RawTensor, a: int, b: int) -> RawTensor:
     return RawTensor(raw.name, raw.qtype, (b - a, *raw.shape[1:]), raw.data[a:b])
 
 
+class SliceBlock(torch.nn.Module):
+    """One layer's slice as torch modules, built as engine/model.py's Block builds its own (the
+    prompt path runs them; fs_tp_block_batch runs their kernels for decode)."""
+
+    def __init__(self, cfg: ModelConfig, mine: ModelConfig | None, w: SliceWeights, index: int):
+        super().__init__()
+        prefix = f"blk.{index}"
+        kernels = w.kernels
+        self.attn_norm = RMSNorm(w.vector(f"{prefix}.attn_norm.weight"), cfg.norm_eps, kernels)
+        self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps, kernels)
+        self.attn = Attention(mine, w, prefix) if mine is not None else None  # its wo: unused (below)
+        self.wo = self.attn.wo if self.attn is not None else w.linear(f"{prefix}.attn_output")
+        self.ffn = FeedForward(w, prefix)
+
+
 class TensorSlice:
     """One machine's slice of every layer, its KV caches by slot, and the step it runs with the
     group. The host's slice (rank 0) also embeds; every slice ends with its LM-head rows."""
@@ -213,24 +228,27 @@ class TensorSlice:
         heads_at = [kv * group * cfg.head_dim for kv in s.kv_at]
         ffn = s.ffn_at[r + 1] - s.ffn_at[r]
         self.programs: list[TensorBlockProgram] = []
+        self.blocks: list[SliceBlock] = []
+        mine = replace(cfg, n_heads=self.n_kv * group, n_kv_heads=self.n_kv) if self.n_kv else None
         for i in range(cfg.n_layers):
             p = f"blk.{i}"
+            block = SliceBlock(cfg, mine, weights, i)
+            self.blocks.append(block)
             qkv = None
-            if self.n_kv:
-                fused = weights.fused([f"{p}.attn_q", f"{p}.attn_k", f"{p}.attn_v"], bias=cfg.attn_bias)
-                qkv, bias = fused.multi, fused.bias
+            if block.attn is not None:
+                qkv, bias = block.attn.wqkv.multi, block.attn.wqkv.bias
             else:
                 bias = None
-            gate_up = weights.fused([f"{p}.ffn_gate", f"{p}.ffn_up"]).multi
-            wo, down = (weights.linear(f"{p}.{n}").one_call() for n in ("attn_output", "ffn_down"))
+            gate_up = block.ffn.gate_up.multi
+            wo, down = (_one_call(m) for m in (block.wo, block.ffn.down))
             if (self.n_kv and qkv is None) or gate_up is None or wo is None or down is None:
                 raise ConfigError("tensor parallelism needs every matrix of a block quantized (GGUF blocks)")
-            norm = (lambda n: weights.vector(f"{p}.{n}.weight")) if cfg.qk_norm else (lambda n: None)
+            attn = block.attn
             self.programs.append(TensorBlockProgram(
                 kernels, dim=cfg.dim, n_heads=self.n_kv * group, n_kv=self.n_kv, head_dim=cfg.head_dim, ffn=ffn,
-                eps=cfg.norm_eps, attn_norm=weights.vector(f"{p}.attn_norm.weight"),
-                ffn_norm=weights.vector(f"{p}.ffn_norm.weight"), q_norm=norm("attn_q_norm"),
-                k_norm=norm("attn_k_norm"), qkv_bias=bias, qkv=qkv, wo=wo, gate_up=gate_up, down=down, rank=r,
+                eps=cfg.norm_eps, attn_norm=block.attn_norm.weight, ffn_norm=block.ffn_norm.weight,
+                q_norm=attn.q_norm.weight if attn is not None and attn.q_norm is not None else None,
+                k_norm=attn.k_norm.weight if attn is not None and attn.k_norm is not None else None, qkv_bias=bias, qkv=qkv, wo=wo, gate_up=gate_up, down=down, rank=r,
                 heads_at=heads_at, dim_at=list(s.dim_at), ffn_at=list(s.ffn_at), timeout_ms=timeout_ms))
         self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps)
         self.head = weights.head_slice()
@@ -243,12 +261,23 @@ class TensorSlice:
             factors = None
         self.cos, self.sin = rope_table(cfg, max_tokens, factors)
         self.caches: dict[int, KVCache] = {}
+        self.heads_at = heads_at
 
     def cache(self, slot: int) -> KVCache:
         cache = self.caches.get(slot)
         if cache is None:
             cache = self.caches[slot] = KVCache(self.cfg.n_layers, self.n_kv, self.cfg.head_dim, self.max_tokens)
         return cache
+
+    def run(self, mesh: Mesh | None, x: torch.Tensor, slots: Sequence[int], positions: Sequence[int]) -> None:
+        """A step's rows through every layer, in place: one session's prompt (one slot, several
+        consecutive rows) by `prompt`, anything else (decode rows) by `layers`. Every machine
+        of the group sees the same rows and takes the same path."""
+        first = positions[0]
+        if len(slots) > 1 and len(set(slots)) == 1 and list(positions) == list(range(first, first + len(slots))):
+            self.prompt(mesh, x, slots[0], first)
+        else:
+            self.layers(mesh, x, slots, positions)
 
     def layers(self, mesh: Mesh | None, x: torch.Tensor, slots: Sequence[int], positions: Sequence[int]) -> None:
         """x [M, dim] through every layer, in place; row r at positions[r] of slot slots[r]'s
@@ -268,6 +297,35 @@ class TensorSlice:
                     views = {slot: self.caches[slot].layer(layer, end) for slot, end in ends.items()}
                     kv = [views[slot] for slot in slots]
                 program.batch(mesh, x, kv, list(positions), self.cos, self.sin)
+
+    def prompt(self, mesh: Mesh | None, x: torch.Tensor, slot: int, pos: int) -> None:
+        """One session's S prompt rows x [S, dim] at pos.., in place, through the same modules
+        and kernels as one machine's Stage.forward (the GEMM path from DENSE_PREFILL_ROWS rows
+        up; attention in C), with the four all-gathers a layer between them."""
+        S = x.shape[0]
+        if pos < 0 or pos + S > self.max_tokens:
+            raise ValueError(f"{S} rows at {pos} outside this group's {self.max_tokens} positions")
+        cache = self.cache(slot) if self.n_kv else None
+        s, wait = self.slices, self.timeout_ms
+        gather = (lambda t, at: mesh.allgather_rows(t, at, wait)) if mesh is not None else (lambda t, at: t)
+        cos, sin = self.cos[pos:pos + S], self.sin[pos:pos + S]
+        h = x.unsqueeze(0)
+        with torch.inference_mode():
+            for layer, block in enumerate(self.blocks):
+                if block.attn is not None:
+                    q, k, v = block.attn.wqkv(block.attn_norm(h))
+                    heads = block.attn._attend(q, k, v, cos, sin, cache, layer, pos)[0]
+                else:
+                    heads = torch.empty(S, 0)
+                heads = gather(heads.contiguous(), self.heads_at)
+                h = h + gather(block.wo(heads).contiguous(), list(s.dim_at)).unsqueeze(0)
+                act = block.ffn.gate_up.swiglu(f := block.ffn_norm(h))
+                if act is None:
+                    gate, up = block.ffn.gate_up(f)
+                    act = torch.nn.functional.silu(gate).mul_(up)
+                act = gather(act[0].contiguous(), list(s.ffn_at))
+                h += gather(block.ffn.down(act).contiguous(), list(s.dim_at)).unsqueeze(0)
+            x.copy_(h[0])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, dim] -> this machine's vocabulary rows of the logits [R, its rows]."""
@@ -315,7 +373,7 @@ class TensorWorker:
                 slots, positions, want = rows[:, 0].tolist(), rows[:, 1].tolist(), rows[:, 2].tolist()
                 if any(not 0 <= s < MAX_SLOTS for s in slots) or any(w not in (0, 1) for w in want):
                     raise ExchangeError(f"a step with slots {slots[:4]}.. or flags outside their range", 0, -4)
-                part.layers(mesh, x, slots, positions)
+                part.run(mesh, x, slots, positions)
                 out = [r for r in range(m) if want[r]]
                 if out:
                     cand = _candidates(part.logits(x[out]), part.slices.vocab_at[part.rank], flags)
@@ -362,7 +420,7 @@ class TensorGroup:
             mesh.exchange({p: head for p in peers}, {}, wait)
             mesh.exchange({p: rows for p in peers}, {}, wait)
             mesh.exchange({p: x for p in peers}, {}, wait)
-        part.layers(mesh, x, slots, positions)
+        part.run(mesh, x, slots, positions)
         out = [r for r in range(m) if want[r]]
         if not out:
             return torch.empty(0, self.cfg.vocab_size)

@@ -70,13 +70,11 @@ def group_of(source, speeds, *, max_tokens=256, timeout_ms=30_000):
 
 
 def one_machine_logits(source, prompt, steps):
-    """One machine, a token at a time through the C block (what a decode step runs): the logits
-    after the prompt and after each greedy token."""
-    stage = local_stages(source, max_tokens=256)[0]
-    out = []
-    for i, t in enumerate(prompt):
-        logits = stage.forward_batch(["s"], torch.tensor([t]), [i])[0]
-    out.append(logits)
+    """One machine: the prompt as chat sends it (Stage.forward), then a token at a time through
+    the C block (a decode step): the logits after the prompt and after each greedy token."""
+    stage = local_stages(source, max_tokens=1024)[0]
+    logits = stage.forward("s", torch.tensor([prompt]), 0)[0]
+    out = [logits]
     for i in range(steps):
         logits = stage.forward_batch(["s"], torch.tensor([int(logits.argmax())]), [len(prompt) + i])[0]
         out.append(logits)
@@ -131,6 +129,17 @@ def test_smollm2_group_answers_as_one_machine(speeds):
     assert_same_candidates(got, want)
 
 
+def test_a_long_prompt_takes_one_machines_gemm_path_bit_for_bit():
+    """600 prompt rows: the GEMM path (from DENSE_PREFILL_ROWS rows), in two steps of the group
+    (PREFILL_ROWS at most), against one machine's single forward."""
+    source = open_model(smollm2_path())
+    prompt = [(7 * i) % 40000 + 100 for i in range(600)]
+    want = one_machine_logits(source, prompt, 4)
+    with group_of(source, [2, 1], max_tokens=1024) as (group, *_):
+        got = group_logits(group, prompt, 4)
+    assert_same_candidates(got, want)
+
+
 def test_pipeline_over_a_group_generates_one_machines_answer(tmp_path):
     source = open_model(write_tiny_gguf(tmp_path / "llama.gguf", "llama", tensor_type="Q4_0", dim=128, ffn_dim=256))
     sampler = Sampler(SamplingParams(temperature=0))
@@ -144,9 +153,7 @@ def test_pipeline_over_a_group_generates_one_machines_answer(tmp_path):
         pipe.drop("a")
     assert first == again
     assert batch == []
-    # one machine's prompt goes through its GEMM path, the group's through the integer kernels:
-    # the same answer here; the exact comparison is test_group_logits_are_one_machines'
-    assert first[:8] == alone[:8]
+    assert first == alone
 
 
 # -- the slices ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from functools import cache
 from pathlib import Path
@@ -192,7 +193,7 @@ class Kernels:
             self.lib.fs_gemm.restype = i
             self.lib.fs_gemm_work_floats.argtypes = [i, i, i]
             self.lib.fs_gemm_work_floats.restype = l
-        self._gemm_work = torch.empty(0)  # kept between calls (one forward at a time, as quant.SCRATCH)
+        self._work = threading.local()  # fs_gemm's buffer, kept between calls: one per thread, as quant.SCRATCH
         f = ctypes.c_float
         self.lib.fs_rmsnorm.argtypes = [p, p, p, i, i, f]
         self.lib.fs_rmsnorm.restype = None
@@ -236,6 +237,8 @@ class Kernels:
                 getattr(self.lib, name).restype = l
             self.lib.fs_mesh_ms.argtypes = [p]
             self.lib.fs_mesh_ms.restype = ctypes.c_double
+            self.lib.fs_mesh_allgather_rows.argtypes = [p, p, p, i, p, p, i]
+            self.lib.fs_mesh_allgather_rows.restype = i
             self.lib.fs_mesh_exchange.argtypes = [p, p, p, p, p, i]
             self.lib.fs_mesh_exchange.restype = i
             self.lib.fs_mesh_crypto_available.restype = i
@@ -339,11 +342,12 @@ class Kernels:
         assert out.stride(1) == 1 and (m == 1 or out.stride(0) >= count)
         threads = torch.get_num_threads()
         need = self.lib.fs_gemm_work_floats(m, k, threads)
-        if self._gemm_work.numel() < need:
-            self._gemm_work = torch.empty(need)
+        work = getattr(self._work, "gemm", None)
+        if work is None or work.numel() < need:
+            work = self._work.gemm = torch.empty(need)
         rows_per_block_row = 8 if fmt & 0xff in X8_OF.values() else 1
         rc = self.lib.fs_gemm(fmt & 0xff, group, w.data_ptr(), w.stride(0), start, count, k, x.data_ptr(), m,
-                              out.data_ptr(), out.stride(0), self._gemm_work.data_ptr(), threads,
+                              out.data_ptr(), out.stride(0), work.data_ptr(), threads,
                               w.shape[0] * rows_per_block_row, _span(w))
         if rc != 0:
             raise RuntimeError(f"fs_gemm failed ({rc}) for rows {start}..{start + count} K={k} fmt={fmt}")
@@ -541,6 +545,20 @@ class Mesh:
         rc = self.kernels.lib.fs_mesh_exchange(self.ptr, sp, sl, rp, rl, timeout_ms)
         if rc != 0:
             self._raise(rc)
+
+    def allgather_rows(self, mine: torch.Tensor, at: list[int], timeout_ms: int = -1) -> torch.Tensor:
+        """mine [M, at[rank+1] - at[rank]] float32 -> every machine's columns side by side [M, at[-1]]."""
+        m = mine.shape[0]
+        if len(at) != self.n + 1 or mine.dtype != torch.float32 or mine.numel() != m * (at[self.rank + 1] - at[self.rank]):
+            raise ValueError(f"all-gather of {tuple(mine.shape)} with spans {at}")
+        mine = mine.contiguous()
+        full = torch.empty(m, at[-1])
+        scratch = torch.empty(m * at[-1])
+        rc = self.kernels.lib.fs_mesh_allgather_rows(self.ptr, mine.data_ptr(), full.data_ptr(), m,
+                                                     (ctypes.c_int * len(at))(*at), scratch.data_ptr(), timeout_ms)
+        if rc != 0:
+            self._raise(rc)
+        return full
 
     @property
     def exchanges(self) -> int:
