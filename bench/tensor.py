@@ -7,6 +7,9 @@ The LAN is tests/netns.py's; every machine's eth0 is shaped with tc tbf to --lin
 runs pinned to a core of its own (`taskset`), one thread. Rows, for each model:
 - one machine: this project's one-machine path (Pipeline over local_stages: the prompt
   through the GEMM path, decode through the C block), in m0 alone;
+- the same, on N machines at once, each running the whole model: here the "machines" share
+  one box's memory bus, which a real LAN's do not; this row says how much of a tensor-parallel
+  group's gain that sharing costs on this box (ideal group: N x this row's speed);
 - tensor-parallel over N machines (engine/tensor.py over cluster/datapath.py), sealed, and
   once with plaintext frames (what the encryption costs).
 Decode: greedy tokens after a short prompt; prefill: a --prompt-token prompt. Also the
@@ -131,8 +134,14 @@ def run(lan, cpus, model: Path, n: int, args, *, single: bool = False, plain: bo
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if single:
         cmd = ["taskset", "-c", cpus[0], *me, "--rank", "0", "--single"]
-        out = lan[0].run(cmd, timeout=1800, env=env)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        if n == 1:
+            out = lan[0].run(cmd, timeout=1800, env=env)
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        # n machines each running the whole model at once: what sharing this box's memory costs
+        procs = [lan[r].popen(["taskset", "-c", cpus[r % len(cpus)], *cmd[3:]], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(n)]
+        got = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
+        return {k: sum(g[k] for g in got) / n for k in got[0]}
     addresses = ",".join(f"{lan[r].ip}:{PORT}" for r in range(n))
     secret = os.urandom(32).hex()
     procs = []
@@ -173,11 +182,13 @@ def main(argv: list[str]) -> int:
             netns.limit_link(m, rate=args.link_rate, burst=args.burst)
         for name in args.models.split(","):
             model = model_path(name)
-            rows: dict[str, list[dict]] = {"one machine": [], f"tensor x{args.machines}": []}
+            together = f"one machine, {args.machines} at once (each)"
+            rows: dict[str, list[dict]] = {"one machine": [], together: [], f"tensor x{args.machines}": []}
             if not args.no_plain:
                 rows[f"tensor x{args.machines}, plaintext"] = []
             for _ in range(args.repeats):  # alternately: this machine's speed drifts
                 rows["one machine"].append(run(lan, cpus, model, 1, args, single=True))
+                rows[together].append(run(lan, cpus, model, args.machines, args, single=True))
                 rows[f"tensor x{args.machines}"].append(run(lan, cpus, model, args.machines, args))
                 if not args.no_plain:
                     rows[f"tensor x{args.machines}, plaintext"].append(

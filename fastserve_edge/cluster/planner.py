@@ -398,12 +398,14 @@ def plan(machines: Sequence[Machine], model: ModelShape, *, layout: str = "auto"
 
 
 TP_GROUP = 32  # engine/tensor.py ROW_GROUP: a machine holds at least this many FFN columns and dims
+TP_SUBSETS_UP_TO = 10  # peers up to which every subset is tried as the group (2^10 cheap estimates)
 
 
 def _tensor_plan(machines: Sequence[Machine], model: ModelShape, *, link_gbps: float, exchange_ms: float,
                  margin: float, margin_bytes: int) -> Plan | None:
-    """The best tensor-parallel group: the host and its k - 1 fastest measured peers, for the k
-    with the lowest estimate that fits. Each machine's share is proportional to its speed, so
+    """The best tensor-parallel group: the host and the subset of measured peers with the lowest
+    estimate that fits (every subset up to TP_SUBSETS_UP_TO peers; beyond, the k - 1 fastest for
+    every k). Each machine's share is proportional to its speed, so
     all finish a layer together: compute = 1 / sum(1 / whole-model ms). The exchanges: four
     all-gathers a layer (+ the step and the candidates), each machine sending its share of
     exchange_floats fp32 to each other one. None without a tensor-parallel shape or a peer."""
@@ -413,8 +415,12 @@ def _tensor_plan(machines: Sequence[Machine], model: ModelShape, *, link_gbps: f
     peers = sorted((m for m in machines if not m.is_host and _measured(m)), key=lambda m: (_whole_ms(m, model), m.node_id))
     cost = _Cost(model, _prefix(model.layer_bytes), 0.0, 0.0, margin, margin_bytes)
     best: Plan | None = None
-    for k in range(2, len(peers) + 2):
-        group = [host, *peers[:k - 1]]
+    if len(peers) <= TP_SUBSETS_UP_TO:  # every subset: a fast peer short of memory may lose to a slower one
+        candidates = [[host, *sub] for k in range(1, len(peers) + 1) for sub in itertools.combinations(peers, k)]
+    else:  # the fastest k - 1 peers, for every k
+        candidates = [[host, *peers[:k - 1]] for k in range(2, len(peers) + 2)]
+    for group in candidates:
+        k = len(group)
         speeds = [1.0 / _whole_ms(m, model) for m in group]
         total = sum(speeds)
         shares = [v / total for v in speeds]
