@@ -64,6 +64,17 @@ def rope_table(cfg: ModelConfig, max_tokens: int, freq_factors: torch.Tensor | N
     return angles.cos().float(), angles.sin().float()
 
 
+def model_rope(cfg: ModelConfig, weights: Weights, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for a model's positions: its file's rope_freqs, else its config's scaling."""
+    if weights.has("rope_freqs.weight"):
+        factors = weights.vector("rope_freqs.weight")
+    elif cfg.rope_scaling is not None:
+        factors = llama3_freq_factors(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta)
+    else:
+        factors = None
+    return rope_table(cfg, max_tokens, factors)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, H, S, hd]; cos/sin: [S, hd]
     half = x.shape[-1] // 2
@@ -266,13 +277,7 @@ class Stage(nn.Module):
         # every format's GEMM threshold (quant.DENSE_PREFILL_ROWS_OF: 32 and up); torch's GEMM of
         # a dense head does not
         self.head_rows = 16 if self.head is not None and _one_call(self.head) is not None else 1
-        if weights.has("rope_freqs.weight"):
-            factors = weights.vector("rope_freqs.weight")
-        elif cfg.rope_scaling is not None:
-            factors = llama3_freq_factors(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta)
-        else:
-            factors = None
-        cos, sin = rope_table(cfg, max_tokens, factors)
+        cos, sin = model_rope(cfg, weights, max_tokens)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_cluster import (
-    QUESTION, ROOMY, STORY, chat_argv, env, one_machine, run_and_kill, start_peers, transfers,
+from tests.integration.test_cluster import (  # noqa: F401 - lan: the three-machine LAN fixture
+    QUESTION, ROOMY, STORY, chat_argv, env, lan, one_machine, run_and_kill, start_peers, transfers,
 )
-from tests import netns
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def lan():
-    netns.require_netns()
-    with netns.lan(3) as machines:
-        yield machines
 
 
 def tensor_argv(model, prompt, max_tokens, *extra):

@@ -223,6 +223,8 @@ class Kernels:
             self.lib.fs_tp_work_floats.restype = l
             self.lib.fs_tp_block_batch.argtypes = [p, p, i, p, p, p, p, p, p, p, p, i, l]
             self.lib.fs_tp_block_batch.restype = i
+            self.lib.fs_tp_forward.argtypes = [p, i, p, i, p, p, p, p, p, p, p, p, i, l]
+            self.lib.fs_tp_forward.restype = i
             self.lib.fs_mesh_new.argtypes = [i, i, p, p]
             self.lib.fs_mesh_new.restype = p
             self.lib.fs_mesh_free.argtypes = [p]
@@ -658,6 +660,51 @@ class TensorBlockProgram:
             mesh._raise(rc // 10)
         if rc != 0:
             raise RuntimeError(f"fs_tp_block_batch failed ({rc}) for {m} rows at positions {positions}")
+
+
+def tp_forward(programs: list[TensorBlockProgram], mesh: Mesh | None, x: torch.Tensor,
+               caches: list[list[tuple[torch.Tensor, torch.Tensor]]] | None, positions: list[int],
+               cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Every layer of a step in one C call (decode.c fs_tp_forward): programs[l] with caches[l][r]
+    (each layer's caches of row r; None for a slice without heads), as TensorBlockProgram.batch
+    layer after layer."""
+    first = programs[0]
+    L, m = len(programs), x.shape[0]
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != m * first.dim or len(positions) != m:
+        raise ValueError(f"step input {x.dtype} {tuple(x.shape)} with {len(positions)} positions")
+    if caches is None:
+        if first.n_kv:
+            raise ValueError("a slice with attention heads needs their KV caches")
+        none = torch.zeros(1, dtype=torch.float16)
+        flat = [(none, none)] * (L * m)
+        caps = [p + 1 for p in positions] * L
+    else:
+        if len(caches) != L or any(len(c) != m for c in caches):
+            raise ValueError(f"caches for {len(caches)} layers, {m} rows each expected")
+        flat = [kv for layer in caches for kv in layer]
+        for k, v in {id(kv[0]): kv for kv in flat}.values():
+            if (k.dtype != torch.float16 or not k.is_contiguous() or not v.is_contiguous() or k.shape != v.shape
+                    or k.dim() != 3 or k.shape[0] != first.n_kv or k.shape[2] != first.head_dim):
+                raise ValueError(f"KV cache {tuple(k.shape)}: expected float16 [{first.n_kv}, cap, {first.head_dim}]")
+        caps = [k.shape[1] for k, _ in flat]
+    if any(not 0 <= positions[i % m] < c for i, c in enumerate(caps)):
+        raise ValueError(f"positions {positions} outside their caches")
+    lib = first.kernels.lib
+    need = max(lib.fs_tp_work_floats(ctypes.byref(p.spec), m, max(caps)) for p in programs[:1])
+    if first._work.numel() < need:
+        first._work = torch.empty(need)
+    pointers = ctypes.c_void_p * (L * m)
+    rows = ctypes.c_void_p * m
+    rc = lib.fs_tp_forward(
+        (ctypes.c_void_p * L)(*(ctypes.addressof(p.spec) for p in programs)), L, mesh.ptr if mesh is not None else None,
+        m, x.data_ptr(), pointers(*(k.data_ptr() for k, _ in flat)), pointers(*(v.data_ptr() for _, v in flat)),
+        (ctypes.c_int * (L * m))(*caps), (ctypes.c_int * m)(*positions), rows(*(cos[p].data_ptr() for p in positions)),
+        rows(*(sin[p].data_ptr() for p in positions)), first._work.data_ptr(), torch.get_num_threads(),
+        first._work.numel())
+    if rc <= -10 and mesh is not None:
+        mesh._raise(rc // 10)
+    if rc != 0:
+        raise RuntimeError(f"fs_tp_forward failed ({rc}) for {m} rows at positions {positions}")
 
 
 class MultiMatmul:

@@ -273,6 +273,25 @@ static long block_row_floats(const fs_block *b) {
     return 2L * b->dim + (long)(2 * b->n_heads + 2 * b->n_kv) * b->hd + 3L * b->ffn;
 }
 
+/* Each row's attention after its projection: the qkv bias, qwen3's per-head norms, rope, its
+ * cache write and its heads (fs_attend_one), row after row. qkv: [M][(n_heads + 2 n_kv) hd]. */
+static int attend_each(const fs_block *b, int M, float *qkv, kv_t *const *kcs, kv_t *const *vcs, const int *caps,
+                       const int *poss, const float *const *coss, const float *const *sins, float *heads,
+                       float *scores, int nthreads) {
+    const long q_dim = (long)b->n_heads * b->hd, qkv_dim = q_dim + 2L * b->n_kv * b->hd;
+    for (int r = 0; r < M; r++) {
+        float *row = qkv + (size_t)r * qkv_dim;
+        if (b->qkv_bias) for (long i = 0; i < qkv_dim; i++) row[i] += b->qkv_bias[i];
+        if (b->q_norm) {
+            fs_rmsnorm(row, b->q_norm, row, b->n_heads, b->hd, b->eps);
+            fs_rmsnorm(row + q_dim, b->k_norm, row + q_dim, b->n_kv, b->hd, b->eps);
+        }
+        if (fs_attend_one(row, coss[r], sins[r], kcs[r], vcs[r], caps[r], poss[r], b->n_heads, b->n_kv, b->hd,
+                          heads + (size_t)r * q_dim, scores, nthreads) != 0) return -1;
+    }
+    return 0;
+}
+
 long fs_block_batch_work_floats(const fs_block *b, int M, int max_cap) {
     if (block_sizes_agree(b) != 0 || M < 1 || max_cap < 0) return -1;
     return M * block_row_floats(b) + (long)b->n_heads * max_cap;
@@ -291,16 +310,7 @@ int fs_block_batch(const fs_block *b, int M, float *x, kv_t *const *kcs, kv_t *c
     float *gu = o + (size_t)M * D, *act = gu + (size_t)M * 2 * F, *scores = act + (size_t)M * F;
     fs_rmsnorm(x, b->attn_norm, h, M, D, b->eps);
     if (run_mats(b, &b->qkv, h, M, qkv, nthreads) != 0) return -2;
-    for (int r = 0; r < M; r++) {
-        float *row = qkv + (size_t)r * qkv_dim;
-        if (b->qkv_bias) for (int i = 0; i < qkv_dim; i++) row[i] += b->qkv_bias[i];
-        if (b->q_norm) {
-            fs_rmsnorm(row, b->q_norm, row, b->n_heads, b->hd, b->eps);
-            fs_rmsnorm(row + q_dim, b->k_norm, row + q_dim, b->n_kv, b->hd, b->eps);
-        }
-        if (fs_attend_one(row, coss[r], sins[r], kcs[r], vcs[r], caps[r], poss[r], b->n_heads, b->n_kv, b->hd,
-                          heads + (size_t)r * q_dim, scores, nthreads) != 0) return -3;
-    }
+    if (attend_each(b, M, qkv, kcs, vcs, caps, poss, coss, sins, heads, scores, nthreads) != 0) return -3;
     if (run_mats(b, &b->wo, heads, M, o, nthreads) != 0) return -4;
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     fs_rmsnorm(x, b->ffn_norm, h, M, D, b->eps);
@@ -399,16 +409,7 @@ int fs_tp_block_batch(const fs_tp_block *t, fs_mesh *mesh, int M, float *x, kv_t
     fs_rmsnorm(x, b->attn_norm, h, M, (int)D, b->eps);
     if (b->n_heads > 0) {
         if (run_mats(b, &b->qkv, h, M, qkv, nthreads) != 0) return -2;
-        for (int r = 0; r < M; r++) {
-            float *row = qkv + (size_t)r * qkv_dim;
-            if (b->qkv_bias) for (long i = 0; i < qkv_dim; i++) row[i] += b->qkv_bias[i];
-            if (b->q_norm) {
-                fs_rmsnorm(row, b->q_norm, row, b->n_heads, b->hd, b->eps);
-                fs_rmsnorm(row + hl, b->k_norm, row + hl, b->n_kv, b->hd, b->eps);
-            }
-            if (fs_attend_one(row, coss[r], sins[r], kcs[r], vcs[r], caps[r], poss[r], b->n_heads, b->n_kv, b->hd,
-                              heads + (size_t)r * hl, scores, nthreads) != 0) return -3;
-        }
+        if (attend_each(b, M, qkv, kcs, vcs, caps, poss, coss, sins, heads, scores, nthreads) != 0) return -3;
     }
     if ((rc = fs_mesh_allgather_rows(mesh, heads, heads_all, M, t->heads_at, scratch, t->timeout_ms))) return rc * 10;
     if (run_mats(b, &b->wo, heads_all, M, o, nthreads) != 0) return -4;
@@ -421,5 +422,20 @@ int fs_tp_block_batch(const fs_tp_block *t, fs_mesh *mesh, int M, float *x, kv_t
     if (run_mats(b, &b->down, act_all, M, o, nthreads) != 0) return -6;
     if ((rc = fs_mesh_allgather_rows(mesh, o, o_all, M, t->dim_at, scratch, t->timeout_ms))) return rc * 10;
     for (long i = 0; i < M * D; i++) x[i] += o_all[i];
+    return 0;
+}
+
+/* Every layer of a step, in one call: blocks[l] with the caches of row r at layer l in
+ * kcs/vcs/caps[l M + r]. The exchanges run inside; Python sees the step once. */
+int fs_tp_forward(const fs_tp_block *const *blocks, int L, fs_mesh *mesh, int M, float *x, kv_t *const *kcs,
+                  kv_t *const *vcs, const int *caps, const int *poss, const float *const *coss,
+                  const float *const *sins, float *work, int nthreads, long work_floats) {
+    if (L < 1 || M < 1) return -1;
+    for (int l = 0; l < L; l++) {
+        const long at = (long)l * M;
+        const int rc = fs_tp_block_batch(blocks[l], mesh, M, x, kcs + at, vcs + at, caps + at, poss, coss, sins,
+                                         work, nthreads, work_floats);
+        if (rc) return rc;
+    }
     return 0;
 }
