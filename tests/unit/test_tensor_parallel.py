@@ -302,3 +302,65 @@ def test_the_data_port_ignores_strangers_and_needs_the_plan_secret():
         datapath.connect(KERNELS, 0, addresses, listeners[0], secret, timeout_s=1)
     for x in (zero, got["one"]):
         x.close()
+
+
+def test_several_sessions_in_one_step_get_what_each_gets_alone(tmp_path):
+    """serve's batched decode: M sessions' rows in one step of the group, each the bits it gets alone."""
+    source = open_model(write_tiny_gguf(tmp_path / "qwen3.gguf", "qwen3", tensor_type="Q4_0", dim=128, ffn_dim=256))
+    prompts = {"a": PROMPT, "b": PROMPT[::-1], "c": PROMPT[:5]}
+    with group_of(source, [1, 2]) as (group, *_):
+        alone = {s: group_logits(group, p, 6) for s, p in prompts.items()}
+        for s in prompts:
+            group.drop(s)
+        last = {s: int(group.forward(s, torch.tensor([p]), 0)[0].argmax()) for s, p in prompts.items()}
+        together = {s: [] for s in prompts}
+        for i in range(6):
+            names = list(prompts)
+            logits = group.forward_batch(names, torch.tensor([last[s] for s in names]),
+                                         [len(prompts[s]) + i for s in names])
+            for s, row in zip(names, logits):
+                together[s].append(row)
+                last[s] = int(row.argmax())
+    for s in prompts:
+        assert_same_candidates(together[s], alone[s][1:])
+
+
+# -- a LoadStage for a slice, as a stranger might send it -------------------------------------
+
+def tensor_plan(**override):
+    from fastserve_edge.cluster.protocol import peer_pb2
+    fields = dict(rank=1, kv_at=[0, 1, 3], dim_at=[0, 288, 576], ffn_at=[0, 768, 1536], vocab_at=[0, 24576, 49152],
+                  data_addresses=["10.0.0.1:4000", "10.0.0.2:4001"], secret=bytes(32))
+    fields.update(override)
+    return peer_pb2.TensorPlan(**fields)
+
+
+@pytest.mark.parametrize("override, words", [
+    (dict(rank=0), "rank 0"),
+    (dict(rank=2), "rank 2 of 2"),
+    (dict(kv_at=[0, 2, 1]), "kv spans"),
+    (dict(dim_at=[0, 288, 577]), "dim spans"),
+    (dict(ffn_at=[0, 0, 1536]), "ffn spans"),
+    (dict(vocab_at=[0, 49152]), "all of one length"),
+    (dict(secret=bytes(8)), "8-byte secret"),
+    (dict(data_addresses=["10.0.0.1:4000", "x"]), "is not ip:port"),
+    (dict(data_addresses=["10.0.0.1:4000"]), "1 data addresses"),
+])
+def test_a_bad_tensor_plan_is_refused_before_anything_is_fetched(override, words):
+    from fastserve_edge.cluster.peer import TensorOrder
+    from fastserve_edge.cluster.wire import WireError
+    cfg = open_model(smollm2_path()).config
+    assert TensorOrder.from_pb(tensor_plan(), cfg).rank == 1
+    with pytest.raises(WireError, match=words):
+        TensorOrder.from_pb(tensor_plan(**override), cfg)
+
+
+def test_a_slice_part_is_named_by_its_key_and_a_bad_key_is_refused():
+    from fastserve_edge.cluster.peer import part_from_pb, part_to_pb
+    from fastserve_edge.cluster.protocol import peer_pb2
+    from fastserve_edge.cluster.wire import WireError
+    key = Slices.split(open_model(smollm2_path()).config, [1, 1]).key(1)
+    assert part_from_pb(part_to_pb(f"layer.3@{key}")) == f"layer.3@{key}"
+    assert part_from_pb(part_to_pb(f"head@{key}")) == f"head@{key}"
+    with pytest.raises(WireError, match="16 lowercase hex"):
+        part_from_pb(peer_pb2.Part(kind=peer_pb2.PART_KIND_LAYER, layer=1, slice="../../etc"))
