@@ -32,7 +32,8 @@ def show_plan(plan, console: Console = err_console) -> None:
 
     others = "; ".join(f"{name} {ms:.1f} ms" if ms is not None else f"{name}: {why[:60]}"
                        for name, ms, why in plan.alternatives if name != plan.layout)
-    table = Table(title=f"plan: {plan.headline()}", caption=f"predicted per token: {others}" if others else None)
+    caption = "; ".join(filter(None, [f"predicted per token: {others}" if others else "", plan.link]))
+    table = Table(title=f"plan: {plan.headline()}", caption=caption or None)
     for column in SUMMARY_COLUMNS:
         table.add_column(column, overflow="fold")
     for row in plan.summary_rows():

@@ -68,6 +68,7 @@ class ClusterOptions:
 class PeerEntry:
     client: PeerClient
     hello: peer_pb2.HelloReply
+    link: tuple[float, float] | None = None  # (round trip ms, Gbit/s) measured when it was greeted
 
     @property
     def machine(self) -> planner.Machine:
@@ -181,6 +182,30 @@ class Coordinator:
                 old.client.close()
             self.peers[hello.node_id] = PeerEntry(client, hello)
             on_found(len(self.peers))
+        self._measure_links()
+
+    def _measure_links(self) -> None:
+        """Time the link to every peer not yet measured (in parallel): the planner's latency and
+        bandwidth. A peer that fails it is measured again at the next look."""
+        todo = [e for e in self.peers.values() if e.link is None]
+        if not todo:
+            return
+
+        def measure(entry: PeerEntry) -> None:
+            try:
+                entry.link = entry.client.measure_link()
+            except (PeerLost, PeerRefused):
+                entry.link = None
+
+        with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
+            list(pool.map(measure, todo))
+
+    def link(self) -> tuple[float, float] | None:
+        """The slowest measured link: (round trip ms, Gbit/s), or None before any peer."""
+        links = [e.link for e in self.peers.values() if e.link is not None]
+        if not links:
+            return None
+        return max(rtt for rtt, _ in links), min(gbps for _, gbps in links)
 
     @staticmethod
     def _alive(entry: PeerEntry) -> bool:
@@ -202,8 +227,12 @@ class Coordinator:
     def make_plan(self, *, min_stages: int | None = None) -> planner.Plan:
         want = self.options.min_stages if min_stages is None else min_stages
         machines = self.machines()
+        link = self.link()
+        measured = {} if link is None else dict(link_gbps=link[1], exchange_ms=planner.exchange_ms_of(link[0]))
         self.plan = planner.plan(machines, self.shape, layout=self.options.layout, min_stages=min(want, len(machines)),
-                                 margin=0.0, margin_bytes=0)
+                                 margin=0.0, margin_bytes=0, **measured)
+        if link is not None:
+            self.plan = replace(self.plan, link=f"slowest link {link[0]:.2f} ms round trip, {link[1]:.2f} Gbit/s")
         return self.plan
 
     # -- handing out stages -------------------------------------------------------------------

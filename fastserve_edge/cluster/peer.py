@@ -257,6 +257,8 @@ class TensorWant:
     nbytes: int  # data bytes, as the host's manifest declares them
 
 
+MAX_ECHO_BYTES = 1 << 20  # Health's echo: what the host times a link with
+
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _MAX_NAME_CHARS = 256  # GGUF allows 64
 
@@ -552,8 +554,11 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     def Health(self, request, context):
         n = self.node
+        if request.echo_bytes > MAX_ECHO_BYTES:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"echo of {request.echo_bytes} bytes: at most {MAX_ECHO_BYTES}")
         return peer_pb2.HealthReply(state=n.state, sessions=len(n.sessions), tokens_per_second=n.tokens_per_second(),
-                                    stage=n.stage_info(), uptime_seconds=time.monotonic() - n.started)
+                                    stage=n.stage_info(), uptime_seconds=time.monotonic() - n.started,
+                                    echo=bytes(request.echo_bytes))
 
     # weights ----------------------------------------------------------------------------
     def FetchLayer(self, request, context):

@@ -124,6 +124,7 @@ class Plan:
     layout: str = "pipeline"        # "single" | "pipeline" | "tensor"
     group: tuple[Share, ...] = ()   # layout "tensor": the group, host first
     alternatives: tuple[tuple[str, float | None, str], ...] = ()  # (layout, est ms/token or None, why)
+    link: str = ""                  # what was measured of the links, for people
 
     def headline(self) -> str:
         """The choice in one line, for the plan table's title."""
@@ -343,6 +344,15 @@ def _best(host: Machine, peers: Sequence[Machine], cost: _Cost, need_stages: int
 LAYOUTS = ("auto", "single", "pipeline", "tensor")
 EXCHANGE_MS = 0.05  # one all-gather's latency on a LAN, beyond its bytes (bench/tensor.py measured
                     # 0.03-0.05 ms on veth; a switch adds ~0.02)
+
+
+GRPC_RTT_MS = 0.3  # what a gRPC call from Python adds to a round trip on its own (loopback: ~0.3 ms)
+
+
+def exchange_ms_of(rtt_ms: float) -> float:
+    """A data-path exchange's latency from a measured gRPC round trip: the one-way part of what
+    the round trip takes beyond gRPC's own cost, or EXCHANGE_MS on a link faster than that."""
+    return max(EXCHANGE_MS, (rtt_ms - GRPC_RTT_MS) / 2)
 
 
 def plan(machines: Sequence[Machine], model: ModelShape, *, layout: str = "auto", min_stages: int = 1,

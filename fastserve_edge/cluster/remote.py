@@ -104,6 +104,20 @@ class PeerClient:
         except grpc.RpcError as err:
             raise self._refused(err, "health") from None
 
+    def measure_link(self, *, probe_bytes: int = 1 << 20) -> tuple[float, float]:
+        """(round trip ms, Gbit/s) to this peer: the best of three empty Health calls, and of two
+        that bring back probe_bytes (their extra time over the round trip is the transfer)."""
+        def timed(n: int) -> float:
+            t0 = time.perf_counter()
+            try:
+                self.stub.Health(peer_pb2.HealthRequest(echo_bytes=n), timeout=5.0)
+            except grpc.RpcError as err:
+                raise self._refused(err, "health") from None
+            return (time.perf_counter() - t0) * 1e3
+        rtt = min(timed(0) for _ in range(3))
+        transfer = max(1e-3, min(timed(probe_bytes) for _ in range(2)) - rtt)
+        return rtt, probe_bytes * 8 / (transfer * 1e6)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -369,3 +369,24 @@ def test_the_weight_server_serves_fetch_layer_and_nothing_else(host):
                                                              part=part_to_pb("head")), timeout=60))
     assert b"".join(c.data for c in chunks) == part_blob(host.source, host.manifest, "head")
     channel.close()
+
+
+def test_the_host_times_the_link_and_an_oversized_echo_is_refused(start_peer):
+    """The planner's link measurement: Health round trips, and 1 MiB echoed back; more is refused."""
+    from fastserve_edge.cluster.remote import PeerClient
+    p = start_peer()
+    reply = p.stub.Health(peer_pb2.HealthRequest(echo_bytes=1 << 20), timeout=10)
+    assert len(reply.echo) == 1 << 20
+    assert refused_health(p.stub, (1 << 20) + 1).code() == grpc.StatusCode.INVALID_ARGUMENT
+    server, bound = serve(peer.PeerService(p.node), TOKEN)
+    try:
+        rtt, gbps = PeerClient(f"127.0.0.1:{bound}", TOKEN).measure_link()
+    finally:
+        server.stop(None)
+    assert 0 < rtt < 1000 and gbps > 0.01
+
+
+def refused_health(stub, n: int) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Health(peer_pb2.HealthRequest(echo_bytes=n), timeout=10)
+    return err.value

@@ -133,3 +133,12 @@ def test_the_group_is_the_best_of_every_subset(seed):
         assert tensor_ms is None
     else:
         assert tensor_ms == pytest.approx(best, rel=1e-9)
+
+
+def test_a_slow_link_keeps_the_model_on_one_machine_and_the_measured_latency_counts():
+    from fastserve_edge.cluster.planner import EXCHANGE_MS, exchange_ms_of
+    machines = [machine("h", host=True), machine("p")]
+    assert plan(machines, llama_1b(), link_gbps=0.01, margin=0, margin_bytes=0).layout == "single"
+    assert exchange_ms_of(0.2) == EXCHANGE_MS and exchange_ms_of(2.3) == pytest.approx(1.0)
+    far = plan(machines, llama_1b(), exchange_ms=exchange_ms_of(20.0), margin=0, margin_bytes=0)
+    assert far.layout == "single"  # 68 exchanges of ~10 ms each cost more than the second machine saves

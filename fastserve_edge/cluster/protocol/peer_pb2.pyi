@@ -288,19 +288,23 @@ class DropSessionReply(_message.Message):
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("echo_bytes",)
+    ECHO_BYTES_FIELD_NUMBER: _ClassVar[int]
+    echo_bytes: int
+    def __init__(self, echo_bytes: _Optional[int] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("state", "sessions", "tokens_per_second", "stage", "uptime_seconds")
+    __slots__ = ("state", "sessions", "tokens_per_second", "stage", "uptime_seconds", "echo")
     STATE_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ECHO_FIELD_NUMBER: _ClassVar[int]
     state: PeerState
     sessions: int
     tokens_per_second: float
     stage: StageInfo
     uptime_seconds: float
-    def __init__(self, state: _Optional[_Union[PeerState, str]] = ..., sessions: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., stage: _Optional[_Union[StageInfo, _Mapping]] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    echo: bytes
+    def __init__(self, state: _Optional[_Union[PeerState, str]] = ..., sessions: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., stage: _Optional[_Union[StageInfo, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., echo: _Optional[bytes] = ...) -> None: ...
