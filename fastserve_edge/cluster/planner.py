@@ -346,7 +346,8 @@ EXCHANGE_MS = 0.05  # one all-gather's latency on a LAN, beyond its bytes (bench
                     # 0.03-0.05 ms on veth; a switch adds ~0.02)
 
 
-GRPC_RTT_MS = 0.3  # what a gRPC call from Python adds to a round trip on its own (loopback: ~0.3 ms)
+GRPC_RTT_MS = 0.6  # what a gRPC call from Python adds to a round trip on its own: on the namespace LAN
+                   # Health round trips took 0.65-1.1 ms where the data path's exchanges took 0.03-0.06
 
 
 def exchange_ms_of(rtt_ms: float) -> float:
@@ -383,7 +384,8 @@ def plan(machines: Sequence[Machine], model: ModelShape, *, layout: str = "auto"
     except PlanError as err:
         single = err
     tensor = _tensor_plan(machines, model, link_gbps=link_gbps, exchange_ms=exchange_ms, margin=margin,
-                          margin_bytes=margin_bytes) if min_stages <= 1 or layout == "tensor" else None
+                          margin_bytes=margin_bytes, everyone=layout == "tensor") \
+        if min_stages <= 1 or layout == "tensor" else None
     options = {"single": single, "pipeline": piped, "tensor": tensor}
     alternatives = tuple(
         (name, option.est_ms_per_token if isinstance(option, Plan) else None,
@@ -412,10 +414,10 @@ TP_SUBSETS_UP_TO = 10  # peers up to which every subset is tried as the group (2
 
 
 def _tensor_plan(machines: Sequence[Machine], model: ModelShape, *, link_gbps: float, exchange_ms: float,
-                 margin: float, margin_bytes: int) -> Plan | None:
+                 margin: float, margin_bytes: int, everyone: bool = False) -> Plan | None:
     """The best tensor-parallel group: the host and the subset of measured peers with the lowest
     estimate that fits (every subset up to TP_SUBSETS_UP_TO peers; beyond, the k - 1 fastest for
-    every k). Each machine's share is proportional to its speed, so
+    every k); everyone (a forced --layout tensor): every measured machine, if they fit. Each machine's share is proportional to its speed, so
     all finish a layer together: compute = 1 / sum(1 / whole-model ms). The exchanges: four
     all-gathers a layer (+ the step and the candidates), each machine sending its share of
     exchange_floats fp32 to each other one. None without a tensor-parallel shape or a peer."""
@@ -425,7 +427,9 @@ def _tensor_plan(machines: Sequence[Machine], model: ModelShape, *, link_gbps: f
     peers = sorted((m for m in machines if not m.is_host and _measured(m)), key=lambda m: (_whole_ms(m, model), m.node_id))
     cost = _Cost(model, _prefix(model.layer_bytes), 0.0, 0.0, margin, margin_bytes)
     best: Plan | None = None
-    if len(peers) <= TP_SUBSETS_UP_TO:  # every subset: a fast peer short of memory may lose to a slower one
+    if everyone and peers:  # --layout tensor: every measured machine, as the person asked (if they fit)
+        candidates = [[host, *peers]]
+    elif len(peers) <= TP_SUBSETS_UP_TO:  # every subset: a fast peer short of memory may lose to a slower one
         candidates = [[host, *sub] for k in range(1, len(peers) + 1) for sub in itertools.combinations(peers, k)]
     else:  # the fastest k - 1 peers, for every k
         candidates = [[host, *peers[:k - 1]] for k in range(2, len(peers) + 2)]
