@@ -218,17 +218,15 @@ SERVE_QUESTIONS = [STORY, "Write a long story about a cat who sails the sea.",
 SERVE_KEY = "serve-test-key"
 
 
-def test_serve_over_the_cluster_survives_a_peer_killed_while_four_clients_stream(smollm2_path, tmp_path, lan):
-    """`fastserve serve --token --peers 2`: four streaming clients at once; one peer is killed
-    mid-answer; the server re-plans on the two machines left and every answer completes,
-    equal to that question's greedy answer on one machine."""
-    expected = [one_machine(smollm2_path, q, 48, tmp_path / "single", "--repeat-penalty", "1.0")
-                for q in SERVE_QUESTIONS]
+def serve_through_a_peer_loss(lan, tmp_path: Path, model: Path, layout: list[str]) -> tuple[str, str, dict]:
+    """`fastserve serve --peers 2 LAYOUT...` in lan[2] with peers in lan[0] and lan[1]; four
+    streaming clients at once (48 tokens each); the second peer is killed once they stream.
+    -> (the clients' answers as JSON, the server's log, `status --json` after them)."""
     a, b = start_peers(lan, tmp_path, ROOMY)
     host = lan[2]
-    server = host.popen([FASTSERVE, "serve", str(smollm2_path), "--host", "127.0.0.1", "--port", "0",
+    server = host.popen([FASTSERVE, "serve", str(model), "--host", "127.0.0.1", "--port", "0",
                          "--api-key", SERVE_KEY, "--ctx", "256", "--max-sessions", "4", "--token", TOKEN,
-                         "--min-stages", "3", "--max-memory", ROOMY, "--peers", "2", "--wait", "30"],
+                         *layout, "--peers", "2", "--wait", "30"],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path / "host"))
     err: list[str] = []
     try:
@@ -249,7 +247,17 @@ def test_serve_over_the_cluster_survives_a_peer_killed_while_four_clients_stream
     finally:
         server.terminate()
         server.wait(60)
-    log = "".join(err)
+    return out, "".join(err), status
+
+
+def test_serve_over_the_cluster_survives_a_peer_killed_while_four_clients_stream(smollm2_path, tmp_path, lan):
+    """`fastserve serve --token --peers 2`: four streaming clients at once; one peer is killed
+    mid-answer; the server re-plans on the two machines left and every answer completes,
+    equal to that question's greedy answer on one machine."""
+    expected = [one_machine(smollm2_path, q, 48, tmp_path / "single", "--repeat-penalty", "1.0")
+                for q in SERVE_QUESTIONS]
+    out, log, status = serve_through_a_peer_loss(lan, tmp_path, smollm2_path,
+                                                 ["--min-stages", "3", "--max-memory", ROOMY])
     assert "stopped answering" in log and "re-planning" in log, log
     assert json.loads(out) == [e.rstrip("\n") for e in expected]
     assert len(status["stages"]) == 2 and status["sessions"] == []  # re-planned on two machines; all ended

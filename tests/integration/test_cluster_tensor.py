@@ -8,15 +8,10 @@ from __future__ import annotations
 import pytest
 
 import json
-import re
-import subprocess
-import sys
-import threading
-from pathlib import Path
 
 from tests.integration.test_cluster import (  # noqa: F401 - lan: the three-machine LAN fixture
-    FASTSERVE, QUESTION, ROOMY, SERVE_KEY, SERVE_QUESTIONS, STORY, TOKEN, chat_argv, env, lan, one_machine,
-    run_and_kill, start_peers, transfers,
+    QUESTION, ROOMY, SERVE_QUESTIONS, STORY, TOKEN, chat_argv, env, lan, one_machine, run_and_kill,
+    serve_through_a_peer_loss, start_peers, transfers,
 )
 
 pytestmark = pytest.mark.slow
@@ -62,29 +57,6 @@ def test_serve_over_a_tensor_parallel_group_streams_four_answers_through_a_peer_
     machines left and every answer completes, equal to one machine's greedy answer."""
     expected = [one_machine(smollm2_path, q, 48, tmp_path / "single", "--repeat-penalty", "1.0")
                 for q in SERVE_QUESTIONS]
-    a, b = start_peers(lan, tmp_path, ROOMY)
-    host = lan[2]
-    server = host.popen([FASTSERVE, "serve", str(smollm2_path), "--host", "127.0.0.1", "--port", "0",
-                         "--api-key", SERVE_KEY, "--ctx", "256", "--max-sessions", "4", "--token", TOKEN,
-                         "--layout", "tensor", "--peers", "2", "--wait", "30"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path / "host"))
-    err: list[str] = []
-    try:
-        line = server.stdout.readline()
-        threading.Thread(target=lambda: err.extend(server.stderr), daemon=True).start()
-        found = re.search(r"(http://\S+)/v1", line)
-        assert found, f"no URL from serve: {line!r}\n{''.join(err)}"
-        url = found.group(1)
-        clients = host.popen([sys.executable, str(Path(__file__).with_name("stream_clients.py")), url, SERVE_KEY,
-                              "48", *SERVE_QUESTIONS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env(tmp_path / "host"))
-        assert clients.stderr.readline().strip() == "streaming", clients.stderr.read()
-        b.proc.kill()
-        out, client_err = clients.communicate(timeout=300)
-        assert clients.returncode == 0, client_err
-    finally:
-        server.terminate()
-        server.wait(60)
-    log = "".join(err)
+    out, log, _ = serve_through_a_peer_loss(lan, tmp_path, smollm2_path, ["--layout", "tensor"])
     assert "tensor-parallel over 3 machines" in log and "re-planning" in log, log
     assert json.loads(out) == [e.rstrip("\n") for e in expected]
