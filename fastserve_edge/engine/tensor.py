@@ -24,10 +24,11 @@ that wants them (or all of them when asked); the first machine samples from thos
 
 Why exact rather than partial sums (Megatron / distributed-llama: o and down split by input
 columns, two all-reduces a layer): measured on the namespace LAN (bench/tensor.py, 1 Gbit/s,
-Llama-3.2-1B shape), the four all-gathers cost 3.9 ms of a 50 ms token (68 exchanges of
-~0.06 ms, 458 KB out); halving them would gain at most ~4%, and the answers would no longer be
+Llama-3.2-1B shape), the four all-gathers cost 3.5 ms of a 46 ms token (68 exchanges of
+~0.05 ms, 458 KB out); halving them would gain at most ~4%, and the answers would no longer be
 one machine's. The cost that matters on small models is the exchanges' latency (SmolLM2:
-124 exchanges, 3.9 ms of ~17 ms), which is why the planner keeps such models on one machine.
+124 exchanges, 2.7 ms of a 12 ms token), which is why the planner keeps such models on one
+machine.
 """
 
 from __future__ import annotations
@@ -46,16 +47,16 @@ from fastserve_edge.engine.config import ModelConfig
 from fastserve_edge.engine.kernels import ExchangeError, Mesh, TensorBlockProgram, tp_forward
 from fastserve_edge.engine.kv_cache import KVCache
 from fastserve_edge.engine.model import Attention, FeedForward, RMSNorm, _one_call, model_rope
-from fastserve_edge.engine.quant import RuntimeWeights
-from fastserve_edge.errors import ConfigError
+from fastserve_edge.engine.quant import DenseLinear, QuantLinear, RuntimeWeights
+from fastserve_edge.errors import ConfigError, ModelFormatError
 from fastserve_edge.models.tensors import ModelSource, RawTensor
 
 ROW_GROUP = 32        # FFN columns, output rows and vocabulary rows go to machines in multiples of this
 TOP_CANDIDATES = 64   # logits per machine and row sent back for sampling (greedy needs the first)
 PREFILL_ROWS = 512    # prompt rows per step: bounds each machine's activations
 MAX_SLOTS = 256       # sessions whose KV a machine of a group holds at once
-STEP, DROP, STOP = 1, 2, 3
-WANT_LOGITS, ALL_LOGITS = 1, 2
+STEP, DROP, STOP = 1, 2, 3  # a step's kind
+ALL_LOGITS = 2               # a step's flag: every vocabulary row back, not the best TOP_CANDIDATES
 
 
 def apportion(units: int, weights: Sequence[float], *, at_least: int = 1) -> list[int]:
@@ -180,7 +181,6 @@ class SliceWeights(RuntimeWeights):
         whole = self.config.weight_shape(name)
         want = (span[1] - span[0], *whole[1:]) if whole is not None else None
         if want is not None and tuple(raw.shape) != want:
-            from fastserve_edge.errors import ModelFormatError
             raise ModelFormatError(f"slice {name} has shape {list(raw.shape)}, this machine's share is {list(want)}: "
                                    "the host sent another plan's slice; re-plan")
         return raw
@@ -194,7 +194,6 @@ class SliceWeights(RuntimeWeights):
         else:
             raw = self._raw("output.weight")
         q = self._quant(raw)
-        from fastserve_edge.engine.quant import DenseLinear, QuantLinear
         return QuantLinear(q) if q is not None else DenseLinear(raw.to_float(self.dtype), None)
 
 

@@ -364,3 +364,32 @@ def test_a_slice_part_is_named_by_its_key_and_a_bad_key_is_refused():
     assert part_from_pb(part_to_pb(f"head@{key}")) == f"head@{key}"
     with pytest.raises(WireError, match="16 lowercase hex"):
         part_from_pb(peer_pb2.Part(kind=peer_pb2.PART_KIND_LAYER, layer=1, slice="../../etc"))
+
+
+RACE = """
+import os, socket, threading
+from fastserve_edge.engine import kernels
+k = kernels.load()
+errors = []
+def open_one():
+    a, b = socket.socketpair()
+    try:
+        kernels.Mesh(k, 0, [-1, a.fileno()], [(bytes(32), bytes(32)), (os.urandom(32), os.urandom(32))]).close()
+    except Exception as err:
+        errors.append(err)
+threads = [threading.Thread(target=open_one) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(errors))
+"""
+
+
+def test_machines_opening_their_meshes_at_once_all_find_libcrypto():
+    """The first meshes of a process, opened by 8 threads at once (an in-process group's machines):
+    libcrypto is looked up once for all of them (CI once saw the second thread find it missing)."""
+    import subprocess
+    import sys
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "0"

@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,7 +37,7 @@
 /* ---- libcrypto, looked up once ------------------------------------------------------------ */
 typedef struct evp_ctx evp_ctx;
 static struct {
-    int tried, ok;
+    int ok;
     evp_ctx *(*ctx_new)(void);
     void (*ctx_free)(evp_ctx *);
     const void *(*gcm)(void);
@@ -52,21 +53,27 @@ static struct {
 #define EVP_CTRL_GCM_GET_TAG 0x10
 #define EVP_CTRL_GCM_SET_TAG 0x11
 
-static int load_crypto(void) {
-    if (evp.tried) return evp.ok;
-    evp.tried = 1;
+static void find_crypto(void) {
     const char *names[] = { "libcrypto.so.3", "libcrypto.so", "libcrypto.so.1.1" };
     void *lib = NULL;
     for (int i = 0; i < 3 && !lib; i++) lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-    if (!lib) return 0;
-#define SYM(field, name) if (!(*(void **)&evp.field = dlsym(lib, name))) return 0
+    if (!lib) return;
+#define SYM(field, name) if (!(*(void **)&evp.field = dlsym(lib, name))) return
     SYM(ctx_new, "EVP_CIPHER_CTX_new"); SYM(ctx_free, "EVP_CIPHER_CTX_free"); SYM(gcm, "EVP_aes_256_gcm");
     SYM(enc_init, "EVP_EncryptInit_ex"); SYM(enc_update, "EVP_EncryptUpdate"); SYM(enc_final, "EVP_EncryptFinal_ex");
     SYM(dec_init, "EVP_DecryptInit_ex"); SYM(dec_update, "EVP_DecryptUpdate"); SYM(dec_final, "EVP_DecryptFinal_ex");
     SYM(ctrl, "EVP_CIPHER_CTX_ctrl");
 #undef SYM
     evp.ok = 1;
-    return 1;
+}
+
+/* Once per process, whichever thread asks first (the machines of an in-process group open
+ * their meshes at the same time: a plain flag let the second see "tried, not loaded"). */
+static pthread_once_t crypto_once = PTHREAD_ONCE_INIT;
+
+static int load_crypto(void) {
+    pthread_once(&crypto_once, find_crypto);
+    return evp.ok;
 }
 
 int fs_mesh_crypto_available(void) { return load_crypto(); }
