@@ -49,7 +49,7 @@ from fastserve_edge.engine.kv_cache import KVCache
 from fastserve_edge.engine.model import Attention, FeedForward, RMSNorm, _one_call, model_rope
 from fastserve_edge.engine.quant import DenseLinear, QuantLinear, RuntimeWeights
 from fastserve_edge.errors import ConfigError, ModelFormatError
-from fastserve_edge.models.tensors import ModelSource, RawTensor
+from fastserve_edge.models.tensors import ModelSource, RawTensor, check_layout
 
 ROW_GROUP = 32        # FFN columns, output rows and vocabulary rows go to machines in multiples of this
 TOP_CANDIDATES = 64   # logits per machine and row sent back for sampling (greedy needs the first)
@@ -177,19 +177,28 @@ class SliceWeights(RuntimeWeights):
         if span is None or not self.sliced:
             raw = super()._raw(name)
             return raw if span is None else _take(raw, *span)
-        raw = self.source.tensor(name)  # a slice as sent: its rows, the model's row width
+        return self._sent(name, span)
+
+    def _sent(self, name: str, span: tuple[int, int]) -> RawTensor:
+        """A slice as a peer received it, checked before any kernel sees it: its rows, the
+        model's row width, and data laid out as that shape says."""
+        raw = self.source.tensor(name)
         whole = self.config.weight_shape(name)
         want = (span[1] - span[0], *whole[1:]) if whole is not None else None
         if want is not None and tuple(raw.shape) != want:
             raise ModelFormatError(f"slice {name} has shape {list(raw.shape)}, this machine's share is {list(want)}: "
                                    "the host sent another plan's slice; re-plan")
+        try:
+            check_layout(raw)
+        except ValueError as err:
+            raise ModelFormatError(f"slice {name}: {err}; the part the host sent is corrupt: re-plan") from None
         return raw
 
     def head_slice(self) -> torch.nn.Module:
         """This machine's vocabulary rows of the LM head (of the embedding, when tied)."""
         span = self.slices.vocab_at[self.rank], self.slices.vocab_at[self.rank + 1]
         if self.config.tie_embeddings:
-            raw = (self.source.tensor("token_embd.weight") if self.sliced
+            raw = (self._sent("token_embd.weight", span) if self.sliced
                    else _take(RuntimeWeights._raw(self, "token_embd.weight"), *span))
         else:
             raw = self._raw("output.weight")
