@@ -1,6 +1,7 @@
 """The cluster against one machine, on a LAN of network namespaces with 1 Gbit/s links.
 
     sudo python bench/cluster.py                     # SmolLM2, 1 machine vs 2 and 3 stages, 3 repeats
+    sudo python bench/cluster.py --setups 1,2,t2,a2   # and tensor-parallel over 2, and the planner's choice
     sudo python bench/cluster.py --repeats 5 --cold-repeats 3
     sudo python bench/cluster.py --discovery static  # `chat --peer IP:PORT` instead of mDNS
 
@@ -13,8 +14,10 @@ the host runs the real `fastserve chat -p ... --temperature 0`, and the figures 
 what a person sees: the stats line, the transfer lines, the plan table, and the moment the
 first byte of the answer reaches stdout. Only the host has the model file.
 
-For each setup (one machine with --local-only; 2 stages: host + m1; 3 stages: host + m1 + m2,
-spread by memory caps sized for an even split and by --min-stages):
+For each setup (--setups; one machine with --local-only; 2 stages: host + m1; 3 stages: host +
+m1 + m2, spread by memory caps sized for an even split, by --min-stages and --layout pipeline;
+t2: tensor-parallel over host + m1, `--layout tensor`, no caps; a2: host + m1 with
+`--layout auto`, no caps, the planner's own choice, which the table names):
 
 - cold start: peers started with fresh homes (so an empty layer cache; the profile of their
   first start is copied in, so they do not measure themselves again), then a short chat:
@@ -82,7 +85,24 @@ from fastserve_edge.cluster.profile import cpu_name  # noqa: E402  (no torch: th
 FASTSERVE = [sys.executable, "-m", "cli.main"]  # run with cwd=REPO, as bench/vs_llamacpp.py does
 PORT = 7411
 PROFILE_FILE = "profile.json"  # fastserve_edge.cluster.profile.CACHE_FILE, in FASTSERVE_HOME/cache
-HOST_STAGES = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Setup:
+    key: str       # as --setups names it
+    label: str     # as the table shows it
+    machines: int  # the host and machines - 1 peers
+    layout: str    # chat --layout: single | pipeline | tensor | auto
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages (the hops a token crosses); 0 when the layout is not a pipeline."""
+        return self.machines if self.layout == "pipeline" else 0
+
+
+SETUPS = {s.key: s for s in (Setup("1", "1 machine", 1, "single"), Setup("2", "2 stages", 2, "pipeline"),
+                             Setup("3", "3 stages", 3, "pipeline"), Setup("t2", "tensor x2", 2, "tensor"),
+                             Setup("t3", "tensor x3", 3, "tensor"), Setup("a2", "auto x2", 2, "auto"))}
 # How the coordinator routes a token today: every peer answers the host, which sends the hidden
 # states on to the next peer (Pipeline.next_token), so S stages cross 2 * (S - 1) links per token
 # instead of the design's S (host -> peer -> peer -> ... -> host). The table reports the overhead
@@ -266,7 +286,7 @@ LISTENING = re.compile(r"fastserve join: .* listening on (\S+):(\d+)")
 STATS = re.compile(r"(\d+) prompt tokens(?: \((\d+) cached\))? · (\d+) generated · first token ([\d.]+) s · "
                    r"([\d.]+) tok/s")
 TRANSFER = re.compile(r"^(.*): (\d+) tensors from its cache, (\d+) fetched \(([\d.]+) MB\), ready in ([\d.]+) s\s*$")
-PLAN_TITLE = re.compile(r"plan: (\d+) machine\(s\), about ([\d.]+) ms per token")
+PLAN_TITLE = re.compile(r"plan: (.+?), about ([\d.]+) ms per token")
 PLAN_COLUMNS = ("machine", "address", "free memory", "GFLOP/s", "GB/s", "layers", "est ms/token", "reason")
 
 
@@ -331,7 +351,7 @@ def stop_peer(peer: Peer) -> None:
 
 @dataclass
 class ChatRun:
-    setup: str                   # "1 machine" | "2 stages" | "3 stages"
+    setup: str                   # a Setup's label: "1 machine", "2 stages", "tensor x2", ...
     phase: str                   # "cold" | "warm" | "long" (throughput) | "short" (one machine's start)
     argv: list[str]
     wall_s: float = 0.0
@@ -341,6 +361,7 @@ class ChatRun:
     ttft_s: float | None = None           # the stats line: request start -> first token
     decode_tok_s: float | None = None
     plan_est_ms: float | None = None
+    plan_layout: str | None = None        # the plan table's title: "tensor-parallel over 2 machines, ..."
     plan: list[dict[str, str]] = field(default_factory=list)      # the plan table's rows (PLAN_COLUMNS)
     transfers: list[dict[str, Any]] = field(default_factory=list)  # per peer: cached, fetched, MB, load s
     wire: dict[str, Any] | None = None    # the host's eth0 while the weights went out
@@ -383,7 +404,7 @@ def parse_chat(run: ChatRun, stderr: str) -> None:
             run.transfers.append({"name": m.group(1), "cached": int(m.group(2)), "fetched": int(m.group(3)),
                                   "bytes": round(float(m.group(4)) * 1e6), "load_s": float(m.group(5))})
         elif m := PLAN_TITLE.search(line):
-            run.plan_est_ms, run.plan = float(m.group(2)), []
+            run.plan_layout, run.plan_est_ms, run.plan = m.group(1), float(m.group(2)), []
             for row in lines[i + 1:]:
                 if not row.strip().startswith(("│", "┃", "┏", "┡", "└")):
                     if run.plan:
@@ -500,33 +521,39 @@ class Bench:
     def host_home(self) -> Path:
         return self.root / "host"
 
-    def caps(self, stages: int) -> tuple[int, int]:
-        """(host cap, peer cap): room for an even share of the layers each (+ embedding / head),
-        so the model fits only when spread (when the shares are below the whole)."""
+    def caps(self, setup: Setup) -> tuple[int | None, int]:
+        """(host cap, peer cap): for a pipeline, room for an even share of the layers each
+        (+ embedding / head), so the model fits only when spread (when the shares are below the
+        whole); other layouts (and --no-caps): no host cap, peers as much as they have."""
+        if setup.layout != "pipeline" or not self.args.caps:
+            return None, 64 * 2**40
+        stages = setup.machines
         s = self.shape
         per_layer = max(s["layer_bytes"]) + s["kv_bytes_per_layer"]
         share = math.ceil(s["n_layers"] / stages) * per_layer
         pad = lambda n: int(n * (1 + CAP_SLACK)) + CAP_SLACK_BYTES
         return pad(s["embed_bytes"] + share), pad(s["head_bytes"] + share)
 
-    def chat_argv(self, stages: int, prompt: str, max_tokens: int) -> list[str]:
+    def chat_argv(self, setup: Setup, prompt: str, max_tokens: int) -> list[str]:
         a = self.args
         argv = [*FASTSERVE, "chat", str(self.model), "-p", prompt, "--temperature", "0", "--max-tokens",
                 str(max_tokens), "--ctx", str(a.ctx)]
-        if stages == 1:
+        if setup.machines == 1:
             argv.append("--local-only")
         else:
-            host_cap, _ = self.caps(stages) if a.caps else (None, None)
-            argv += ["--token", self.token, "--peers", str(stages - 1), "--min-stages", str(stages),
+            host_cap, _ = self.caps(setup)
+            argv += ["--token", self.token, "--peers", str(setup.machines - 1), "--layout", setup.layout,
                      "--wait", str(a.wait)]
+            if setup.layout == "pipeline":
+                argv += ["--min-stages", str(setup.machines)]
             if host_cap is not None:
                 argv += ["--max-memory", str(host_cap)]
             if a.discovery == "static":
-                for peer in self.peers[:stages - 1]:
+                for peer in self.peers[:setup.machines - 1]:
                     argv += ["--peer", peer.address]
         return pinned(self.host_cpu, argv)
 
-    def measured(self, setup: str, phase: str, stages: int, prompt: str, max_tokens: int, *,
+    def measured(self, setup: Setup, phase: str, prompt: str, max_tokens: int, *,
                  before=None, watch: bool = False) -> ChatRun:
         """One chat run when the machine is quiet; again (at most --retries times) if it was not."""
         best: ChatRun | None = None
@@ -534,7 +561,7 @@ class Bench:
             if before is not None:
                 before()
             wait_for_quiet(self.args.quiet_wait, self.say)
-            run = run_chat(ChatRun(setup, phase, self.chat_argv(stages, prompt, max_tokens)), self.host,
+            run = run_chat(ChatRun(setup.label, phase, self.chat_argv(setup, prompt, max_tokens)), self.host,
                            home=self.host_home, peers=[p for p in self.peers if p.proc is not None],
                            timeout=self.args.timeout, watch_tx_of=self.anchor_pid if watch else None,
                            link_bytes_s=self.args.link_bytes_s)
@@ -550,9 +577,9 @@ class Bench:
         self.say("  " + describe_run(best), "red" if best.problem else "")
         return best
 
-    def start_peers(self, stages: int, *, fresh: bool) -> None:
-        _, cap = self.caps(stages) if self.args.caps else (None, 64 * 2**40)
-        for peer in self.peers[:stages - 1]:
+    def start_peers(self, setup: Setup, *, fresh: bool) -> None:
+        _, cap = self.caps(setup)
+        for peer in self.peers[:setup.machines - 1]:
             stop_peer(peer)
             start_peer(peer, token=self.token, cap=cap, fresh=fresh, root=self.root, timeout=self.args.timeout)
 
@@ -583,27 +610,26 @@ def describe_run(run: ChatRun) -> str:
     return " ".join(bits)
 
 
-def measure_setup(b: Bench, stages: int) -> None:
+def measure_setup(b: Bench, setup: Setup) -> None:
     a = b.args
-    setup = "1 machine" if stages == 1 else f"{stages} stages"
     long_prompt = b.shape["long_prompt"]
-    if stages == 1:
-        b.say(f"{setup}: start to first token ({a.repeats}x), then throughput ({a.repeats}x)")
+    if setup.machines == 1:
+        b.say(f"{setup.label}: start to first token ({a.repeats}x), then throughput ({a.repeats}x)")
         for _ in range(a.repeats):
-            b.measured(setup, "short", 1, SHORT_PROMPT, SHORT_TOKENS)
+            b.measured(setup, "short", SHORT_PROMPT, SHORT_TOKENS)
         for _ in range(a.repeats):
-            b.measured(setup, "long", 1, long_prompt, a.gen_tokens)
+            b.measured(setup, "long", long_prompt, a.gen_tokens)
         return
-    b.say(f"{setup}: cold starts ({a.cold_repeats}x, peers with empty caches)")
+    b.say(f"{setup.label}: cold starts ({a.cold_repeats}x, peers with empty caches)")
     for _ in range(a.cold_repeats):
-        b.measured(setup, "cold", stages, SHORT_PROMPT, SHORT_TOKENS, watch=True,
-                   before=lambda: b.start_peers(stages, fresh=True))
-    b.say(f"{setup}: warm starts ({a.repeats}x, peers restarted with their caches)")
+        b.measured(setup, "cold", SHORT_PROMPT, SHORT_TOKENS, watch=True,
+                   before=lambda: b.start_peers(setup, fresh=True))
+    b.say(f"{setup.label}: warm starts ({a.repeats}x, peers restarted with their caches)")
     for _ in range(a.repeats):
-        b.measured(setup, "warm", stages, SHORT_PROMPT, SHORT_TOKENS, before=lambda: b.start_peers(stages, fresh=False))
-    b.say(f"{setup}: throughput ({a.repeats}x)")
+        b.measured(setup, "warm", SHORT_PROMPT, SHORT_TOKENS, before=lambda: b.start_peers(setup, fresh=False))
+    b.say(f"{setup.label}: throughput ({a.repeats}x)")
     for _ in range(a.repeats):
-        b.measured(setup, "long", stages, long_prompt, a.gen_tokens)
+        b.measured(setup, "long", long_prompt, a.gen_tokens)
     b.stop_peers()
 
 
@@ -618,37 +644,42 @@ def _median(values: list[float]) -> float | None:
 def summarize(runs: list[ChatRun], args: argparse.Namespace) -> list[dict[str, Any]]:
     link_mb_s = args.link_bytes_s / 1e6
     rows = []
-    single_ms = None
-    for stages in HOST_STAGES:
-        setup = "1 machine" if stages == 1 else f"{stages} stages"
-        mine = [r for r in runs if r.setup == setup and r.problem is None]
-        if not any(r.setup == setup for r in runs):
+    single_ms = single_prefill = None
+    for setup in SETUPS.values():
+        stages = setup.stages
+        mine = [r for r in runs if r.setup == setup.label and r.problem is None]
+        if not any(r.setup == setup.label for r in runs):
             continue
         long = [r for r in mine if r.phase == "long"]
         cold = [r for r in mine if r.phase == "cold"]
         warm = [r for r in mine if r.phase in ("warm", "short")]
         decode = _median([r.decode_tok_s for r in long])
         ms = 1000 / decode if decode else None
-        if stages == 1:
-            single_ms = ms
-        hops = stages if stages > 1 else 0  # the design's: S - 1 going out, 1 back from the last peer
-        crossings = 2 * (stages - 1) if RELAYED_BY_HOST else hops
+        prefill = _median([r.prefill_tok_s for r in long])
+        if setup.machines == 1:
+            single_ms, single_prefill = ms, prefill
+        hops = stages  # the design's: S - 1 going out, 1 back from the last peer (0: not a pipeline)
+        crossings = 2 * (stages - 1) if RELAYED_BY_HOST and stages else hops
         extra = ms - single_ms if ms is not None and single_ms is not None else None
         overhead = extra / hops if hops and extra is not None else None
         wire = _median([r.wire["mb_s"] for r in cold if r.wire and r.wire.get("mb_s")])
         plan = next((r.plan for r in reversed(long) if r.plan), [])
         rows.append({
-            "setup": setup, "stages": stages, "hops_per_token": hops, "links_crossed_per_token": crossings,
+            "setup": setup.label, "machines": setup.machines, "layout": setup.layout, "stages": stages,
+            "chosen": next((r.plan_layout for r in reversed(long) if r.plan_layout), None),
+            "hops_per_token": hops, "links_crossed_per_token": crossings,
             "overhead_ms_per_link_crossed": extra / crossings if crossings and extra is not None else None,
-            "layers": [p["layers"] for p in plan] or ([f"0-{args.n_layers - 1}"] if stages == 1 else []),
-            "prefill_tok_s": _median([r.prefill_tok_s for r in long]),
+            "layers": [p["layers"] for p in plan] or ([f"0-{args.n_layers - 1}"] if setup.machines == 1 else []),
+            "prefill_tok_s": prefill,
+            "decode_x_one": single_ms / ms if single_ms and ms else None,
+            "prefill_x_one": prefill / single_prefill if prefill and single_prefill else None,
             "prompt_tokens": _median([r.prompt_tokens for r in long]),
             "decode_tok_s": decode, "generated": _median([r.generated for r in long]), "ms_per_token": ms,
             "overhead_ms_per_hop": overhead,
             "overhead_pass": None if overhead is None else overhead <= OVERHEAD_GOAL_MS,
             "cold_start_s": _median([r.first_output_s for r in cold]),
             "warm_start_s": _median([r.first_output_s for r in warm]),
-            "warm_start_pass": None if stages == 1 or not warm else
+            "warm_start_pass": None if setup.machines == 1 or not warm else
             _median([r.first_output_s for r in warm]) <= WARM_START_GOAL_S,
             "bytes_fetched_cold": _median([r.bytes_fetched for r in cold]),
             "bytes_fetched_warm": _median([r.bytes_fetched for r in mine if r.phase == "warm"]),
@@ -657,7 +688,7 @@ def summarize(runs: list[ChatRun], args: argparse.Namespace) -> list[dict[str, A
             "load_mb_s": _median([r.load_mb_s for r in cold]),
             "noisy": {phase: any(r.noisy for r in mine if r.phase == phase) for phase in ("long", "cold", "warm", "short")},
             "runs": {phase: len([r for r in mine if r.phase == phase]) for phase in ("long", "cold", "warm", "short")},
-            "failed_runs": len([r for r in runs if r.setup == setup and r.problem]),
+            "failed_runs": len([r for r in runs if r.setup == setup.label and r.problem]),
         })
     return rows
 
@@ -678,7 +709,7 @@ def _goal(passed: bool | None) -> str:
 
 def table_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
     header = ["setup", "layers", f"prefill tok/s (pp{args.prompt_tokens})", f"decode tok/s (tg{args.gen_tokens})",
-              "ms/token", f"overhead ms/hop (<= {OVERHEAD_GOAL_MS:g})", "start->1st tok cold",
+              "x one machine (prefill / decode)", "ms/token", f"overhead ms/hop (<= {OVERHEAD_GOAL_MS:g})", "start->1st tok cold",
               f"start->1st tok warm (<= {WARM_START_GOAL_S:g} s)", "weights sent cold (warm)",
               f"transfer MB/s, % of link (>= {TRANSFER_GOAL_SHARE:.0%})", "peer load MB/s"]
     body = []
@@ -689,19 +720,24 @@ def table_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[li
         sent = "n/a" if r["bytes_fetched_cold"] is None else f"{r['bytes_fetched_cold'] / 1e6:.1f} MB"
         if r["bytes_fetched_warm"] is not None:
             sent += f" ({r['bytes_fetched_warm'] / 1e6:.1f} MB)"
+        one = r.get("machines", r["stages"]) == 1  # reports from before --setups: stages 1 = one machine
+        ratios = "-" if one or r.get("decode_x_one") is None else \
+            f"{r['prefill_x_one']:.2f}x / {r['decode_x_one']:.2f}x" if r.get("prefill_x_one") else \
+            f"n/a / {r['decode_x_one']:.2f}x"
+        setup = r["setup"] + (f" (chose: {r['chosen']})" if r.get("layout") == "auto" and r.get("chosen") else "")
         body.append([
-            r["setup"], ", ".join(r["layers"]) or "n/a",
-            _rate(r["prefill_tok_s"], noisy["long"]), _rate(r["decode_tok_s"], noisy["long"]),
+            setup, ", ".join(r["layers"]) or "n/a",
+            _rate(r["prefill_tok_s"], noisy["long"]), _rate(r["decode_tok_s"], noisy["long"]), ratios,
             "n/a" if r["ms_per_token"] is None else f"{r['ms_per_token']:.2f}",
-            "-" if r["stages"] == 1 else ("n/a" if overhead is None else
+            "-" if not r["hops_per_token"] else ("n/a" if overhead is None else
                                            f"{overhead:+.2f} ({r['hops_per_token']} hops){_goal(r['overhead_pass'])}"
                                            + _crossed(r)),
-            "-" if r["stages"] == 1 else _secs(r["cold_start_s"], noisy["cold"]),
+            "-" if one else _secs(r["cold_start_s"], noisy["cold"]),
             _secs(r["warm_start_s"], noisy["warm"] or noisy["short"]) + _goal(r["warm_start_pass"]),
-            "-" if r["stages"] == 1 else sent,
-            "-" if r["stages"] == 1 else ("n/a" if wire is None else
+            "-" if one else sent,
+            "-" if one else ("n/a" if wire is None else
                                           f"{_rate(wire, noisy['cold'])} ({share:.0%}){_goal(r['transfer_pass'])}"),
-            "-" if r["stages"] == 1 else _rate(r["load_mb_s"], noisy["cold"]),
+            "-" if one else _rate(r["load_mb_s"], noisy["cold"]),
         ])
     return header, body
 
@@ -773,7 +809,9 @@ def parse_rate(text: str) -> float:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="GGUF file for the host (default: smollm2-135m from the model cache)")
-    parser.add_argument("--stages", default="1,2,3", help="setups to measure: 1 = one machine, 2 and 3 = stages")
+    parser.add_argument("--setups", "--stages", dest="setups", default="1,2,3,t2,a2",
+                        help="setups to measure: 1 = one machine, 2 and 3 = pipeline stages, t2 / t3 = "
+                             "tensor-parallel over 2 / 3 machines, a2 = 2 machines, the planner's choice")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (warm starts, throughput); median")
     parser.add_argument("--cold-repeats", type=int, help="cold starts per setup (default: --repeats)")
     parser.add_argument("--prompt-tokens", type=int, default=400, help="long prompt, chat template included")
@@ -796,12 +834,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json-out", type=Path,
                         default=REPO / "bench" / "results" / f"cluster-{datetime.now():%Y-%m-%dT%H%M%S}.json")
     args = parser.parse_args(argv)
-    try:
-        args.stage_counts = sorted({int(s) for s in args.stages.split(",") if s.strip()})
-    except ValueError:
-        parser.error(f"--stages must be integers like 1,2,3, got {args.stages!r}")
-    if not args.stage_counts or not set(args.stage_counts) <= set(HOST_STAGES):
-        parser.error(f"--stages: choose among {','.join(map(str, HOST_STAGES))}")
+    keys = [k.strip() for k in args.setups.split(",") if k.strip()]
+    if not keys or not set(keys) <= set(SETUPS):
+        parser.error(f"--setups {args.setups!r}: choose among {','.join(SETUPS)}")
+    args.setup_list = [SETUPS[k] for k in SETUPS if k in keys]
     args.cold_repeats = args.repeats if args.cold_repeats is None else args.cold_repeats
     for flag, value in (("--repeats", args.repeats), ("--cold-repeats", args.cold_repeats),
                         ("--prompt-tokens", args.prompt_tokens), ("--gen-tokens", args.gen_tokens)):
@@ -859,7 +895,7 @@ def main(argv: list[str]) -> int:
         return 1
 
     cores = sorted(os.sched_getaffinity(0))
-    n_machines = max(args.stage_counts)
+    n_machines = max(s.machines for s in args.setup_list)
     if not args.pin or shutil.which("taskset") is None:
         cpus, pinning = [None] * n_machines, "not pinned (" + ("--no-pin" if not args.pin else "no taskset") + ")"
     else:
@@ -873,7 +909,7 @@ def main(argv: list[str]) -> int:
         "date": datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": cores, "platform": platform.platform()},
         "fastserve": {"commit": _git("rev-parse", "--short", "HEAD") or "?", "dirty": bool(_git("status", "--porcelain"))},
-        "settings": {"stages": args.stage_counts, "repeats": args.repeats, "cold_repeats": args.cold_repeats,
+        "settings": {"setups": [s.key for s in args.setup_list], "repeats": args.repeats, "cold_repeats": args.cold_repeats,
                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "ctx": args.ctx,
                      "link_rate": args.link_rate, "link_bytes_s": args.link_bytes_s, "discovery": args.discovery,
                      "caps": args.caps, "wait_s": args.wait, "threads": 1, "pinning": pinning,
@@ -930,14 +966,14 @@ def main(argv: list[str]) -> int:
                           peers=[Peer(lan[i], cpus[i]) for i in range(1, n_machines)], root=root, model=model,
                           shape=shape, token=new_token(), say=say)
             bench.anchor_pid = anchor.pid
-            results["settings"]["caps"] = {str(s): dict(zip(("host", "peer"), bench.caps(s)))
-                                           for s in args.stage_counts if s > 1} if args.caps else False
+            results["settings"]["caps"] = {s.key: dict(zip(("host", "peer"), bench.caps(s)))
+                                           for s in args.setup_list if s.stages > 1} if args.caps else False
             say(f"LAN of {n_machines} namespaces ({lan.subnet}), links {args.link_rate}; {pinning}")
-            for stages in args.stage_counts:
+            for setup in args.setup_list:
                 try:
-                    measure_setup(bench, stages)
+                    measure_setup(bench, setup)
                 except BenchError as problem:
-                    setup_problems.append(f"{stages} stage(s): {problem}")
+                    setup_problems.append(f"{setup.label}: {problem}")
                     say(str(problem), "red")
                     bench.stop_peers()
                 save(bench)

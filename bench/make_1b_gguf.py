@@ -7,6 +7,12 @@ with the real shapes measures the same work. The vocabulary is SmolLM2's byte-le
 
     python bench/make_1b_gguf.py OUT.gguf --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf
     python bench/make_1b_gguf.py OUT-q4_0.gguf --pure-quantize Q4_0 --source OUT.gguf
+    python bench/make_1b_gguf.py 8B-q4_0.gguf --shape 8b --random-q4_0 --tokenizer-from ...
+
+`--shape 8b` is Llama-3.1-8B's shapes (4096 wide, 32 layers, 14336 FFN, an untied head).
+`--random-q4_0` writes Q4_0 blocks straight from random numbers (random nibbles, scales that
+give the same spread as --pure-quantize's): no F16 file first, which for an 8B would be 16 GB
+on disk and minutes of gguf-py quantizing for weights that mean nothing anyway.
 
 `--pure-quantize` is the fallback when llama.cpp's quantizer is not available: every 2-D
 weight becomes Q4_0 or Q8_0 (gguf-py's reference code), unlike llama.cpp's mixes, which keep
@@ -51,6 +57,8 @@ class LlamaShape:
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     std: float = 0.02  # a fresh model's initialiser: activations stay finite through 16 layers
+    tied: bool = True  # the output head is token_embd (Llama 3.2 1B/3B); else output.weight
+    name: str = "llama-3.2-1b-shape-random"
 
     @property
     def head_dim(self) -> int:
@@ -58,10 +66,13 @@ class LlamaShape:
 
 
 LLAMA_32_1B = LlamaShape()
+LLAMA_31_8B = LlamaShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, tied=False,
+                         name="llama-3.1-8b-shape-random")
+SHAPES = {"1b": LLAMA_32_1B, "8b": LLAMA_31_8B}
 
 
 def tensor_shapes(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """GGUF tensor names with numpy shapes [out, in]; the output head is tied to token_embd."""
+    """GGUF tensor names with numpy shapes [out, in]; the output head is token_embd when tied."""
     kv = shape.n_kv_heads * shape.head_dim
     yield "token_embd.weight", (shape.vocab, shape.dim)
     for i in range(shape.n_layers):
@@ -75,6 +86,8 @@ def tensor_shapes(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield f"blk.{i}.ffn_up.weight", (shape.ffn_dim, shape.dim)
         yield f"blk.{i}.ffn_down.weight", (shape.dim, shape.ffn_dim)
     yield "output_norm.weight", (shape.dim,)
+    if not shape.tied:
+        yield "output.weight", (shape.vocab, shape.dim)
 
 
 def _field(reader: gguf.GGUFReader, key: str):
@@ -197,6 +210,46 @@ def quantize_pure(source: Path, out: Path, qtype_name: str, *, tokenizer_from: P
         part.unlink(missing_ok=True)
 
 
+Q4_0_BLOCK = 32  # weights per block: an fp16 scale then 16 bytes of 4-bit values (x - 8) * scale
+Q4_0_SCALE = 0.02 / 4.6  # nibbles uniform on 0..15 have a spread of 4.6: the weights get std 0.02
+
+
+def write_random_q4_0(out: Path, *, tokenizer_from: Path, shape: LlamaShape, seed: int = 0) -> None:
+    """Every matrix in Q4_0 made of random blocks (F32 norms, all ones); tensor by tensor, then
+    renamed into place. Memory: one ROW_CHUNK of blocks at a time."""
+    qtype = gguf.GGMLQuantizationType.Q4_0
+    part = out.with_name(out.name + ".part")
+    rng = np.random.default_rng(seed)
+    writer = _open_streaming(part)
+    try:
+        _add_metadata(writer, shape, tokenizer_from, int(gguf.LlamaFileType.MOSTLY_Q4_0), f"{shape.name}-q4_0")
+        shapes = list(tensor_shapes(shape))
+        for name, dims in shapes:
+            if len(dims) == 1:
+                writer.add_tensor_info(name, dims, np.dtype(np.float32), int(np.prod(dims)) * 4)
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(dims, qtype)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+        _finish_header(writer)
+        for _, dims in shapes:
+            if len(dims) == 1:
+                writer.write_tensor_data(np.ones(dims, dtype=np.float32))
+                continue
+            blocks = dims[1] // Q4_0_BLOCK
+            data = np.empty((dims[0], blocks, 18), dtype=np.uint8)
+            for r in range(0, dims[0], ROW_CHUNK):
+                rows = min(ROW_CHUNK, dims[0] - r)
+                scale = (rng.uniform(0.5, 1.5, (rows, blocks, 1)) * Q4_0_SCALE).astype(np.float16)
+                data[r:r + rows, :, :2] = scale.view(np.uint8)
+                data[r:r + rows, :, 2:] = rng.integers(0, 256, (rows, blocks, 16), dtype=np.uint8)
+            writer.write_tensor_data(data.reshape(dims[0], blocks * 18))
+        writer.close()
+        os.replace(part, out)
+    finally:
+        writer.close()
+        part.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -204,8 +257,15 @@ def main() -> None:
     parser.add_argument("--pure-quantize", choices=sorted(PURE_TYPES), help="quantize --source instead of writing F16")
     parser.add_argument("--source", type=Path, help="the F16 file for --pure-quantize")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--random-q4_0", action="store_true", help="random Q4_0 blocks, no F16 file first")
     args = parser.parse_args()
-    if args.pure_quantize:
+    shape = SHAPES[args.shape]
+    if args.random_q4_0:
+        write_random_q4_0(args.out, tokenizer_from=args.tokenizer_from, shape=shape, seed=args.seed)
+    elif shape is not LLAMA_32_1B:
+        parser.error(f"--shape {args.shape} is written with --random-q4_0 only")
+    elif args.pure_quantize:
         if args.source is None:
             parser.error("--pure-quantize needs --source")
         quantize_pure(args.source, args.out, args.pure_quantize, tokenizer_from=args.tokenizer_from)

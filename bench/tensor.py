@@ -1,6 +1,6 @@
 """Tensor parallelism on the namespace LAN: one machine against a tensor-parallel group.
 
-    sudo .venv/bin/python bench/tensor.py --models smollm2,1b-q4_0 --machines 2
+    sudo .venv/bin/python bench/tensor.py --models smollm2,1b-q4_0,1b-q4_k_m,8b-q4_0 --machines 2
 
 The LAN is tests/netns.py's; every machine's eth0 is shaped with tc tbf to --link-rate with a
 32 KB burst (each exchange pays its time on the wire, as on a real link), and each machine
@@ -14,7 +14,9 @@ runs pinned to a core of its own (`taskset`), one thread. Rows, for each model:
   once with plaintext frames (what the encryption costs).
 Decode: greedy tokens after a short prompt; prefill: a --prompt-token prompt. Also the
 data path's exchanges and bytes per decode token and its mean time per exchange.
-The 1B-shaped model is bench/vs_llamacpp.py's (random weights, written on first use).
+The 1B-shaped models are bench/vs_llamacpp.py's (random weights, written on first use; Q4_K_M
+needs its llama.cpp build, made by running that bench once); the 8B-shaped Q4_0 (Llama-3.1-8B's
+shapes) is written here on first use by bench/make_1b_gguf.py --shape 8b --random-q4_0.
 """
 
 from __future__ import annotations
@@ -115,10 +117,20 @@ def rank_main(argv: list[str]) -> None:
 
 
 def model_path(name: str) -> Path:
-    from bench.vs_llamacpp import MODELS, bench_cache, prepare_1b
+    """smollm2 (the model cache), 1b-* (bench/vs_llamacpp.py's), 8b-q4_0 (written here on first use)."""
+    from bench.vs_llamacpp import GEN_VERSION, MAKE_1B, MODELS, bench_cache, prepare_1b
     if name == "smollm2":
         from tests.models_fixtures import smollm2_path
         return smollm2_path()
+    if name == "8b-q4_0":
+        from tests.models_fixtures import smollm2_path
+        path = bench_cache() / "models" / f"llama31-8b-shape-random-{GEN_VERSION}-q4_0.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"writing {path.name} (random Q4_0 blocks, ~4.7 GB)", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, str(MAKE_1B), str(path), "--shape", "8b", "--random-q4_0",
+                            "--tokenizer-from", str(smollm2_path())], check=True)
+        return path
     spec = MODELS[name]
     from tests.models_fixtures import smollm2_path
     prepared = prepare_1b(spec, cache=bench_cache(), tokenizer_from=smollm2_path(), llama=None,
@@ -126,6 +138,44 @@ def model_path(name: str) -> Path:
     if prepared.path is None:
         raise SystemExit(f"{name}: {prepared.problem}")
     return prepared.path
+
+
+def predictions(model: Path, one: dict, group: dict, machines: int, link_rate: str, up_to: int = 8) -> list[dict]:
+    """The planner's decode predictions for 1..up_to identical machines, calibrated by this run:
+    a machine's whole-model decode time is the one-machine row's (as its bandwidth), the
+    exchange latency the measured ms per exchange of the N-machine group minus its bytes' wire
+    time, the link --link-rate. Each predicted machine has a memory bus of its own (a real
+    LAN); this box's "machines" share one, which the 'N at once' row measures."""
+    import tempfile
+
+    from bench.cluster import parse_rate
+    from fastserve_edge.cluster import planner
+    from fastserve_edge.cluster.coordinator import model_shape
+    from fastserve_edge.cluster.shard_cache import build_manifest
+    from fastserve_edge.models import open_model
+
+    source = open_model(model)
+    with tempfile.TemporaryDirectory() as cache:
+        shape = model_shape(source, build_manifest(source, model, Path(cache)), 1024)
+    link_gbps = parse_rate(link_rate) * 8 / 1e9
+    whole_ms = 1e3 / one["decode_tok_s"]
+    bytes_per_exchange = group["bytes_out_per_token"] / group["exchanges_per_token"]
+    wire_ms = bytes_per_exchange * 8 / (link_gbps * 1e6)
+    exchange_ms = max(group["ms_per_exchange"] - wire_ms, 0.001)
+    gbs = (shape.weight_bytes + shape.head_bytes) / (whole_ms * 1e6)
+
+    def machine(i: int) -> planner.Machine:
+        return planner.Machine(f"m{i}", f"m{i}", "" if i == 0 else f"10.0.0.{i}:1", 64 << 30, 1e6, 1e6, gbs,
+                               is_host=i == 0)
+
+    rows = []
+    for k in range(1, up_to + 1):
+        p = planner.plan([machine(i) for i in range(k)], shape, layout="tensor" if k > 1 else "single",
+                         link_gbps=link_gbps, exchange_ms=exchange_ms)
+        rows.append({"machines": k, "ms": p.est_ms_per_token, "tok_s": 1e3 / p.est_ms_per_token,
+                     "x_one": whole_ms / p.est_ms_per_token,
+                     "measured": one["decode_tok_s"] if k == 1 else group["decode_tok_s"] if k == machines else None})
+    return rows
 
 
 def run(lan, cpus, model: Path, n: int, args, *, single: bool = False, plain: bool = False) -> dict:
@@ -177,6 +227,7 @@ def main(argv: list[str]) -> int:
     cores = sorted(os.sched_getaffinity(0))
     cpus = [str(c) for c in cores]
     results = []
+    predicted: dict[str, list[dict]] = {}
     with netns.lan(args.machines) as lan:
         for m in lan:
             netns.limit_link(m, rate=args.link_rate, burst=args.burst)
@@ -202,6 +253,9 @@ def main(argv: list[str]) -> int:
                                 "decode_x": best["decode_tok_s"] / base["decode_tok_s"],
                                 "prefill_x": best["prefill_tok_s"] / base["prefill_tok_s"]})
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            one, group = (next(r for r in results if r["model"] == name and r["layout"] == label)
+                          for label in ("one machine", f"tensor x{args.machines}"))
+            predicted[name] = predictions(model, one, group, args.machines, args.link_rate)
     print(f"\nNamespace LAN, links {args.link_rate} (tc tbf, burst {args.burst}), each machine one pinned core, "
           f"one thread; best of {args.repeats}; prompt {args.prompt} tokens, {args.decode} greedy decode tokens.\n")
     print("| model | layout | decode tok/s | x one | prefill tok/s | x one | exchanges/token | KB out/token "
@@ -213,8 +267,17 @@ def main(argv: list[str]) -> int:
                  f"{r['exchange_ms_per_token']:.2f}") if ex is not None else "- | - | - | -"
         print(f"| {r['model']} | {r['layout']} | {r['decode_tok_s']:.1f} | {r['decode_x']:.2f}x | "
               f"{r['prefill_tok_s']:.0f} | {r['prefill_x']:.2f}x | {extra} |")
+    print(f"\nThe planner's decode predictions for identical machines, each with a memory bus of its own, "
+          f"calibrated by this run (a machine = the one-machine row; the exchange latency = the measured "
+          f"ms/exchange minus its bytes' time on a {args.link_rate} link):\n")
+    print("| model | " + " | ".join(f"{k} machines" for k in range(1, 9)) + " |")
+    print("|---|" + "---:|" * 8)
+    for name, rows in predicted.items():
+        cells = [f"{r['tok_s']:.1f} tok/s ({r['x_one']:.2f}x)" + (f", measured {r['measured']:.1f}"
+                                                                  if r["measured"] else "") for r in rows]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"rows": results, "predicted": predicted}, indent=1))
     return 0
 
 

@@ -45,7 +45,7 @@ from fastserve_edge.cluster import datapath
 from fastserve_edge.cluster.wire import (
     WireError, iter_chunks, join_chunks, pack_hidden, pack_tensors, sampling_from_pb, sha256_of, unpack_hidden,
 )
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.generate import LocalStage
 from fastserve_edge.engine.kv_cache import kv_bytes_per_token
 from fastserve_edge.engine.model import Stage

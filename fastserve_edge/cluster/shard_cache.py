@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fastserve_edge.cluster.wire import WireError, pack_tensors, sha256_of, unpack_tensors
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.quant import runtime_nbytes
 from fastserve_edge.models.registry import temp_is_stale, write_atomic, write_temp
 from fastserve_edge.models.tensors import ModelSource, RawTensor

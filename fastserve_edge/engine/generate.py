@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.kv_cache import KVCache
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import DENSE_PREFILL_ROWS, RuntimeWeights

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.generate import Pipeline, local_stages
 from fastserve_edge.errors import ConfigError
 from fastserve_edge.models import open_model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastserve_edge.engine.config import ModelConfig, RopeScaling
+from fastserve_edge.models.config import ModelConfig, RopeScaling
 from fastserve_edge.engine.kv_cache import KV_DTYPE, KVCache
 from fastserve_edge.errors import ModelFormatError
 

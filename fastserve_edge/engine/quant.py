@@ -28,7 +28,7 @@ from gguf.quants import dequantize
 from torch import nn
 
 from fastserve_edge.engine import kernels, memory
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.errors import ConfigError, ModelFormatError
 from fastserve_edge.models.tensors import ModelSource, RawTensor, block_rows, check_layout
 

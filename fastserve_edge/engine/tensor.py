@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.kernels import ExchangeError, Mesh, TensorBlockProgram, tp_forward
 from fastserve_edge.engine.kv_cache import KVCache
 from fastserve_edge.engine.model import Attention, FeedForward, RMSNorm, _one_call, model_rope

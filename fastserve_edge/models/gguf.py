@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from fastserve_edge.engine.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
+from fastserve_edge.models.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from fastserve_edge.errors import ModelFormatError, ModelNotFound
 from fastserve_edge.models.tensors import MAX_DIMS, SUPPORTED_TYPES, RawTensor, block_rows
 

@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from safetensors import SafetensorError, safe_open
 
-from fastserve_edge.engine.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
+from fastserve_edge.models.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling
 from fastserve_edge.errors import ModelFormatError, ModelNotFound
 from fastserve_edge.models.tensors import RawTensor
 

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QType
 
 from fastserve_edge.cluster.wire import WireError, pack_tensors, unpack_hidden, unpack_tensors
 from fastserve_edge.engine import kernels
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.generate import local_stages
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import DenseEmbedding, QuantEmbedding, RuntimeWeights, quant_tensor

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fastserve_edge.cluster import datapath
 from fastserve_edge.engine import kernels as kernels_mod
-from fastserve_edge.engine.config import ModelConfig
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.generate import Pipeline, local_stages
 from fastserve_edge.engine.kernels import ExchangeError, Mesh
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
