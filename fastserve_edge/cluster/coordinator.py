@@ -92,10 +92,15 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
     c = source.config
     rb = manifest.runtime_bytes
     attn = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.n_kv_heads * c.head_dim * 2
+    ffn, read_share = 3 * c.dim * c.ffn_dim, 1.0
+    if c.moe:  # every expert is held, the chosen ones are read and computed
+        ffn = 3 * c.dim * c.expert_ffn_dim * c.n_experts_used + c.dim * c.n_experts
+        read_share = (attn + ffn) / (attn + 3 * c.dim * c.expert_ffn_dim * c.n_experts + c.dim * c.n_experts)
     return planner.ModelShape(
         n_layers=c.n_layers,
         layer_bytes=tuple(rb.get(f"layer.{i}", 0) for i in range(c.n_layers)),
-        layer_flops=2.0 * (attn + 3 * c.dim * c.ffn_dim),
+        layer_flops=2.0 * (attn + ffn),
+        read_share=read_share,
         kv_bytes_per_token=kv_bytes_per_token(c.n_kv_heads, c.head_dim),
         embed_bytes=rb.get("embed", 0) + rb.get("common", 0),
         head_bytes=rb.get("head", 0) + rb.get("common", 0),
@@ -103,8 +108,8 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
         ctx=ctx,
         tied_embeddings=c.tie_embeddings,
         head_flops=2.0 * c.vocab_size * c.dim,
-        exchange_floats=(c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim
-                         if min(c.dim, c.ffn_dim) >= 2 * planner.TP_GROUP else 0),
+        exchange_floats=(c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim  # a mixture: no tensor layout yet
+                         if min(c.dim, c.ffn_dim) >= 2 * planner.TP_GROUP and not c.moe else 0),
     )
 
 

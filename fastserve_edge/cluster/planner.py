@@ -65,10 +65,14 @@ class ModelShape:
     head_flops: float = 0.0         # 2 * vocab * hidden; 0 counts only the head's bytes
     exchange_floats: int = 0        # tensor parallel: floats all-gathered per layer per token
                                     # (attention output + 2 dim + ffn); 0: no tensor layout
+    read_share: float = 1.0         # of a layer's weight bytes, what one token reads: a mixture of
+                                    # experts reads its router's choice (memory counts them all)
 
     def __post_init__(self):
         if self.n_layers < 1 or len(self.layer_bytes) != self.n_layers:
             raise ValueError(f"ModelShape: {self.n_layers} layers but {len(self.layer_bytes)} layer sizes")
+        if not 0 < self.read_share <= 1:
+            raise ValueError(f"ModelShape: read_share {self.read_share} is not in (0, 1]")
         if min(self.layer_bytes) < 0 or min(self.kv_bytes_per_token, self.embed_bytes, self.head_bytes,
                                             self.hidden_bytes, self.ctx) < 0:
             raise ValueError("ModelShape: sizes must be >= 0")
@@ -228,7 +232,7 @@ class _Cost:
         md = self.model
         if j == i:
             return 0.0
-        nbytes = self.prefix[j] - self.prefix[i]
+        nbytes = (self.prefix[j] - self.prefix[i]) * md.read_share
         flops = (j - i) * md.layer_flops
         if j == md.n_layers:
             nbytes += md.head_bytes
@@ -242,7 +246,7 @@ class _Cost:
 
     def ms_per_layer(self, m: Machine) -> float:
         md = self.model
-        avg = self.prefix[-1] / md.n_layers
+        avg = self.prefix[-1] / md.n_layers * md.read_share
         return max(avg / (m.bandwidth_gbs * 1e6), md.layer_flops / (m.decode_gflops * 1e6))
 
 
@@ -279,7 +283,7 @@ def _search(order: Sequence[Machine], cost: _Cost, need_stages: int) -> tuple[fl
         mb: list[list[tuple[int, int, int] | None]] = [[(i, s, 0) for s in range(need_stages + 1)] for i in range(n + 1)]
         cap = cost.usable(m)
         # cost.memory / cost.compute / cost.network inlined: this loop is the whole search
-        per_byte, per_flop = 1 / (m.bandwidth_gbs * 1e6), 1 / (m.decode_gflops * 1e6)
+        per_byte, per_flop = cost.model.read_share / (m.bandwidth_gbs * 1e6), 1 / (m.decode_gflops * 1e6)
         for i in range(n):
             row = dp[i]
             if all(v == inf for v in row):
@@ -469,7 +473,7 @@ def _tensor_plan(machines: Sequence[Machine], model: ModelShape, *, link_gbps: f
 
 def _whole_ms(m: Machine, model: ModelShape) -> float:
     """The whole model's decode step alone on m (layers and head), by its measurements."""
-    nbytes = model.weight_bytes + model.head_bytes
+    nbytes = model.weight_bytes * model.read_share + model.head_bytes
     flops = model.n_layers * model.layer_flops + model.head_flops
     return max(nbytes / (m.bandwidth_gbs * 1e6), flops / (m.decode_gflops * 1e6))
 

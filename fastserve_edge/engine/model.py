@@ -22,7 +22,8 @@ from fastserve_edge.engine.kv_cache import KV_DTYPE, KVCache
 from fastserve_edge.errors import ModelFormatError
 
 # the fields of a config that size a tensor (ModelConfig.weight_shape) or a kernel's loop
-SIZES = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size")
+SIZES = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "n_experts",
+         "n_experts_used", "expert_ffn_dim")
 
 
 class Weights(Protocol):
@@ -161,12 +162,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). expert: one expert of a mixture (blk.N.ffn_gate.E)."""
 
-    def __init__(self, w: Weights, prefix: str):
+    def __init__(self, w: Weights, prefix: str, expert: int | None = None):
         super().__init__()
-        self.gate_up = w.fused([f"{prefix}.ffn_gate", f"{prefix}.ffn_up"])
-        self.down = w.linear(f"{prefix}.ffn_down")
+        e = "" if expert is None else f".{expert}"
+        self.gate_up = w.fused([f"{prefix}.ffn_gate{e}", f"{prefix}.ffn_up{e}"])
+        self.down = w.linear(f"{prefix}.ffn_down{e}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.gate_up.swiglu(x)  # prefill of quantized weights: a slice at a time
@@ -176,6 +178,38 @@ class FeedForward(nn.Module):
         hidden = F.silu(gate, inplace=True).mul_(up)  # in gate's columns of the fused output: the
         del gate, up                                   # quantized kernels read its rows where they are
         return self.down(hidden)
+
+
+class MixtureOfExperts(nn.Module):
+    """The FFN of a mixture-of-experts block (Qwen3-MoE, Mixtral): a router scores the experts
+    for each row, the n_experts_used best run (their softmax weights renormalized to sum to 1
+    with norm_topk) and their outputs are summed by those weights. Only the chosen experts'
+    weights are read; the rows that chose the same expert go through it in one pass."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("router", w.vector(f"{prefix}.ffn_gate_inp.weight"), persistent=False)  # [E, D] fp32
+        self.experts = nn.ModuleList(FeedForward(w, prefix, e) for e in range(cfg.n_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k] fp32, experts [N, k]) for each row, best first."""
+        probs = torch.softmax(x.float() @ self.router.T, dim=-1)
+        weights, chosen = probs.topk(self.cfg.n_experts_used, dim=-1)
+        if self.cfg.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(rows)
+        out = torch.zeros_like(rows, dtype=torch.float32)
+        for e in chosen.unique().tolist():  # in expert order, as transformers sums them
+            hit, slot = (chosen == e).nonzero(as_tuple=True)
+            y = self.experts[e](rows[hit].unsqueeze(0))[0]
+            out.index_add_(0, hit, y * weights[hit, slot, None])
+        return out.reshape(shape)
 
 
 def _one_call(linear: nn.Module):
@@ -192,16 +226,18 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(w.vector(f"{prefix}.attn_norm.weight"), cfg.norm_eps, kernels)
         self.attn = Attention(cfg, w, prefix)
         self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps, kernels)
-        self.ffn = FeedForward(w, prefix)
+        self.ffn = MixtureOfExperts(cfg, w, prefix) if cfg.moe else FeedForward(w, prefix)
+        self.cfg = cfg
+        self.glue = self.program = None
+        if cfg.moe:  # the C block has no router: a mixture runs in torch, its experts' matmuls in C
+            return
 
         # One token at a time the glue between matmuls costs as much as they do: a C path
         # (kernels/decode.c) takes one row through the whole block when every weight is quantized.
         fused = (self.attn.wqkv, self.ffn.gate_up)
         self.glue = getattr(w, "kernels", None) if all(getattr(f, "multi", None) is not None for f in fused) else None
-        self.cfg = cfg
         # ... and when wo and down are quantized too, the whole block is one C call
         single = [_one_call(m) for m in (self.attn.wo, self.ffn.down)]
-        self.program = None
         if self.glue is not None and all(m is not None for m in single):
             attn = self.attn
             self.program = self.glue.block(
@@ -344,6 +380,8 @@ class Stage(nn.Module):
         M = x.shape[0]
         assert M == len(caches) == len(positions) >= 1
         self._check_input(x, 1 if self.is_first else 2, positions, [1] * M)
+        if self.cfg.moe:
+            return self._forward_batch_moe(x, caches, positions)
         if any(block.program is None for block in self.blocks):
             rows = [self.forward(x[r:r + 1].unsqueeze(1), caches[r], positions[r]) for r in range(M)]
             return torch.cat([row.reshape(1, -1) for row in rows])
@@ -352,6 +390,21 @@ class Stage(nn.Module):
         for layer, block in enumerate(self.blocks):
             kv = [cache.layer(layer, pos + 1) for cache, pos in zip(caches, positions)]
             block.program.batch(h, kv, positions, self.cos, self.sin)
+        if not self.is_last:
+            return h
+        return self._head_each(self.norm(h))
+
+    def _forward_batch_moe(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+        """forward_batch of a mixture of experts: attention one session at a time, then every
+        session's row through the experts together (the rows that chose an expert share its pass)."""
+        M = x.shape[0]
+        h = self.embed(x.view(M, 1)).reshape(M, 1, -1) if self.is_first else x.float().reshape(M, 1, -1)
+        for layer, block in enumerate(self.blocks):
+            normed = block.attn_norm(h)
+            h = h + torch.cat([block.attn(normed[r:r + 1], self.cos[p:p + 1], self.sin[p:p + 1], caches[r], layer, p)
+                               for r, p in enumerate(positions)])
+            h += block.ffn(block.ffn_norm(h))
+        h = h.reshape(M, -1)
         if not self.is_last:
             return h
         return self._head_each(self.norm(h))

@@ -7,7 +7,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+MAX_EXPERTS = 1024        # Qwen3-235B-A22B: 128; DeepSeek-V3: 256
 # Bounds on what a config may say (it arrives from model files and from other machines, and
 # sizes allocations and C loops): far above any model these families ship (Llama 3.1 405B:
 # 126 layers, dim 16384, ffn 53248; Qwen2: 152k vocabulary; 128k context).
@@ -16,6 +17,8 @@ MAX_WIDTH = 1 << 20       # dim, ffn_dim, n_heads * head_dim
 MAX_VOCAB = 1 << 24
 MAX_CONTEXT = 1 << 24
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+\.(?:weight|bias))")
+_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
+MOE_FIELDS = ("n_experts", "n_experts_used", "expert_ffn_dim")  # 0 on a dense model
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,13 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                 # "llama" | "qwen2" | "qwen3"
+    arch: str                 # "llama" (Mixtral too) | "qwen2" | "qwen3" | "qwen3moe"
     n_layers: int
     dim: int                  # hidden size D
     n_heads: int
     n_kv_heads: int           # < n_heads: grouped-query attention
     head_dim: int             # usually D // n_heads; qwen3 sets it explicitly
-    ffn_dim: int              # SwiGLU inner size
+    ffn_dim: int              # SwiGLU inner size (a mixture-of-experts model: its dense size, unused)
     vocab_size: int
     context_length: int       # what the model was trained for; --ctx is capped by it
     norm_eps: float = 1e-5
@@ -52,6 +55,12 @@ class ModelConfig:
     attn_bias: bool = False       # qwen2: q/k/v projections carry a bias
     qk_norm: bool = False         # qwen3: RMSNorm over each head of q and k before rope
     name: str = ""
+    # mixture of experts (qwen3moe, Mixtral): every block's FFN is n_experts SwiGLUs of
+    # expert_ffn_dim, of which a router picks n_experts_used per token; 0 = a dense FFN
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn_dim: int = 0
+    norm_topk: bool = True        # the chosen experts' router weights renormalized to sum to 1
 
     def __post_init__(self) -> None:
         """ValueError for a config no model can have: every size feeds allocations and C loops."""
@@ -59,7 +68,8 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {self.arch!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and not (isinstance(value, Integral) and not isinstance(value, bool) and value > 0):
+            if f.type == "int" and not (isinstance(value, Integral) and not isinstance(value, bool)
+                                        and (value > 0 or (value == 0 and f.name in MOE_FIELDS))):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
             if f.type == "float" and not (isinstance(value, Real) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name} must be a positive finite number, got {value!r}")
@@ -77,12 +87,27 @@ class ModelConfig:
             raise ValueError(f"{self.n_heads} heads of {self.head_dim} do not fit a model of dim {self.dim}")
         if not isinstance(self.name, str) or not isinstance(self.rope_scaling, (RopeScaling, type(None))):
             raise ValueError("name must be a string and rope_scaling a RopeScaling")
+        if self.n_experts or self.n_experts_used or self.expert_ffn_dim:
+            if not (0 < self.n_experts_used <= self.n_experts <= MAX_EXPERTS and 0 < self.expert_ffn_dim <= MAX_WIDTH):
+                raise ValueError(f"{self.n_experts_used} of {self.n_experts} experts of {self.expert_ffn_dim} is no "
+                                 f"mixture of experts this supports (1 <= used <= experts <= {MAX_EXPERTS})")
+        elif self.arch == "qwen3moe":
+            raise ValueError("a qwen3moe model needs its expert counts and sizes")
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
     def weight_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape (torch order: [out, in]) this config gives the tensor `name` (canonical
         GGUF name); None for a name the decoder does not read."""
         D, F, hd = self.dim, self.ffn_dim, self.head_dim
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        if self.moe and (e := _EXPERT_TENSOR.fullmatch(name)):  # one expert of a block (our own name)
+            if int(e[1]) >= self.n_layers or int(e[3]) >= self.n_experts:
+                return None
+            Fe = self.expert_ffn_dim
+            return (D, Fe) if e[2] == "ffn_down" else (Fe, D)
         top = {"token_embd.weight": (self.vocab_size, D), "output.weight": (self.vocab_size, D),
                "output_norm.weight": (D,), "rope_freqs.weight": (hd // 2,)}
         if name in top:
@@ -96,7 +121,12 @@ class ModelConfig:
             "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
             "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
             "attn_output.weight": (D, q),
-            "ffn_gate.weight": (F, D), "ffn_up.weight": (F, D), "ffn_down.weight": (D, F),
+            **({"ffn_gate.weight": (F, D), "ffn_up.weight": (F, D), "ffn_down.weight": (D, F)} if not self.moe else {
+                "ffn_gate_inp.weight": (self.n_experts, D),  # the router
+                # as a GGUF file holds them: every expert of the block in one tensor
+                "ffn_gate_exps.weight": (self.n_experts, self.expert_ffn_dim, D),
+                "ffn_up_exps.weight": (self.n_experts, self.expert_ffn_dim, D),
+                "ffn_down_exps.weight": (self.n_experts, D, self.expert_ffn_dim)}),
         }.get(m[2])
 
     def to_dict(self) -> dict:

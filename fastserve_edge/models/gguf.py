@@ -259,6 +259,13 @@ def _config(meta: dict[str, Any], tensor_names: set[str], path: Path, arch: str,
         )
     if n_heads <= 0:
         raise ValueError(f"{n_heads} attention heads")
+    n_experts = _number(meta.get(f"{arch}.expert_count", 0), int)
+    moe = {}
+    if n_experts:  # qwen3moe; llama with experts (Mixtral): expert_feed_forward_length or the FFN's own
+        moe = dict(n_experts=n_experts, n_experts_used=_number(key("expert_used_count"), int),
+                   expert_ffn_dim=_number(meta.get(f"{arch}.expert_feed_forward_length")
+                                          or key("feed_forward_length"), int),
+                   norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", True)))
     return ModelConfig(
         arch=arch,
         n_layers=_number(key("block_count"), int),
@@ -276,6 +283,7 @@ def _config(meta: dict[str, Any], tensor_names: set[str], path: Path, arch: str,
         attn_bias="blk.0.attn_q.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         name=str(meta.get("general.name", path.stem)),
+        **moe,  # norm_topk: llama.cpp renormalizes the chosen experts' weights for both families
     )
 
 
@@ -284,6 +292,25 @@ def _unpermute_rows(n_out: int, n_head: int) -> np.ndarray:
     half = n_out // n_head // 2
     # permute(w) = w.reshape(n_head, 2, half, ...).swapaxes(1, 2): row (h, i, j) came from (h, j, i)
     return np.arange(n_out).reshape(n_head, half, 2).swapaxes(1, 2).reshape(-1)
+
+
+EXPERT_TENSORS = {"ffn_gate_exps": "ffn_gate", "ffn_up_exps": "ffn_up", "ffn_down_exps": "ffn_down"}
+
+
+def _split_experts(tensors: dict[str, GGUFTensorInfo], config: ModelConfig) -> dict[str, tuple[GGUFTensorInfo, int]]:
+    """Every expert of a block's `ffn_*_exps` tensor [experts, rows, cols] as a matrix of its own,
+    `blk.N.ffn_gate.E.weight` (the name older Mixtral files use): E's rows of the 3-D tensor,
+    so a peer is sent, and a token reads, only the experts it needs. -> name: (tensor, expert)."""
+    out: dict[str, tuple[GGUFTensorInfo, int]] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in EXPERT_TENSORS and parts[3] == "weight":
+            if len(t.shape) != 3 or t.shape[2] != config.n_experts:
+                raise ModelFormatError(f"tensor {name} has shape {list(reversed(t.shape))}, not {config.n_experts} "
+                                       "experts: the file is corrupt or was converted wrongly; download it again")
+            for e in range(config.n_experts):
+                out[f"blk.{parts[1]}.{EXPERT_TENSORS[parts[2]]}.{e}.weight"] = (t, e)
+    return out
 
 
 VOCABULARY_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -300,6 +327,7 @@ class GGUFModel:
         self.metadata = read_metadata(self.reader)
         self._tensors = {t.name: t for t in self.reader.tensors}
         self.config = config_from_metadata(self.metadata, set(self._tensors), self.path)
+        self._experts = _split_experts(self._tensors, self.config) if self.config.moe else {}
         self._tokenizer = None
         for t in self.reader.tensors:
             if t.tensor_type not in SUPPORTED_TYPES:
@@ -318,13 +346,21 @@ class GGUFModel:
                     "download or convert it again")
 
     def has(self, name: str) -> bool:
-        return name in self._tensors
+        return name in self._experts or (name in self._tensors and not self._is_experts(name))
 
     def names(self) -> list[str]:
-        return sorted(self._tensors)
+        return sorted([n for n in self._tensors if not self._is_experts(n)] + list(self._experts))
+
+    def _is_experts(self, name: str) -> bool:
+        return self.config.moe and name.split(".")[2:3] in ([k] for k in EXPERT_TENSORS)
 
     def tensor(self, name: str) -> RawTensor:
-        t = self._tensors.get(name)
+        if name in self._experts:
+            t, e = self._experts[name]
+            rows = t.data.shape[0] // self.config.n_experts
+            shape = tuple(int(n) for n in reversed(t.shape[:2]))
+            return RawTensor(name, t.tensor_type, shape, t.data[e * rows:(e + 1) * rows])
+        t = self._tensors.get(name) if not self._is_experts(name) else None
         if t is None:
             raise ModelFormatError(f"{self.path.name}: tensor {name} is missing; the file is incomplete or not a {self.config.arch} model")
         shape = tuple(int(n) for n in reversed(t.shape))

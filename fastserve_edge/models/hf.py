@@ -40,15 +40,29 @@ _NAMES = {
     "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    # mixture of experts: Qwen3MoE (mlp.gate, mlp.experts.E.*_proj), Mixtral (block_sparse_moe, w1 w3 w2)
+    "model.layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight",
+    "model.layers.{i}.mlp.experts.{e}.gate_proj.weight": "blk.{i}.ffn_gate.{e}.weight",
+    "model.layers.{i}.mlp.experts.{e}.up_proj.weight": "blk.{i}.ffn_up.{e}.weight",
+    "model.layers.{i}.mlp.experts.{e}.down_proj.weight": "blk.{i}.ffn_down.{e}.weight",
+    "model.layers.{i}.block_sparse_moe.gate.weight": "blk.{i}.ffn_gate_inp.weight",
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight": "blk.{i}.ffn_gate.{e}.weight",
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight": "blk.{i}.ffn_up.{e}.weight",
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight": "blk.{i}.ffn_down.{e}.weight",
 }
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in _NAMES.items()]
+_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+                         + "$"), v) for k, v in _NAMES.items()]
+# HF model_type -> (our arch, what its config.json calls the expert count)
+_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 
 
 def canonical_name(hf_name: str) -> str | None:
     for pattern, target in _PATTERNS:
         m = pattern.match(hf_name)
         if m:
-            return target.replace("{i}", m.group(1)) if m.groups() else target
+            for field, value in m.groupdict().items():
+                target = target.replace("{" + field + "}", value)
+            return target
     return None
 
 
@@ -59,10 +73,11 @@ def is_hf_folder(path: Path) -> bool:
 def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
     if not isinstance(cfg, dict):
         raise ModelFormatError(f"{path}/config.json is not a JSON object; it is not a model config")
-    arch = str(cfg.get("model_type", "")).lower()
+    model_type = str(cfg.get("model_type", "")).lower()
+    arch = _ARCHS.get(model_type, "")
     if arch not in SUPPORTED_ARCHS:
         raise ModelFormatError(
-            f"{path}: model_type {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
+            f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(_ARCHS)}"
         )
     try:
         n_heads = int(cfg["num_attention_heads"])
@@ -80,6 +95,15 @@ def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
         elif rope_type not in (None, "default"):
             raise ModelFormatError(f"{path}: rope scaling {rope_type!r} is not supported; supported: llama3")
         theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        moe = {}
+        if model_type in ("qwen3_moe", "mixtral"):
+            if model_type == "qwen3_moe" and (cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1):
+                raise ModelFormatError(f"{path}: dense layers among the expert layers (mlp_only_layers, "
+                                       "decoder_sparse_step) are not supported")
+            moe = dict(n_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
+                       n_experts_used=int(cfg["num_experts_per_tok"]),
+                       expert_ffn_dim=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+                       norm_topk=bool(cfg.get("norm_topk_prob", True)))  # Mixtral: softmax over the chosen
         return ModelConfig(
             arch=arch,
             n_layers=int(cfg["num_hidden_layers"]),
@@ -95,8 +119,9 @@ def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
             rope_scaling=scaling,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attn_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3moe"),
             name=path.name,
+            **moe,
         )
     except KeyError as err:
         raise ModelFormatError(f"{path}/config.json lacks {err}; it is not a complete {arch} config") from None

@@ -1,0 +1,127 @@
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral) against transformers: tiny random models as
+Hugging Face folders and as GGUF files, whole and split into stages, decoded one session and
+several at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastserve_edge.engine.generate import DecodeStep, Pipeline, local_stages
+from fastserve_edge.engine.model import MixtureOfExperts
+from fastserve_edge.engine.sampling import Sampler, SamplingParams
+from fastserve_edge.models import open_model
+from tests import models_fixtures as mf
+from tests import moe_fixtures as moe
+
+VOCAB = 2048
+IDS = [1, 1690, 198, 237, 359, 1789, 28, 253, 1593, 30, 2, 198, 1, 520, 931, 198, 57, 548]
+GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
+CLOSE = 1e-3  # as test_engine_families: the fp16 KV cache's 3-4e-4
+
+
+def pipeline(path, **kw) -> Pipeline:
+    source = open_model(path)
+    return Pipeline(source.config, local_stages(source, max_tokens=128, **kw), 128)
+
+
+def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module", params=moe.MOE_ARCHS)
+def folder(request, tmp_path_factory):
+    return moe.write_hf_folder(tmp_path_factory.mktemp(request.param) / "hf", request.param, seed=5, vocab_size=VOCAB)
+
+
+def arch_of(folder) -> str:
+    return "qwen3moe" if moe.hf_config_of(folder)["model_type"] == "qwen3_moe" else "mixtral"
+
+
+def test_hf_folder_logits_and_greedy_match_transformers(folder):
+    source = open_model(folder)
+    assert source.config.moe and (source.config.n_experts, source.config.n_experts_used) == (8, 2)
+    ref_model = moe.oracle(folder)
+    ours = pipeline(folder).forward("s", IDS, 0, all_logits=True)
+    assert rel_error(ours, mf.hf_logits(ref_model, IDS)) < CLOSE
+    assert list(pipeline(folder).generate("g", IDS, Sampler(GREEDY), max_tokens=32)) == mf.hf_greedy(ref_model, IDS, 32)
+
+
+@pytest.mark.parametrize("ttype", ["F32", "Q8_0"])
+def test_gguf_logits_and_greedy_match_transformers(folder, tmp_path, ttype):
+    path = moe.write_gguf(tmp_path / "m.gguf", folder, arch_of(folder), tensor_type=ttype)
+    source = open_model(path)
+    assert source.config.arch == ("qwen3moe" if arch_of(folder) == "qwen3moe" else "llama")
+    assert not any("_exps" in n for n in source.names())  # every expert its own matrix
+    assert source.has("blk.1.ffn_down.7.weight") and source.tensor("blk.1.ffn_down.7.weight").shape == (64, 32)
+    ref_model = moe.oracle(folder, ttype)
+    ours = pipeline(path).forward("s", IDS, 0, all_logits=True)
+    ref = mf.hf_logits(ref_model, IDS)
+    assert rel_error(ours, ref) < (CLOSE if ttype == "F32" else 1e-2)  # Q8_0: our int16 activations
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+    if ttype == "F32":
+        assert list(pipeline(path).generate("g", IDS, Sampler(GREEDY), max_tokens=32)) == mf.hf_greedy(ref_model, IDS, 32)
+
+
+def test_k_quant_experts_load_and_match(tmp_path):
+    """Q4_K experts (the Q4_K_M people download): rows of 256, blocks read in place."""
+    folder = moe.write_hf_folder(tmp_path / "hf", "qwen3moe", seed=9, vocab_size=VOCAB, dim=256, expert_ffn=256)
+    path = moe.write_gguf(tmp_path / "k.gguf", folder, "qwen3moe", tensor_type="Q4_K")
+    ours = pipeline(path).forward("s", IDS, 0, all_logits=True)
+    ref = mf.hf_logits(moe.oracle(folder, "Q4_K"), IDS)
+    assert rel_error(ours, ref) < 2e-2
+
+
+@pytest.mark.parametrize("arch", moe.MOE_ARCHS)
+def test_every_split_point_gives_the_same_logits(tmp_path, arch):
+    path = moe.write_gguf(tmp_path / "m.gguf", moe.write_hf_folder(tmp_path / "hf", arch, seed=3, vocab_size=VOCAB,
+                                                                  n_layers=4), arch, tensor_type="F16")
+    whole = pipeline(path).forward("s", IDS, 0, all_logits=True)
+    for cuts in ([0, 1, 4], [0, 2, 4], [0, 3, 4], [0, 1, 2, 3, 4]):
+        split = pipeline(path, boundaries=cuts).forward("s", IDS, 0, all_logits=True)
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_decode_equals_each_session_alone(folder):
+    """Several sessions' rows through the experts together (grouped by expert) give each the
+    token it gets alone."""
+    prompts = [IDS[:5], IDS[3:11], IDS[7:]]
+    alone = []
+    for i, p in enumerate(prompts):
+        alone.append(list(pipeline(folder).generate(f"a{i}", p, Sampler(GREEDY), max_tokens=6)))
+    pipe = pipeline(folder)
+    greedy = Sampler(GREEDY)
+    tokens = [pipe.next_token(f"b{i}", p, 0, greedy, p) for i, p in enumerate(prompts)]
+    got = [[t] for t in tokens]
+    for step in range(5):
+        steps = [DecodeStep(f"b{i}", got[i][-1], len(p) + step, greedy, p) for i, p in enumerate(prompts)]
+        for i, t in enumerate(pipe.next_tokens(steps)):
+            got[i].append(t)
+    assert got == alone
+
+
+def test_only_the_chosen_experts_run(folder):
+    """A token reads only the experts its router picks: the others' weights are never touched."""
+    stage = local_stages(open_model(folder), max_tokens=64)[0]
+    block_moe = stage.stage.blocks[0].ffn
+    assert isinstance(block_moe, MixtureOfExperts)
+    calls: list[int] = []
+    for e, expert in enumerate(block_moe.experts):
+        expert.register_forward_pre_hook(lambda module, args, e=e: calls.append(e))
+    x = torch.randn(1, 1, 64)
+    _, chosen = block_moe.route(x.reshape(1, -1))
+    block_moe(x)
+    assert sorted(calls) == sorted(chosen[0].tolist()) and len(calls) == 2
+
+
+def test_a_config_with_impossible_experts_is_refused(tmp_path):
+    import json
+
+    from fastserve_edge.errors import ModelFormatError
+
+    folder = moe.write_hf_folder(tmp_path / "hf", "mixtral", seed=1, vocab_size=VOCAB)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 9  # more than its 8 experts
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match="experts"):
+        open_model(folder)
