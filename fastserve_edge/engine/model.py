@@ -228,14 +228,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps, kernels)
         self.ffn = MixtureOfExperts(cfg, w, prefix) if cfg.moe else FeedForward(w, prefix)
         self.cfg = cfg
-        self.glue = self.program = None
-        if cfg.moe:  # the C block has no router: a mixture runs in torch, its experts' matmuls in C
-            return
-
+        self.program = None
         # One token at a time the glue between matmuls costs as much as they do: a C path
         # (kernels/decode.c) takes one row through the whole block when every weight is quantized.
-        fused = (self.attn.wqkv, self.ffn.gate_up)
+        # A mixture's FFN has no C block (the router picks its matrices): its attention takes the
+        # glue, its experts their own kernels.
+        fused = (self.attn.wqkv,) if cfg.moe else (self.attn.wqkv, self.ffn.gate_up)
         self.glue = getattr(w, "kernels", None) if all(getattr(f, "multi", None) is not None for f in fused) else None
+        if cfg.moe:
+            return
         # ... and when wo and down are quantized too, the whole block is one C call
         single = [_one_call(m) for m in (self.attn.wo, self.ffn.down)]
         if self.glue is not None and all(m is not None for m in single):
@@ -279,6 +280,8 @@ class Block(nn.Module):
         k_cache, v_cache = cache.layer(layer, pos + 1)
         heads = g.attend_one(qkv, cos[0], sin[0], k_cache, v_cache, pos, c.n_heads, c.n_kv_heads, c.head_dim)
         row = row + attn.wo.forward(heads.reshape(1, -1))
+        if c.moe:
+            return (row + self.ffn(g.rmsnorm(row, self.ffn_norm.weight, self.ffn_norm.eps))).reshape(1, 1, -1)
         gate_up = self.ffn.gate_up.project(g.rmsnorm(row, self.ffn_norm.weight, self.ffn_norm.eps))
         row = row + self.ffn.down.forward(g.swiglu(gate_up))
         return row.reshape(1, 1, -1)

@@ -125,3 +125,14 @@ def test_a_config_with_impossible_experts_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFormatError, match="experts"):
         open_model(folder)
+
+
+def test_quantized_decode_through_the_c_attention_agrees_with_prefill(folder, tmp_path):
+    """A quantized mixture decodes one token at a time through the C attention glue and the
+    experts' own kernels: each greedy token is the one a prefill of the same text picks."""
+    path = moe.write_gguf(tmp_path / "q.gguf", folder, arch_of(folder), tensor_type="Q8_0")
+    pipe = pipeline(path)
+    assert all(block.glue is not None for block in pipe.stages[0].stage.blocks)
+    tokens = list(pipe.generate("g", IDS, Sampler(GREEDY), max_tokens=8))
+    logits = pipeline(path).forward("p", IDS + tokens[:-1], 0, all_logits=True)
+    assert logits[len(IDS) - 1:].argmax(-1).tolist() == tokens
