@@ -9,6 +9,9 @@ with the real shapes measures the same work. The vocabulary is SmolLM2's byte-le
     python bench/make_1b_gguf.py OUT-q4_0.gguf --pure-quantize Q4_0 --source OUT.gguf
     python bench/make_1b_gguf.py 8B-q4_0.gguf --shape 8b --random-q4_0 --tokenizer-from ...
 
+`--shape moe` is Qwen3-30B-A3B's layer shapes (qwen3moe: 2048 wide, 32 query and 4 KV heads of
+128, 128 experts of 768 of which 8 are used, a 151,936-token vocabulary) with 6 layers instead
+of 48, written F16 (~8.5 GB) for llama.cpp's quantizer: about 2.5 GB as Q4_K_M.
 `--shape 8b` is Llama-3.1-8B's shapes (4096 wide, 32 layers, 14336 FFN, an untied head).
 `--random-q4_0` writes Q4_0 blocks straight from random numbers (random nibbles, scales that
 give the same spread as --pure-quantize's): no F16 file first, which for an 8B would be 16 GB
@@ -90,21 +93,124 @@ def tensor_shapes(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "output.weight", (shape.vocab, shape.dim)
 
 
+@dataclass(frozen=True)
+class MoeShape:
+    """Qwen3-30B-A3B's layers (its config.json), fewer of them."""
+    vocab: int = 151936
+    dim: int = 2048
+    n_layers: int = 6
+    n_heads: int = 32
+    n_kv_heads: int = 4
+    head_dim: int = 128
+    n_experts: int = 128
+    n_experts_used: int = 8
+    expert_ffn_dim: int = 768
+    context_length: int = 4096
+    rope_theta: float = 1000000.0
+    norm_eps: float = 1e-6
+    std: float = 0.02
+    name: str = "qwen3-30b-a3b-shape-random"
+
+
+QWEN3_30B_A3B_6L = MoeShape()
+
+
+def moe_tensor_shapes(shape: MoeShape) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """qwen3moe's GGUF tensors with numpy shapes: [out, in], experts stacked first."""
+    q, kv, E, F = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim, shape.n_experts, shape.expert_ffn_dim
+    yield "token_embd.weight", (shape.vocab, shape.dim)
+    for i in range(shape.n_layers):
+        yield f"blk.{i}.attn_norm.weight", (shape.dim,)
+        yield f"blk.{i}.attn_q.weight", (q, shape.dim)
+        yield f"blk.{i}.attn_k.weight", (kv, shape.dim)
+        yield f"blk.{i}.attn_v.weight", (kv, shape.dim)
+        yield f"blk.{i}.attn_q_norm.weight", (shape.head_dim,)
+        yield f"blk.{i}.attn_k_norm.weight", (shape.head_dim,)
+        yield f"blk.{i}.attn_output.weight", (shape.dim, q)
+        yield f"blk.{i}.ffn_norm.weight", (shape.dim,)
+        yield f"blk.{i}.ffn_gate_inp.weight", (E, shape.dim)
+        yield f"blk.{i}.ffn_gate_exps.weight", (E, F, shape.dim)
+        yield f"blk.{i}.ffn_up_exps.weight", (E, F, shape.dim)
+        yield f"blk.{i}.ffn_down_exps.weight", (E, shape.dim, F)
+    yield "output_norm.weight", (shape.dim,)
+    yield "output.weight", (shape.vocab, shape.dim)
+
+
+def write_random_moe(out: Path, *, tokenizer_from: Path, shape: MoeShape = QWEN3_30B_A3B_6L, seed: int = 0) -> None:
+    """F16 matrices (the router F32, as llama.cpp keeps it), F32 norms of ones; tensor by
+    tensor, then renamed into place. The router's weights are larger than the rest, so each
+    token's choice of experts is clear and varies from token to token, as a trained one's."""
+    part = out.with_name(out.name + ".part")
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(part, arch="qwen3moe")
+    try:
+        _add_tokenizer(writer, shape.vocab, tokenizer_from)
+        writer.add_name(shape.name)
+        writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        writer.add_vocab_size(shape.vocab)
+        writer.add_context_length(shape.context_length)
+        writer.add_embedding_length(shape.dim)
+        writer.add_block_count(shape.n_layers)
+        writer.add_feed_forward_length(6144)  # Qwen3-30B-A3B's dense size: in the file, unused
+        writer.add_head_count(shape.n_heads)
+        writer.add_head_count_kv(shape.n_kv_heads)
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+        writer.add_rope_freq_base(shape.rope_theta)
+        writer.add_layer_norm_rms_eps(shape.norm_eps)
+        writer.add_expert_count(shape.n_experts)
+        writer.add_expert_used_count(shape.n_experts_used)
+        writer.add_expert_feed_forward_length(shape.expert_ffn_dim)
+        shapes = list(moe_tensor_shapes(shape))
+        for name, dims in shapes:
+            dtype = np.float32 if len(dims) == 1 or "ffn_gate_inp" in name else np.float16
+            writer.add_tensor_info(name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize)
+        _finish_header(writer)
+        for name, dims in shapes:
+            if len(dims) == 1:
+                writer.write_tensor_data(np.ones(dims, dtype=np.float32))
+            elif "ffn_gate_inp" in name:
+                writer.write_tensor_data(rng.standard_normal(dims, dtype=np.float32) * 0.2)
+            else:
+                flat = (int(np.prod(dims[:-1])), dims[-1])
+                data = np.empty(flat, dtype=np.float16)
+                for r in range(0, flat[0], ROW_CHUNK):
+                    rows = min(ROW_CHUNK, flat[0] - r)
+                    data[r:r + rows] = rng.standard_normal((rows, flat[1]), dtype=np.float32) * shape.std
+                writer.write_tensor_data(data.reshape(dims))
+        writer.close()
+        os.replace(part, out)
+    finally:
+        writer.close()
+        part.unlink(missing_ok=True)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, vocab: int, tokenizer_from: Path) -> None:
+    """The donor's byte-level BPE padded with unreachable `<dummy_N>` tokens to `vocab` rows."""
+    donor = gguf.GGUFReader(tokenizer_from)
+    tokens = list(_field(donor, "tokenizer.ggml.tokens") or [])
+    types = list(_field(donor, "tokenizer.ggml.token_type") or [])
+    if not tokens or len(tokens) > vocab or len(types) != len(tokens):
+        raise ValueError(f"{tokenizer_from} has no usable tokenizer.ggml.tokens/token_type for a {vocab}-token vocabulary")
+    pad = range(len(tokens), vocab)
+    writer.add_token_list(tokens + [f"<dummy_{i}>" for i in pad])
+    writer.add_token_types(types + [int(gguf.TokenType.NORMAL)] * len(pad))
+    for key in TOKENIZER_KEYS:
+        field = donor.get_field(key)
+        if field is None:
+            continue
+        main = field.types[0]
+        sub = field.types[1] if main == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), main, sub_type=sub)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
 def _field(reader: gguf.GGUFReader, key: str):
     field = reader.get_field(key)
     return None if field is None else field.contents()
 
 
 def _add_metadata(writer: gguf.GGUFWriter, shape: LlamaShape, tokenizer_from: Path, file_type: int, name: str) -> None:
-    donor = gguf.GGUFReader(tokenizer_from)
-    tokens = list(_field(donor, "tokenizer.ggml.tokens") or [])
-    types = list(_field(donor, "tokenizer.ggml.token_type") or [])
-    if not tokens or len(tokens) > shape.vocab or len(types) != len(tokens):
-        raise ValueError(f"{tokenizer_from} has no usable tokenizer.ggml.tokens/token_type for a {shape.vocab}-token vocabulary")
-    pad = range(len(tokens), shape.vocab)
-    tokens += [f"<dummy_{i}>" for i in pad]
-    types += [int(gguf.TokenType.NORMAL)] * len(pad)
-
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_vocab_size(shape.vocab)
@@ -117,17 +223,7 @@ def _add_metadata(writer: gguf.GGUFWriter, shape: LlamaShape, tokenizer_from: Pa
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_layer_norm_rms_eps(shape.norm_eps)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    for key in TOKENIZER_KEYS:
-        field = donor.get_field(key)
-        if field is None:
-            continue
-        value = field.contents()
-        main = field.types[0]
-        sub = field.types[1] if main == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, main, sub_type=sub)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, shape.vocab, tokenizer_from)
 
 
 def _open_streaming(path: Path) -> gguf.GGUFWriter:
@@ -257,9 +353,12 @@ def main() -> None:
     parser.add_argument("--pure-quantize", choices=sorted(PURE_TYPES), help="quantize --source instead of writing F16")
     parser.add_argument("--source", type=Path, help="the F16 file for --pure-quantize")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--shape", choices=sorted([*SHAPES, "moe"]), default="1b")
     parser.add_argument("--random-q4_0", action="store_true", help="random Q4_0 blocks, no F16 file first")
     args = parser.parse_args()
+    if args.shape == "moe":
+        write_random_moe(args.out, tokenizer_from=args.tokenizer_from, seed=args.seed)
+        return
     shape = SHAPES[args.shape]
     if args.random_q4_0:
         write_random_q4_0(args.out, tokenizer_from=args.tokenizer_from, shape=shape, seed=args.seed)

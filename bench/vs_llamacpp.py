@@ -25,7 +25,8 @@ The prompt is the same filler text as `fastserve bench`, tokenized by each engin
 
 Models: `smollm2` is SmolLM2-135M-Instruct Q4_1 from the project's model cache (pulled
 when missing). `1b-*` are a Llama-3.2-1B-shaped model with random weights (see
-make_1b_gguf.py), written once as F16 and quantized with llama.cpp's own quantizer.
+make_1b_gguf.py), written once as F16 and quantized with llama.cpp's own quantizer;
+`moe-q4_k_m` the same for a mixture of experts: Qwen3-30B-A3B's layer shapes, 6 layers of 48.
 
 Cache (never the repository): ${XDG_CACHE_HOME:-~/.cache}/fastserve-bench/
 
@@ -138,14 +139,18 @@ NOISE_SHARE = 0.10
 class ModelSpec:
     key: str
     label: str
-    llama_ftype: tuple[str, int] | None = None  # (name, LLAMA_FTYPE_MOSTLY_*) for generated 1B files
+    llama_ftype: tuple[str, int] | None = None  # (name, LLAMA_FTYPE_MOSTLY_*) for generated files
+    shape: str = "1b"  # make_1b_gguf.py --shape: 1b (Llama-3.2-1B) or moe (Qwen3-30B-A3B's layers, 6 of them)
 
 
 MODELS = {
     "smollm2": ModelSpec("smollm2", "SmolLM2-135M"),
     "1b-q4_0": ModelSpec("1b-q4_0", "1B-shape", ("Q4_0", 2)),
     "1b-q4_k_m": ModelSpec("1b-q4_k_m", "1B-shape", ("Q4_K_M", 15)),
+    "1b-q5_k_m": ModelSpec("1b-q5_k_m", "1B-shape", ("Q5_K_M", 17)),
+    "1b-q6_k": ModelSpec("1b-q6_k", "1B-shape", ("Q6_K", 18)),
     "1b-q8_0": ModelSpec("1b-q8_0", "1B-shape", ("Q8_0", 7)),
+    "moe-q4_k_m": ModelSpec("moe-q4_k_m", "Qwen3-30B-A3B-shape, 6 layers", ("Q4_K_M", 15), shape="moe"),
 }
 
 
@@ -525,7 +530,8 @@ def prepare_1b(spec: ModelSpec, *, cache: Path, tokenizer_from: Path, llama: Lla
     name, ftype = spec.llama_ftype
     models = cache / "models"
     models.mkdir(parents=True, exist_ok=True)
-    stem = f"llama32-1b-shape-random-{GEN_VERSION}"
+    stem = (f"llama32-1b-shape-random-{GEN_VERSION}" if spec.shape == "1b"
+            else f"qwen3-30b-a3b-shape-6l-random-{GEN_VERSION}")
     target = models / f"{stem}-{name.lower()}.gguf"
     pure = models / f"{stem}-{name.lower()}-pure.gguf"
     if target.is_file():
@@ -534,9 +540,9 @@ def prepare_1b(spec: ModelSpec, *, cache: Path, tokenizer_from: Path, llama: Lla
         return _describe(PreparedModel(spec, pure, note="gguf-py pure quantization"))
     f16 = models / f"{stem}-f16.gguf"
     if not f16.is_file():
-        say(f"writing {f16.name} (random weights, ~2.5 GB)")
+        say(f"writing {f16.name} (random weights, {'~2.5' if spec.shape == '1b' else '~8.5'} GB)")
         t0 = time.perf_counter()
-        _make_1b(str(f16), "--tokenizer-from", str(tokenizer_from), "--seed", "0")
+        _make_1b(str(f16), "--tokenizer-from", str(tokenizer_from), "--seed", "0", "--shape", spec.shape)
         say(f"wrote {f16.name} in {time.perf_counter() - t0:.0f} s")
     if llama is not None:
         say(f"quantizing to {name} with llama.cpp")
@@ -546,7 +552,7 @@ def prepare_1b(spec: ModelSpec, *, cache: Path, tokenizer_from: Path, llama: Lla
             say(f"quantized to {name} in {out.wall_s:.0f} s")
             return _describe(PreparedModel(spec, target))
         say(f"llama.cpp's quantizer failed for {name}: {out.problem}")
-    if name not in PURE_TYPES:
+    if name not in PURE_TYPES or spec.shape != "1b":
         return PreparedModel(spec, None, quant=name, problem=f"{name} needs llama.cpp's quantizer, which is not available")
     say(f"quantizing to {name} with gguf-py (every matrix {name}; llama.cpp is not available)")
     _make_1b(str(pure), "--pure-quantize", name, "--source", str(f16), "--tokenizer-from", str(tokenizer_from))

@@ -204,12 +204,30 @@ class MixtureOfExperts(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         weights, chosen = self.route(rows)
-        out = torch.zeros_like(rows, dtype=torch.float32)
-        for e in chosen.unique().tolist():  # in expert order, as transformers sums them
-            hit, slot = (chosen == e).nonzero(as_tuple=True)
-            y = self.experts[e](rows[hit].unsqueeze(0))[0]
-            out.index_add_(0, hit, y * weights[hit, slot, None])
-        return out.reshape(shape)
+        parts = [(hit, self.run_expert(e, rows, hit, weights[hit, slot, None]))
+                 for e, hit, slot in expert_rows(chosen)]
+        return sum_experts(rows.shape[0], rows.shape[1], parts).reshape(shape)
+
+    def run_expert(self, e: int, rows: torch.Tensor, hit: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Expert e's output for rows[hit], scaled by its router weight [len(hit), 1]."""
+        return self.experts[e](rows[hit].unsqueeze(0))[0] * weight
+
+
+def expert_rows(chosen: torch.Tensor):
+    """(expert, the rows that chose it, where in their choice) for every expert chosen, in
+    expert order (the order transformers sums them in, and every machine of a group too)."""
+    for e in chosen.unique().tolist():
+        hit, slot = (chosen == e).nonzero(as_tuple=True)
+        yield e, hit, slot
+
+
+def sum_experts(n_rows: int, dim: int, parts) -> torch.Tensor:
+    """The mixture's output [n_rows, dim]: the weighted expert outputs (hit, y) added in the
+    order given (expert order): one machine and a group add the same numbers in the same order."""
+    out = torch.zeros(n_rows, dim)
+    for hit, y in parts:
+        out.index_add_(0, hit, y)
+    return out
 
 
 def _one_call(linear: nn.Module):
@@ -263,28 +281,36 @@ class Block(nn.Module):
 
     def forward_one(self, x, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
         """x: [1, 1, D] -> [1, 1, D]; the same math as forward(), in fewer, larger calls."""
-        c, g, attn = self.cfg, self.glue, self.attn
+        c, g = self.cfg, self.glue
         if self.program is not None:
             row = x.reshape(-1).clone()  # updated in place; x may be the caller's
             k_cache, v_cache = cache.layer(layer, pos + 1)
             self.program(row, k_cache, v_cache, pos, cos[0], sin[0])
             return row.reshape(1, 1, -1)
         row = x.reshape(1, -1)
-        qkv = attn.wqkv.project(g.rmsnorm(row, self.attn_norm.weight, self.attn_norm.eps))
-        if attn.q_norm is not None:  # qwen3: RMSNorm over each head of q and k, before rope
-            q_k = qkv[0, : (c.n_heads + c.n_kv_heads) * c.head_dim]
-            g.rmsnorm(q_k[: c.n_heads * c.head_dim], attn.q_norm.weight, attn.q_norm.eps,
-                      out=q_k[: c.n_heads * c.head_dim])
-            g.rmsnorm(q_k[c.n_heads * c.head_dim:], attn.k_norm.weight, attn.k_norm.eps,
-                      out=q_k[c.n_heads * c.head_dim:])
-        k_cache, v_cache = cache.layer(layer, pos + 1)
-        heads = g.attend_one(qkv, cos[0], sin[0], k_cache, v_cache, pos, c.n_heads, c.n_kv_heads, c.head_dim)
-        row = row + attn.wo.forward(heads.reshape(1, -1))
+        row = row + self.attn.wo.forward(attend_row(self.attn, g, self.attn_norm, row, cos, sin, cache, layer, pos))
         if c.moe:
             return (row + self.ffn(g.rmsnorm(row, self.ffn_norm.weight, self.ffn_norm.eps))).reshape(1, 1, -1)
         gate_up = self.ffn.gate_up.project(g.rmsnorm(row, self.ffn_norm.weight, self.ffn_norm.eps))
         row = row + self.ffn.down.forward(g.swiglu(gate_up))
         return row.reshape(1, 1, -1)
+
+
+def attend_row(attn: Attention, g, norm: RMSNorm, row: torch.Tensor, cos, sin, cache: KVCache, layer: int,
+               pos: int) -> torch.Tensor:
+    """One token's attention through the C glue, before wo: row [1, D] at pos -> the heads'
+    outputs [1, heads * head_dim] (attn's own heads: a tensor-parallel slice has some)."""
+    c = attn.cfg
+    qkv = attn.wqkv.project(g.rmsnorm(row, norm.weight, norm.eps))
+    if attn.q_norm is not None:  # qwen3: RMSNorm over each head of q and k, before rope
+        q_k = qkv[0, : (c.n_heads + c.n_kv_heads) * c.head_dim]
+        g.rmsnorm(q_k[: c.n_heads * c.head_dim], attn.q_norm.weight, attn.q_norm.eps,
+                  out=q_k[: c.n_heads * c.head_dim])
+        g.rmsnorm(q_k[c.n_heads * c.head_dim:], attn.k_norm.weight, attn.k_norm.eps,
+                  out=q_k[c.n_heads * c.head_dim:])
+    k_cache, v_cache = cache.layer(layer, pos + 1)
+    heads = g.attend_one(qkv, cos[0], sin[0], k_cache, v_cache, pos, c.n_heads, c.n_kv_heads, c.head_dim)
+    return heads.reshape(1, -1)
 
 
 class Stage(nn.Module):
@@ -397,17 +423,22 @@ class Stage(nn.Module):
             return h
         return self._head_each(self.norm(h))
 
+    def _attention_row(self, block: Block, row: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+        """row [1, D] + its attention, as forward_one computes it (the C glue when quantized)."""
+        cos, sin = self.cos[pos:pos + 1], self.sin[pos:pos + 1]
+        if block.glue is None:
+            return row + block.attn(block.attn_norm(row.unsqueeze(0)), cos, sin, cache, layer, pos)[0]
+        return row + block.attn.wo.forward(attend_row(block.attn, block.glue, block.attn_norm, row, cos, sin, cache,
+                                                      layer, pos))
+
     def _forward_batch_moe(self, x: torch.Tensor, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
         """forward_batch of a mixture of experts: attention one session at a time, then every
         session's row through the experts together (the rows that chose an expert share its pass)."""
         M = x.shape[0]
-        h = self.embed(x.view(M, 1)).reshape(M, 1, -1) if self.is_first else x.float().reshape(M, 1, -1)
+        h = self.embed(x.view(M, 1)).reshape(M, -1) if self.is_first else x.float().reshape(M, -1)
         for layer, block in enumerate(self.blocks):
-            normed = block.attn_norm(h)
-            h = h + torch.cat([block.attn(normed[r:r + 1], self.cos[p:p + 1], self.sin[p:p + 1], caches[r], layer, p)
-                               for r, p in enumerate(positions)])
+            h = torch.cat([self._attention_row(block, h[r:r + 1], caches[r], layer, p) for r, p in enumerate(positions)])
             h += block.ffn(block.ffn_norm(h))
-        h = h.reshape(M, -1)
         if not self.is_last:
             return h
         return self._head_each(self.norm(h))
