@@ -135,7 +135,7 @@ class ModelProvider:
         slices, rank = self._slices[key]
         cfg = self.source.config
         return [slices.cut(cfg, self.source.tensor(name), rank, head=base == "head")
-                for name in sorted(self.manifest.parts[base])]
+                for name in sorted(self.manifest.parts[base]) if slices.holds(cfg, name, rank)]
 
     def slice_manifest(self, slices: Slices, rank: int, parts: list[str]) -> dict[str, dict[str, tuple[str, int]]]:
         """part@key -> tensor name -> (sha256, data bytes) of machine `rank`'s rows of it (hashed

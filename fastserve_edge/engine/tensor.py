@@ -10,6 +10,11 @@ machines):
 - the LM head: rows of the vocabulary;
 - replicated: the norms. The group's first machine (the host) also holds the embedding and
   sends each step's rows.
+- a mixture of experts (expert parallelism): whole experts instead of FFN columns, in
+  proportion to speed; the router is replicated and runs on every machine, so each knows which
+  rows go to which expert. Each machine runs its experts on the rows that chose them and one
+  all-gather a layer brings every weighted expert output to every machine, which adds them in
+  expert order, as one machine does (three all-gathers a layer, all bit for bit one machine's).
 Every matrix is split by output rows, so every output element is computed whole from the
 whole input on one machine, and four all-gathers a layer (decode.c fs_tp_block_batch, over
 mesh.c's sealed TCP mesh) make the answer bit for bit one machine's (the exact design).
@@ -46,7 +51,8 @@ import torch
 from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.kernels import ExchangeError, Mesh, TensorBlockProgram, tp_forward
 from fastserve_edge.engine.kv_cache import KVCache
-from fastserve_edge.engine.model import Attention, FeedForward, RMSNorm, _one_call, model_rope
+from fastserve_edge.engine.model import (Attention, FeedForward, MixtureOfExperts, RMSNorm, _one_call, attend_row,
+                                         expert_rows, model_rope, sum_experts)
 from fastserve_edge.engine.quant import DenseLinear, QuantLinear, RuntimeWeights
 from fastserve_edge.errors import ConfigError, ModelFormatError
 from fastserve_edge.models.tensors import ModelSource, RawTensor, check_layout
@@ -91,7 +97,7 @@ class Slices:
 
     kv_at: tuple[int, ...]     # KV heads (with their query heads)
     dim_at: tuple[int, ...]    # rows of wo and down
-    ffn_at: tuple[int, ...]    # FFN columns
+    ffn_at: tuple[int, ...]    # FFN columns; a mixture of experts: whole experts
     vocab_at: tuple[int, ...]  # rows of the LM head
 
     @property
@@ -104,19 +110,30 @@ class Slices:
         n = len(speeds)
         units = {name: -(-size // ROW_GROUP) for name, size in
                  (("dim", cfg.dim), ("ffn", cfg.ffn_dim), ("vocab", cfg.vocab_size))}
+        if cfg.moe:
+            units["ffn"] = cfg.n_experts
         if min(units.values()) < n:
-            raise ConfigError(f"{n} machines are more than this model's dim {cfg.dim} / ffn {cfg.ffn_dim} can be "
-                              f"split into (groups of {ROW_GROUP}): use fewer machines or a pipeline")
+            raise ConfigError(f"{n} machines are more than this model's dim {cfg.dim} / ffn {cfg.ffn_dim} / "
+                              f"{cfg.n_experts} experts can be split into (groups of {ROW_GROUP}): use fewer "
+                              "machines or a pipeline")
         kv = apportion(cfg.n_kv_heads, speeds, at_least=0) if n > 1 else [cfg.n_kv_heads]
+        ffn_at = (_spans(apportion(units["ffn"], speeds)) if cfg.moe else
+                  _spans(apportion(units["ffn"], speeds), ROW_GROUP, cfg.ffn_dim))
         return cls(kv_at=_spans(kv), dim_at=_spans(apportion(units["dim"], speeds), ROW_GROUP, cfg.dim),
-                   ffn_at=_spans(apportion(units["ffn"], speeds), ROW_GROUP, cfg.ffn_dim),
-                   vocab_at=_spans(apportion(units["vocab"], speeds), ROW_GROUP, cfg.vocab_size))
+                   ffn_at=ffn_at, vocab_at=_spans(apportion(units["vocab"], speeds), ROW_GROUP, cfg.vocab_size))
+
+    def holds(self, cfg: ModelConfig, name: str, rank: int) -> bool:
+        """Whether machine `rank` holds any of tensor `name` (another machine's expert: no)."""
+        e = _expert_of(cfg, name)
+        return e is None or self.ffn_at[rank] <= e < self.ffn_at[rank + 1]
 
     def rows_of(self, cfg: ModelConfig, name: str, rank: int) -> tuple[int, int] | None:
         """The rows of tensor `name` machine `rank` holds, or None for the whole tensor."""
         parts = name.split(".")
         group = cfg.n_heads // cfg.n_kv_heads
         a, b = self.kv_at[rank], self.kv_at[rank + 1]
+        if _expert_of(cfg, name) is not None:
+            return None  # an expert is held whole (or not at all: holds)
         if len(parts) >= 3 and parts[0] == "blk":
             kind = parts[2]
             if kind == "attn_q":
@@ -146,7 +163,7 @@ class Slices:
         n = len(spans[0]) - 1
         if not 1 <= n <= 64 or any(len(at) != n + 1 for at in spans):
             raise ValueError(f"spans for 1 to 64 machines, all of one length: got {[len(at) for at in spans]}")
-        totals = (cfg.n_kv_heads, cfg.dim, cfg.ffn_dim, cfg.vocab_size)
+        totals = (cfg.n_kv_heads, cfg.dim, cfg.n_experts if cfg.moe else cfg.ffn_dim, cfg.vocab_size)
         for name, at, total, least in zip(("kv", "dim", "ffn", "vocab"), spans, totals, (0, 1, 1, 1)):
             if at[0] != 0 or at[-1] != total or any(at[r + 1] - at[r] < least for r in range(n)):
                 raise ValueError(f"{name} spans {list(at)[:8]} do not cover 0..{total} in order")
@@ -206,6 +223,14 @@ class SliceWeights(RuntimeWeights):
         return QuantLinear(q) if q is not None else DenseLinear(raw.to_float(self.dtype), None)
 
 
+def _expert_of(cfg: ModelConfig, name: str) -> int | None:
+    """The expert a tensor belongs to (blk.N.ffn_gate.E.weight), None for any other tensor."""
+    parts = name.split(".")
+    if cfg.moe and len(parts) == 5 and parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+        return int(parts[3]) if parts[3].isdigit() else None
+    return None
+
+
 def _take(raw: RawTensor, a: int, b: int) -> RawTensor:
     """Rows a..b of a matrix; elements a..b of a vector (a bias: one row of float bytes in a file)."""
     if len(raw.shape) == 1 and isinstance(raw.data, np.ndarray):
@@ -227,7 +252,26 @@ class SliceBlock(torch.nn.Module):
         self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps, kernels)
         self.attn = Attention(mine, w, prefix) if mine is not None else None  # its wo: unused (below)
         self.wo = self.attn.wo if self.attn is not None else w.linear(f"{prefix}.attn_output")
-        self.ffn = FeedForward(w, prefix)
+        self.glue = kernels if getattr(self.attn.wqkv if self.attn is not None else None, "multi", None) is not None \
+            else None
+        if cfg.moe:  # this machine's experts, whole; the router, whole
+            first, end = w.slices.ffn_at[w.rank], w.slices.ffn_at[w.rank + 1]
+            self.ffn = _Experts(cfg, w, prefix, range(first, end))
+        else:
+            self.ffn = FeedForward(w, prefix)
+
+
+class _Experts(MixtureOfExperts):
+    """A machine's experts of a mixture (the others are other machines'), with the whole router."""
+
+    def __init__(self, cfg: ModelConfig, w: SliceWeights, prefix: str, mine: range):
+        torch.nn.Module.__init__(self)
+        self.cfg, self.mine = cfg, mine
+        self.register_buffer("router", w.vector(f"{prefix}.ffn_gate_inp.weight"), persistent=False)
+        self.experts = torch.nn.ModuleDict({str(e): FeedForward(w, prefix, e) for e in mine})
+
+    def run_expert(self, e: int, rows: torch.Tensor, hit: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.experts[str(e)](rows[hit].unsqueeze(0))[0] * weight
 
 
 class TensorSlice:
@@ -249,9 +293,12 @@ class TensorSlice:
         self.blocks: list[SliceBlock] = []
         mine = replace(cfg, n_heads=self.n_kv * group, n_kv_heads=self.n_kv) if self.n_kv else None
         for i in range(cfg.n_layers):
-            p = f"blk.{i}"
             block = SliceBlock(cfg, mine, weights, i)
             self.blocks.append(block)
+            if cfg.moe:  # no C block: the experts' rows go where the router sends them (moe_layers)
+                if self.n_kv and block.glue is None:
+                    raise ConfigError("tensor parallelism needs every matrix of a block quantized (GGUF blocks)")
+                continue
             qkv = None
             if block.attn is not None:
                 qkv, bias = block.attn.wqkv.multi, block.attn.wqkv.bias
@@ -288,6 +335,8 @@ class TensorSlice:
         first = positions[0]
         if len(slots) > 1 and len(set(slots)) == 1 and list(positions) == list(range(first, first + len(slots))):
             self.prompt(mesh, x, slots[0], first)
+        elif self.cfg.moe:
+            self.moe_layers(mesh, x, slots, positions)
         else:
             self.layers(mesh, x, slots, positions)
 
@@ -332,6 +381,9 @@ class TensorSlice:
                     heads = torch.empty(S, 0)
                 heads = gather(heads.contiguous(), self.heads_at)
                 h = h + gather(block.wo(heads).contiguous(), list(s.dim_at)).unsqueeze(0)
+                if self.cfg.moe:
+                    h += self._experts(gather, block, block.ffn_norm(h)[0]).unsqueeze(0)
+                    continue
                 act = block.ffn.gate_up.swiglu(f := block.ffn_norm(h))
                 if act is None:
                     gate, up = block.ffn.gate_up(f)
@@ -339,6 +391,50 @@ class TensorSlice:
                 act = gather(act[0].contiguous(), list(s.ffn_at))
                 h += gather(block.ffn.down(act).contiguous(), list(s.dim_at)).unsqueeze(0)
             x.copy_(h[0])
+
+    def moe_layers(self, mesh: Mesh | None, x: torch.Tensor, slots: Sequence[int], positions: Sequence[int]) -> None:
+        """Decode rows x [M, dim] of a mixture through every layer, in place: each row's
+        attention on this machine's heads as one machine's decode runs it (attend_row, the C
+        glue), the heads and wo's rows gathered, then the experts (_experts)."""
+        if any(not 0 <= p < self.max_tokens for p in positions):
+            raise ValueError(f"positions {list(positions)} outside this group's {self.max_tokens}")
+        s, wait = self.slices, self.timeout_ms
+        gather = (lambda t, at: mesh.allgather_rows(t, at, wait)) if mesh is not None else (lambda t, at: t)
+        M = x.shape[0]
+        with torch.inference_mode():
+            for layer, block in enumerate(self.blocks):
+                if block.attn is not None:
+                    heads = torch.cat([attend_row(block.attn, block.glue, block.attn_norm, x[r:r + 1],
+                                                  self.cos[p:p + 1], self.sin[p:p + 1], self.cache(slot), layer, p)
+                                       for r, (slot, p) in enumerate(zip(slots, positions))])
+                else:
+                    heads = torch.empty(M, 0)
+                heads = gather(heads.contiguous(), self.heads_at)
+                out = torch.cat([block.wo.forward(heads[r:r + 1]) for r in range(M)])  # as one machine: a row a call
+                x += gather(out.contiguous(), list(s.dim_at))
+                x += self._experts(gather, block, block.ffn_norm(x))
+
+    def _experts(self, gather, block: SliceBlock, rows: torch.Tensor) -> torch.Tensor:
+        """A mixture's FFN over rows [N, dim] (normed): the router on every machine; this
+        machine's experts on the rows that chose them; one all-gather of every weighted expert
+        output (in expert order, so each machine's are together); the sum in expert order."""
+        experts: _Experts = block.ffn
+        weights, chosen = experts.route(rows)
+        hits = list(expert_rows(chosen))
+        s, r, D = self.slices, self.rank, self.cfg.dim
+        mine = [experts.run_expert(e, rows, hit, weights[hit, slot, None]) for e, hit, slot in hits
+                if experts.mine.start <= e < experts.mine.stop]
+        counts = [0] * s.ranks
+        for e, hit, _ in hits:
+            counts[next(q for q in range(s.ranks) if s.ffn_at[q] <= e < s.ffn_at[q + 1])] += hit.numel()
+        at = _spans(counts, D)
+        flat = torch.cat([y.reshape(-1) for y in mine]) if mine else torch.empty(0)
+        every = gather(flat.reshape(1, -1).contiguous(), list(at)).reshape(-1, D)
+        parts, start = [], 0
+        for _, hit, _ in hits:
+            parts.append((hit, every[start:start + hit.numel()]))
+            start += hit.numel()
+        return sum_experts(rows.shape[0], D, parts)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, dim] -> this machine's vocabulary rows of the logits [R, its rows]."""

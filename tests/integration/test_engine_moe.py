@@ -136,3 +136,29 @@ def test_quantized_decode_through_the_c_attention_agrees_with_prefill(folder, tm
     tokens = list(pipe.generate("g", IDS, Sampler(GREEDY), max_tokens=8))
     logits = pipeline(path).forward("p", IDS + tokens[:-1], 0, all_logits=True)
     assert logits[len(IDS) - 1:].argmax(-1).tolist() == tokens
+
+
+@pytest.mark.parametrize("arch", moe.MOE_ARCHS)
+@pytest.mark.parametrize("speeds", [[1, 1], [3, 2, 1]])
+def test_expert_parallel_group_is_one_machine_bit_for_bit(tmp_path, arch, speeds):
+    """The tensor layout of a mixture: whole experts per machine by speed, the router on every
+    machine, the weighted outputs gathered and added in expert order: every logit of a prompt
+    and of each decode step is one machine's, bit for bit (3 machines: one holds no heads)."""
+    from fastserve_edge.engine.tensor import Slices, SliceWeights, TensorSlice
+    from tests.unit.test_tensor_parallel import assert_same_candidates, group_logits, group_of, one_machine_logits
+
+    folder = moe.write_hf_folder(tmp_path / "hf", arch, seed=4, vocab_size=VOCAB, dim=128, n_layers=3)
+    source = open_model(moe.write_gguf(tmp_path / "m.gguf", folder, arch, tensor_type="Q8_0"))
+    prompt = IDS[:8]
+    want = one_machine_logits(source, prompt, 10)
+    with group_of(source, speeds) as (group, slices, _, workers):
+        got = group_logits(group, prompt, 10)
+        assert slices.ffn_at[-1] == 8 and slices.ranks == len(speeds)  # experts, whole
+    assert_same_candidates(got, want)
+    assert all(w.error is None for w in workers)
+    # a machine loads only its own experts
+    slices = Slices.split(source.config, speeds)
+    part = TensorSlice(SliceWeights(source, slices, 1), max_tokens=64)
+    held = sorted(int(e) for e in part.blocks[0].ffn.experts.keys())
+    assert held == list(range(slices.ffn_at[1], slices.ffn_at[2])) and len(held) < 8
+    assert not slices.holds(source.config, f"blk.0.ffn_up.{slices.ffn_at[0]}.weight", 1)
