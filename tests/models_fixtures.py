@@ -4,7 +4,8 @@ The builders write the same model two ways from one seed:
 
 - `write_tiny_gguf`: a GGUF file laid out the way llama.cpp's `convert_hf_to_gguf.py` writes it
   (tensor names, metadata keys, the q/k row permutation for `llama`, `rope_freqs` for llama3
-  rope scaling, 1-D tensors kept F32), in any of F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K.
+  rope scaling, 1-D tensors kept F32), in any of F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K,
+  or Q2_K/Q3_K/IQ4_XS.
 - `write_tiny_hf_folder`: config.json + model.safetensors + tokenizer files, as the hub ships them.
 
 `tiny_hf_state_dict` is the single source of the weights (HF names and layout), so a GGUF and a
@@ -36,6 +37,9 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # gguf-py has quantizers for these
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # gguf-py only dequantizes these; quantizers are below
 TENSOR_TYPES = FLOAT_TYPES + BLOCK_QUANTS + K_QUANTS
+# 2-, 3-bit and non-linear 4-bit super-blocks (quantizers below, plain round-to-nearest): write_tiny_gguf
+# takes them, but they stay out of TENSOR_TYPES (the transformers oracle's tolerances are for 4 bits and up)
+LOW_BIT_QUANTS = ("Q2_K", "Q3_K", "IQ4_XS")
 
 # Llama 3.x's rope_scaling, except original_max_position_embeddings: 8192 (the real value) leaves
 # every frequency of a 16-wide head at a short position almost unchanged, 64 makes the scaling
@@ -209,17 +213,17 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _affine_k(x: np.ndarray, levels: int):
-    """x: [nb, 8, 32] -> d, dmin (f16 [nb]), sc, mn (uint8 [nb, 8]), q (uint8 [nb, 8, 32])."""
+def _affine_k(x: np.ndarray, levels: int, scale_max: int = 63):
+    """x: [nb, S, G] -> d, dmin (f16 [nb]), sc, mn (uint8 [nb, S], at most scale_max), q (uint8 [nb, S, G])."""
     lo = np.minimum(x.min(axis=-1), 0.0)
     hi = np.maximum(x.max(axis=-1), 0.0)
     scale, mins = (hi - lo) / levels, -lo
-    d = _f16(scale.max(axis=-1) / 63)
-    dmin = _f16(mins.max(axis=-1) / 63)
+    d = _f16(scale.max(axis=-1) / scale_max)
+    dmin = _f16(mins.max(axis=-1) / scale_max)
     d32 = np.where(d > 0, d.astype(np.float32), 1.0)[:, None]
     dmin32 = np.where(dmin > 0, dmin.astype(np.float32), 1.0)[:, None]
-    sc = np.clip(np.rint(scale / d32), 0, 63).astype(np.uint8)
-    mn = np.clip(np.rint(mins / dmin32), 0, 63).astype(np.uint8)
+    sc = np.clip(np.rint(scale / d32), 0, scale_max).astype(np.uint8)
+    mn = np.clip(np.rint(mins / dmin32), 0, scale_max).astype(np.uint8)
     eff_scale = (d.astype(np.float32)[:, None] * sc)[..., None]
     eff_min = (dmin.astype(np.float32)[:, None] * mn)[..., None]
     q = np.rint((x + eff_min) / np.where(eff_scale > 0, eff_scale, 1.0))
@@ -275,7 +279,79 @@ def _quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, sc.view(np.uint8), d.view(np.uint8).reshape(-1, 2)], axis=1)
 
 
-_K_ENCODERS = {"Q4_K": _quantize_q4_k, "Q5_K": _quantize_q5_k, "Q6_K": _quantize_q6_k}
+def _two_bit_fields(q: np.ndarray) -> np.ndarray:
+    """q: [nb, 256] values < 4 -> [nb, 64]: weight 128h + 32t + l in bits 2t, 2t + 1 of byte 32h + l."""
+    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+    x = blocks.reshape(-1, 16, 16)
+    d, dmin, sc, mn, q = _affine_k(x, 3, scale_max=15)
+    return np.concatenate([sc | (mn << 4), _two_bit_fields(q.reshape(-1, 256)),
+                           d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+def _quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+    x = blocks.reshape(-1, 16, 16)
+    scale = np.abs(x).max(axis=-1) / 4  # q - 4 in -4..3: the largest |x| of a sub-block at -4 or 3
+    d = _f16(scale.max(axis=-1) / 31)
+    d32 = np.where(d > 0, d.astype(np.float32), 1.0)[:, None]
+    sc = np.clip(np.rint(scale / d32), 0, 31).astype(np.int32)
+    eff = (d.astype(np.float32)[:, None] * sc)[..., None]
+    q = (np.clip(np.rint(x / np.where(eff > 0, eff, 1.0)), -4, 3) + 4).astype(np.uint8).reshape(-1, 256)
+    hmask = np.zeros((x.shape[0], 32), dtype=np.uint8)  # bit t of byte l: the third bit of weight 32t + l
+    for t in range(8):
+        hmask |= (q[:, 32 * t:32 * t + 32] >> 2) << t
+    u = (sc + 32).astype(np.uint8)  # 6 bits: low 4 in bytes 0..7 (j < 8 low nibble, j >= 8 high), high 2 in 8..11
+    scales = np.zeros((x.shape[0], 12), dtype=np.uint8)
+    scales[:, :8] = (u[:, :8] & 0x0F) | ((u[:, 8:] & 0x0F) << 4)
+    for j in range(16):
+        scales[:, 8 + j % 4] |= (u[:, j] >> 4) << (2 * (j // 4))
+    return np.concatenate([hmask, _two_bit_fields(q & 3), scales, d.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def _quantize_iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    x = blocks.reshape(-1, 8, 32)
+    at = np.abs(x).argmax(axis=-1)[..., None]
+    scale = -np.take_along_axis(x, at, axis=-1)[..., 0] / 127  # the largest |x| of a sub-block on level -127
+    d = _f16(np.abs(scale).max(axis=-1) / 31)
+    d32 = np.where(d > 0, d.astype(np.float32), 1.0)[:, None]
+    ls = np.clip(np.rint(scale / d32), -32, 31).astype(np.int32)
+    eff = (d.astype(np.float32)[:, None] * ls)[..., None]
+    v = x / np.where(eff != 0, eff, 1.0)
+    q = np.abs(v[..., None] - IQ4_LEVELS).argmin(axis=-1).astype(np.uint8)  # [nb, 8, 32]: nearest level
+    u = (ls + 32).astype(np.uint16)
+    scales_h = np.zeros(x.shape[0], dtype=np.uint16)
+    for j in range(8):
+        scales_h |= (u[:, j] >> 4) << (2 * j)
+    scales_l = ((u[:, 0::2] & 0x0F) | ((u[:, 1::2] & 0x0F) << 4)).astype(np.uint8)
+    qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(-1, 128)  # Q4_0's order per 32
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), scales_h.view(np.uint8).reshape(-1, 2), scales_l, qs],
+                          axis=1)
+
+
+_K_ENCODERS = {"Q4_K": _quantize_q4_k, "Q5_K": _quantize_q5_k, "Q6_K": _quantize_q6_k,
+               "Q2_K": _quantize_q2_k, "Q3_K": _quantize_q3_k, "IQ4_XS": _quantize_iq4_xs}
+
+# where random_blocks puts fp16 scales in a block: (block bytes, offsets)
+_SCALE_AT = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "IQ4_XS": (136, (0,)),
+             "Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_blocks(tensor_type: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 1e-3) -> np.ndarray:
+    """Valid random blocks of a K-quant or IQ4_XS: uint8 [rows, cols / 256 * block bytes], every
+    byte random except the fp16 scales, which are finite, of either sign, |d| in [scale / 4, scale]:
+    every bit pattern of the quants and sub-block scales, none of a real file's regularity."""
+    size, offsets = _SCALE_AT[tensor_type]
+    blocks = rng.integers(0, 256, (rows, cols // _QK_K, size), dtype=np.uint8)
+    for at in offsets:
+        d = rng.uniform(scale / 4, scale, (rows, cols // _QK_K)) * rng.choice([-1.0, 1.0], (rows, cols // _QK_K))
+        blocks[:, :, at:at + 2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
 
 
 def quantize_tensor(w: np.ndarray, tensor_type: str):
@@ -422,7 +498,8 @@ _BLOCK_NAMES = {
 }
 
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-              "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}  # LlamaFileType: *_K as the _M mixes
+              "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32,  # LlamaFileType: *_K as the _M mixes
+              "Q2_K": 10, "Q3_K": 12, "IQ4_XS": 30}
 
 
 def write_tiny_gguf(
@@ -456,8 +533,9 @@ def write_tiny_gguf(
     """
     import gguf
 
-    if tensor_type not in TENSOR_TYPES or (embed_type or tensor_type) not in TENSOR_TYPES:
-        raise ValueError(f"tensor types must be among {TENSOR_TYPES}")
+    known = TENSOR_TYPES + LOW_BIT_QUANTS
+    if tensor_type not in known or (embed_type or tensor_type) not in known:
+        raise ValueError(f"tensor types must be among {known}")
     fields = _tokenizer_fields(_resolve_vocab(vocab_from), vocab_size)
     spec = tiny_spec(
         arch, vocab_from=vocab_from, vocab_size=vocab_size, n_layers=n_layers, dim=dim, n_heads=n_heads,

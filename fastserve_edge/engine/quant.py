@@ -5,6 +5,7 @@ an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file fo
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
     GGUF Q6_K, Q5_K, Q5_1,  used in place: the memory-mapped blocks (16-bit rows) are the weights
+         Q3_K, Q2_K, IQ4_XS,
          F16, BF16
     GGUF Q4_0, Q4_1, Q8_0,  the same blocks, eight rows interleaved (x8) when the row count is a
          Q4_K               multiple of 8 (Q4_K with its 6-bit scales decoded: +2.8%): copied
@@ -44,6 +45,8 @@ DENSE_PREFILL_ROWS_OF = {
     kernels.FMT_Q4_0X8: 48, kernels.FMT_Q4_1X8: 48, kernels.FMT_Q4_KX8: 48,  # 1.1-1.4x at 48; 0.6-0.9x at 16
     kernels.FMT_Q4_K: 32, kernels.FMT_Q5_K: 32, kernels.FMT_Q5_1: 32,  # rows decoded once per row: 1.5-1.7x at 32
     kernels.FMT_Q6_K: 96,  # its integer kernel takes 32 products an instruction: 1.2-1.3x at 96, 0.8-1.0x at 64
+    # decoded once per row as Q5_K; not measured: Q5_K's row count
+    kernels.FMT_Q2_K: 32, kernels.FMT_Q3_K: 32, kernels.FMT_IQ4_XS: 32,
     kernels.FMT_F16: 48, kernels.FMT_BF16: 48,  # an fp32 fma per weight either way: 1.25x at 48, 0.9x at 32
 }
 NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer kernels win at any
@@ -343,6 +346,7 @@ IN_PLACE = {
     QType.Q8_0: (kernels.FMT_Q8, 32), QType.Q4_K: (kernels.FMT_Q4_K, 256), QType.Q6_K: (kernels.FMT_Q6_K, 256),
     QType.F16: (kernels.FMT_F16, 32), QType.BF16: (kernels.FMT_BF16, 32),  # group: K a multiple of 32
     QType.Q5_K: (kernels.FMT_Q5_K, 256), QType.Q5_1: (kernels.FMT_Q5_1, 32),
+    QType.Q2_K: (kernels.FMT_Q2_K, 256), QType.Q3_K: (kernels.FMT_Q3_K, 256), QType.IQ4_XS: (kernels.FMT_IQ4_XS, 256),
 }
 REPACKED = {
     QType.Q5_0: (kernels.FMT_Q8, 32, _repack_q5_0),

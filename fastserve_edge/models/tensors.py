@@ -21,7 +21,7 @@ from fastserve_edge.models.config import ModelConfig
 SUPPORTED_TYPES = (
     QType.F32, QType.F16, QType.BF16,
     QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
-    QType.Q4_K, QType.Q5_K, QType.Q6_K,
+    QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS,
 )
 
 MAX_DIMS = 4  # GGML_MAX_DIMS

@@ -19,7 +19,8 @@ from tests.models_fixtures import quantize_tensor
 
 CPU_FLAGS = open("/proc/cpuinfo").read()
 VARIANTS = ["portable"] + (["avx2"] if " avx2 " in CPU_FLAGS else []) + ["native"]
-TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_XS", "F16", "BF16"]
+SUPER_BLOCK_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_XS")  # 256 weights a block: K a multiple of 256
 K_TYPES: set[str] = set()  # every type is exact to its blocks now
 
 
@@ -36,7 +37,7 @@ def raw_matrix(ttype: str, n: int, k: int, seed: int = 0) -> tuple[RawTensor, to
 @pytest.mark.parametrize("n,k,m", [(1, 256, 1), (37, 256, 1), (37, 512, 5), (3, 768, 17),
                                    (8, 256, 1), (40, 512, 5), (16, 768, 17)])  # multiples of 8: x8 layout
 def test_matmul_matches_reference_dequantization(variant, ttype, n, k, m):
-    if ttype not in ("Q4_K", "Q5_K", "Q6_K"):  # block types of 32: odd multiples of the group too
+    if ttype not in SUPER_BLOCK_TYPES:  # block types of 32: odd multiples of the group too
         k = k - 32 * (k // 256 - 1) if k > 256 else k + 32
     raw, ref = raw_matrix(ttype, n, k, seed=n + k)
     q = quant_tensor(raw, kernels.load(variant))
@@ -133,7 +134,7 @@ def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):
 
 
 @pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 16), ("F16", 8), ("BF16", 3),
-                                     ("Q5_K", 8), ("Q5_1", 5)])
+                                     ("Q5_K", 8), ("Q5_1", 5), ("Q2_K", 8), ("Q3_K", 3), ("IQ4_XS", 16)])
 def test_in_place_formats_do_not_copy_the_file_blocks(ttype, n):
     raw, _ = raw_matrix(ttype, n, 256)
     q = quant_tensor(raw, kernels.load())
@@ -312,7 +313,7 @@ def test_gemm_is_exact_to_the_dequantized_rows(variant, ttype, n, k, m, start, c
     columns not of its sixteen, a slice of W's rows from an odd start (x8 groups split), K not a
     multiple of 256 for the 32-weight formats; written into a column slice of a wider matrix,
     the columns beside it untouched. fp32 sums of the format's own weights: exact to ~1e-6."""
-    if ttype not in ("Q4_K", "Q5_K", "Q6_K"):
+    if ttype not in SUPER_BLOCK_TYPES:
         k += 32
     raw, ref = raw_matrix(ttype, n, k, seed=n + k + m)
     q = quant_tensor(raw, kernels.load(variant))
@@ -385,7 +386,7 @@ def test_prefill_rows_take_the_gemm_or_dequantized_slices(monkeypatch, ttype, ge
     assert calls == ({"gemm": 1, "dequant_rows": 0} if gemm else {"gemm": 0, "dequant_rows": 4})
 
 
-@pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_K", "F16"])
+@pytest.mark.parametrize("ttype", ["Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_K", "Q2_K", "Q3_K", "IQ4_XS", "F16"])
 def test_each_format_switches_to_the_gemm_at_its_own_row_count(monkeypatch, ttype):
     """One row fewer than dense_rows: the integer kernels; dense_rows: the GEMM; both exact."""
     raw, ref = raw_matrix(ttype, 16, 256)
@@ -465,7 +466,7 @@ def test_int8_activation_kernels_are_exact_to_int8_rounded_activations(variant, 
     assert ((int16.matmul(x) - int8_activations(x) @ ref.T).abs() / scale).max().item() > 5e-5
 
 
-@pytest.mark.parametrize("ttype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("ttype", ["Q4_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_XS"])
 def test_k_quants_keep_int16_activations_when_int8_is_asked(ttype):
     raw, ref = raw_matrix(ttype, 9, 512)
     q = quant_tensor(raw, kernels.load(), activations="int8")
@@ -876,7 +877,8 @@ def test_where_prefill_switches_to_dequantize_and_gemm(variant):
     k = kernels.load(variant)
     x8 = quant.NEVER_DENSE if k.x8_vnni else 48
     expected = {"Q4_0": x8, "Q4_1": x8, "Q8_0": quant.NEVER_DENSE if k.x8_vnni else quant.DENSE_PREFILL_ROWS,
-                "Q4_K": 48, "Q6_K": 96, "Q5_K": 32, "Q5_1": 32, "F16": 48, "BF16": 48}
+                "Q4_K": 48, "Q6_K": 96, "Q5_K": 32, "Q5_1": 32, "F16": 48, "BF16": 48,
+                "Q2_K": 32, "Q3_K": 32, "IQ4_XS": 32}
     for ttype, rows in expected.items():
         q = quant_tensor(raw_matrix(ttype, 16, 256)[0], k)
         assert q.dense_rows == rows, ttype

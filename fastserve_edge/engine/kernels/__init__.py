@@ -45,6 +45,7 @@ FMT_Q4_0X8, FMT_Q4_1X8, FMT_Q8X8, FMT_Q4_KX8 = 5, 6, 7, 8  # eight rows interlea
 X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8, FMT_Q4_K: FMT_Q4_KX8}
 FMT_F16, FMT_BF16 = 9, 10  # rows of 16-bit floats, multiplied as they are (qmatmul.c f16_rows_dot)
 FMT_Q5_K, FMT_Q5_1 = 11, 12  # GGUF's 5-bit blocks in place (qmatmul.c row_dot)
+FMT_Q2_K, FMT_Q3_K, FMT_IQ4_XS = 13, 14, 15  # GGUF's 2-, 3-bit and non-linear 4-bit blocks in place (row_dot)
 FMT_ACT8 = 0x100  # | a 32-weight format (Q4_0/Q4_1/Q8, in rows or x8): int8 activations (qmatmul.c)
 
 

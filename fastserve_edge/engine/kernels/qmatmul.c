@@ -8,8 +8,17 @@
  *          w = d * sc_j * q - dmin * m_j (6-bit sc, m packed in `scales`)   GGUF Q4_K
  *   q6_k : { u8 ql[128]; u8 qh[64]; i8 scales[16]; fp16 d }, 256 weights, 16 per scale:
  *          w = d * sc_j * (q - 32), q = 4 low bits from ql | 2 high bits from qh    GGUF Q6_K
+ *   q2_k : { u8 scales[16]; u8 qs[64]; fp16 d, dmin }, 256 weights, 16 per scale byte:
+ *          w = d * (sc & 15) * q - dmin * (sc >> 4), q 2 bits                     GGUF Q2_K
+ *   q3_k : { u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d }, 256 weights, 16 per scale:
+ *          w = d * (sc - 32) * (q - 4), q = 2 bits from qs | bit from hmask << 2  GGUF Q3_K
+ *   iq4_xs : { fp16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128] }, 256 weights, 32 per scale:
+ *          w = d * (ls - 32) * KVALUES_IQ4[q], q a nibble, ls 6 bits             GGUF IQ4_XS
  * Nibble order as GGUF: in Q4_0/Q4_1 byte i holds weight i (low) and i + 16 (high); in Q4_K
- * each 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high nibbles).
+ * each 32 bytes hold sub-block 2c (low nibbles) and 2c + 1 (high nibbles); IQ4_XS's 16 bytes
+ * per 32 weights are Q4_0's order. Q2_K/Q3_K: weight 32t + l of each half of 128 is the 2-bit
+ * field t of that half's qs byte l (bits 2t, 2t + 1); Q3_K's third bit of weight i is bit
+ * i / 32 of hmask[i % 32].
  *
  * x is quantized per row in groups of 32 to int16 with one float scale, so the result stays
  * within ~1e-5 of the float product (int8 activations, llama.cpp's choice, give ~4e-2 on the
@@ -45,7 +54,9 @@ static inline float fp16_to_f32(uint16_t h) {
 enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
        FMT_Q4_0X8 = 5, FMT_Q4_1X8 = 6, FMT_Q8X8 = 7, FMT_Q4_KX8 = 8,  /* eight rows interleaved: see fs_repack_x8 */
        FMT_F16 = 9, FMT_BF16 = 10,  /* rows of K 16-bit floats, against float activations (f16_rows_dot) */
-       FMT_Q5_K = 11, FMT_Q5_1 = 12 };  /* GGUF's 5-bit blocks in place, a row at a time (row_dot) */
+       FMT_Q5_K = 11, FMT_Q5_1 = 12,  /* GGUF's 5-bit blocks in place, a row at a time (row_dot) */
+       FMT_Q2_K = 13, FMT_Q3_K = 14, FMT_IQ4_XS = 15,  /* GGUF's 2-, 3- and 4-bit (non-linear) blocks in place, as Q5_K */
+       FMT_LAST = FMT_IQ4_XS };
 
 /* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
  * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers); where the AMX
@@ -204,6 +215,87 @@ static inline ivec dot_q8(const int8_t *qs, const int16_t *a) {
 #endif
 }
 
+/* Q2_K/Q3_K: the 2-bit field `shift` / 2 of 32 bytes (sub-blocks 2t and 2t + 1 of a
+ * super-block: weights 32t .. 32t + 31), for Q3_K (hm not NULL) with bit `hbit` of each hmask
+ * byte as their third bit and less 4, times their sub-blocks' scales sc0 (the first 16) and sc1
+ * (the last 16) in the int16 lanes (|sc q| <= 45 (Q2_K), 128 (Q3_K)) . a[32]. Inlined with hm a
+ * constant NULL or not at each call: the Q3_K steps fold away for Q2_K. */
+static inline ivec dot_q23k_32(const uint8_t *qs, int shift, const uint8_t *hm, int hbit, int sc0, int sc1,
+                               const int16_t *a) {
+#if defined(__AVX2__)
+    __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)qs), shift), _mm256_set1_epi8(3));
+    if (hm) {  /* (h >> hbit) & 1 per byte, moved to bit 2 (16-bit shifts; the masks keep each byte's own bits) */
+        const __m256i h = _mm256_loadu_si256((const __m256i *)hm);
+        q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, hbit), _mm256_set1_epi8(1)), 2));
+    }
+    __m256i w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)), w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
+    if (hm) {
+        w0 = _mm256_sub_epi16(w0, _mm256_set1_epi16(4));
+        w1 = _mm256_sub_epi16(w1, _mm256_set1_epi16(4));
+    }
+    return dot2x16(_mm256_mullo_epi16(w0, _mm256_set1_epi16((short)sc0)), _mm256_mullo_epi16(w1, _mm256_set1_epi16((short)sc1)), a);
+#else
+    int32_t s0 = 0, s1 = 0;
+    for (int l = 0; l < 16; l++) {
+        int q0 = (qs[l] >> shift) & 3, q1 = (qs[l + 16] >> shift) & 3;
+        if (hm) { q0 |= ((hm[l] >> hbit) & 1) << 2; q1 |= ((hm[l + 16] >> hbit) & 1) << 2; q0 -= 4; q1 -= 4; }
+        s0 += q0 * a[l];
+        s1 += q1 * a[l + 16];
+    }
+    return sc0 * s0 + sc1 * s1;
+#endif
+}
+
+/* m0 * sum(a[0..16)) + m1 * sum(a[16..32)): Q2_K's mins of sub-blocks 2t, 2t + 1 */
+static inline ivec dot_mins_32(int m0, int m1, const int16_t *a) {
+#if defined(__AVX2__)
+    return dot2x16(_mm256_set1_epi16((short)m0), _mm256_set1_epi16((short)m1), a);
+#else
+    int32_t s0 = 0, s1 = 0;
+    for (int l = 0; l < 16; l++) { s0 += a[l]; s1 += a[l + 16]; }
+    return m0 * s0 + m1 * s1;
+#endif
+}
+
+/* IQ4_XS's non-linear levels (ggml's kvalues_iq4nl): a nibble q stands for KVALUES_IQ4[q] */
+static const int8_t KVALUES_IQ4[16] = { -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
+
+/* IQ4_XS: 16 bytes of nibbles in Q4_0's order (byte i: weights i (low) and i + 16 (high)),
+ * each looked up in KVALUES_IQ4 (one byte shuffle per 16), . a[32] */
+static inline ivec dot_iq4_32(const uint8_t *qs, const int16_t *a) {
+#if defined(__AVX2__)
+    const __m128i table = _mm_loadu_si128((const __m128i *)KVALUES_IQ4), low4 = _mm_set1_epi8(0x0f);
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
+    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+    return dot2x16(_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi), a);
+#else
+    int32_t sum = 0;
+    for (int i = 0; i < 16; i++) sum += KVALUES_IQ4[qs[i] & 0x0f] * a[i] + KVALUES_IQ4[qs[i] >> 4] * a[i + 16];
+    return sum;
+#endif
+}
+
+/* Q3_K's 16 six-bit scales, less 32 (-32..31): the low 4 bits of scale j in byte j % 8 (low
+ * nibble for j < 8, high for j >= 8), its high 2 bits in byte 8 + j % 4 at bits 2 (j / 4).
+ * Four scales a 32-bit word (little-endian): word w of the result takes the nibbles of bytes
+ * 4 (w % 2) .. + 3 (high nibbles for w >= 2) and the 2-bit fields w of bytes 8..11; 16 bytes
+ * at a time cost a tenth of a scale at a time, per 256 weights as much as the products. */
+static inline void k3_scales(const uint8_t *s, int *sc) {
+    uint32_t lo[2], hi, w[4];
+    memcpy(lo, s, 8);
+    memcpy(&hi, s + 8, 4);
+    for (int q = 0; q < 4; q++)
+        w[q] = ((lo[q % 2] >> (4 * (q / 2))) & 0x0f0f0f0fu) | (((hi >> (2 * q)) & 0x03030303u) << 4);
+    for (int j = 0; j < 16; j++) sc[j] = (int)((w[j / 4] >> (8 * (j % 4))) & 0xff) - 32;
+}
+
+/* IQ4_XS's scale of sub-block j (32 weights), less 32: 4 low bits from scales_l, 2 high from scales_h */
+static inline int iq4xs_scale(const uint8_t *b, int j) {
+    const int scales_h = b[2] | (b[3] << 8);
+    return (((b[4 + j / 2] >> (4 * (j % 2))) & 0x0f) | (((scales_h >> (2 * j)) & 3) << 4)) - 32;
+}
+
 static inline void k4_scales(const uint8_t *s, float *sc, float *mn) {
     for (int j = 0; j < 8; j++) {
         if (j < 4) { sc[j] = (float)(s[j] & 63); mn[j] = (float)(s[j + 4] & 63); }
@@ -287,6 +379,40 @@ static float row_dot(int fmt, const uint8_t *wrow, int K, qrow a) {
                 acc[j & 3] = facc_add(acc[j & 3], dot_q5k_32(qs + 32 * (j / 2), j & 1, qh, j, a.q + g * 32), d * sc[j] * a.d[g]);
             }
             for (int j = 0; j < 8; j++) offsets[j] -= dmin * mn[j] * a.s[sb * 8 + j];
+        }
+    } else if (fmt == FMT_Q2_K) {  /* { scales[16], qs[64], d, dmin }: products in acc[0..1], mins in acc[2..3] */
+        for (int sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = wrow + sb * 84, *sc = b, *qs = b + 16;
+            const float d = fp16_to_f32(*(const uint16_t *)(b + 80)), dmin = fp16_to_f32(*(const uint16_t *)(b + 82));
+            for (int t = 0; t < 8; t++) {
+                const int g = sb * 8 + t, s0 = sc[2 * t], s1 = sc[2 * t + 1];
+                acc[t & 1] = facc_add(acc[t & 1], dot_q23k_32(qs + 32 * (t / 4), 2 * (t % 4), NULL, 0, s0 & 15, s1 & 15,
+                                                              a.q + g * 32), d * a.d[g]);
+                acc[2 + (t & 1)] = facc_add(acc[2 + (t & 1)], dot_mins_32(s0 >> 4, s1 >> 4, a.q + g * 32), -dmin * a.d[g]);
+            }
+        }
+    } else if (fmt == FMT_Q3_K) {  /* { hmask[32], qs[64], scales[12], d } */
+        for (int sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = wrow + sb * 110, *hm = b, *qs = b + 32;
+            const float d = fp16_to_f32(*(const uint16_t *)(b + 108));
+            int sc[16];
+            k3_scales(b + 96, sc);
+            for (int t = 0; t < 8; t++) {
+                const int g = sb * 8 + t;
+                acc[t & 3] = facc_add(acc[t & 3], dot_q23k_32(qs + 32 * (t / 4), 2 * (t % 4), hm, t, sc[2 * t], sc[2 * t + 1],
+                                                              a.q + g * 32), d * a.d[g]);
+            }
+        }
+    } else if (fmt == FMT_IQ4_XS) {  /* { d, scales_h, scales_l[4], qs[128] } */
+        for (int sb = 0; sb < K / 256; sb++) {
+            const uint8_t *b = wrow + sb * 136, *qs = b + 8;
+            const float d = fp16_to_f32(*(const uint16_t *)b);
+            float dl[8];
+            for (int j = 0; j < 8; j++) dl[j] = d * (float)iq4xs_scale(b, j);
+            for (int j = 0; j < 8; j++) {
+                const int g = sb * 8 + j;
+                acc[j & 3] = facc_add(acc[j & 3], dot_iq4_32(qs + 16 * j, a.q + g * 32), dl[j] * a.d[g]);
+            }
         }
     } else if (fmt == FMT_Q5_1) {  /* { d, m, qh[4], qs[16] }: w = d * q + m */
         for (int g = 0; g < K / 32; g++) {
@@ -1386,12 +1512,17 @@ static inline void interleave8(const uint8_t *in, long stride, uint8_t *out) {
  * and refuses (returns < 0) a row, a K or a stride that would read outside them. The sizes
  * are its last arguments: an older revision's build (bench/kernels_ab.py) ignores them. */
 
+/* Formats of 256-weight super-blocks (K a multiple of 256; group 256) */
+static inline int super_block(int fmt) {
+    return fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q5_K || fmt == FMT_Q4_KX8 || fmt == FMT_Q2_K
+        || fmt == FMT_Q3_K || fmt == FMT_IQ4_XS;
+}
+
 /* Bytes of one row of K weights in fmt (the x8 formats: of one group of eight rows), or -1
  * for an unknown format or a K that is no whole number of its blocks. */
 long fs_row_bytes(int fmt, long K) {
     fmt &= FMT_BASE;
-    const int k_quant = fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q5_K || fmt == FMT_Q4_KX8;
-    if (K <= 0 || K > (1L << 30) || K % (k_quant ? 256 : 32) != 0) return -1;
+    if (K <= 0 || K > (1L << 30) || K % (super_block(fmt) ? 256 : 32) != 0) return -1;
     switch (fmt) {
     case FMT_Q4_0: return K / 32 * 18;
     case FMT_Q4_1: return K / 32 * 20;
@@ -1400,6 +1531,9 @@ long fs_row_bytes(int fmt, long K) {
     case FMT_Q4_K: return K / 256 * 144;
     case FMT_Q5_K: return K / 256 * 176;
     case FMT_Q6_K: return K / 256 * 210;
+    case FMT_Q2_K: return K / 256 * 84;
+    case FMT_Q3_K: return K / 256 * 110;
+    case FMT_IQ4_XS: return K / 256 * 136;
     case FMT_F16: case FMT_BF16: return 2 * K;
     case FMT_Q4_0X8: case FMT_Q4_1X8: case FMT_Q8X8: return K / 32 * x8_block_bytes(fmt);
     case FMT_Q4_KX8: return K / 256 * Q4KX8_BYTES;
@@ -1565,10 +1699,10 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
-        const int k_quant = fmt[j] == FMT_Q4_K || fmt[j] == FMT_Q6_K || fmt[j] == FMT_Q4_KX8 || fmt[j] == FMT_Q5_K;
+        const int k_quant = super_block(fmt[j]);
         x8[j] = fmt[j] >= FMT_Q4_0X8 && fmt[j] <= FMT_Q4_KX8;
         const int f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16, int16_only = k_quant || f16 || fmt[j] == FMT_Q5_1;
-        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_Q5_1 || (act8[j] && int16_only)) return -1;
+        if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_LAST || (act8[j] && int16_only)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if ((x8[j] && ns[j] % 8 != 0) || (f16 && x_stride != K)) return -1;
         if (matrix_fits(fmt[j], ws[j], strides[j], ns[j], K, w_bytes[j]) != 0 || total > (1 << 30) - ns[j]) return -1;
@@ -1648,7 +1782,7 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
                 else two_rows_dot_all(fmt[j], wrow, strides[j], K, at, mt, yt + r, total);
                 continue;
             }
-            for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants, Q5_1 a row at a time; an odd last row */
+            for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants, IQ4_XS, Q5_1 a row at a time; an odd last row */
                 const uint8_t *w = wrow + (size_t)e * strides[j];
                 for (int m = 0; m < mt; m++)
                     yt[(size_t)m * total + r + e] = fmt[j] == FMT_Q6_K ? q6k_row_dot(w, K, row6_of(at6, m, K))
@@ -1760,6 +1894,40 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
                     float scale = dd * sc[j], min = dmin * mn[j];
                     for (int i = 0; i < 32; i++)
                         o[sb * 256 + j * 32 + i] = scale * (float)(((j & 1) ? q[i] >> 4 : q[i] & 0x0f) | (((qh[i] >> j) & 1) << 4)) - min;
+                }
+            }
+        } else if (fmt == FMT_Q2_K || fmt == FMT_Q3_K) {
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = wrow + sb * (fmt == FMT_Q2_K ? 84 : 110);
+                const uint8_t *qs = b + (fmt == FMT_Q2_K ? 16 : 32), *hm = b;
+                int sc[16], mn[16];
+                float dd, dmin = 0.f;
+                if (fmt == FMT_Q2_K) {
+                    dd = fp16_to_f32(*(const uint16_t *)(b + 80));
+                    dmin = fp16_to_f32(*(const uint16_t *)(b + 82));
+                    for (int j = 0; j < 16; j++) { sc[j] = b[j] & 15; mn[j] = b[j] >> 4; }
+                } else {
+                    dd = fp16_to_f32(*(const uint16_t *)(b + 108));
+                    k3_scales(b + 96, sc);
+                    for (int j = 0; j < 16; j++) mn[j] = 0;
+                }
+                for (int i = 0; i < 256; i++) {
+                    const int l = i % 32, t = i / 32;
+                    int q = (qs[32 * (t / 4) + l] >> (2 * (t % 4))) & 3;
+                    if (fmt == FMT_Q3_K) q = (q | (((hm[l] >> t) & 1) << 2)) - 4;
+                    o[sb * 256 + i] = dd * (float)sc[i / 16] * (float)q - dmin * (float)mn[i / 16];
+                }
+            }
+        } else if (fmt == FMT_IQ4_XS) {
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = wrow + sb * 136, *qs = b + 8;
+                const float dd = fp16_to_f32(*(const uint16_t *)b);
+                for (int j = 0; j < 8; j++) {
+                    const float scale = dd * (float)iq4xs_scale(b, j);
+                    for (int i = 0; i < 16; i++) {
+                        o[sb * 256 + j * 32 + i] = scale * (float)KVALUES_IQ4[qs[16 * j + i] & 0x0f];
+                        o[sb * 256 + j * 32 + i + 16] = scale * (float)KVALUES_IQ4[qs[16 * j + i] >> 4];
+                    }
                 }
             }
         } else if (fmt == FMT_Q5_1) {
