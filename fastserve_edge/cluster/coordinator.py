@@ -108,8 +108,11 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
         ctx=ctx,
         tied_embeddings=c.tie_embeddings,
         head_flops=2.0 * c.vocab_size * c.dim,
-        exchange_floats=(c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim  # a mixture: no tensor layout yet
-                         if min(c.dim, c.ffn_dim) >= 2 * planner.TP_GROUP and not c.moe else 0),
+        # all-gathered a layer: the heads, wo's rows, then the FFN's columns and down's rows (a
+        # mixture: each row's chosen experts' weighted outputs)
+        exchange_floats=(0 if min(c.dim, c.ffn_dim) < 2 * planner.TP_GROUP else
+                         c.n_heads * c.head_dim + c.dim + c.n_experts_used * c.dim if c.moe else
+                         c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim),
     )
 
 
@@ -372,7 +375,7 @@ class Coordinator:
             if errors:
                 raise errors[0]
         try:
-            links = datapath.connect(mine.programs[0].kernels, 0, addresses, self._data_listener, secret,
+            links = datapath.connect(mine.kernels, 0, addresses, self._data_listener, secret,
                                      timeout_s=GROUP_CONNECT_S)
         except datapath.DataPathError as err:
             raise PeerLost(entries[0].hello.name, entries[0].hello.node_id, str(err)) from None

@@ -407,7 +407,7 @@ class TensorGroupMember:
     def _run(self) -> None:
         o = self.order
         try:
-            self.links = datapath.connect(self.part.programs[0].kernels, o.rank, o.addresses, self.listener, o.secret,
+            self.links = datapath.connect(self.part.kernels, o.rank, o.addresses, self.listener, o.secret,
                                           timeout_s=self.CONNECT_S, cancel=self.cancel)
             worker = TensorWorker(self.part, self.links.mesh)
             worker.serve()

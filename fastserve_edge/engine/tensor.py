@@ -282,7 +282,7 @@ class TensorSlice:
         cfg, s, r = weights.config, weights.slices, weights.rank
         self.cfg, self.slices, self.rank, self.max_tokens = cfg, s, r, max_tokens
         self.timeout_ms = timeout_ms  # an exchange that makes no progress this long fails
-        kernels = weights.kernels
+        self.kernels = kernels = weights.kernels
         if kernels is None or not kernels.tensor_parallel:
             raise ConfigError("tensor parallelism needs this machine's compiled kernels (a C compiler)")
         group = cfg.n_heads // cfg.n_kv_heads

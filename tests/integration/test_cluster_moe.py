@@ -35,3 +35,19 @@ def test_a_mixture_of_experts_spread_over_three_machines_answers_as_one(moe_mode
     assert len(sent) == 2 and all(fetched > 0 for _, fetched in sent.values()), run.stderr  # both peers hold layers
     for peer in (a, b):
         assert "holding layers" in peer.text()
+
+
+def test_a_mixture_in_the_tensor_layout_sends_each_machine_its_experts_and_answers_as_one(moe_model, tmp_path, lan):
+    """--layout tensor: every machine holds a slice of the attention and a third of the experts
+    of every layer (expert parallelism); the answer is one machine's."""
+    expected = one_machine(moe_model, QUESTION, 16, tmp_path / "single")
+    a, b = start_peers(lan, tmp_path, "64M")
+    argv = [*host_argv(moe_model, QUESTION, 16, min_stages=1, max_memory="64M"), "--layout", "tensor"]
+    run = lan[2].run(argv, env=env(tmp_path / "host"), check=False, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected
+    assert "tensor-parallel over 3 machines" in run.stderr
+    sent = transfers(run.stderr)
+    assert len(sent) == 2 and all(fetched > 0 for _, fetched in sent.values()), run.stderr
+    for peer in (a, b):
+        assert "of every layer" in peer.text()
