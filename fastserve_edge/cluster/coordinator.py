@@ -103,8 +103,9 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
         ctx=ctx,
         tied_embeddings=c.tie_embeddings,
         head_flops=2.0 * c.vocab_size * c.dim,
+        # 0: no tensor layout (too narrow to split, or a block decode.c's fs_tp_block is not: gemma3)
         exchange_floats=(c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim
-                         if min(c.dim, c.ffn_dim) >= 2 * planner.TP_GROUP else 0),
+                         if min(c.dim, c.ffn_dim) >= 2 * planner.TP_GROUP and c.fits_c_block else 0),
     )
 
 
