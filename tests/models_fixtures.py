@@ -33,6 +33,9 @@ import numpy as np
 import torch
 
 ARCHS = ("llama", "qwen2", "qwen3")
+# Gemma 3 text (tests of its own: transformers' GGUF loader needs more fixups, see hf_model_from_gguf)
+GEMMA3 = "gemma3"
+ALL_ARCHS = ARCHS + (GEMMA3,)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # gguf-py has quantizers for these
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # gguf-py only dequantizes these; quantizers are below
@@ -56,10 +59,11 @@ LLAMA3_ROPE_SCALING = {
 # (outside the repo) and reused by later runs; FASTSERVE_TEST_SMOLLM2 points at a file instead.
 TEST_HOME = Path(os.environ.get("FASTSERVE_TEST_HOME", Path(tempfile.gettempdir()) / "fastserve-test-home"))
 
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "gemma3": "Gemma3ForCausalLM"}
 # Per-arch values of the released models: llama2/SmolLM-style vs Qwen2.5/Qwen3.
-_ROPE_THETA = {"llama": 10000.0, "qwen2": 1000000.0, "qwen3": 1000000.0}
-_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6}
+_ROPE_THETA = {"llama": 10000.0, "qwen2": 1000000.0, "qwen3": 1000000.0, "gemma3": 1000000.0}
+_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6, "gemma3": 1e-6}
 
 
 @functools.cache
@@ -89,10 +93,14 @@ class TinyModelSpec:
     rms_eps: float | None = None  # None: the arch's released value (_RMS_EPS)
     tie_embeddings: bool = True
     rope_scaling_llama3: bool = False
+    # gemma3 only
+    sliding_window: int = 4
+    sliding_pattern: int = 6
+    rope_linear_factor: float | None = None  # global layers' linear rope scaling (rope_scaling "linear")
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch {self.arch!r} is not one of {ARCHS}")
+        if self.arch not in ALL_ARCHS:
+            raise ValueError(f"arch {self.arch!r} is not one of {ALL_ARCHS}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None and self.dim % self.n_heads:
@@ -131,7 +139,8 @@ def tiny_hf_state_dict(spec: TinyModelSpec, seed: int = 0) -> dict[str, torch.Te
         return torch.randn(*shape, generator=g) * std
 
     def norm(n: int) -> torch.Tensor:
-        return 1.0 + normal(n, std=0.1)
+        # Gemma's RMSNorm multiplies by 1 + w: the same scale of weights, centred on 0
+        return (0.0 if spec.arch == GEMMA3 else 1.0) + normal(n, std=0.1)
 
     d, hd, f = spec.dim, spec.hd, spec.ffn_dim
     q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
@@ -147,10 +156,13 @@ def tiny_hf_state_dict(spec: TinyModelSpec, seed: int = 0) -> dict[str, torch.Te
             sd[p + "self_attn.q_proj.bias"] = normal(q_out, std=0.2)
             sd[p + "self_attn.k_proj.bias"] = normal(kv_out, std=0.2)
             sd[p + "self_attn.v_proj.bias"] = normal(kv_out, std=0.2)
-        if spec.arch == "qwen3":
+        if spec.arch in ("qwen3", GEMMA3):
             sd[p + "self_attn.q_norm.weight"] = norm(hd)
             sd[p + "self_attn.k_norm.weight"] = norm(hd)
         sd[p + "post_attention_layernorm.weight"] = norm(d)
+        if spec.arch == GEMMA3:
+            sd[p + "pre_feedforward_layernorm.weight"] = norm(d)
+            sd[p + "post_feedforward_layernorm.weight"] = norm(d)
         sd[p + "mlp.gate_proj.weight"] = normal(f, d, std=1.0 / math.sqrt(d))
         sd[p + "mlp.up_proj.weight"] = normal(f, d, std=1.0 / math.sqrt(d))
         sd[p + "mlp.down_proj.weight"] = normal(d, f, std=0.5 / math.sqrt(f))
@@ -461,6 +473,7 @@ def tiny_spec(
     context_length: int = 256,
     rope_theta: float | None = None,
     rms_eps: float | None = None,
+    **gemma,
 ) -> TinyModelSpec:
     """The spec the writers build from the same arguments: `tiny_hf_state_dict(tiny_spec(...), seed)`
     gives the HF weights a written file holds."""
@@ -469,18 +482,19 @@ def tiny_spec(
         arch=arch, vocab_size=_n_tokens(fields), n_layers=n_layers, dim=dim, n_heads=n_heads,
         n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, head_dim=head_dim, context_length=context_length,
         rope_theta=rope_theta, rms_eps=rms_eps, tie_embeddings=tie_embeddings,
-        rope_scaling_llama3=rope_scaling_llama3,
+        rope_scaling_llama3=rope_scaling_llama3, **gemma,
     )
 
 
-def _gguf_name(hf_name: str) -> str:
+def _gguf_name(hf_name: str, arch: str = "llama") -> str:
     fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     if hf_name in fixed:
         return fixed[hf_name]
     _, _, i, rest = hf_name.split(".", 3)
     part, kind = rest.rsplit(".", 1)
-    return f"blk.{i}.{_BLOCK_NAMES[part]}.{kind}"
+    names = _GEMMA3_BLOCK_NAMES if arch == GEMMA3 else _BLOCK_NAMES
+    return f"blk.{i}.{names[part]}.{kind}"
 
 
 _BLOCK_NAMES = {
@@ -495,6 +509,13 @@ _BLOCK_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+}
+# llama.cpp's gemma3 names (gguf-py MODEL_TENSOR.ATTN_POST_NORM, FFN_PRE_NORM, FFN_POST_NORM)
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
 }
 
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
@@ -522,12 +543,14 @@ def write_tiny_gguf(
     rms_eps: float | None = None,
     embed_type: str | None = None,
     vocab_size: int | None = None,
+    **gemma,
 ) -> Path:
     """Write a random-weight GGUF as llama.cpp would have converted the same HF model.
 
     tensor_type applies to every 2-D weight; embed_type (default: tensor_type) overrides it for
     token_embd/output, as llama.cpp's mixes do (SmolLM2's Q4_1 file has a Q8_0 token_embd).
-    Norms, biases and rope_freqs stay F32. vocab_size (default: all of vocab_from's tokens)
+    Norms, biases and rope_freqs stay F32 (gemma3's norms store w + 1, as convert_hf_to_gguf
+    writes them; gemma: its TinyModelSpec fields, e.g. sliding_window). vocab_size (default: all of vocab_from's tokens)
     keeps only the first tokens: transformers loads a 2048-token model several times faster
     than a 49152-token one, whose tokenizer metadata gguf-py takes seconds to parse.
     """
@@ -541,7 +564,7 @@ def write_tiny_gguf(
         arch, vocab_from=vocab_from, vocab_size=vocab_size, n_layers=n_layers, dim=dim, n_heads=n_heads,
         n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, head_dim=head_dim, context_length=context_length,
         rope_theta=rope_theta, rms_eps=rms_eps, tie_embeddings=tie_embeddings,
-        rope_scaling_llama3=rope_scaling_llama3,
+        rope_scaling_llama3=rope_scaling_llama3, **gemma,
     )
 
     path = Path(path)
@@ -561,7 +584,16 @@ def write_tiny_gguf(
     w.add_vocab_size(spec.vocab_size)
     if arch == "llama":
         w.add_rope_dimension_count(spec.hd)
-    if arch == "qwen3" or spec.head_dim is not None:
+    if arch == GEMMA3:
+        # as convert_hf_to_gguf's Gemma3Model: the window, no pattern (llama.cpp: every 6th layer
+        # global), no local rope base (10000), no query_pre_attn_scalar (llama.cpp: head_dim)
+        if spec.sliding_pattern != 6:
+            raise ValueError("a gemma3 GGUF has no key for a sliding pattern other than llama.cpp's 6")
+        w.add_sliding_window(spec.sliding_window)
+        if spec.rope_linear_factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(spec.rope_linear_factor)
+    if arch in ("qwen3", GEMMA3) or spec.head_dim is not None:
         # convert_hf_to_gguf writes these whenever config.json has head_dim (every Qwen3 does)
         w.add_key_length(spec.hd)
         w.add_value_length(spec.hd)
@@ -581,7 +613,9 @@ def write_tiny_gguf(
             t = llama_cpp_permute(t, spec.n_heads)
         elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             t = llama_cpp_permute(t, spec.n_kv_heads)
-        name = _gguf_name(hf_name)
+        name = _gguf_name(hf_name, arch)
+        if arch == GEMMA3 and hf_name.endswith("norm.weight"):
+            t = t + 1.0  # convert_hf_to_gguf Gemma3Model: norm_shift
         if t.ndim == 1:
             w.add_tensor(name, t.numpy().astype(np.float32))
             continue
@@ -621,6 +655,8 @@ def tiny_hf_config(spec: TinyModelSpec, dtype: str = "float32") -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    if spec.arch == GEMMA3:
+        return _gemma3_hf_config(spec, cfg)
     if spec.arch == "llama":
         cfg["mlp_bias"] = False
     if spec.arch != "llama":
@@ -628,6 +664,25 @@ def tiny_hf_config(spec: TinyModelSpec, dtype: str = "float32") -> dict:
         cfg["sliding_window"] = None
     if spec.arch == "qwen2":
         del cfg["attention_bias"]  # Qwen2 always has q/k/v biases; its config has no switch
+    return cfg
+
+
+def _gemma3_hf_config(spec: TinyModelSpec, cfg: dict) -> dict:
+    """Gemma3TextConfig as google/gemma-3-1b-it's config.json writes it (transformers 4.50 keys)."""
+    del cfg["rope_scaling"]
+    cfg.update({
+        "model_type": "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": spec.hd,  # what llama.cpp assumes for the GGUF (all but 27B: head_dim)
+        "sliding_window": spec.sliding_window,
+        "sliding_window_pattern": spec.sliding_pattern,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": ({"rope_type": "linear", "factor": spec.rope_linear_factor}
+                         if spec.rope_linear_factor is not None else None),
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "pad_token_id": 0,
+    })
     return cfg
 
 
@@ -669,6 +724,7 @@ def write_tiny_hf_folder(
     rms_eps: float | None = None,
     dtype: str = "float32",
     vocab_size: int | None = None,
+    **gemma,
 ) -> Path:
     """Write config.json, model.safetensors, tokenizer.json/tokenizer_config.json into path.
 
@@ -684,7 +740,7 @@ def write_tiny_hf_folder(
         arch, vocab_from=vocab_from, vocab_size=vocab_size, n_layers=n_layers, dim=dim, n_heads=n_heads,
         n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, head_dim=head_dim, context_length=context_length,
         rope_theta=rope_theta, rms_eps=rms_eps, tie_embeddings=tie_embeddings,
-        rope_scaling_llama3=rope_scaling_llama3,
+        rope_scaling_llama3=rope_scaling_llama3, **gemma,
     )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -727,6 +783,8 @@ def hf_model_from_gguf(path: Path):
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if head_dim is not None:
         config.head_dim = head_dim
+    if config.model_type == "gemma3_text":
+        _gemma3_oracle_fixups(config, path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32
     )
@@ -736,6 +794,19 @@ def hf_model_from_gguf(path: Path):
         rotary.inv_freq = rotary.original_inv_freq / rope_freqs
         rotary.original_inv_freq = rotary.inv_freq.clone()
     return model.eval()
+
+
+def _gemma3_oracle_fixups(config, path: Path) -> None:
+    """What transformers' GGUF loader leaves at Gemma3TextConfig's defaults but llama.cpp derives:
+    query_pre_attn_scalar (head_dim below 27B; the default is 256), and rope scaling (linear,
+    global layers only)."""
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    metadata, _ = read_gguf_metadata(str(path))
+    config.query_pre_attn_scalar = config.head_dim
+    if str(metadata.get("gemma3.rope.scaling.type", "")).lower() == "linear":
+        config.rope_parameters["full_attention"].update(
+            rope_type="linear", factor=float(metadata["gemma3.rope.scaling.factor"]))
 
 
 def hf_model_from_folder(path: Path):

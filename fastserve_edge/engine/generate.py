@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from fastserve_edge.models.config import ModelConfig
-from fastserve_edge.engine.kv_cache import KVCache
+from fastserve_edge.engine.kv_cache import KVCache, reusable_prefix
 from fastserve_edge.engine.model import Stage
 from fastserve_edge.engine.quant import DENSE_PREFILL_ROWS, RuntimeWeights
 from fastserve_edge.engine.sampling import Sampler
@@ -309,6 +309,7 @@ class Pipeline:
         started = time.perf_counter()
         seen = self._seen.get(session, [])
         reuse = min(common_prefix(seen, prompt), len(prompt) - 1)  # always run >= 1 token
+        reuse = reusable_prefix(self.config, len(seen), reuse)
         stats.prompt_tokens, stats.cached_tokens, stats.stop_reason = len(prompt), reuse, "cancelled"
         self._seen[session] = history = list(prompt[:reuse])
         answer: list[int] = []

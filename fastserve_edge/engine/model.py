@@ -55,9 +55,11 @@ def llama3_freq_factors(s: RopeScaling, head_dim: int, theta: float) -> torch.Te
     return torch.where(wavelen < high_wavelen, torch.ones_like(inv_freq), factors)
 
 
-def rope_table(cfg: ModelConfig, max_tokens: int, freq_factors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_tokens, hd] for rotate-halves rope."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+def rope_table(cfg: ModelConfig, max_tokens: int, freq_factors: torch.Tensor | None,
+               theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_tokens, hd] for rotate-halves rope (base theta, default cfg.rope_theta)."""
+    theta = cfg.rope_theta if theta is None else theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors.to(torch.float64)
     angles = torch.outer(torch.arange(max_tokens, dtype=torch.float64), inv_freq)  # [T, hd/2]
@@ -71,9 +73,26 @@ def model_rope(cfg: ModelConfig, weights: Weights, max_tokens: int) -> tuple[tor
         factors = weights.vector("rope_freqs.weight")
     elif cfg.rope_scaling is not None:
         factors = llama3_freq_factors(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta)
+    elif cfg.rope_linear_factor != 1.0:  # gemma3's global layers: every frequency / factor
+        factors = torch.full((cfg.head_dim // 2,), cfg.rope_linear_factor, dtype=torch.float64)
     else:
         factors = None
     return rope_table(cfg, max_tokens, factors)
+
+
+def local_rope(cfg: ModelConfig, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the sliding-window layers (gemma3: base rope_local_theta, never scaled)."""
+    return rope_table(cfg, max_tokens, None, theta=cfg.rope_local_theta)
+
+
+def window_mask(S: int, pos: int, n_keys: int, window: int) -> torch.Tensor | None:
+    """[S, n_keys] True where query pos + i sees key end - n_keys + j (end = pos + S): causal,
+    and no more than `window` positions back, its own included. None: it sees every key."""
+    if S == 1 and n_keys <= window:
+        return None
+    q = torch.arange(pos, pos + S).unsqueeze(1)
+    k = torch.arange(pos + S - n_keys, pos + S).unsqueeze(0)
+    return (k <= q) & (k > q - window)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -98,13 +117,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str):
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, *, window: int = 0):
+        """window: > 0, a sliding-window layer's (gemma3): each query sees that many positions."""
         super().__init__()
         self.cfg = cfg
+        self.window = window
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar is not None else None
         self.wqkv = w.fused([f"{prefix}.attn_q", f"{prefix}.attn_k", f"{prefix}.attn_v"], bias=cfg.attn_bias)
         self.wo = w.linear(f"{prefix}.attn_output")
         kernels = getattr(w, "kernels", None)  # a prompt's rope in place and its attention, in C
-        self.kernels = kernels if getattr(kernels, "prefill_glue", False) else None
+        self.kernels = kernels if getattr(kernels, "prefill_glue", False) and cfg.fits_c_block else None
         self.q_norm = RMSNorm(w.vector(f"{prefix}.attn_q_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w.vector(f"{prefix}.attn_k_norm.weight"), cfg.norm_eps) if cfg.qk_norm else None
 
@@ -148,29 +170,35 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H(kv), S, hd]
         if not in_c:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.update(layer, pos, k, v)  # [B, Hkv, pos+S, hd]
-        if S == 1:
+        keys, values = cache.update(layer, pos, k, v)  # [B, Hkv, pos+S, hd]; a sliding layer: its window's
+        if self.window:
+            mask, causal = window_mask(S, pos, keys.shape[2], self.window), False
+        elif S == 1:
             mask, causal = None, False
         elif pos == 0:
             mask, causal = None, True
         else:  # new tokens after a cached prefix: query i sees keys 0 .. pos+i
             mask = torch.ones(S, pos + S, dtype=torch.bool).tril(diagonal=pos)
             causal = False
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale,
                                              enable_gqa=self.cfg.n_heads != self.cfg.n_kv_heads)
         return out.transpose(1, 2).reshape(B, S, self.cfg.n_heads * hd)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). expert: one expert of a mixture (blk.N.ffn_gate.E)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); with gelu, GeGLU (gemma3): gelu_tanh in place of silu.
+    expert: one expert of a mixture (blk.N.ffn_gate.E)."""
 
-    def __init__(self, w: Weights, prefix: str, expert: int | None = None):
+    def __init__(self, w: Weights, prefix: str, expert: int | None = None, *, gelu: bool = False):
         super().__init__()
         e = "" if expert is None else f".{expert}"
         self.gate_up = w.fused([f"{prefix}.ffn_gate{e}", f"{prefix}.ffn_up{e}"])
         self.down = w.linear(f"{prefix}.ffn_down{e}")
+        self.gelu = gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu:
+            return self._geglu(x)
         hidden = self.gate_up.swiglu(x)  # prefill of quantized weights: a slice at a time
         if hidden is not None:
             return self.down(hidden)
@@ -178,6 +206,10 @@ class FeedForward(nn.Module):
         hidden = F.silu(gate, inplace=True).mul_(up)  # in gate's columns of the fused output: the
         del gate, up                                   # quantized kernels read its rows where they are
         return self.down(hidden)
+
+    def _geglu(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)  # the quantized swiglu kernel computes silu: not used here
+        return self.down(F.gelu(gate, approximate="tanh").mul_(up))
 
 
 class MixtureOfExperts(nn.Module):
@@ -242,9 +274,14 @@ class Block(nn.Module):
         prefix = f"blk.{index}"
         kernels = getattr(w, "kernels", None)
         self.attn_norm = RMSNorm(w.vector(f"{prefix}.attn_norm.weight"), cfg.norm_eps, kernels)
-        self.attn = Attention(cfg, w, prefix)
+        self.attn = Attention(cfg, w, prefix, window=cfg.window(index))
         self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps, kernels)
-        self.ffn = MixtureOfExperts(cfg, w, prefix) if cfg.moe else FeedForward(w, prefix)
+        self.ffn = MixtureOfExperts(cfg, w, prefix) if cfg.moe else FeedForward(w, prefix, gelu=cfg.gelu_ffn)
+        # gemma3: the attention's and the FFN's outputs are normed too, before the residual add
+        self.post_attn_norm = self.post_ffn_norm = None
+        if cfg.post_norms:
+            self.post_attn_norm = RMSNorm(w.vector(f"{prefix}.post_attention_norm.weight"), cfg.norm_eps, kernels)
+            self.post_ffn_norm = RMSNorm(w.vector(f"{prefix}.post_ffw_norm.weight"), cfg.norm_eps, kernels)
         self.cfg = cfg
         self.program = None
         # One token at a time the glue between matmuls costs as much as they do: a C path
@@ -253,7 +290,9 @@ class Block(nn.Module):
         # glue, its experts their own kernels.
         fused = (self.attn.wqkv,) if cfg.moe else (self.attn.wqkv, self.ffn.gate_up)
         self.glue = getattr(w, "kernels", None) if all(getattr(f, "multi", None) is not None for f in fused) else None
-        if cfg.moe:
+        if not cfg.fits_c_block:  # gemma3's norms, GeGLU, window and scale are not in decode.c: torch only
+            self.glue = None
+        if cfg.moe or self.glue is None:
             return
         # ... and when wo and down are quantized too, the whole block is one C call
         single = [_one_call(m) for m in (self.attn.wo, self.ffn.down)]
@@ -267,6 +306,8 @@ class Block(nn.Module):
                 qkv=attn.wqkv.multi, wo=single[0], gate_up=self.ffn.gate_up.multi, down=single[1])
 
     def forward(self, x, cos, sin, cache, layer, pos):
+        if self.post_attn_norm is not None:
+            return self._sandwich(x, self.attn(self.attn_norm(x), cos, sin, cache, layer, pos))
         if self.glue is not None and x.shape[0] == 1 and x.shape[1] == 1:
             return self.forward_one(x, cos, sin, cache, layer, pos)
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, pos)
@@ -275,8 +316,17 @@ class Block(nn.Module):
 
     def forward_packed(self, x, sizes, cos, sin, caches, layer, positions):
         """x: [1, sum(sizes), D], several sessions' new tokens (Attention.forward_packed)."""
+        if self.post_attn_norm is not None:
+            return self._sandwich(x, self.attn.forward_packed(self.attn_norm(x), sizes, cos, sin, caches, layer,
+                                                              positions))
         x = x + self.attn.forward_packed(self.attn_norm(x), sizes, cos, sin, caches, layer, positions)
         x += self.ffn(self.ffn_norm(x))
+        return x
+
+    def _sandwich(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """gemma3's rest of the block, after attention: each branch's output normed before its add."""
+        x = x + self.post_attn_norm(attended)
+        x += self.post_ffn_norm(self.ffn(self.ffn_norm(x)))
         return x
 
     def forward_one(self, x, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
@@ -311,6 +361,17 @@ def attend_row(attn: Attention, g, norm: RMSNorm, row: torch.Tensor, cos, sin, c
     k_cache, v_cache = cache.layer(layer, pos + 1)
     heads = g.attend_one(qkv, cos[0], sin[0], k_cache, v_cache, pos, c.n_heads, c.n_kv_heads, c.head_dim)
     return heads.reshape(1, -1)
+class ScaledEmbedding(nn.Module):
+    """gemma3: embedding rows times sqrt(dim), the scale in fp32 (the hidden's dtype, as HF
+    rounds it to its own; llama.cpp multiplies by sqrtf(n_embd) too)."""
+
+    def __init__(self, embedding: nn.Module, dim: int):
+        super().__init__()
+        self.embedding = embedding
+        self.scale = torch.tensor(math.sqrt(dim), dtype=torch.float32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids) * self.scale
 
 
 class Stage(nn.Module):
@@ -335,6 +396,8 @@ class Stage(nn.Module):
         self.cfg, self.start, self.end, self.max_tokens = cfg, start, end, max_tokens
         self.is_first, self.is_last = (start == 0 if embeds is None else embeds), end == cfg.n_layers
         self.embed = weights.embedding() if self.is_first else None
+        if self.embed is not None and cfg.scale_embeddings:
+            self.embed = ScaledEmbedding(self.embed, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, weights, i) for i in range(start, end))
         self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps) if self.is_last else None
         self.head = weights.head(cfg.tie_embeddings) if self.is_last else None
@@ -345,9 +408,13 @@ class Stage(nn.Module):
         cos, sin = model_rope(cfg, weights, max_tokens)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # per layer: its rope tables, (cos, sin) or a sliding-window layer's own (gemma3)
+        local = local_rope(cfg, max_tokens) if cfg.sliding_window else (cos, sin)
+        self.ropes = [local if cfg.window(i) else (cos, sin) for i in range(start, end)]
 
     def new_cache(self, dtype: torch.dtype = KV_DTYPE) -> KVCache:
-        return KVCache(self.end - self.start, self.cfg.n_kv_heads, self.cfg.head_dim, self.max_tokens, dtype=dtype)
+        return KVCache(self.end - self.start, self.cfg.n_kv_heads, self.cfg.head_dim, self.max_tokens, dtype=dtype,
+                       windows=[self.cfg.window(i) for i in range(self.start, self.end)])
 
     def forward(self, x: torch.Tensor, cache: KVCache, pos: int, *, all_logits: bool = False) -> torch.Tensor:
         """x: ids [B, S] (first stage) or hidden [B, S, D]. Returns hidden [B, S, D], or
@@ -355,9 +422,9 @@ class Stage(nn.Module):
         self._check_input(x, 2 if self.is_first else 3, [pos], [x.shape[1] if x.dim() > 1 else 0])
         h = self.embed(x) if self.is_first else x.float()
         S = h.shape[1]
-        cos, sin = self.cos[pos:pos + S], self.sin[pos:pos + S]
         for layer, block in enumerate(self.blocks):
-            h = block.forward(h, cos, sin, cache, layer, pos)  # no hooks: skip Module.__call__
+            cos, sin = self.ropes[layer]
+            h = block.forward(h, cos[pos:pos + S], sin[pos:pos + S], cache, layer, pos)  # no hooks: skip Module.__call__
         if not self.is_last:
             return h
         if not all_logits:
@@ -377,7 +444,7 @@ class Stage(nn.Module):
             self._check_input(x, 1 if self.is_first else 2, [pos], [x.shape[0]])
         h = torch.cat([self.embed(x.view(1, -1))[0] if self.is_first else x.float() for x in xs]).unsqueeze(0)
         for layer, block in enumerate(self.blocks):
-            h = block.forward_packed(h, sizes, self.cos, self.sin, caches, layer, positions)
+            h = block.forward_packed(h, sizes, *self.ropes[layer], caches, layer, positions)
         parts = list(h[0].split(sizes))
         if not self.is_last:
             return parts

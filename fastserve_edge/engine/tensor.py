@@ -280,6 +280,9 @@ class TensorSlice:
 
     def __init__(self, weights: SliceWeights, *, max_tokens: int, timeout_ms: int = 30_000):
         cfg, s, r = weights.config, weights.slices, weights.rank
+        if not cfg.fits_c_block:
+            raise ConfigError(f"tensor parallelism runs llama-style blocks (decode.c); {cfg.arch}'s (sliding windows, "
+                              "four norms, GeGLU) is not one: use --layout pipeline or single")
         self.cfg, self.slices, self.rank, self.max_tokens = cfg, s, r, max_tokens
         self.timeout_ms = timeout_ms  # an exchange that makes no progress this long fails
         self.kernels = kernels = weights.kernels

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 MAX_EXPERTS = 1024        # Qwen3-235B-A22B: 128; DeepSeek-V3: 256
 # Bounds on what a config may say (it arrives from model files and from other machines, and
 # sizes allocations and C loops): far above any model these families ship (Llama 3.1 405B:
@@ -16,6 +16,7 @@ MAX_LAYERS = 4096
 MAX_WIDTH = 1 << 20       # dim, ffn_dim, n_heads * head_dim
 MAX_VOCAB = 1 << 24
 MAX_CONTEXT = 1 << 24
+_ZERO_MEANS_NONE = ("sliding_window", "sliding_pattern")  # checked on their own (0 allowed)
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+\.(?:weight|bias))")
 _EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
 MOE_FIELDS = ("n_experts", "n_experts_used", "expert_ffn_dim")  # 0 on a dense model
@@ -39,7 +40,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                 # "llama" (Mixtral too) | "qwen2" | "qwen3" | "qwen3moe"
+    arch: str                 # "llama" (Mixtral too) | "qwen2" | "qwen3" | "qwen3moe" | "gemma3"
     n_layers: int
     dim: int                  # hidden size D
     n_heads: int
@@ -61,6 +62,15 @@ class ModelConfig:
     n_experts_used: int = 0
     expert_ffn_dim: int = 0
     norm_topk: bool = True        # the chosen experts' router weights renormalized to sum to 1
+    # gemma3 (each a flag, so the engine asks for a piece, never for an architecture):
+    post_norms: bool = False      # RMSNorm on the attention and FFN outputs before each residual add
+    gelu_ffn: bool = False        # GeGLU: gelu (tanh approximation) where SwiGLU has silu
+    scale_embeddings: bool = False  # embedding rows times sqrt(dim) (the tied head reads them unscaled)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its ** -0.5; None: head_dim's
+    sliding_window: int = 0       # > 0: local layers attend to this many positions (their own included)
+    sliding_pattern: int = 0      # with sliding_window: layer i is global when (i + 1) % pattern == 0
+    rope_local_theta: float = 10000.0  # rope base of the local layers (rope_theta: the global ones')
+    rope_linear_factor: float = 1.0    # global layers: positions divided by it (Gemma 3 4B+: 8)
 
     def __post_init__(self) -> None:
         """ValueError for a config no model can have: every size feeds allocations and C loops."""
@@ -68,8 +78,9 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {self.arch!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and not (isinstance(value, Integral) and not isinstance(value, bool)
-                                        and (value > 0 or (value == 0 and f.name in MOE_FIELDS))):
+            if f.type == "int" and f.name not in _ZERO_MEANS_NONE and not (
+                    isinstance(value, Integral) and not isinstance(value, bool)
+                    and (value > 0 or (value == 0 and f.name in MOE_FIELDS))):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
             if f.type == "float" and not (isinstance(value, Real) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name} must be a positive finite number, got {value!r}")
@@ -97,6 +108,33 @@ class ModelConfig:
     @property
     def moe(self) -> bool:
         return self.n_experts > 0
+        for flag in ("tie_embeddings", "attn_bias", "qk_norm", "post_norms", "gelu_ffn", "scale_embeddings"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        for name in ("sliding_window", "sliding_pattern"):
+            value = getattr(self, name)
+            if not (isinstance(value, Integral) and not isinstance(value, bool) and 0 <= value <= MAX_CONTEXT):
+                raise ValueError(f"{name} must be an integer from 0 to {MAX_CONTEXT}, got {value!r}")
+        if self.sliding_window and not self.sliding_pattern:
+            raise ValueError(f"a sliding window of {self.sliding_window} needs a sliding_pattern (6 in Gemma 3)")
+        scalar = self.query_pre_attn_scalar
+        if scalar is not None and not (isinstance(scalar, Real) and not isinstance(scalar, bool)
+                                       and math.isfinite(scalar) and scalar > 0):
+            raise ValueError(f"query_pre_attn_scalar must be a positive finite number, got {scalar!r}")
+        if self.rope_linear_factor != 1.0 and self.rope_scaling is not None:
+            raise ValueError("rope scaling is either llama3's or linear, not both")
+
+    @property
+    def fits_c_block(self) -> bool:
+        """The block is the one kernels/decode.c implements (llama/qwen: SwiGLU, two norms,
+        1/sqrt(head_dim), every layer global). Otherwise blocks run through torch only."""
+        return not (self.post_norms or self.gelu_ffn or self.sliding_window or self.query_pre_attn_scalar is not None)
+
+    def window(self, layer: int) -> int:
+        """Positions layer `layer` attends to (its own included); 0: all of them (global)."""
+        if self.sliding_window and (layer + 1) % self.sliding_pattern:
+            return self.sliding_window
+        return 0
 
     def weight_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape (torch order: [out, in]) this config gives the tensor `name` (canonical
@@ -117,6 +155,7 @@ class ModelConfig:
             return None
         return {
             "attn_norm.weight": (D,), "ffn_norm.weight": (D,),
+            "post_attention_norm.weight": (D,), "post_ffw_norm.weight": (D,),
             "attn_q.weight": (q, D), "attn_k.weight": (kv, D), "attn_v.weight": (kv, D),
             "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
             "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),

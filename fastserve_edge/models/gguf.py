@@ -266,13 +266,16 @@ def _config(meta: dict[str, Any], tensor_names: set[str], path: Path, arch: str,
                    expert_ffn_dim=_number(meta.get(f"{arch}.expert_feed_forward_length")
                                           or key("feed_forward_length"), int),
                    norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", True)))
+    n_layers = _number(key("block_count"), int)
+    head_dim = _number(key("attention.key_length", dim // n_heads), int)
+    extra = _gemma3_fields(meta, path, n_layers, dim, n_heads, head_dim) if arch == "gemma3" else {}
     return ModelConfig(
         arch=arch,
-        n_layers=_number(key("block_count"), int),
+        n_layers=n_layers,
         dim=dim,
         n_heads=n_heads,
         n_kv_heads=_number(key("attention.head_count_kv", n_heads), int),
-        head_dim=_number(key("attention.key_length", dim // n_heads), int),
+        head_dim=head_dim,
         ffn_dim=_number(key("feed_forward_length"), int),
         vocab_size=_number(vocab, int),
         context_length=_number(key("context_length", 2048), int),
@@ -284,7 +287,48 @@ def _config(meta: dict[str, Any], tensor_names: set[str], path: Path, arch: str,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         name=str(meta.get("general.name", path.stem)),
         **moe,  # norm_topk: llama.cpp renormalizes the chosen experts' weights for both families
+        **extra,
     )
+
+
+GEMMA3_27B_LAYERS = 62  # llama.cpp's LLM_TYPE_27B for gemma3
+
+
+def _gemma3_fields(meta: dict[str, Any], path: Path, n_layers: int, dim: int, n_heads: int,
+                   head_dim: int) -> dict[str, Any]:
+    """What a gemma3 GGUF says beyond a llama one, read as llama.cpp's loader does (llama-model.cpp):
+    a sliding window only when `attention.sliding_window` is there, every 6th layer global
+    (or `attention.sliding_window_pattern`), local rope base 10000 (or `rope.freq_base_swa`),
+    linear rope scaling on the global layers, and no query_pre_attn_scalar key: 27B scales by
+    dim / n_heads, the others by head_dim. The norm weights are stored with Gemma's +1 in them
+    (convert_hf_to_gguf adds it), so they are plain RMSNorm weights here."""
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if meta.get(f"gemma3.{cap}"):
+            raise ModelFormatError(f"{path.name}: gemma3.{cap} is set; logit soft-capping is not supported "
+                                   "(Gemma 3 has none: this file is not a Gemma 3 conversion we can run)")
+    window = _number(meta.get("gemma3.attention.sliding_window", 0), int)
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # per layer, true: sliding (gguf-py's add_sliding_window_pattern)
+        pattern = _period(pattern, path)
+    scaling = str(meta.get("gemma3.rope.scaling.type", "none")).lower()
+    if scaling not in ("none", "linear"):
+        raise ModelFormatError(f"{path.name}: gemma3 rope scaling {scaling!r} is not supported; supported: linear")
+    return dict(
+        post_norms=True, gelu_ffn=True, scale_embeddings=True,  # qk_norm: from its tensors, as qwen3
+        query_pre_attn_scalar=float(dim // n_heads if n_layers == GEMMA3_27B_LAYERS else head_dim),
+        sliding_window=window, sliding_pattern=_number(pattern, int) if window else 0,
+        rope_local_theta=_number(meta.get("gemma3.rope.freq_base_swa", 10000.0), float),
+        rope_linear_factor=_number(meta.get("gemma3.rope.scaling.factor", 1.0), float) if scaling == "linear" else 1.0,
+    )
+
+
+def _period(sliding: list, path: Path) -> int:
+    """The pattern p of per-layer sliding flags that say: layer i is global iff (i + 1) % p == 0."""
+    for p in range(1, len(sliding) + 2):
+        if [bool((i + 1) % p) for i in range(len(sliding))] == [bool(v) for v in sliding]:
+            return p
+    raise ModelFormatError(f"{path.name}: its sliding-window layers {sliding} follow no 'every n-th layer "
+                           "global' pattern; only that layout is supported")
 
 
 def _unpermute_rows(n_out: int, n_head: int) -> np.ndarray:

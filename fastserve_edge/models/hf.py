@@ -50,14 +50,29 @@ _NAMES = {
     "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight": "blk.{i}.ffn_up.{e}.weight",
     "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight": "blk.{i}.ffn_down.{e}.weight",
 }
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-                         + "$"), v) for k, v in _NAMES.items()]
-# HF model_type -> (our arch, what its config.json calls the expert count)
-_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+# Gemma 3's four norms a block: its post_attention_layernorm is not llama's pre-FFN norm
+_GEMMA3_NAMES = {
+    **_NAMES,
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.post_attention_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "blk.{i}.post_ffw_norm.weight",
+}
 
 
-def canonical_name(hf_name: str) -> str | None:
-    for pattern, target in _PATTERNS:
+def _patterns(names: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$"),
+             v) for k, v in names.items()]
+
+
+_PATTERNS = _patterns(_NAMES)
+_ARCH_PATTERNS = {"gemma3": _patterns(_GEMMA3_NAMES)}
+# model_type -> arch; Gemma 3's multimodal "gemma3" folders are refused below
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "mixtral": "llama",
+                "gemma3_text": "gemma3"}
+
+
+def canonical_name(hf_name: str, arch: str = "llama") -> str | None:
+    for pattern, target in _ARCH_PATTERNS.get(arch, _PATTERNS):
         m = pattern.match(hf_name)
         if m:
             for field, value in m.groupdict().items():
@@ -74,15 +89,20 @@ def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
     if not isinstance(cfg, dict):
         raise ModelFormatError(f"{path}/config.json is not a JSON object; it is not a model config")
     model_type = str(cfg.get("model_type", "")).lower()
-    arch = _ARCHS.get(model_type, "")
+    if model_type == "gemma3":
+        raise ModelFormatError(f"{path}: a multimodal Gemma 3 folder (Gemma3ForConditionalGeneration); only the "
+                               "text-only ones (model_type gemma3_text: Gemma 3 1B, or a GGUF conversion) are supported")
+    arch = _MODEL_TYPES.get(model_type, model_type)
     if arch not in SUPPORTED_ARCHS:
         raise ModelFormatError(
-            f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(_ARCHS)}"
+            f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(_MODEL_TYPES)}"
         )
     try:
         n_heads = int(cfg["num_attention_heads"])
         dim = int(cfg["hidden_size"])
         scaling = None
+        if arch == "gemma3":
+            return _gemma3_config(cfg, path, n_heads, dim)
         rope = cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type"))
         if rope_type == "llama3":
@@ -130,6 +150,57 @@ def config_from_hf(cfg: dict[str, Any], path: Path) -> ModelConfig:
                                "download the model again") from None
 
 
+def _gemma3_config(cfg: dict[str, Any], path: Path, n_heads: int, dim: int) -> ModelConfig:
+    """Gemma3TextConfig (transformers 4.50+, both its rope layouts) -> ModelConfig; what the
+    engine cannot run (soft-capping, bidirectional attention, another activation) is refused."""
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(cap) is not None:
+            raise ModelFormatError(f"{path}/config.json sets {cap}; logit soft-capping is not supported "
+                                   "(Gemma 3 has none)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ModelFormatError(f"{path}/config.json: bidirectional attention (an embedding model) is not supported")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelFormatError(f"{path}/config.json: activation {act!r}; Gemma 3 uses gelu_pytorch_tanh, the only one supported")
+    n_layers = int(cfg["num_hidden_layers"])
+    head_dim = int(cfg.get("head_dim") or 256)
+    # rope: old layout (rope_theta, rope_local_base_freq, rope_scaling for the global layers) or
+    # transformers 5's rope_parameters {"full_attention": {...}, "sliding_attention": {...}}
+    params = cfg.get("rope_parameters") or {}
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    scaling = cfg.get("rope_scaling") or {k: v for k, v in full.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise ModelFormatError(f"{path}: rope scaling {rope_type!r} is not supported for gemma3; supported: linear")
+    if local.get("rope_type", "default") != "default":
+        raise ModelFormatError(f"{path}: rope scaling on the sliding-window layers is not supported")
+    window = int(cfg.get("sliding_window") or 0)
+    pattern = int(cfg.get("sliding_window_pattern") or 6)
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise ValueError(f"layer_types must list the {n_layers} layers")
+        pattern = next((p for p in range(1, n_layers + 2) if types == [
+            "sliding_attention" if (i + 1) % p else "full_attention" for i in range(n_layers)]), 0)
+        if not pattern:
+            raise ModelFormatError(f"{path}/config.json: layer_types {types} follow no 'every n-th layer global' "
+                                   "pattern; only that layout is supported")
+    return ModelConfig(
+        arch="gemma3", n_layers=n_layers, dim=dim, n_heads=n_heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), head_dim=head_dim,
+        ffn_dim=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
+        context_length=int(cfg.get("max_position_embeddings", 131072)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(full.get("rope_theta") or cfg.get("rope_theta") or 1_000_000.0),
+        rope_local_theta=float(local.get("rope_theta") or cfg.get("rope_local_base_freq") or 10_000.0),
+        rope_linear_factor=float(scaling["factor"]) if rope_type == "linear" else 1.0,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attn_bias=bool(cfg.get("attention_bias", False)), qk_norm=True, post_norms=True, gelu_ffn=True,
+        scale_embeddings=True, query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+        sliding_window=window, sliding_pattern=pattern if window else 0, name=path.name,
+    )
+
+
 class HFModel:
     """A Hugging Face folder opened in place (safetensors are memory-mapped by safe_open)."""
 
@@ -157,7 +228,7 @@ class HFModel:
                 raise ModelFormatError(f"{file} is not a readable safetensors file ({err}); it may be truncated") from None
             self._files[str(file)] = handle
             for hf_name in handle.keys():
-                name = canonical_name(hf_name)
+                name = canonical_name(hf_name, self.config.arch)
                 if name is not None:
                     self._where[name] = (file, hf_name)
         if self.config.tie_embeddings:
@@ -183,6 +254,10 @@ class HFModel:
         qtype = _DTYPES.get(value.dtype)
         if qtype is None:
             raise ModelFormatError(f"{file}: {hf_name} has dtype {value.dtype}; supported: float32, float16, bfloat16")
+        if self.config.arch == "gemma3" and name.endswith("norm.weight"):
+            # Gemma's RMSNorm multiplies by (1 + w), in fp32; GGUF files store w + 1 (as
+            # convert_hf_to_gguf does), and so does this: one RMSNorm for both
+            value, qtype = value.float() + 1.0, QType.F32
         return RawTensor(name, qtype, tuple(value.shape), value)
 
     def tokenizer(self):

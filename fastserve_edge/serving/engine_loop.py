@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset, Prefill, common_prefix
-from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, kv_bytes_per_token
+from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, kv_bytes_per_token, reusable_prefix
 from fastserve_edge.engine.sampling import Sampler
 from fastserve_edge.errors import FastServeError
 from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
@@ -275,12 +275,13 @@ class EngineLoop:
         INITIAL_TOKENS) must hold for what it reuses. A long conversation that shares only a
         system prompt stays in the cache for its own next turn. Safe during a step: kept
         sessions take no part in one."""
-        best, shared = None, 0
+        best, shared, held = None, 0, 0
         for key, tokens in self._kept.items():
             n = common_prefix(tokens, prompt)
             if n > shared and len(tokens) - min(n, len(prompt) - 1) <= STALE_TAIL:
-                best, shared = key, n
+                best, shared, held = key, n, len(tokens)
         reuse = min(shared, len(prompt) - 1)  # the last prompt token always runs: it gives the logits
+        reuse = reusable_prefix(self.pipeline.config, held, reuse)  # sliding-window layers: no rewind
         if best is None or reuse < PROMPT_CACHE_MIN:
             return None, 0
         del self._kept[best]

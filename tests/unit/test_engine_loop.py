@@ -3,7 +3,7 @@ prompt that starts the same way takes it over and prefills only the rest, and ke
 way (to the KV budget, to --prompt-cache, to a re-plan). No model, no sockets.
 
 The fake is a real Pipeline stand-in plugged in the way the loop uses one (next_token,
-first_tokens, next_tokens, drop, ctx): it keeps, per session, the tokens its "KV" holds, checks that every
+first_tokens, next_tokens, drop, ctx, config): it keeps, per session, the tokens its "KV" holds, checks that every
 call continues at a position it has, and answers with a token that depends on every token
 before it: a session fed from a wrong position, or with a stale cache, gives another answer.
 """
@@ -18,6 +18,7 @@ import pytest
 from fastserve_edge.engine.generate import DecodeStep, PipelineReset, Prefill
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.engine.kv_cache import INITIAL_TOKENS
+from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.serving.engine_loop import KV_GROWTH, PROMPT_CACHE_MIN, STALE_TAIL, EngineLoop, Finished, Token
 
 CTX = 128
@@ -26,6 +27,9 @@ GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
 
 class FakePipeline:
     ctx = CTX
+    # what the loop reads of the model: no sliding window, so any prefix of a kept session's KV is reusable
+    config = ModelConfig("llama", n_layers=1, dim=64, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128,
+                         vocab_size=256, context_length=CTX)
     stages: list = []
     meters: list = []
 

@@ -40,3 +40,19 @@ def test_never_beyond_max_tokens():
     assert cache.capacity == 300
     with pytest.raises(IndexError, match="holds 300 positions"):
         cache.update(0, 300, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+
+
+def test_a_sliding_window_layer_is_a_ring_of_its_window():
+    cache = KVCache(2, 1, 2, max_tokens=100, windows=[3, 0])
+    seq = torch.arange(20, dtype=torch.float32).view(1, 1, 20, 1).expand(1, 1, 20, 2)
+    keys, _ = cache.update(0, 0, seq[:, :, :7], seq[:, :, :7])  # a prompt longer than the window
+    assert torch.equal(keys[0, 0, :, 0], torch.arange(7.0))  # all of its own, for its queries
+    assert cache.k[0].shape[2] == 3 and cache.k[1].shape[2] == min(INITIAL_TOKENS, 100)
+    keys, _ = cache.update(0, 7, seq[:, :, 7:8], seq[:, :, 7:8])  # one token: the window before it and itself
+    assert keys[0, 0, :, 0].tolist() == [5.0, 6.0, 7.0]
+    keys, _ = cache.update(0, 7, seq[:, :, 7:9], seq[:, :, 7:9])  # a rewind of one position: still held
+    assert keys[0, 0, :, 0].tolist() == [5.0, 6.0, 7.0, 8.0]
+    with pytest.raises(IndexError, match="must start over"):
+        cache.update(0, 5, seq[:, :, 5:6], seq[:, :, 5:6])
+    keys, _ = cache.update(0, 0, seq[:, :, :1], seq[:, :, :1])  # starting over is always possible
+    assert keys.shape[2] == 1
