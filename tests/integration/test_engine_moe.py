@@ -162,3 +162,18 @@ def test_expert_parallel_group_is_one_machine_bit_for_bit(tmp_path, arch, speeds
     held = sorted(int(e) for e in part.blocks[0].ffn.experts.keys())
     assert held == list(range(slices.ffn_at[1], slices.ffn_at[2])) and len(held) < 8
     assert not slices.holds(source.config, f"blk.0.ffn_up.{slices.ffn_at[0]}.weight", 1)
+
+
+def test_the_planners_shape_of_a_mixture_reads_only_the_chosen_experts(folder, tmp_path):
+    from fastserve_edge.cluster.coordinator import model_shape
+    from fastserve_edge.cluster.shard_cache import build_manifest
+
+    path = moe.write_gguf(tmp_path / "m.gguf", folder, arch_of(folder), tensor_type="Q8_0")
+    source = open_model(path)
+    shape = model_shape(source, build_manifest(source, path, tmp_path / "cache"), 128)
+    c = source.config
+    attn = 2 * c.dim * c.n_heads * c.head_dim + 2 * c.dim * c.n_kv_heads * c.head_dim
+    experts = 3 * c.dim * c.expert_ffn_dim
+    assert shape.read_share == pytest.approx((attn + 2 * experts + 8 * c.dim) / (attn + 8 * experts + 8 * c.dim))
+    assert shape.exchange_floats == c.n_heads * c.head_dim + c.dim + 2 * c.dim  # heads, wo, 2 experts' outputs
+    assert sum(shape.layer_bytes) > 8 * 3 * c.dim * c.expert_ffn_dim * c.n_layers  # every expert held

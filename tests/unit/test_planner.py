@@ -497,3 +497,18 @@ def test_kv_room_is_the_tightest_stage_s_free_memory_over_its_kv_per_token():
     embed_only = Plan(stages=(planner.Stage(big, 0, 0, memory_bytes=GiB, est_ms=0.0),), est_ms_per_token=0.0,
                       decisions=())
     assert planner.kv_room_tokens(embed_only, 4096, 1000) >= 1000
+
+
+def test_a_mixture_counts_every_expert_as_memory_and_the_chosen_ones_as_time():
+    """A mixture of experts (read_share: what one token reads of each layer) needs the memory of
+    all its weights but is predicted as fast as the share it reads."""
+    dense = shape(n=8, layer=1 * GiB, embed=100 * MiB, head=100 * MiB)
+    mixture = ModelShape(**{**dense.__dict__, "read_share": 0.1})
+    alone = host(mem=16 * GiB, gflops=1e4, gbs=10.0)
+    d, m = planner.plan([alone], dense), planner.plan([alone], mixture)
+    assert m.est_ms_per_token < 0.2 * d.est_ms_per_token  # 8 GiB held, ~0.8 GiB read a token
+    small = host(mem=6 * GiB, gflops=1e4, gbs=10.0)
+    with pytest.raises(PlanError):  # memory still counts every expert
+        planner.plan([small], mixture)
+    with pytest.raises(ValueError, match="read_share"):
+        ModelShape(**{**dense.__dict__, "read_share": 0.0})
