@@ -111,7 +111,8 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
         # all-gathered a layer: the heads, wo's rows, then the FFN's columns and down's rows (a
         # mixture: each row's chosen experts' weighted outputs); 0: no tensor layout (too narrow to
         # split, or a block decode.c's fs_tp_block is not: gemma3)
-        exchange_floats=(0 if min(c.dim, c.dim if c.moe else c.ffn_dim) < 2 * planner.TP_GROUP or not c.fits_c_block else
+        exchange_floats=(0 if (c.dim if c.moe else min(c.dim, c.ffn_dim)) < 2 * planner.TP_GROUP
+                         or not c.fits_c_block else
                          c.n_heads * c.head_dim + c.dim + c.n_experts_used * c.dim if c.moe else
                          c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim),
     )
