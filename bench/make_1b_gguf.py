@@ -230,6 +230,17 @@ def _open_streaming(path: Path) -> gguf.GGUFWriter:
     return gguf.GGUFWriter(path, arch="llama")
 
 
+def _add_quantized_infos(writer: gguf.GGUFWriter, shapes: list[tuple[str, tuple[int, ...]]], qtype) -> None:
+    """The tensor table of a file whose vectors are F32 and matrices qtype, then the header."""
+    for name, dims in shapes:
+        if len(dims) == 1:
+            writer.add_tensor_info(name, dims, np.dtype(np.float32), int(np.prod(dims)) * 4)
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(dims, qtype)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+    _finish_header(writer)
+
+
 def _finish_header(writer: gguf.GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -282,13 +293,7 @@ def quantize_pure(source: Path, out: Path, qtype_name: str, *, tokenizer_from: P
     try:
         _add_metadata(writer, shape, tokenizer_from, int(file_type), f"llama-3.2-1b-shape-random-{qtype_name.lower()}-pure")
         shapes = list(tensor_shapes(shape))
-        for name, dims in shapes:
-            if len(dims) == 1:
-                writer.add_tensor_info(name, dims, np.dtype(np.float32), int(np.prod(dims)) * 4)
-            else:
-                byte_shape = gguf.quant_shape_to_byte_shape(dims, qtype)
-                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
-        _finish_header(writer)
+        _add_quantized_infos(writer, shapes, qtype)
         for name, dims in shapes:
             src = tensors[name].data  # numpy view into the memory-mapped source: [out, in]
             if len(dims) == 1:
@@ -320,13 +325,7 @@ def write_random_q4_0(out: Path, *, tokenizer_from: Path, shape: LlamaShape, see
     try:
         _add_metadata(writer, shape, tokenizer_from, int(gguf.LlamaFileType.MOSTLY_Q4_0), f"{shape.name}-q4_0")
         shapes = list(tensor_shapes(shape))
-        for name, dims in shapes:
-            if len(dims) == 1:
-                writer.add_tensor_info(name, dims, np.dtype(np.float32), int(np.prod(dims)) * 4)
-            else:
-                byte_shape = gguf.quant_shape_to_byte_shape(dims, qtype)
-                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
-        _finish_header(writer)
+        _add_quantized_infos(writer, shapes, qtype)
         for _, dims in shapes:
             if len(dims) == 1:
                 writer.write_tensor_data(np.ones(dims, dtype=np.float32))
