@@ -109,10 +109,8 @@ def model_shape(source: ModelSource, manifest: Manifest, ctx: int) -> planner.Mo
         tied_embeddings=c.tie_embeddings,
         head_flops=2.0 * c.vocab_size * c.dim,
         # all-gathered a layer: the heads, wo's rows, then the FFN's columns and down's rows (a
-        # mixture: each row's chosen experts' weighted outputs); 0: no tensor layout (too narrow to
-        # split, or a block decode.c's fs_tp_block is not: gemma3)
-        exchange_floats=(0 if (c.dim if c.moe else min(c.dim, c.ffn_dim)) < 2 * planner.TP_GROUP
-                         or not c.fits_c_block else
+        # mixture: each row's chosen experts' weighted outputs); 0: too narrow to split
+        exchange_floats=(0 if (c.dim if c.moe else min(c.dim, c.ffn_dim)) < 2 * planner.TP_GROUP else
                          c.n_heads * c.head_dim + c.dim + c.n_experts_used * c.dim if c.moe else
                          c.n_heads * c.head_dim + 2 * c.dim + c.ffn_dim),
     )

@@ -407,8 +407,7 @@ def plan(machines: Sequence[Machine], model: ModelShape, *, layout: str = "auto"
         chosen = options[layout]
         if chosen is None:
             raise PlanError("the tensor-parallel layout needs at least one peer with a measured speed "
-                            "(and a llama-style model whose dims split in groups of 32; not gemma3's sliding-window "
-                            "blocks): use --layout auto or pipeline")
+                            "(and a model whose dims split in groups of 32): use --layout auto or pipeline")
         if isinstance(chosen, PlanError):
             raise chosen
     return replace(chosen, alternatives=alternatives)

@@ -208,8 +208,12 @@ class FeedForward(nn.Module):
         return self.down(hidden)
 
     def _geglu(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.geglu_hidden(x))
+
+    def geglu_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu_tanh(gate(x)) * up(x): what down multiplies (a tensor-parallel slice: its columns)."""
         gate, up = self.gate_up(x)  # the quantized swiglu kernel computes silu: not used here
-        return self.down(F.gelu(gate, approximate="tanh").mul_(up))
+        return F.gelu(gate, approximate="tanh").mul_(up)
 
 
 class MixtureOfExperts(nn.Module):

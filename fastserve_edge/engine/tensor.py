@@ -51,8 +51,8 @@ import torch
 from fastserve_edge.models.config import ModelConfig
 from fastserve_edge.engine.kernels import ExchangeError, Mesh, TensorBlockProgram, tp_forward
 from fastserve_edge.engine.kv_cache import KVCache
-from fastserve_edge.engine.model import (Attention, FeedForward, MixtureOfExperts, RMSNorm, _one_call, attend_row,
-                                         expert_rows, model_rope, sum_experts)
+from fastserve_edge.engine.model import (Attention, FeedForward, MixtureOfExperts, RMSNorm, ScaledEmbedding, _one_call,
+                                         attend_row, expert_rows, local_rope, model_rope, sum_experts)
 from fastserve_edge.engine.quant import DenseLinear, QuantLinear, RuntimeWeights
 from fastserve_edge.errors import ConfigError, ModelFormatError
 from fastserve_edge.models.tensors import ModelSource, RawTensor, check_layout
@@ -250,15 +250,23 @@ class SliceBlock(torch.nn.Module):
         kernels = w.kernels
         self.attn_norm = RMSNorm(w.vector(f"{prefix}.attn_norm.weight"), cfg.norm_eps, kernels)
         self.ffn_norm = RMSNorm(w.vector(f"{prefix}.ffn_norm.weight"), cfg.norm_eps, kernels)
-        self.attn = Attention(mine, w, prefix) if mine is not None else None  # its wo: unused (below)
+        self.attn = Attention(mine, w, prefix, window=cfg.window(index)) if mine is not None else None  # its wo: below
+        self.post_attn_norm = self.post_ffn_norm = None
+        if cfg.post_norms:  # gemma3: each branch's whole output normed before its add
+            self.post_attn_norm = RMSNorm(w.vector(f"{prefix}.post_attention_norm.weight"), cfg.norm_eps, kernels)
+            self.post_ffn_norm = RMSNorm(w.vector(f"{prefix}.post_ffw_norm.weight"), cfg.norm_eps, kernels)
         self.wo = self.attn.wo if self.attn is not None else w.linear(f"{prefix}.attn_output")
-        self.glue = kernels if getattr(self.attn.wqkv if self.attn is not None else None, "multi", None) is not None \
-            else None
+        self.glue = kernels if cfg.fits_c_block and getattr(self.attn.wqkv if self.attn is not None else None, "multi",
+                                                             None) is not None else None
         if cfg.moe:  # this machine's experts, whole; the router, whole
             first, end = w.slices.ffn_at[w.rank], w.slices.ffn_at[w.rank + 1]
             self.ffn = _Experts(cfg, w, prefix, range(first, end))
         else:
-            self.ffn = FeedForward(w, prefix)
+            self.ffn = FeedForward(w, prefix, gelu=cfg.gelu_ffn)
+
+    def post(self, norm: RMSNorm | None, out: torch.Tensor) -> torch.Tensor:
+        """A branch's output as the residual adds it (gemma3's post-norms; else as it is)."""
+        return norm(out) if norm is not None else out
 
 
 class _Experts(MixtureOfExperts):
@@ -280,9 +288,6 @@ class TensorSlice:
 
     def __init__(self, weights: SliceWeights, *, max_tokens: int, timeout_ms: int = 30_000):
         cfg, s, r = weights.config, weights.slices, weights.rank
-        if not cfg.fits_c_block:
-            raise ConfigError(f"tensor parallelism runs llama-style blocks (decode.c); {cfg.arch}'s (sliding windows, "
-                              "four norms, GeGLU) is not one: use --layout pipeline or single")
         self.cfg, self.slices, self.rank, self.max_tokens = cfg, s, r, max_tokens
         self.timeout_ms = timeout_ms  # an exchange that makes no progress this long fails
         self.kernels = kernels = weights.kernels
@@ -298,8 +303,8 @@ class TensorSlice:
         for i in range(cfg.n_layers):
             block = SliceBlock(cfg, mine, weights, i)
             self.blocks.append(block)
-            if cfg.moe:  # no C block: the experts' rows go where the router sends them (moe_layers)
-                if self.n_kv and block.glue is None:
+            if cfg.moe or not cfg.fits_c_block:  # no C block (torch_layers): a mixture, gemma3
+                if self.n_kv and getattr(block.attn.wqkv, "multi", None) is None:
                     raise ConfigError("tensor parallelism needs every matrix of a block quantized (GGUF blocks)")
                 continue
             qkv = None
@@ -321,14 +326,19 @@ class TensorSlice:
         self.norm = RMSNorm(weights.vector("output_norm.weight"), cfg.norm_eps)
         self.head = weights.head_slice()
         self.embed = weights.embedding() if r == 0 else None
+        if self.embed is not None and cfg.scale_embeddings:
+            self.embed = ScaledEmbedding(self.embed, cfg.dim)
         self.cos, self.sin = model_rope(cfg, weights, max_tokens)
+        local = local_rope(cfg, max_tokens) if cfg.sliding_window else (self.cos, self.sin)
+        self.ropes = [local if cfg.window(i) else (self.cos, self.sin) for i in range(cfg.n_layers)]
         self.caches: dict[int, KVCache] = {}
         self.heads_at = heads_at
 
     def cache(self, slot: int) -> KVCache:
         cache = self.caches.get(slot)
         if cache is None:
-            cache = self.caches[slot] = KVCache(self.cfg.n_layers, self.n_kv, self.cfg.head_dim, self.max_tokens)
+            cache = self.caches[slot] = KVCache(self.cfg.n_layers, self.n_kv, self.cfg.head_dim, self.max_tokens,
+                                                windows=[self.cfg.window(i) for i in range(self.cfg.n_layers)])
         return cache
 
     def run(self, mesh: Mesh | None, x: torch.Tensor, slots: Sequence[int], positions: Sequence[int]) -> None:
@@ -338,8 +348,8 @@ class TensorSlice:
         first = positions[0]
         if len(slots) > 1 and len(set(slots)) == 1 and list(positions) == list(range(first, first + len(slots))):
             self.prompt(mesh, x, slots[0], first)
-        elif self.cfg.moe:
-            self.moe_layers(mesh, x, slots, positions)
+        elif self.cfg.moe or not self.cfg.fits_c_block:
+            self.torch_layers(mesh, x, slots, positions)
         else:
             self.layers(mesh, x, slots, positions)
 
@@ -373,32 +383,43 @@ class TensorSlice:
         cache = self.cache(slot) if self.n_kv else None
         s, wait = self.slices, self.timeout_ms
         gather = (lambda t, at: mesh.allgather_rows(t, at, wait)) if mesh is not None else (lambda t, at: t)
-        cos, sin = self.cos[pos:pos + S], self.sin[pos:pos + S]
         h = x.unsqueeze(0)
         with torch.inference_mode():
             for layer, block in enumerate(self.blocks):
+                cos, sin = (t[pos:pos + S] for t in self.ropes[layer])
                 if block.attn is not None:
                     q, k, v = block.attn.wqkv(block.attn_norm(h))
                     heads = block.attn._attend(q, k, v, cos, sin, cache, layer, pos)[0]
                 else:
                     heads = torch.empty(S, 0)
                 heads = gather(heads.contiguous(), self.heads_at)
-                h = h + gather(block.wo(heads).contiguous(), list(s.dim_at)).unsqueeze(0)
+                h = h + block.post(block.post_attn_norm, gather(block.wo(heads).contiguous(), list(s.dim_at))).unsqueeze(0)
                 if self.cfg.moe:
                     h += self._experts(gather, block, block.ffn_norm(h)[0]).unsqueeze(0)
                     continue
-                act = block.ffn.gate_up.swiglu(f := block.ffn_norm(h))
-                if act is None:
-                    gate, up = block.ffn.gate_up(f)
-                    act = torch.nn.functional.silu(gate).mul_(up)
-                act = gather(act[0].contiguous(), list(s.ffn_at))
-                h += gather(block.ffn.down(act).contiguous(), list(s.dim_at)).unsqueeze(0)
+                h += block.post(block.post_ffn_norm, self._ffn(gather, block, block.ffn_norm(h))[0]).unsqueeze(0)
             x.copy_(h[0])
 
-    def moe_layers(self, mesh: Mesh | None, x: torch.Tensor, slots: Sequence[int], positions: Sequence[int]) -> None:
-        """Decode rows x [M, dim] of a mixture through every layer, in place: each row's
-        attention on this machine's heads as one machine's decode runs it (attend_row, the C
-        glue), the heads and wo's rows gathered, then the experts (_experts)."""
+    def _ffn(self, gather, block: SliceBlock, f: torch.Tensor) -> torch.Tensor:
+        """The FFN of normed rows f [1, S, dim] (one machine's FeedForward, its columns here):
+        the activation's columns gathered, then down's rows gathered -> [1, S, dim]."""
+        s = self.slices
+        if block.ffn.gelu:
+            act = block.ffn.geglu_hidden(f)
+        else:
+            act = block.ffn.gate_up.swiglu(f)
+            if act is None:
+                gate, up = block.ffn.gate_up(f)
+                act = torch.nn.functional.silu(gate).mul_(up)
+        act = gather(act[0].contiguous(), list(s.ffn_at))
+        return gather(block.ffn.down(act).contiguous(), list(s.dim_at)).unsqueeze(0)
+
+    def torch_layers(self, mesh: Mesh | None, x: torch.Tensor, slots: Sequence[int], positions: Sequence[int]) -> None:
+        """Decode rows x [M, dim] through every layer, in place, for blocks decode.c has no
+        program for (a mixture, gemma3): each row's attention on this machine's heads as one
+        machine's decode runs it (attend_row, the C glue; gemma3: torch's), the heads and wo's
+        rows gathered, then the experts (_experts) or the FFN a row at a time (_ffn), as one
+        machine takes each session's row alone."""
         if any(not 0 <= p < self.max_tokens for p in positions):
             raise ValueError(f"positions {list(positions)} outside this group's {self.max_tokens}")
         s, wait = self.slices, self.timeout_ms
@@ -406,16 +427,28 @@ class TensorSlice:
         M = x.shape[0]
         with torch.inference_mode():
             for layer, block in enumerate(self.blocks):
+                cos, sin = self.ropes[layer]
                 if block.attn is not None:
-                    heads = torch.cat([attend_row(block.attn, block.glue, block.attn_norm, x[r:r + 1],
-                                                  self.cos[p:p + 1], self.sin[p:p + 1], self.cache(slot), layer, p)
-                                       for r, (slot, p) in enumerate(zip(slots, positions))])
+                    heads = torch.cat([self._heads(block, x[r:r + 1], cos[p:p + 1], sin[p:p + 1], self.cache(slot),
+                                                   layer, p) for r, (slot, p) in enumerate(zip(slots, positions))])
                 else:
                     heads = torch.empty(M, 0)
                 heads = gather(heads.contiguous(), self.heads_at)
                 out = torch.cat([block.wo.forward(heads[r:r + 1]) for r in range(M)])  # as one machine: a row a call
-                x += gather(out.contiguous(), list(s.dim_at))
-                x += self._experts(gather, block, block.ffn_norm(x))
+                x += block.post(block.post_attn_norm, gather(out.contiguous(), list(s.dim_at)))
+                if self.cfg.moe:
+                    x += self._experts(gather, block, block.ffn_norm(x))
+                    continue
+                f = block.ffn_norm(x)
+                x += block.post(block.post_ffn_norm, torch.cat([self._ffn(gather, block, f[r:r + 1].unsqueeze(0))[0]
+                                                                for r in range(M)]))
+
+    def _heads(self, block: SliceBlock, row: torch.Tensor, cos, sin, cache: KVCache, layer: int, pos: int):
+        """One row's attention on this machine's heads, before wo: [1, its heads * head_dim]."""
+        if block.glue is not None:
+            return attend_row(block.attn, block.glue, block.attn_norm, row, cos, sin, cache, layer, pos)
+        q, k, v = block.attn.wqkv(block.attn_norm(row.unsqueeze(0)))
+        return block.attn._attend(q, k, v, cos, sin, cache, layer, pos)[0]
 
     def _experts(self, gather, block: SliceBlock, rows: torch.Tensor) -> torch.Tensor:
         """A mixture's FFN over rows [N, dim] (normed): the router on every machine; this

@@ -220,12 +220,20 @@ def test_gemma3_configs_the_engine_cannot_run_are_refused(tmp_path):
             open_model(folder)
 
 
-def test_gemma3_has_no_tensor_parallel_layout(tmp_path):
-    from fastserve_edge.engine.tensor import Slices, SliceWeights, TensorSlice
+@pytest.mark.parametrize("speeds", [[1, 1], [3, 2, 1]])
+def test_gemma3_tensor_parallel_group_is_one_machine_bit_for_bit(tmp_path, speeds):
+    """Gemma 3 in the tensor layout (its blocks in torch on every machine, sliced as llama's;
+    the post-norms on the gathered rows; the windows on each machine's heads): a prompt longer
+    than the window and 10 decode steps give one machine's logits, bit for bit."""
+    from tests.unit.test_tensor_parallel import assert_same_candidates, group_logits, group_of, one_machine_logits
 
-    path = mf.write_tiny_gguf(tmp_path / "gemma3.gguf", mf.GEMMA3, tensor_type="Q8_0", seed=1, **GEMMA)
+    path = mf.write_tiny_gguf(tmp_path / "gemma3.gguf", mf.GEMMA3, tensor_type="Q8_0", seed=1, dim=128, ffn_dim=256,
+                              **GEMMA)
     source = open_model(path)
-    assert not source.config.fits_c_block
-    weights = SliceWeights(source, Slices.split(source.config, [1.0]), 0)
-    with pytest.raises(ConfigError, match="tensor parallelism runs llama-style blocks"):
-        TensorSlice(weights, max_tokens=64)
+    assert not source.config.fits_c_block and source.config.sliding_window
+    prompt = LONG_IDS[:12]
+    want = one_machine_logits(source, prompt, 10)
+    with group_of(source, speeds) as (group, _, _, workers):
+        got = group_logits(group, prompt, 10)
+    assert_same_candidates(got, want)
+    assert all(w.error is None for w in workers)
