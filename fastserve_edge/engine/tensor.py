@@ -21,7 +21,9 @@ mesh.c's sealed TCP mesh) make the answer bit for bit one machine's (the exact d
 
 A step, from the first machine to the others over the mesh: a fixed header (kind, rows,
 flags), then the rows (slot, position, whether it wants logits) and their hidden states.
-Decode rows run every layer in one C call (fs_tp_forward); one session's prompt runs through
+Decode rows run every layer in one C call (fs_tp_forward); blocks decode.c has no program for
+(a mixture, gemma3's windows, post-norms and GeGLU) run the same slices through torch a row at
+a time, as one machine runs each session's row (torch_layers); one session's prompt runs through
 the same torch modules and kernels as one machine's Stage.forward (the GEMM path from 48
 rows), sliced, with the same four all-gathers: both are bit for bit one machine's. Each
 machine answers with the best `TOP_CANDIDATES` logits of its vocabulary rows for every row
