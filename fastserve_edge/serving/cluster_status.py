@@ -21,7 +21,7 @@ def cluster_status(engine: EngineLoop, stages: list[StageReport]) -> dict[str, A
     per_token = engine.metrics.per_token  # seconds between a session's tokens, over every session so far
     return {
         "layout": "single" if plan is None else plan.layout,
-        "plan": "one machine" if plan is None else plan.headline(),
+        "plan": "this machine alone" if plan is None else plan.headline(),
         "machines": machines(plan, stages),
         "kv_budget_tokens": engine.kv_budget_tokens,
         # one session's decode speed, the mean since start (the aggregate rate: tokens_generated over time)

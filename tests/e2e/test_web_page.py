@@ -155,6 +155,12 @@ def test_chat_streams_stops_and_is_kept_across_a_reload(server, browser, tmp_pat
     wait_until(driver, lambda d: len(bubbles(d)) == 4 and int(bubbles(d)[3].get_attribute("data-deltas") or 0) >= 5,
                "the long answer did not start")
     assert by_id(driver, "send").get_attribute("disabled") is not None
+    # the cluster view, polled every 2 s, shows the session while it runs
+    wait_until(driver, lambda d: "running" in by_id(d, "sessions").text, "no running session in the view", 10)
+    assert re.search(r"generating\s+[\d.]+ tokens/s", by_id(driver, "summary").text), by_id(driver, "summary").text
+    streaming = tmp_path / "streaming.png"
+    driver.save_screenshot(str(streaming))
+    print(f"\nscreenshot while an answer streams: {streaming}")
     by_id(driver, "stop").click()
     wait_until(driver, lambda d: bubbles(d)[3].get_attribute("data-done") == "1", "stop did not end the answer", 10)
     assert "(stopped)" in bubbles(driver)[3].text

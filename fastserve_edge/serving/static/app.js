@@ -321,10 +321,11 @@
     lastSample = { t: now, tokens: s.tokens_generated };
 
     if (s.model && !modelId) { modelId = s.model; $("model").textContent = modelId; }
-    $("layout").textContent = s.plan ? `${s.layout}: ${s.plan}` : s.layout || "";
+    $("layout").textContent = `Layout: ${s.plan || s.layout || "?"}`;
     const kvHeld = (s.kv_tokens || 0) + ((s.prompt_cache && s.prompt_cache.kv_tokens) || 0);
     const facts = [
-      ["generating", live === null ? "…" : `${rate(Math.max(0, live))} tokens/s`],
+      ["generating", !s.active_sessions && !s.queue_length ? "idle"
+        : live === null ? "…" : `${rate(Math.max(0, live))} tokens/s`],
       ["per session", `${rate(s.decode_tokens_per_s || 0)} tokens/s (mean)`],
       ["sessions", `${s.active_sessions} active · ${s.queue_length} waiting · max ${s.max_sessions}`],
       ["tokens", `${s.tokens_generated} generated · ctx ${s.ctx}`],
