@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   messages, model, temperature, top_p, max_tokens, stop, seed, stream
     POST /v1/completions        prompt instead of messages
-    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text), /v1/status (JSON: sessions, stages)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text), /v1/status (JSON: sessions, stages, machines)
     GET  /  the web page: a chat and a live view of the cluster (webui.py)
 
 Behaviour worth knowing (where OpenAI leaves room):
