@@ -182,7 +182,7 @@
 
   function requestBody(messages) {
     const body = { model: modelId, stream: true,
-                   messages: messages.filter((m) => !m.error).map(({ role, content }) => ({ role, content })) };
+                   messages: messages.filter((m) => !m.error && m.content !== "").map(({ role, content }) => ({ role, content })) };
     const temperature = $("temperature").value.trim();
     const maxTokens = $("max-tokens").value.trim();
     if (temperature !== "") body.temperature = Number(temperature);
