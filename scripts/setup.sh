@@ -16,6 +16,21 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
+# The web page's browser test (tests/e2e/test_web_page.py) drives Debian's chromium through
+# chromium-driver. Installed here when missing, as root with apt; elsewhere that test is skipped.
+if [ "$EXTRA" = "test" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing chromium and chromium-driver (the web page's browser test)…" >&2
+        { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 \
+                 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; } \
+            || echo "could not install chromium and chromium-driver: the web page's browser test will be skipped" >&2
+    else
+        echo "chromium and chromium-driver are not installed (and this is not root with apt): the web page's" \
+             "browser test will be skipped; install them to run it" >&2
+    fi
+fi
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --quiet --disable-pip-version-check)
 

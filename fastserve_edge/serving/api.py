@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   messages, model, temperature, top_p, max_tokens, stop, seed, stream
     POST /v1/completions        prompt instead of messages
-    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text), /v1/status (JSON: sessions, stages)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text), /v1/status (JSON: sessions, stages, machines)
+    GET  /  the web page: a chat and a live view of the cluster (webui.py)
 
 Behaviour worth knowing (where OpenAI leaves room):
 - Sampling: temperature and top_p from the request, else the [chat] settings; top_k, min_p
@@ -16,7 +17,7 @@ Behaviour worth knowing (where OpenAI leaves room):
   OpenAI does; the non-streaming response always carries it.
 - Errors: OpenAI's body {"error": {"message", "type", "param", "code"}} with its status codes.
 - A client that disconnects cancels its session: generation stops, its KV is freed.
-- With --api-key, every endpoint but /health wants 'Authorization: Bearer KEY' (/metrics too).
+- With --api-key, every endpoint but /health and the page's files wants 'Authorization: Bearer KEY' (/metrics too).
 - GET /openapi.json: the OpenAPI 3.1 description of every route (openapi.py holds the limits).
 
 What a hostile client cannot do (issue 21; `Limits`, set by `fastserve serve`'s flags):
@@ -52,7 +53,8 @@ from aiohttp import web
 from fastserve_edge.engine.generate import Pipeline
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.errors import ConfigError, FastServeError
-from fastserve_edge.serving import openapi
+from fastserve_edge.serving import openapi, webui
+from fastserve_edge.serving.cluster_status import cluster_status
 from fastserve_edge.serving.engine_loop import (
     EngineClosed,
     EngineLoop,
@@ -163,7 +165,7 @@ async def errors_and_counts(request: web.Request,
 
 def _check_key(request: web.Request) -> None:
     key = request.app[CONFIG].api_key
-    if key is None or request.path == "/health":
+    if key is None or request.path == "/health" or request.path in webui.PUBLIC_PATHS:  # the page asks for it
         return
     given = request.headers.get("Authorization", "")
     scheme, _, token = given.partition(" ")
@@ -660,6 +662,7 @@ async def status(request: web.Request) -> web.Response:
     """What `fastserve status --url` shows: the sessions and every stage, as JSON."""
     app = request.app
     engine, m = app[ENGINE], app[ENGINE].metrics
+    stages = engine.stage_report()
     return web.json_response({
         "model": app[CONFIG].model_id, "scheduler": engine.scheduler_name, "max_sessions": engine.max_sessions,
         "ctx": engine.pipeline.ctx, "uptime_s": int(time.time()) - app[STARTED],
@@ -669,8 +672,8 @@ async def status(request: web.Request) -> web.Response:
                          "prompt_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens},
         "mean_decode_batch": m.decode_rows / m.decode_steps if m.decode_steps else 0.0,
         "sessions": engine.session_report(),
-        "stages": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in engine.stage_report()],
-    })
+        "stages": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in stages],
+    } | cluster_status(engine, stages))
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -716,6 +719,7 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/openapi.json", openapi_json)
+    webui.add_routes(app)  # the web page at /
     return app
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastserve_edge.serving import webui
+
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a context of text, far less than a memory problem
 MAX_DEPTH = 32            # JSON nesting; the deepest valid body (messages[i].content[j].text) is 5
 MAX_STOP_STRINGS = 4      # OpenAI's limit
@@ -118,6 +120,7 @@ def document(model_id: str) -> dict[str, Any]:
             "responses": {"200": {"description": "this document",
                                   "content": {"application/json": {"schema": anything}}}, **_errors(401)}}},
     }
+    paths |= webui.openapi_paths()
     error = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
