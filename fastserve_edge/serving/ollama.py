@@ -147,7 +147,8 @@ def unsupported_yet(body: dict[str, Any]) -> None:
         if body.get(name) not in (None, "", [], {}):
             raise APIError(400, f"{what} is not supported by this server yet; send the request without "
                                 f"'{name}'", param=name, code="unsupported")
-    for i, m in enumerate(body.get("messages") or ()):
+    messages = body.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else ()):
         if isinstance(m, dict) and m.get("tool_calls") not in (None, []):
             raise APIError(400, f"messages[{i}].tool_calls: tool calling is not supported by this server yet",
                            param=f"messages[{i}].tool_calls", code="unsupported")
@@ -177,10 +178,10 @@ def listed_name(model_id: str) -> str:
     return model_id if ":" in model_id.rsplit("/", 1)[-1] else f"{model_id}:latest"
 
 
-def _model(body: dict[str, Any], app: web.Application, *, field: str = "model") -> str:
+def _model(body: dict[str, Any], app: web.Application) -> str:
     """The requested model name (as sent, which ollama echoes); 404 unless it is the served one."""
-    model = body.get(field)
-    if model is None and field == "model":
+    model = body.get("model")
+    if model is None:
         model = body.get("name")  # ollama's older spelling, still sent by some tools
     model_id = app[CONFIG].model_id
     if model is None or model == "":
@@ -378,7 +379,9 @@ def _common(body: dict[str, Any], app: web.Application) -> tuple[str, Options, b
     return model, _options(body, app), stream
 
 
-def _fits(prompt: list[int], opts: Options, what: str, app: web.Application) -> None:
+def _request(model: str, prompt: list[int], opts: Options, stream: bool, what: str,
+             app: web.Application) -> OllamaRequest:
+    """The request to generate for, once its prompt is known to fit the context it may use."""
     if len(prompt) >= opts.ctx:
         server = app[PIPELINE].ctx
         holds = (f"the context holds {server}" if opts.ctx == server else
@@ -386,6 +389,8 @@ def _fits(prompt: list[int], opts: Options, what: str, app: web.Application) -> 
         raise APIError(400, f"the {what} is {len(prompt)} tokens but {holds}, and the answer needs room too; "
                             "send less" + (", or start the server with a larger --ctx" if opts.ctx == server else
                                            ", or raise num_ctx"), param=what, code="context_length_exceeded")
+    return OllamaRequest(model, prompt, opts.params, min(opts.max_tokens, opts.ctx - len(prompt)), opts.stops,
+                         stream)
 
 
 async def _parse_chat(request: web.Request) -> OllamaRequest:
@@ -406,8 +411,7 @@ async def _parse_chat(request: web.Request) -> OllamaRequest:
         prompt = await asyncio.to_thread(app[TOKENIZER].encode_chat, chat)
     except FastServeError as err:  # the template refused this conversation
         raise APIError(400, str(err), param="messages", code="invalid_value") from None
-    _fits(prompt, opts, "messages", app)
-    return OllamaRequest(model, prompt, opts.params, opts.max_tokens, opts.stops, stream)
+    return _request(model, prompt, opts, stream, "messages", app)
 
 
 def _text(body: dict[str, Any], name: str) -> str:
@@ -449,8 +453,7 @@ async def _parse_generate(request: web.Request) -> OllamaRequest:
             raise APIError(400, str(err), param="prompt", code="invalid_value") from None
     if not prompt:
         raise APIError(400, "'prompt' is no tokens at all; send some text", param="prompt", code="invalid_value")
-    _fits(prompt, opts, "prompt", app)
-    return OllamaRequest(model, prompt, opts.params, opts.max_tokens, opts.stops, stream)
+    return _request(model, prompt, opts, stream, "prompt", app)
 
 
 # -- answers ---------------------------------------------------------------------------------------
