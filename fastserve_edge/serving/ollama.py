@@ -486,7 +486,8 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
 
     def piece(text: str) -> dict[str, Any]:
         return {"model": model, "created_at": _timestamp(),
-                **({"message": {"role": "assistant", "content": text}} if chat else {"response": text})}
+                **({"message": {"role": "assistant", "content": text}} if chat else {"response": text}),
+                "done": False}
 
     model = req.model
     if not req.prompt:  # nothing to generate: ollama's answer to "load the model" (it is loaded)
