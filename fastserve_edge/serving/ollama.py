@@ -8,6 +8,7 @@ session per request, TextStream for stop strings, the same auth, body limits and
     POST /api/show       details, model_info, template (the model's jinja chat template), parameters
     GET  /api/ps         the served model, as ollama lists running ones
     GET  /api/version    OLLAMA_VERSION
+    GET /openapi.json describes them too (openapi.py).
 
 Answers: NDJSON (application/x-ndjson), one object per text piece, then one with done true,
 done_reason ("stop" | "length") and the counts and durations (nanoseconds) ollama reports;
@@ -71,7 +72,7 @@ from fastserve_edge.serving.api import (
     _queue_full,
 )
 from fastserve_edge.serving.engine_loop import EngineClosed, Finished, QueueFull, Session
-from fastserve_edge.serving.openapi import MAX_STOP_STRINGS, SEED, TEMPERATURE, TOP_P
+from fastserve_edge.serving.openapi import MAX_STOP_STRINGS, OLLAMA_MANAGE, SEED, TEMPERATURE, TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/show", show)
     app.router.add_get("/api/ps", ps)
     app.router.add_get("/api/version", version)
-    for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"):
-        app.router.add_route("*", path, manage)
-    for path in ("/api/embed", "/api/embeddings"):
-        app.router.add_route("*", path, embed)
+    for path in OLLAMA_MANAGE:
+        app.router.add_post(path, embed if "embed" in path else manage)
+    app.router.add_delete("/api/delete", manage)
 
 
 # -- what is not here (yet) ------------------------------------------------------------------------

@@ -154,3 +154,45 @@ def test_errors_in_ollama_shape(server, client, name):
     assert status == 400 and isinstance(json.loads(answer)["error"], str)
     status, answer = raw(server, "POST", "/api/pull", b'{"model": "llama3"}')
     assert status == 501 and "fastserve pull" in json.loads(answer)["error"]
+
+
+# -- hostile bodies: the app in this process over a scripted model (test_serve_hostile's) ---------
+
+
+@pytest.fixture(scope="module")
+def scripted(smollm2_source):
+    from tests.integration import test_serve_hostile as hostile
+
+    tokenizer = smollm2_source.tokenizer()
+    pipeline = hostile.ScriptedPipeline(smollm2_source.config, tokenizer.encode(" Paris, of course."),
+                                        tokenizer.eos_id)
+    with hostile.in_thread(pipeline, tokenizer, max_sessions=4) as address:
+        yield address
+
+
+@pytest.mark.parametrize("path,schema", [("/api/chat", "OllamaChatRequest"), ("/api/generate", "OllamaGenerateRequest"),
+                                         ("/api/show", "OllamaShowRequest")])
+def test_ollama_routes_never_5xx_on_any_body(scripted, path, schema):
+    """Bodies from openapi.py's schemas and mutations of them: an answer, or a 4xx in ollama's shape."""
+    from hypothesis import given
+
+    from fastserve_edge.serving.openapi import document
+    from tests.integration import test_serve_hostile as hostile
+
+    @hostile.PROPERTY
+    @given(hostile.bodies(schema, document(hostile.MODEL)))
+    def property(case):
+        body, _ = case
+        status, headers, answer = hostile.request(scripted, "POST", path, body)
+        assert status < 500, answer
+        if status >= 400:
+            error = json.loads(answer)
+            assert set(error) == {"error"} and isinstance(error["error"], str) and error["error"], error
+        elif headers.get("Content-Type", "").startswith("application/x-ndjson"):
+            lines = [json.loads(line) for line in answer.splitlines()]
+            assert all("error" not in x for x in lines) and [x["done"] for x in lines][-1] is True, lines
+        else:
+            json.loads(answer)
+
+    property()
+    hostile.assert_served(scripted)
