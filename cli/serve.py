@@ -68,8 +68,9 @@ def command(
     peer: Annotated[list[str] | None, typer.Option(help="a peer's ADDRESS:PORT, for networks without mDNS (repeatable)")] = None,
     reprofile: Annotated[bool, typer.Option(help="measure this machine again instead of using the cached profile")] = False,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, metrics),
-    on this machine and the peers it finds, as `fastserve chat` does."""
+    """Serve a model over an OpenAI-compatible HTTP API (chat/completions, completions, models, metrics)
+    and ollama's (/api/chat, /api/generate, /api/tags...), on this machine and the peers it finds,
+    as `fastserve chat` does."""
     with user_errors():
         cluster = None if local_only else dict(token=token, peers=peers, wait=wait, min_stages=min_stages, layout=layout,
                                                max_memory=max_memory, interface=interface,
@@ -160,6 +161,11 @@ def serve(*, model: str | None, host: str, port: int, api_key: str | None, max_s
                               "lower --ctx[/]", highlight=False)
         app = create_app(pipeline, tokenizer, config, max_sessions=max_sessions, scheduler=scheduler,
                          threads=n_threads, kv_room=room, prompt_cache=prompt_cache, limits=limits)
+        from fastserve_edge.models import open_model
+        from fastserve_edge.serving import ollama
+
+        source = local.source if cluster is None else open_model(resolved.path)  # metadata only: mapped, not read
+        app[ollama.FACTS] = ollama.describe(resolved.path, source, resolved.name)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             asyncio.run(_run(app, host, port, resolved.name, pipeline.ctx, max_sessions, scheduler, ssl_context))

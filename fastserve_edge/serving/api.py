@@ -147,20 +147,27 @@ async def errors_and_counts(request: web.Request,
         _check_key(request)
         response = await handler(request)
     except APIError as err:
-        response = err.response()
+        response = _error_response(request, err)
     except asyncio.CancelledError:  # the client went away (handler_cancellation): nginx's 499
         request.app[REQUESTS][(_endpoint(request), 499)] += 1
         raise
     except web.HTTPException as err:
         if err.status < 400:  # redirects and the like pass through
             raise
-        response = _from_http(err).response()
+        response = _error_response(request, _from_http(err))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        response = APIError(500, "internal server error; the server log has the details",
-                            type="server_error").response()
+        response = _error_response(request, APIError(500, "internal server error; the server log has the details",
+                                                     type="server_error"))
     request.app[REQUESTS][(_endpoint(request), response.status)] += 1
     return response
+
+
+def _error_response(request: web.Request, err: APIError) -> web.Response:
+    """OpenAI's error JSON; on ollama's routes (ollama.py), ollama's: {"error": message}."""
+    if request.path.startswith("/api/"):
+        return web.json_response({"error": err.message}, status=err.status, headers=err.headers)
+    return err.response()
 
 
 def _check_key(request: web.Request) -> None:
@@ -720,6 +727,9 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app.router.add_get("/v1/status", status)
     app.router.add_get("/openapi.json", openapi_json)
     webui.add_routes(app)  # the web page at /
+    from fastserve_edge.serving import ollama  # it builds on this module
+
+    ollama.add_routes(app)
     return app
 
 

@@ -131,8 +131,90 @@ def document(model_id: str) -> dict[str, Any]:
                  "description": f"OpenAI-compatible API over {model_id}. Request bodies are JSON objects of at "
                               f"most {MAX_BODY_BYTES} bytes, nested at most {MAX_DEPTH} deep; other fields "
                               "are ignored."},
-        "paths": paths,
-        "components": {"schemas": {**_request_schemas(model_id), "Error": error},
+        "paths": paths | _ollama_paths(),
+        "components": {"schemas": {**_request_schemas(model_id), "Error": error, **_ollama_schemas(model_id)},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                       "description": "the server's --api-key, if it has one"}}},
     }
+
+
+# -- ollama's routes (ollama.py): the same limits, ollama's fields and error body ----------------
+
+OLLAMA_MANAGE = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/embed", "/api/embeddings")
+
+
+def _ollama_schemas(model_id: str) -> dict[str, dict[str, Any]]:
+    names = [model_id, model_id if ":" in model_id.rsplit("/", 1)[-1] else f"{model_id}:latest"]
+    integer = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+    options = {"type": "object", "description": "other keys: 400; load-time ones (num_gpu...) are ignored",
+               "properties": {
+                   "temperature": _nullable({"type": "number", "minimum": TEMPERATURE[0], "maximum": TEMPERATURE[1]}),
+                   "top_k": _nullable({"type": "integer", "minimum": 0, "maximum": 2**31 - 1}),
+                   "top_p": _nullable({"type": "number", "exclusiveMinimum": TOP_P[0], "maximum": TOP_P[1]}),
+                   "min_p": _nullable({"type": "number", "minimum": 0, "exclusiveMaximum": 1}),
+                   "repeat_penalty": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 10}),
+                   "repeat_last_n": _nullable({"type": "integer", "minimum": -1, "maximum": 2**31 - 1}),
+                   "seed": _nullable({"type": "integer", "minimum": SEED[0], "maximum": SEED[1],
+                                      "description": "-1: random"}),
+                   "num_predict": _nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1,
+                                             "description": "also -1 and -2: until the context is full"}),
+                   "num_ctx": _nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1,
+                                         "description": "cut to the server's --ctx"}),
+                   "stop": _nullable({"type": "array", "maxItems": MAX_STOP_STRINGS,
+                                      "items": {"type": "string", "minLength": 1}}),
+                   "num_thread": _nullable(integer), "num_gpu": _nullable(integer)}}
+    common = {"model": {"enum": names, "description": "GET /api/tags lists it"},
+              "stream": _nullable({"type": "boolean", "description": "default true: NDJSON"}),
+              "keep_alive": _nullable({"anyOf": [{"type": "number"}, {"type": "string"}]}),
+              "options": _nullable(options)}
+    message = {"type": "object", "required": ["role"],
+               "properties": {"role": {"enum": list(ROLES)}, "content": _nullable({"type": "string"})}}
+    return {
+        "OllamaChatRequest": {"type": "object", "required": ["model"], "properties": {
+            **common, "messages": _nullable({"type": "array", "items": message,
+                                             "description": "none: load the model (done_reason \"load\")"})}},
+        "OllamaGenerateRequest": {"type": "object", "required": ["model"], "properties": {
+            **common, "prompt": _nullable({"type": "string"}), "system": _nullable({"type": "string"}),
+            "raw": _nullable({"type": "boolean", "description": "true: no template, and no system"})}},
+        "OllamaShowRequest": {"type": "object", "required": ["model"], "properties": {
+            "model": {"enum": names}, "verbose": _nullable({"type": "boolean"})}},
+        "OllamaError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    }
+
+
+def _ollama_paths() -> dict[str, Any]:
+    def body(schema: str, what: str) -> dict[str, Any]:
+        return {"description": what,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+    def errors(*statuses: int) -> dict[str, Any]:
+        return {str(s): body("OllamaError", "ollama's error body") for s in statuses}
+
+    bearer = [{"bearer": []}]
+    answer = {"description": "NDJSON, one object per piece, done: true last; one JSON object with stream: false",
+              "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                          "application/json": {"schema": {"type": "object"}}}}
+    listing = {"description": "the served model", "content": {"application/json": {"schema": {"type": "object"}}}}
+    generate = {"200": answer, **errors(400, 401, 404, 408, 413, 429, 503)}
+    paths: dict[str, Any] = {
+        "/api/chat": {"post": {"operationId": "ollamaChat", "security": bearer, "responses": generate,
+                               "requestBody": {"required": True, **body("OllamaChatRequest", "ollama's chat")}}},
+        "/api/generate": {"post": {"operationId": "ollamaGenerate", "security": bearer, "responses": generate,
+                                   "requestBody": {"required": True,
+                                                   **body("OllamaGenerateRequest", "ollama's generate")}}},
+        "/api/show": {"post": {"operationId": "ollamaShow", "security": bearer,
+                               "requestBody": {"required": True, **body("OllamaShowRequest", "which model")},
+                               "responses": {"200": listing, **errors(400, 401, 404)}}},
+        "/api/tags": {"get": {"operationId": "ollamaTags", "security": bearer,
+                              "responses": {"200": listing, **errors(401)}}},
+        "/api/ps": {"get": {"operationId": "ollamaPs", "security": bearer,
+                            "responses": {"200": listing, **errors(401)}}},
+        "/api/version": {"get": {"operationId": "ollamaVersion", "security": bearer,
+                                 "responses": {"200": listing, **errors(401)}}},
+        "/api/delete": {"delete": {"operationId": "ollamaDelete", "security": bearer,
+                                   "responses": errors(401, 501)}},
+    }
+    for path in OLLAMA_MANAGE:
+        name = "ollama" + path.rsplit("/", 1)[1].capitalize()
+        paths[path] = {"post": {"operationId": name, "security": bearer, "responses": errors(401, 501)}}
+    return paths
