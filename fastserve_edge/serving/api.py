@@ -376,38 +376,35 @@ class GenRequest:
 
 
 # fields that change the answer and that this server does not implement: a 400, never ignored.
-# name -> (the value that changes nothing, what to say); tools, tool_choice, response_format
+# name -> (is this value harmless (null, neutral)?, what it would do); tools, tool_choice, response_format
 # and grammar are structured output's (another module), not refused here
 _UNSUPPORTED: dict[str, tuple[Callable[[Any, int], bool], str]] = {
-    "logit_bias": (lambda v, n: v is None or v == {}, "per-token logit biases are not supported"),
-    "functions": (lambda v, n: v is None, "'functions' (OpenAI's deprecated function calling) is not supported"),
-    "function_call": (lambda v, n: v is None, "'function_call' (OpenAI's deprecated function calling) is not "
-                                              "supported"),
-    "suffix": (lambda v, n: v is None or v == "", "'suffix' (insertion) is not supported"),
-    "echo": (lambda v, n: v is None or v is False, "'echo' (the prompt in the answer) is not supported"),
-    "best_of": (lambda v, n: v is None or v == n, "'best_of' other than n (ranking answers) is not supported"),
-    "presence_penalty": (lambda v, n: v is None or v == 0, "a non-zero presence penalty is not supported; "
-                                                           "llama.cpp's repeat_penalty is"),
-    "frequency_penalty": (lambda v, n: v is None or v == 0, "a non-zero frequency penalty is not supported; "
-                                                            "llama.cpp's repeat_penalty is"),
-    "audio": (lambda v, n: v is None, "audio output is not supported"),
-    "modalities": (lambda v, n: v is None or v == ["text"], "only the text modality is supported"),
-    "reasoning_effort": (lambda v, n: v is None, "this model does not reason: 'reasoning_effort' is not supported"),
-    "web_search_options": (lambda v, n: v is None, "web search is not supported"),
-    "n_probs": (lambda v, n: v is None or v == 0, "llama.cpp's 'n_probs' is not supported; send OpenAI's "
-                                                  "'logprobs' (and 'top_logprobs')"),
-    "mirostat": (lambda v, n: v is None or v == 0, "mirostat sampling is not supported"),
-    "typical_p": (lambda v, n: v is None or v == 1, "typical sampling is not supported"),
-    "dynatemp_range": (lambda v, n: v is None or v == 0, "dynamic temperature is not supported"),
-    "xtc_probability": (lambda v, n: v is None or v == 0, "XTC sampling is not supported"),
-    "dry_multiplier": (lambda v, n: v is None or v == 0, "DRY sampling is not supported"),
+    "logit_bias": (lambda v, n: v is None or v == {}, "per-token logit biases"),
+    "functions": (lambda v, n: v is None, "OpenAI's deprecated function calling"),
+    "function_call": (lambda v, n: v is None, "OpenAI's deprecated function calling"),
+    "suffix": (lambda v, n: v is None or v == "", "insertion: text after the completion"),
+    "echo": (lambda v, n: v is None or v is False, "the prompt echoed in the answer"),
+    "best_of": (lambda v, n: v is None or v == n, "ranking more answers than n"),
+    "presence_penalty": (lambda v, n: v is None or v == 0, "non-zero; llama.cpp's repeat_penalty is supported"),
+    "frequency_penalty": (lambda v, n: v is None or v == 0, "non-zero; llama.cpp's repeat_penalty is supported"),
+    "audio": (lambda v, n: v is None, "audio output"),
+    "modalities": (lambda v, n: v is None or v == ["text"], "output other than text"),
+    "reasoning_effort": (lambda v, n: v is None, "this model does not reason"),
+    "web_search_options": (lambda v, n: v is None, "web search"),
+    "n_probs": (lambda v, n: v is None or v == 0, "send OpenAI's logprobs and top_logprobs instead"),
+    "mirostat": (lambda v, n: v is None or v == 0, "mirostat sampling"),
+    "typical_p": (lambda v, n: v is None or v == 1, "typical sampling"),
+    "dynatemp_range": (lambda v, n: v is None or v == 0, "dynamic temperature"),
+    "xtc_probability": (lambda v, n: v is None or v == 0, "XTC sampling"),
+    "dry_multiplier": (lambda v, n: v is None or v == 0, "DRY sampling"),
 }
 
 
 def _refuse_unsupported(body: dict, n: int) -> None:
-    for name, (harmless, why) in _UNSUPPORTED.items():
+    for name, (harmless, what) in _UNSUPPORTED.items():
         if name in body and not harmless(body[name], n):
-            raise APIError(400, f"{why} by this server; leave '{name}' out", param=name, code="unsupported_parameter")
+            raise APIError(400, f"'{name}' is not supported by this server ({what}); leave it out", param=name,
+                           code="unsupported_parameter")
 
 
 @dataclass(frozen=True)
