@@ -544,6 +544,19 @@ class ClusterPipeline:
     def first_tokens(self, prefills: Sequence[Prefill]) -> list[int]:
         return self._step(lambda p: p.first_tokens(prefills))
 
+    def fork(self, source: str, copies: Sequence[str]) -> bool:
+        """Peers have no verb to copy a session's KV: copies prefill, unless every layer is here."""
+        pipeline = self.coordinator.pipeline
+        return pipeline is not None and pipeline.fork(source, copies)
+
+    @property
+    def holds_head(self) -> bool:
+        pipeline = self.coordinator.pipeline
+        return pipeline is not None and pipeline.holds_head
+
+    def final_hidden(self, ids: Sequence[int]):
+        return self._step(lambda p: p.final_hidden(ids))
+
     def generate(self, session: str, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int,
                  stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None) -> Iterator[int]:
         stats = stats if stats is not None else GenerationStats()

@@ -1,13 +1,15 @@
 """The token loop over a list of stages. A stage may run here or on a peer: the loop
 only needs `forward(session, x, pos)` and `drop(session)`. A last stage that can sample
 by itself (`forward_sample`, a peer) returns the token id instead of the logits, so only
-the id travels back.
+the id travels back; unless the sampler needs the logits on the host (`Sampler.host_only`:
+logprobs, banned tokens), when the peer sends the last position's logits instead.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -55,10 +57,19 @@ class LocalStage:
             cache = self._caches[session] = self.stage.new_cache()
         return cache
 
-    def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, session: str, x: torch.Tensor, pos: int, *, all_logits: bool = False,
+                normed: bool = False) -> torch.Tensor:
         cache = self._cache(session)
         with torch.inference_mode():
-            return self.stage(x, cache, pos, all_logits=all_logits)
+            return self.stage(x, cache, pos, all_logits=all_logits, normed=normed)
+
+    def fork(self, source: str, copy: str) -> bool:
+        """Give session `copy` a copy of `source`'s KV (n answers to one prompt). False: none held."""
+        cache = self._caches.get(source)
+        if cache is None:
+            return False
+        self._caches[copy] = cache.copy()
+        return True
 
     def forward_batch(self, sessions: Sequence[str], x: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
         """One new token for each session (sessions[r] at positions[r], after the tokens whose
@@ -190,7 +201,7 @@ class Pipeline:
                    context: Sequence[int]) -> int:
         """Run `ids` (at positions pos...) through every stage and sample the next token."""
         last = self.stages[-1]
-        if not hasattr(last, "forward_sample"):
+        if not hasattr(last, "forward_sample") or sampler.host_only:
             return sampler(self.forward(session, ids, pos), context)
         x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
         for i, stage in enumerate(self.stages[:-1]):
@@ -279,7 +290,7 @@ class Pipeline:
         for i in range(first, last):
             x = self._timed(i, tokens, self.stages[i].forward, step.session, x, step.pos)
         stage = self.stages[last]
-        if hasattr(stage, "forward_sample"):
+        if hasattr(stage, "forward_sample") and not step.sampler.host_only:
             return self._timed(last, tokens, stage.forward_sample, step.session, x, step.pos, step.sampler,
                                step.context)
         return step.sampler(self._timed(last, tokens, stage.forward, step.session, x, step.pos).reshape(-1),
@@ -295,6 +306,36 @@ class Pipeline:
         self._seen.pop(session, None)
         for stage in self.stages:
             stage.drop(session)
+
+    def fork(self, source: str, copies: Sequence[str]) -> bool:
+        """Give each session of `copies` a copy of `source`'s KV on every stage, so that they
+        go on from its prompt without a prefill of their own. False when a stage cannot (it
+        runs on a peer, which has no such verb): the copies must prefill."""
+        if not all(isinstance(stage, LocalStage) for stage in self.stages):
+            return False
+        for copy in copies:
+            if not all(stage.fork(source, copy) for stage in self.stages):
+                self.drop(copy)
+                return False
+        return True
+
+    @property
+    def holds_head(self) -> bool:
+        """The final norm runs here (every stage is this machine's): final_hidden can work."""
+        return all(isinstance(stage, LocalStage) for stage in self.stages)
+
+    def final_hidden(self, ids: Sequence[int]) -> torch.Tensor:
+        """Hidden states [S, D] of `ids` (from position 0) after the final norm, where the head
+        would take them: what /v1/embeddings pools. Its KV lives only for this call."""
+        assert self.holds_head, "final_hidden needs every stage on this machine"
+        session = f"hidden-{uuid.uuid4().hex}"
+        x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
+        try:
+            for i, stage in enumerate(self.stages):
+                x = self._timed(i, len(ids), stage.forward, session, x, 0, normed=True)
+        finally:
+            self.drop(session)
+        return x[0]
 
     def generate(self, session: str, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int,
                  stop_ids: frozenset[int] = frozenset(), stats: GenerationStats | None = None) -> Iterator[int]:

@@ -61,6 +61,15 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(2 * k.numel() * k.element_size() for k in self.k)
 
+    def copy(self) -> KVCache:
+        """An independent cache holding the same positions (n answers forked from one prefill)."""
+        twin = object.__new__(KVCache)
+        twin.max_tokens, twin.dtype, twin.windows, twin.caps = self.max_tokens, self.dtype, self.windows, self.caps
+        twin.written = list(self.written)
+        twin.k = [k.clone() for k in self.k]
+        twin.v = [v.clone() for v in self.v]
+        return twin
+
     def _room(self, layer: int, end: int) -> None:
         if end > self.max_tokens:
             raise IndexError(f"KV cache holds {self.max_tokens} positions, asked for {end}")

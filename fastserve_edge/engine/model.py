@@ -420,9 +420,11 @@ class Stage(nn.Module):
         return KVCache(self.end - self.start, self.cfg.n_kv_heads, self.cfg.head_dim, self.max_tokens, dtype=dtype,
                        windows=[self.cfg.window(i) for i in range(self.start, self.end)])
 
-    def forward(self, x: torch.Tensor, cache: KVCache, pos: int, *, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache, pos: int, *, all_logits: bool = False,
+                normed: bool = False) -> torch.Tensor:
         """x: ids [B, S] (first stage) or hidden [B, S, D]. Returns hidden [B, S, D], or
-        logits [B, vocab] of the last position ([B, S, vocab] with all_logits) if last."""
+        logits [B, vocab] of the last position ([B, S, vocab] with all_logits) if last, or
+        with normed the hidden states after the final norm [B, S, D] (embeddings)."""
         self._check_input(x, 2 if self.is_first else 3, [pos], [x.shape[1] if x.dim() > 1 else 0])
         h = self.embed(x) if self.is_first else x.float()
         S = h.shape[1]
@@ -431,6 +433,8 @@ class Stage(nn.Module):
             h = block.forward(h, cos[pos:pos + S], sin[pos:pos + S], cache, layer, pos)  # no hooks: skip Module.__call__
         if not self.is_last:
             return h
+        if normed:
+            return self.norm(h)
         if not all_logits:
             h = h[:, -1]
         return self.head(self.norm(h))

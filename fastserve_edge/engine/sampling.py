@@ -2,6 +2,11 @@
 
 Order follows llama.cpp's default chain: repetition penalty -> top-k -> top-p -> min-p ->
 temperature -> draw. Temperature 0 is argmax, which makes golden tests possible.
+
+Log-probabilities (the API's `logprobs`) are the model's: log-softmax of the logits the
+sampler is given, before the penalty, the filters, the temperature and any banned token, as
+OpenAI reports them (llama.cpp's server reports the final sampling distribution instead;
+that one is 0 for every token but the pick at temperature 0, which says nothing).
 """
 
 from __future__ import annotations
@@ -68,26 +73,64 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probability and the `top` most likely tokens' (best first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """logits: [V] as the model gave them -> log p(token) and the `top` best (id, log p)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    best = torch.topk(logp, min(top, logp.numel())) if top > 0 else None
+    pairs = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
+    return TokenLogprobs(token, float(logp[token]), pairs)
+
+
 def logits_to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits / max(temperature, 1e-5)).softmax(-1)
 
 
 class Sampler:
-    """Draws one token at a time from logits; reproducible for a given seed."""
+    """Draws one token at a time from logits; reproducible for a given seed.
 
-    def __init__(self, params: SamplingParams):
+    logprobs: None (off), or how many top tokens to report besides the pick; each call then
+    leaves the pick's TokenLogprobs in `last`. banned: token ids never drawn (llama.cpp's
+    ignore_eos bans the end-of-generation tokens so). Either one needs the logits here:
+    `host_only` says that a peer holding the head must not sample for this sampler."""
+
+    def __init__(self, params: SamplingParams, *, logprobs: int | None = None,
+                 banned: frozenset[int] = frozenset()):
         self.params = params
+        self.logprobs = logprobs
+        self.banned = torch.tensor(sorted(banned), dtype=torch.long)
+        self.last: TokenLogprobs | None = None
         self.generator = torch.Generator()
         if params.seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(params.seed)
 
+    @property
+    def host_only(self) -> bool:
+        return self.logprobs is not None or self.banned.numel() > 0
+
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
         """logits: [V] of the next position; history: token ids so far (prompt + answer)."""
+        token = self._draw(logits, history)
+        if self.logprobs is not None:
+            self.last = token_logprobs(logits, token, self.logprobs)
+        return token
+
+    def _draw(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         p = self.params
         window = list(history[-p.repeat_last_n:]) if p.repeat_last_n else []
         logits = apply_repeat_penalty(logits.float(), window, p.repeat_penalty)
+        if self.banned.numel():
+            logits = logits.index_fill(0, self.banned, float("-inf"))
         if p.temperature == 0:
             return int(torch.argmax(logits))
         logits = filter_logits(logits, p.top_k, p.top_p, p.min_p)

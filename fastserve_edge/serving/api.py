@@ -2,6 +2,9 @@
 
     POST /v1/chat/completions   messages, model, temperature, top_p, max_tokens, stop, seed, stream
     POST /v1/completions        prompt instead of messages
+    POST /v1/embeddings         input: a string, strings, or token id lists
+    POST /tokenize, /detokenize llama.cpp server's: {content, add_special?, with_pieces?} -> {tokens};
+                                {tokens} -> {content}
     GET  /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text), /v1/status (JSON: sessions, stages, machines)
     GET  /  the web page: a chat and a live view of the cluster (webui.py)
 
@@ -15,6 +18,25 @@ Behaviour worth knowing (where OpenAI leaves room):
 - Streaming: chat.completion.chunk / text_completion chunks, `data: [DONE]` last. Usage goes
   in a final chunk with empty `choices` only when `stream_options.include_usage` is true, as
   OpenAI does; the non-streaming response always carries it.
+- llama.cpp server's sampling fields top_k, min_p, repeat_penalty, repeat_last_n are taken
+  (default: the [chat] top_k and min_p, no penalty), and its `ignore_eos`: the end-of-generation
+  tokens are banned (never drawn, as llama.cpp does), so the answer runs to max_tokens.
+- logprobs (chat: logprobs + top_logprobs; completions: logprobs N) are the model's: log-softmax
+  of the raw logits, before temperature, top-k/p, min-p and any ban (OpenAI's meaning; llama.cpp's
+  server reports the final sampling distribution). They cover the tokens whose text is sent:
+  those that only spell a stop string are left out with their text. With logprobs (or
+  ignore_eos) a cluster's last peer sends the host the logits instead of sampling itself.
+- n answers share one prefill: the first answer's prompt KV is copied for the others
+  (engine_loop.submit_many); where a peer holds layers they prefill each their own. With a seed,
+  answer i samples with seed + i: reproducible, and different from each other.
+- /v1/embeddings: the mean over the prompt's tokens of the final norm's output (the hidden
+  states the LM head would read), L2-normalised, as llama.cpp's server gives for a model with no
+  pooling of its own. Strings get the BOS the model wants. A 400 where the final layers run on a
+  peer (the hidden states never reach the host there).
+- Fields that would change the answer and are not implemented get a 400 that names them
+  (`_refuse_unsupported`): logit_bias, functions, function_call, suffix, echo, best_of other
+  than n, non-zero presence/frequency penalties, audio output, ... Others (user, metadata, store,
+  service_tier, ...) change nothing here and are accepted.
 - Errors: OpenAI's body {"error": {"message", "type", "param", "code"}} with its status codes.
 - A client that disconnects cancels its session: generation stops, its KV is freed.
 - With --api-key, every endpoint but /health and the page's files wants 'Authorization: Bearer KEY' (/metrics too).
@@ -35,26 +57,30 @@ What a hostile client cannot do (issue 21; `Limits`, set by `fastserve serve`'s 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import ipaddress
 import json
 import logging
 import ssl
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from aiohttp import web
 
-from fastserve_edge.engine.generate import Pipeline
-from fastserve_edge.engine.sampling import Sampler, SamplingParams
+from fastserve_edge.engine.generate import Pipeline, PipelineReset
+from fastserve_edge.engine.sampling import Sampler, SamplingParams, TokenLogprobs
 from fastserve_edge.errors import ConfigError, FastServeError
 from fastserve_edge.serving import openapi, webui
 from fastserve_edge.serving.cluster_status import cluster_status
+from fastserve_edge.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from fastserve_edge.serving.engine_loop import (
     EngineClosed,
     EngineLoop,
@@ -64,6 +90,8 @@ from fastserve_edge.serving.engine_loop import (
     Token,
 )
 from fastserve_edge.serving.openapi import MAX_BODY_BYTES, MAX_DEPTH, MAX_STOP_STRINGS, ROLES, SEED, TEMPERATURE, TOP_P
+from fastserve_edge.serving.openapi import (MAX_CHOICES, MAX_EMBEDDING_INPUTS, MAX_REPEAT_LAST_N, MAX_TOP_K,
+                                            MAX_TOP_LOGPROBS, MIN_P, REPEAT_PENALTY)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +122,7 @@ CONFIG = web.AppKey("config", ServeConfig)
 LIMITS = web.AppKey("limits", Limits)
 PIPELINE = web.AppKey("pipeline", object)  # engine.generate.Pipeline, or cluster.coordinator.ClusterPipeline
 TOKENIZER = web.AppKey("tokenizer", object)  # models.tokenizer.Tokenizer
+TOKEN_TEXTS = web.AppKey("token_texts", TokenTexts)
 ENGINE_OPTIONS = web.AppKey("engine_options", dict)
 ENGINE = web.AppKey("engine", EngineLoop)
 REQUESTS = web.AppKey("requests", Counter)   # (endpoint, status) -> count
@@ -349,6 +378,75 @@ class GenRequest:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    n: int = 1                    # answers (choices) to the prompt
+    logprobs: int | None = None   # None: none; k: the pick's and the k best tokens' log-probabilities
+    ignore_eos: bool = False      # ban the stop tokens: run to max_tokens
+    prompt_chars: int = 0         # the completion prompt's length: where legacy text_offset starts
+
+
+# fields that change the answer and that this server does not implement: a 400, never ignored.
+# name -> (is this value harmless (null, neutral)?, what it would do); tools, tool_choice, response_format
+# and grammar are structured output's (another module), not refused here
+_UNSUPPORTED: dict[str, tuple[Callable[[Any, int], bool], str]] = {
+    "logit_bias": (lambda v, n: v is None or v == {}, "per-token logit biases"),
+    "functions": (lambda v, n: v is None, "OpenAI's deprecated function calling"),
+    "function_call": (lambda v, n: v is None, "OpenAI's deprecated function calling"),
+    "suffix": (lambda v, n: v is None or v == "", "insertion: text after the completion"),
+    "echo": (lambda v, n: v is None or v is False, "the prompt echoed in the answer"),
+    "best_of": (lambda v, n: v is None or v == n, "ranking more answers than n"),
+    "presence_penalty": (lambda v, n: v is None or v == 0, "non-zero; llama.cpp's repeat_penalty is supported"),
+    "frequency_penalty": (lambda v, n: v is None or v == 0, "non-zero; llama.cpp's repeat_penalty is supported"),
+    "audio": (lambda v, n: v is None, "audio output"),
+    "modalities": (lambda v, n: v is None or v == ["text"], "output other than text"),
+    "reasoning_effort": (lambda v, n: v is None, "this model does not reason"),
+    "web_search_options": (lambda v, n: v is None, "web search"),
+    "n_probs": (lambda v, n: v is None or v == 0, "send OpenAI's logprobs and top_logprobs instead"),
+    "mirostat": (lambda v, n: v is None or v == 0, "mirostat sampling"),
+    "typical_p": (lambda v, n: v is None or v == 1, "typical sampling"),
+    "dynatemp_range": (lambda v, n: v is None or v == 0, "dynamic temperature"),
+    "xtc_probability": (lambda v, n: v is None or v == 0, "XTC sampling"),
+    "dry_multiplier": (lambda v, n: v is None or v == 0, "DRY sampling"),
+}
+
+
+def _refuse_unsupported(body: dict, n: int) -> None:
+    for name, (harmless, what) in _UNSUPPORTED.items():
+        if name in body and not harmless(body[name], n):
+            raise APIError(400, f"'{name}' is not supported by this server ({what}); leave it out", param=name,
+                           code="unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """What _parse reads besides OpenAI's basic fields (see the module docstring)."""
+    n: int
+    logprobs: int | None
+    ignore_eos: bool
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+
+
+def _extras(body: dict, config: ServeConfig, *, chat: bool) -> _Extras:
+    n = _integer(body, "n", 1, 1, MAX_CHOICES)
+    _refuse_unsupported(body, n)
+    if chat:
+        top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        if not _flag(body, "logprobs"):
+            if top is not None:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+            logprobs = None
+        else:
+            logprobs = top or 0
+    else:  # the legacy field: how many top tokens, 0 for the pick's alone
+        logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    return _Extras(
+        n=n, logprobs=logprobs, ignore_eos=_flag(body, "ignore_eos"),
+        top_k=_integer(body, "top_k", config.top_k, 0, MAX_TOP_K),
+        min_p=_number(body, "min_p", config.min_p, *MIN_P),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, *REPEAT_PENALTY, lo_open=True),
+        repeat_last_n=_integer(body, "repeat_last_n", 64, 0, MAX_REPEAT_LAST_N))
 
 
 async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
@@ -361,9 +459,7 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
     max_tokens = _integer(body, "max_completion_tokens", None, 1) if chat else None
     max_tokens = _integer(body, "max_tokens", max_tokens or config.max_tokens, 1)
     seed = _integer(body, "seed", None, *SEED)
-    if (n := _integer(body, "n", 1, 1)) != 1:
-        raise APIError(400, f"'n' must be 1 here (one answer per request), got {n}", param="n",
-                       code="invalid_value")
+    extras = _extras(body, config, chat=chat)
     stops = _stops(body)
     stream = _flag(body, "stream")
     options = body.get("stream_options")
@@ -387,6 +483,7 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
         if not isinstance(text, str):
             raise _bad_type("prompt", "a string", text)
         prompt = await asyncio.to_thread(tokenizer.encode, text, add_bos=tokenizer.add_bos_token)
+        prompt_chars = len(text)
         if not prompt:
             raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
         what = "prompt"
@@ -394,9 +491,11 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
         raise APIError(400, f"the {what} {'are' if chat else 'is'} {len(prompt)} tokens but the context holds {ctx} "
                             "(and the answer needs room too); send less, or start the server with a larger --ctx",
                        param=what, code="context_length_exceeded")
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=config.top_k, min_p=config.min_p,
-                            repeat_penalty=1.0, seed=seed)
-    return GenRequest(prompt, params, max_tokens, stops, stream, include_usage)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=extras.top_k, min_p=extras.min_p,
+                            repeat_penalty=extras.repeat_penalty, repeat_last_n=extras.repeat_last_n, seed=seed)
+    return GenRequest(prompt, params, max_tokens, stops, stream, include_usage, n=extras.n,
+                      logprobs=extras.logprobs, ignore_eos=extras.ignore_eos,
+                      prompt_chars=0 if chat else prompt_chars)
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -431,15 +530,28 @@ class TextStream:
         return out
 
 
-async def _generate(engine: EngineLoop, session: Session, text: TextStream) -> AsyncIterator[str | Finished]:
-    """Text pieces of a session's answer, then its Finished (reason "stop" or "length").
+@dataclass(frozen=True)
+class Piece:
+    """Text of an answer as it is released, with the log-probabilities of the tokens it completes."""
+    text: str
+    logprobs: tuple[TokenLogprobs, ...] = ()
+
+
+async def _generate(engine: EngineLoop, session: Session, text: TextStream) -> AsyncIterator[Piece | Finished]:
+    """Pieces of a session's answer, then its Finished (reason "stop" or "length"). A token's
+    logprobs go with the piece that releases its text (or a piece of no text at the end);
+    tokens that only spell a stop string go unreported with it.
     The caller cancels the session when it stops listening, whatever the reason."""
+    pending: list[TokenLogprobs] = []
     while True:
         event = await session.events.get()
         if isinstance(event, Token):
+            if event.logprobs is not None:
+                pending.append(event.logprobs)
             piece = text.push(event.id)
             if piece:
-                yield piece
+                yield Piece(piece, tuple(pending))
+                pending = []
             if text.stopped:
                 engine.cancel(session, reason="stop")
                 yield Finished("stop")
@@ -448,16 +560,49 @@ async def _generate(engine: EngineLoop, session: Session, text: TextStream) -> A
         if event.reason == "error":
             raise APIError(500, event.message or "generation failed", type="server_error")
         tail = text.flush()
-        if tail:
-            yield tail
+        if tail or pending:
+            yield Piece(tail, tuple(pending))
         yield Finished("stop" if event.reason in ("stop", "cancelled") else "length")
         return
 
 
-def _usage(gen: GenRequest, session: Session) -> dict[str, Any]:
-    done = session.completion_tokens
+async def _merged(streams: list[AsyncIterator[Piece | Finished]]) -> AsyncIterator[tuple[int, Piece | Finished]]:
+    """(choice index, item) of several answers, as they come."""
+    if len(streams) == 1:  # no task in between: one answer keeps its back-pressure as before
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator[Piece | Finished]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, end))
+        except Exception as err:  # APIError: an answer failed; the caller reports it
+            await queue.put((i, err))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is end:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(gen: GenRequest, sessions: list[Session]) -> dict[str, Any]:
+    done = sum(s.completion_tokens for s in sessions)  # the prompt counts once, as OpenAI's n does
     return {"prompt_tokens": len(gen.prompt), "completion_tokens": done, "total_tokens": len(gen.prompt) + done,
-            "prompt_tokens_details": {"cached_tokens": session.cached}}  # as OpenAI reports its prompt cache
+            "prompt_tokens_details": {"cached_tokens": sessions[0].cached}}  # as OpenAI reports its prompt cache
 
 
 def _queue_full(err: QueueFull) -> APIError:
@@ -466,53 +611,89 @@ def _queue_full(err: QueueFull) -> APIError:
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def _choice_seed(seed: int | None, i: int) -> int | None:
+    """Answer i's seed: seed + i, wrapped into what a generator takes."""
+    if seed is None:
+        return None
+    lo, hi = SEED
+    return (seed + i - lo) % (hi - lo + 1) + lo
+
+
+@dataclass
+class _Choice:
+    """One answer's logprobs as the API reports them (chat: entries; legacy: from text offsets)."""
+    index: int
+    chat: bool
+    texts: TokenTexts
+    offset: int = 0           # legacy text_offset of the next token
+    entries: list[TokenLogprobs] = field(default_factory=list)
+
+    def logprobs(self, entries: tuple[TokenLogprobs, ...]) -> dict[str, Any]:
+        if self.chat:
+            return chat_logprobs(entries, self.texts)
+        shape, self.offset = completion_logprobs(entries, self.texts, self.offset)
+        return shape
+
+
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     app = request.app
     if app[ENGINE].queue_full:  # before reading and tokenizing a body that cannot be queued
         raise _queue_full(QueueFull(f"{app[ENGINE].max_queue} requests already wait"))
     gen = await _parse(request, chat=chat)
-    engine, config = app[ENGINE], app[CONFIG]
+    engine, config, tokenizer = app[ENGINE], app[CONFIG], app[TOKENIZER]
+    # ignore_eos: llama.cpp bans the end-of-generation tokens rather than skipping them
+    banned = tokenizer.stop_ids if gen.ignore_eos else frozenset()
+    samplers = [Sampler(replace(gen.params, seed=_choice_seed(gen.params.seed, i)), logprobs=gen.logprobs,
+                        banned=banned) for i in range(gen.n)]
     try:
-        session = engine.submit(gen.prompt, Sampler(gen.params), max_tokens=gen.max_tokens,
-                                stop_ids=app[TOKENIZER].stop_ids)
+        sessions = engine.submit_many(gen.prompt, samplers, max_tokens=gen.max_tokens,
+                                      stop_ids=frozenset() if gen.ignore_eos else tokenizer.stop_ids)
     except EngineClosed:
         raise APIError(503, "the server is shutting down; try again when it is back", type="server_error",
                        code="shutting_down") from None
     except QueueFull as err:
         raise _queue_full(err) from None
-    text = TextStream(app[TOKENIZER], gen.stops)
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{session.id}"
+    answers = [_generate(engine, s, TextStream(tokenizer, gen.stops)) for s in sessions]
+    choices = [_Choice(i, chat, app[TOKEN_TEXTS], gen.prompt_chars) for i in range(gen.n)]
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{sessions[0].id}"
     created = int(time.time())
     try:
         if gen.stream:
-            return await _stream(request, engine, session, text, gen, rid, created, chat=chat)
-        pieces: list[str] = []
-        reason = "stop"
-        async for item in _generate(engine, session, text):
+            return await _stream(request, answers, choices, sessions, gen, rid, created, chat=chat)
+        pieces: list[list[str]] = [[] for _ in sessions]
+        reasons = ["stop"] * len(sessions)
+        async for i, item in _merged(answers):
             if isinstance(item, Finished):
-                reason = item.reason
+                reasons[i] = item.reason
             else:
-                pieces.append(item)
-        answer = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": answer}, "logprobs": None,
-                   "finish_reason": reason} if chat else
-                  {"index": 0, "text": answer, "logprobs": None, "finish_reason": reason})
+                pieces[i].append(item.text)
+                choices[i].entries.extend(item.logprobs)
+        out = []
+        for c, parts, reason in zip(choices, pieces, reasons):
+            logprobs = c.logprobs(tuple(c.entries)) if gen.logprobs is not None else None
+            out.append({"index": c.index, "message": {"role": "assistant", "content": "".join(parts)},
+                        "logprobs": logprobs, "finish_reason": reason} if chat else
+                       {"index": c.index, "text": "".join(parts), "logprobs": logprobs, "finish_reason": reason})
         return web.json_response({
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": config.model_id, "choices": [choice], "usage": _usage(gen, session),
+            "model": config.model_id, "choices": out, "usage": _usage(gen, sessions),
         })
     finally:
-        engine.cancel(session)  # no-op when it finished; frees the KV when the client went away
+        for s in sessions:
+            engine.cancel(s)  # no-op when it finished; frees the KV when the client went away
 
 
-async def _stream(request: web.Request, engine: EngineLoop, session: Session, text: TextStream,
-                  gen: GenRequest, rid: str, created: int, *, chat: bool) -> web.StreamResponse:
+async def _stream(request: web.Request, answers: list[AsyncIterator[Piece | Finished]], choices: list[_Choice],
+                  sessions: list[Session], gen: GenRequest, rid: str, created: int, *,
+                  chat: bool) -> web.StreamResponse:
     model = request.app[CONFIG].model_id
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: dict[str, str] | str, reason: str | None = None) -> bytes:
-        choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason} if chat else
-                  {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason})
+    def chunk(c: _Choice, delta: dict[str, str] | str, reason: str | None = None,
+              entries: tuple[TokenLogprobs, ...] = ()) -> bytes:
+        logprobs = c.logprobs(entries) if gen.logprobs is not None and entries else None
+        choice = ({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason} if chat else
+                  {"index": c.index, "text": delta, "logprobs": logprobs, "finish_reason": reason})
         data: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
         if gen.include_usage:
             data["usage"] = None
@@ -535,15 +716,16 @@ async def _stream(request: web.Request, engine: EngineLoop, session: Session, te
     await response.prepare(request)
     try:
         if chat:
-            await send(chunk({"role": "assistant", "content": ""}))
-        async for item in _generate(engine, session, text):
+            for c in choices:
+                await send(chunk(c, {"role": "assistant", "content": ""}))
+        async for i, item in _merged(answers):
             if isinstance(item, Finished):
-                await send(chunk({} if chat else "", item.reason))
+                await send(chunk(choices[i], {} if chat else "", item.reason))
             else:
-                await send(chunk({"content": item} if chat else item))
+                await send(chunk(choices[i], {"content": item.text} if chat else item.text, None, item.logprobs))
         if gen.include_usage:
             final = {"id": rid, "object": kind, "created": created, "model": model, "choices": [],
-                     "usage": _usage(gen, session)}
+                     "usage": _usage(gen, sessions)}
             await send(b"data: " + json.dumps(final).encode() + b"\n\n")
         await send(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -567,6 +749,122 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, chat=False)
+
+
+# -- embeddings and tokens -------------------------------------------------------------------------
+
+
+def _embedding_inputs(body: dict, tokenizer, ctx: int) -> list[list[int]]:
+    """`input`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    value = body.get("input")
+    if value is None:
+        raise APIError(400, "'input' is required", param="input", code="missing_required_parameter")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_id(v) for v in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _bad_type("input", "a string, an array of strings, or token ids (an array, or arrays of them)", value)
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"'input' holds {len(value)} items, more than {MAX_EMBEDDING_INPUTS}; send fewer at once",
+                       param="input", code="invalid_value")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            ids = tokenizer.encode(item, add_bos=tokenizer.add_bos_token) if item else []
+        elif isinstance(item, list) and all(_is_id(v) for v in item):
+            ids = item
+            if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+                raise APIError(400, f"input[{i}] has a token id outside the vocabulary [0, {tokenizer.vocab_size})",
+                               param="input", code="invalid_value")
+        else:
+            raise _bad_type(f"input[{i}]", "a string or an array of token ids", item)
+        if not ids:
+            raise APIError(400, f"input[{i}] is empty; send some text", param="input", code="invalid_value")
+        if len(ids) > ctx:
+            raise APIError(400, f"input[{i}] is {len(ids)} tokens but the context holds {ctx}; send less, or start "
+                                "the server with a larger --ctx", param="input", code="context_length_exceeded")
+        out.append(ids)
+    return out
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    app = request.app
+    body = await _json_body(request)
+    _check_model(body, app[CONFIG])
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format",
+                       code="invalid_value")
+    dim = app[PIPELINE].config.dim
+    dimensions = _integer(body, "dimensions", dim, 1)
+    if dimensions != dim:
+        raise APIError(400, f"this model's embeddings have {dim} dimensions; shortening them is not supported",
+                       param="dimensions", code="unsupported_parameter")
+    inputs = await asyncio.to_thread(_embedding_inputs, body, app[TOKENIZER], app[PIPELINE].ctx)
+    if not app[PIPELINE].holds_head:
+        raise APIError(400, "embeddings need the model's last layers and final norm on this machine, and on this "
+                            "cluster they run on a peer; serve the model on one machine (--local-only) for "
+                            "/v1/embeddings", code="unsupported_on_cluster")
+    data = []
+    for i, ids in enumerate(inputs):  # one at a time: the answers being generated step in between
+        try:
+            hidden = await app[ENGINE].final_hidden(ids)
+        except EngineClosed:
+            raise APIError(503, "the server is shutting down; try again when it is back", type="server_error",
+                           code="shutting_down") from None
+        except PipelineReset:
+            raise APIError(503, "the cluster was re-planned meanwhile; send the request again", type="server_error",
+                           code="replanned") from None
+        vector = torch.nn.functional.normalize(hidden.float().mean(0), dim=0).tolist()  # mean-pooled, unit length
+        encoded: list[float] | str = (vector if fmt == "float" else
+                                      base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode())
+        data.append({"object": "embedding", "index": i, "embedding": encoded})
+    tokens = sum(len(ids) for ids in inputs)
+    return web.json_response({"object": "list", "data": data, "model": app[CONFIG].model_id,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """llama.cpp server's: {content, add_special?, with_pieces?} -> {tokens: [id] or [{id, piece}]}.
+    Special-token text in content becomes that token (llama.cpp's parse_special default)."""
+    app = request.app
+    body = await _json_body(request)
+    content = body.get("content")
+    if not isinstance(content, str):
+        raise _bad_type("content", "a string", content)
+    tokenizer = app[TOKENIZER]
+    ids = await asyncio.to_thread(tokenizer.encode, content,
+                                  add_bos=_flag(body, "add_special") and tokenizer.add_bos_token)
+    if not _flag(body, "with_pieces"):
+        return web.json_response({"tokens": ids})
+    texts = app[TOKEN_TEXTS]
+
+    def piece(token: int) -> str | list[int]:  # llama.cpp: the text, or its bytes when not whole characters
+        raw = texts.bytes(token)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return list(raw)
+
+    return web.json_response({"tokens": [{"id": t, "piece": piece(t)} for t in ids]})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """llama.cpp server's: {tokens} -> {content}, special tokens written out."""
+    app = request.app
+    body = await _json_body(request)
+    tokens = body.get("tokens", [])
+    vocab = app[TOKENIZER].vocab_size
+    if not isinstance(tokens, list) or not all(_is_id(t) for t in tokens):
+        raise _bad_type("tokens", "an array of token ids", tokens)
+    if any(not 0 <= t < vocab for t in tokens):
+        raise APIError(400, f"'tokens' has an id outside the vocabulary [0, {vocab})", param="tokens",
+                       code="invalid_value")
+    content = await asyncio.to_thread(app[TOKENIZER].decode, tokens, skip_special=False)
+    return web.json_response({"content": content})
 
 
 def _model_card(app: web.Application) -> dict[str, Any]:
@@ -712,6 +1010,7 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app[LIMITS] = limits
     app[PIPELINE] = pipeline
     app[TOKENIZER] = tokenizer
+    app[TOKEN_TEXTS] = TokenTexts(tokenizer)
     app[ENGINE_OPTIONS] = {"max_sessions": max_sessions, "scheduler": scheduler, "threads": threads,
                            "kv_room": kv_room, "prompt_cache": prompt_cache}
     app[REQUESTS] = Counter()
@@ -726,6 +1025,9 @@ def create_app(pipeline: Pipeline, tokenizer, config: ServeConfig, *, max_sessio
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     webui.add_routes(app)  # the web page at /
     from fastserve_edge.serving import ollama  # it builds on this module
 

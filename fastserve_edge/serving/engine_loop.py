@@ -31,6 +31,12 @@ turn of a conversation (clients send the whole history every time) prefills only
 message, and requests behind one system prompt share it. Kept KV counts against the KV budget
 and gives way to live sessions first; a re-plan drops it. The split prefill is the arithmetic
 `fastserve chat` uses from its second turn on: the same model, not always the same last bits.
+
+n answers to one prompt (`submit_many`, the API's `n`): the first session prefills alone; the
+others wait outside the scheduler until its prefill ran, then get a copy of its KV
+(Pipeline.fork, in the worker right after the prefill) and join with the prompt's last token
+to feed, as a kept session's taker does: one prefill for all n. Where the stages cannot copy
+(a peer holds layers) they are released without KV and prefill themselves.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import torch
 
 from fastserve_edge.engine.generate import DecodeStep, Pipeline, PipelineReset, Prefill, common_prefix
 from fastserve_edge.engine.kv_cache import INITIAL_TOKENS, kv_bytes_per_token, reusable_prefix
-from fastserve_edge.engine.sampling import Sampler
+from fastserve_edge.engine.sampling import Sampler, TokenLogprobs
 from fastserve_edge.errors import FastServeError
 from fastserve_edge.serving.scheduler import Batch, Job, Scheduler, make_scheduler
 
@@ -138,6 +144,7 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class Token:
     id: int
+    logprobs: TokenLogprobs | None = None  # when the session's sampler was asked for them
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,8 @@ class Session:
     cached: int = 0           # prompt tokens its first prefill took from a kept session's KV
     last_token_at: float | None = None
     done: bool = False
+    followers: list[Session] = field(default_factory=list)  # other answers to its prompt, waiting for its prefill
+    forked: bool = False      # the worker copied its prompt's KV to the followers
 
     def __post_init__(self) -> None:
         self.kv = self.kv or self.id
@@ -267,6 +276,44 @@ class EngineLoop:
         self._wake.set()
         return s
 
+    def submit_many(self, prompt: Sequence[int], samplers: Sequence[Sampler], *, max_tokens: int,
+                    stop_ids: frozenset[int]) -> list[Session]:
+        """One session per sampler, all answering `prompt` from one prefill (see the module
+        docstring). The first is the leader; the others enter the scheduler after its prefill."""
+        assert samplers
+        if self.max_queue is not None and len(self._sessions) + len(samplers) > self.max_sessions + self.max_queue:
+            raise QueueFull(f"{len(samplers)} answers do not fit the queue of {self.max_queue} besides the "
+                            f"{self.max_sessions} that run")
+        leader = self.submit(prompt, samplers[0], max_tokens=max_tokens, stop_ids=stop_ids)
+        for sampler in samplers[1:]:
+            s = Session(uuid.uuid4().hex, list(prompt), sampler, leader.max_tokens, stop_ids, leader.arrival)
+            self._sessions[s.id] = s
+            self.metrics.prompt_tokens += len(prompt)
+            leader.followers.append(s)
+        return [leader, *leader.followers]
+
+    def _release(self, leader: Session, now: float) -> None:
+        """The leader's prefill ran (or never will): its followers enter the scheduler, with the
+        copy of its prompt's KV less the last token, which they feed themselves to draw their
+        first token (or with no KV when the stages could not copy)."""
+        followers, leader.followers = leader.followers, []
+        for s in followers:
+            if s.done:
+                continue
+            reuse = reusable_prefix(self.pipeline.config, len(s.prompt), len(s.prompt) - 1) if leader.forked else 0
+            self.sched.add(Job(s.id, arrival=s.arrival, prompt_tokens=len(s.prompt), max_tokens=s.max_tokens,
+                               kv_tokens=reuse), now)
+        self._wake.set()
+
+    async def final_hidden(self, ids: Sequence[int]) -> torch.Tensor:
+        """The final norm's output [S, D] for `ids` (/v1/embeddings), computed in the worker
+        between two steps. The caller checked `pipeline.holds_head` and that ids fit the context."""
+        if self._closing:
+            raise EngineClosed("the server is shutting down")
+        assert self._worker is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self.pipeline.final_hidden, list(ids))
+
     def _take_kept(self, prompt: Sequence[int]) -> tuple[str | None, int]:
         """The kept session that shares the longest start with `prompt` (at least
         PROMPT_CACHE_MIN tokens), taken out of the cache: its KV key and the tokens to reuse.
@@ -362,6 +409,9 @@ class EngineLoop:
         """kv_tokens: what its KV holds, when it ended at a step's end ("stop", "length"): the
         prompt cache may keep it. Any other end drops the KV."""
         s.done = True
+        if s.followers and not self._closing:  # it ended before its prefill: they prefill alone
+            s.forked = False
+            self._release(s, time.monotonic())
         self.sched.remove(s.id)
         self._sessions.pop(s.id, None)
         # the worker is idle whenever this runs on the loop outside a step, and a session that
@@ -484,9 +534,11 @@ class EngineLoop:
         out: dict[str, tuple[int | Exception, float, int]] = {}
         decode = [s for s, reuse in work if reuse is None]
         prefills: list[Prefill] = []
+        prefilled: list[Session] = []
         for s, reuse in work:
             if reuse is None:
                 continue
+            prefilled.append(s)
             if reuse == 0:
                 self.pipeline.drop(s.kv)  # new, or evicted: rebuild from position 0
             context = s.prompt + s.answer  # what the repetition penalty looks back over
@@ -504,6 +556,7 @@ class EngineLoop:
                 if alone is None:
                     return None
                 firsts = alone
+            self._fork(prefilled, firsts)
             seconds = time.perf_counter() - t0
             fed = sum(len(p.ids) for p in prefills)
             for p, token in zip(prefills, firsts):  # each is charged its share of the prefill time
@@ -525,12 +578,19 @@ class EngineLoop:
                 if alone is None:
                     return None
                 tokens = alone
+            self._fork(decode, tokens)  # a leader whose kept KV held all but its prompt's last token
             seconds = time.perf_counter() - t0
             self.metrics.decode_steps += 1
             self.metrics.decode_rows += len(decode)
             for s, token in zip(decode, tokens):
                 out[s.kv] = (token, seconds, 1)
         return [out[s.kv] for s, _ in work]
+
+    def _fork(self, sessions: list[Session], tokens: list[int | Exception]) -> None:
+        """Worker: n answers; copy each leader's prompt KV to its followers right after its first step."""
+        for s, token in zip(sessions, tokens):
+            if s.followers and not isinstance(token, Exception):
+                s.forked = self.pipeline.fork(s.kv, [f.kv for f in s.followers if not f.done])
 
     def _each_alone(self, what: str, feeds: list[Prefill]) -> list[int | Exception] | None:
         """A batched call just failed (called in its except clause): run each session alone,
@@ -571,9 +631,14 @@ class EngineLoop:
                 continue
             s.answer.append(token)
             self.metrics.tokens_generated += 1
-            s.events.put_nowait(Token(token))
+            s.events.put_nowait(Token(token, s.sampler.last))
+            s.sampler.last = None
         charged = {sid: seconds for sid, (_, seconds, _) in zip(batch.run, results)}  # its prefill, or the shared decode
         reached = set(self.sched.on_step(batch, now, step_s, charged))
+        for sid in batch.run:
+            s = self._sessions.get(sid)
+            if s is not None and s.followers:
+                self._release(s, now)
         for s, event in ended:  # on_step counted what the step fed: the KV a stop leaves
             held = jobs[s.id].kv_tokens if event.reason == "stop" and s.id in jobs else 0
             self._finish(s, event, kv_tokens=held)

@@ -20,6 +20,17 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 TEMPERATURE = (0.0, 2.0)  # closed interval, as OpenAI's
 TOP_P = (0.0, 1.0)        # (0, 1]: top_p 0 would keep no token
 SEED = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_CHOICES = 8           # n: each answer is a session of its own after the shared prefill (a CPU server)
+MAX_TOP_LOGPROBS = 20     # OpenAI's limit for top_logprobs (its legacy completions stop at 5)
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
+MIN_P = (0.0, 0.99)       # SamplingParams takes [0, 1); the schema subset has no exclusiveMaximum
+REPEAT_PENALTY = (0.0, 10.0)  # (0, 10]: 1 is off
+MAX_TOP_K = 1 << 20       # llama.cpp's top_k, bounded as the peers' wire field (uint32) and any vocabulary
+MAX_REPEAT_LAST_N = 1 << 16
+# fields that change the answer and are not implemented: a 400 (api._UNSUPPORTED says why)
+UNSUPPORTED = ("logit_bias", "functions", "function_call", "suffix", "echo", "best_of", "presence_penalty",
+               "frequency_penalty", "audio", "modalities", "reasoning_effort", "web_search_options", "n_probs",
+               "mirostat", "typical_p", "dynatemp_range", "xtc_probability", "dry_multiplier")
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -34,8 +45,20 @@ def _request_schemas(model_id: str) -> dict[str, dict[str, Any]]:
         "top_p": _nullable({"type": "number", "exclusiveMinimum": TOP_P[0], "maximum": TOP_P[1]}),
         "max_tokens": _nullable({"type": "integer", "minimum": 1,
                                  "description": "cut to the room the context leaves after the prompt"}),
-        "seed": _nullable({"type": "integer", "minimum": SEED[0], "maximum": SEED[1]}),
-        "n": _nullable({"type": "integer", "const": 1}),
+        "seed": _nullable({"type": "integer", "minimum": SEED[0], "maximum": SEED[1],
+                           "description": "answer i of n samples with seed + i"}),
+        "n": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_CHOICES,
+                        "description": "answers sharing one prefill (the prompt's KV is copied)"}),
+        "ignore_eos": _nullable({"type": "boolean", "description": "llama.cpp's: ban the end-of-generation "
+                                                                   "tokens, run to max_tokens"}),
+        "top_k": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_K,
+                            "description": "llama.cpp's; 0 is off; default the server's [chat] top_k"}),
+        "min_p": _nullable({"type": "number", "minimum": MIN_P[0], "maximum": MIN_P[1],
+                            "description": "llama.cpp's; 0 is off; default the server's [chat] min_p"}),
+        "repeat_penalty": _nullable({"type": "number", "exclusiveMinimum": REPEAT_PENALTY[0],
+                                     "maximum": REPEAT_PENALTY[1], "description": "llama.cpp's; default 1 (off)"}),
+        "repeat_last_n": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_REPEAT_LAST_N,
+                                    "description": "llama.cpp's; tokens the penalty looks back over (64)"}),
         "stop": _nullable({"anyOf": [
             {"type": "string", "minLength": 1},
             {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1}},
@@ -53,16 +76,49 @@ def _request_schemas(model_id: str) -> dict[str, dict[str, Any]]:
             "content": _nullable({"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]}),
         },
     }
+    logprobs_note = ("the model's log-probabilities: log-softmax of its raw logits, before temperature, "
+                     "filters and bans")
     chat = {"type": "object", "required": ["model", "messages"],
             "properties": {**sampling,
                            "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
-                           "messages": {"type": "array", "minItems": 1, "items": message}}}
+                           "logprobs": _nullable({"type": "boolean", "description": logprobs_note}),
+                           "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                                                      "description": "needs logprobs: true"}),
+                           "messages": {"type": "array", "minItems": 1, "items": message}},
+            "x-unsupported": list(UNSUPPORTED)}
     completion = {"type": "object", "required": ["model", "prompt"],
+                  "x-unsupported": list(UNSUPPORTED),
                   "properties": {**sampling,
+                                 "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                                                        "description": "the top tokens besides the pick; "
+                                                                       + logprobs_note}),
                                  "prompt": {"anyOf": [{"type": "string", "minLength": 1},
                                                       {"type": "array", "minItems": 1, "maxItems": 1,
                                                        "items": {"type": "string", "minLength": 1}}]}}}
-    return {"ChatCompletionRequest": chat, "CompletionRequest": completion}
+    token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    embedding = {"type": "object", "required": ["model", "input"],
+                 "properties": {
+                     "model": sampling["model"],
+                     "input": {"anyOf": [{"type": "string", "minLength": 1},
+                                         {"type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS,
+                                          "items": {"type": "string", "minLength": 1}},
+                                         token_ids,
+                                         {"type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS,
+                                          "items": token_ids}],
+                               "description": "text, texts, or token ids; each within the context"},
+                     "encoding_format": _nullable({"enum": ["float", "base64"]}),
+                     "dimensions": _nullable({"type": "integer", "minimum": 1,
+                                              "description": "only the model's own width"}),
+                 }}
+    tokenize = {"type": "object", "required": ["content"],
+                "properties": {"content": {"type": "string"},
+                               "add_special": _nullable({"type": "boolean", "description": "BOS, if the model "
+                                                                                          "wants one"}),
+                               "with_pieces": _nullable({"type": "boolean"})}}
+    detokenize = {"type": "object", "properties": {"tokens": {"type": "array", "items": {"type": "integer",
+                                                                                        "minimum": 0}}}}
+    return {"ChatCompletionRequest": chat, "CompletionRequest": completion, "EmbeddingRequest": embedding,
+            "TokenizeRequest": tokenize, "DetokenizeRequest": detokenize}
 
 
 def _json(schema: str, description: str) -> dict[str, Any]:
@@ -94,6 +150,26 @@ def document(model_id: str) -> dict[str, Any]:
             "operationId": "createCompletion", "security": bearer,
             "requestBody": {"required": True, **_json("CompletionRequest", "OpenAI's completion request")},
             "responses": {"200": answer, **generate}}},
+        "/v1/embeddings": {"post": {
+            "operationId": "createEmbedding", "security": bearer,
+            "requestBody": {"required": True, **_json("EmbeddingRequest", "OpenAI's embeddings request")},
+            "responses": {"200": {"description": "mean-pooled, L2-normalised final hidden states (after the "
+                                                 "final norm), one per input, with usage; 400 on a cluster "
+                                                 "whose last layers run on a peer",
+                                  "content": {"application/json": {"schema": anything}}},
+                          **_errors(400, 401, 404, 408, 413, 503)}}},
+        "/tokenize": {"post": {
+            "operationId": "tokenize", "security": bearer,
+            "requestBody": {"required": True, **_json("TokenizeRequest", "llama.cpp server's tokenize request")},
+            "responses": {"200": {"description": "{tokens: [id]}, or [{id, piece}] with with_pieces",
+                                  "content": {"application/json": {"schema": anything}}},
+                          **_errors(400, 401, 408, 413)}}},
+        "/detokenize": {"post": {
+            "operationId": "detokenize", "security": bearer,
+            "requestBody": {"required": True, **_json("DetokenizeRequest", "llama.cpp server's detokenize request")},
+            "responses": {"200": {"description": "{content}: the text, special tokens written out",
+                                  "content": {"application/json": {"schema": anything}}},
+                          **_errors(400, 401, 408, 413)}}},
         "/v1/models": {"get": {
             "operationId": "listModels", "security": bearer,
             "responses": {"200": {"description": "the one model served",
@@ -129,8 +205,9 @@ def document(model_id: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "fastserve serve", "version": "1",
                  "description": f"OpenAI-compatible API over {model_id}. Request bodies are JSON objects of at "
-                              f"most {MAX_BODY_BYTES} bytes, nested at most {MAX_DEPTH} deep; other fields "
-                              "are ignored."},
+                              f"most {MAX_BODY_BYTES} bytes, nested at most {MAX_DEPTH} deep. Fields a schema "
+                              "lists under x-unsupported change the answer and are not implemented: a 400 "
+                              "names them (unless null, or their neutral value); other fields are ignored."},
         "paths": paths | _ollama_paths(),
         "components": {"schemas": {**_request_schemas(model_id), "Error": error, **_ollama_schemas(model_id)},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",

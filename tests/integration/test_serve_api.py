@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import socket
@@ -406,7 +407,7 @@ def test_error_cases_return_openai_errors_and_the_server_stays_up(server, model_
         (raw(server, "GET", "/v1/nothing"), 404, "unknown_url"),
         (raw(server, "GET", chat_path), 405, "method_not_allowed"),
         (post({**ok, "messages": []}), 400, "invalid_value"),
-        (post({**ok, "n": 2}), 400, "invalid_value"),
+        (post({**ok, "n": 9}), 400, "invalid_value"),
         (post({**ok, "seed": 2**70}), 400, "invalid_value"),
         (raw(server, "POST", "/v1/completions", json.dumps({"model": model_id, "prompt": ""}).encode()),
          400, "invalid_value"),
@@ -429,6 +430,177 @@ def test_error_cases_return_openai_errors_and_the_server_stays_up(server, model_
     m = metrics(server)
     assert m['fastserve_requests_total{endpoint="/v1/chat/completions",status="400"}'] >= 10
     assert m["fastserve_active_sessions"] == 0
+
+
+# -- logprobs, n, ignore_eos, embeddings, tokenize, refused fields -------------------------------------
+
+
+def _check_greedy_entry(token: str, logprob: float, top: list[tuple[str, float]], k: int) -> None:
+    """One token of a greedy answer: a log-probability, the best of its k top ones."""
+    assert logprob <= 0 and len(top) == k
+    assert all(lp <= 0 for _, lp in top) and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    assert sum(math.exp(lp) for _, lp in top) <= 1 + 1e-5
+    assert top[0][0] == token and top[0][1] == pytest.approx(logprob, abs=1e-6)
+
+
+def test_chat_logprobs_stream_and_not(client, model_id):
+    whole = chat(client, model_id, QUESTION, max_tokens=10, logprobs=True, top_logprobs=3)
+    choice = whole.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for entry in content:
+        _check_greedy_entry(entry.token, entry.logprob, [(t.token, t.logprob) for t in entry.top_logprobs], 3)
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token or entry.token.startswith("bytes:")
+        assert all(len(t.bytes) > 0 for t in entry.top_logprobs)
+    assert b"".join(bytes(e.bytes) for e in content).decode() == choice.message.content
+    assert chat(client, model_id, QUESTION, max_tokens=10).choices[0].logprobs is None  # only when asked
+
+    chunks = list(chat(client, model_id, QUESTION, max_tokens=10, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-3)
+    for c in chunks:  # a chunk's logprobs are those of the tokens whose text it carries
+        if c.choices and c.choices[0].logprobs:
+            assert "".join(e.token for e in c.choices[0].logprobs.content) == c.choices[0].delta.content
+
+    none = chat(client, model_id, QUESTION, max_tokens=3, logprobs=True)  # no top_logprobs: the pick alone
+    assert [e.top_logprobs for e in none.choices[0].logprobs.content] == [[], [], []]
+
+
+def test_completion_logprobs_in_the_legacy_shape_stream_and_not(client, model_id):
+    prompt = "The three primary colors are"
+    whole = client.completions.create(model=model_id, prompt=prompt, temperature=0, max_tokens=8, logprobs=2)
+    choice = whole.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset[0] == len(prompt)  # counted from the prompt's start, as OpenAI's
+    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        _check_greedy_entry(token, logprob, sorted(top.items(), key=lambda kv: -kv[1]), 2)
+
+    parts = list(client.completions.create(model=model_id, prompt=prompt, temperature=0, max_tokens=8, logprobs=2,
+                                           stream=True))
+    tokens = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    offsets = [o for p in parts if p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+def _creative(client: openai.OpenAI, model_id: str, **kwargs):
+    return client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+        temperature=1.0, top_p=1.0, max_tokens=12, seed=7, **kwargs)
+
+
+def test_n_answers_share_one_prefill_and_a_seed_reproduces_them(server, client, model_id):
+    _creative(client, model_id, n=3)  # the prompt cache now holds this prompt: every run below starts alike
+    before = metrics(server)
+    first = _creative(client, model_id, n=3)
+    cached = metrics(server)["fastserve_prompt_tokens_cached_total"] - before["fastserve_prompt_tokens_cached_total"]
+    prompt = first.usage.prompt_tokens
+    assert cached >= 3 * (prompt - 1)  # the two others copied the first's prompt KV: no prefill of their own
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert len(set(texts)) > 1, texts  # seed + i: different answers
+    again = _creative(client, model_id, n=3)
+    assert [c.message.content for c in again.choices] == texts
+    assert again.usage.prompt_tokens == prompt  # the prompt counts once
+
+    chunks = list(_creative(client, model_id, n=3, stream=True))
+    streamed = ["", "", ""]
+    finished = [None, None, None]
+    for c in chunks:
+        (choice,) = c.choices
+        streamed[choice.index] += choice.delta.content or ""
+        finished[choice.index] = choice.finish_reason or finished[choice.index]
+    assert streamed == texts and all(finished)
+
+
+def test_ignore_eos_runs_past_the_end_of_the_answer_to_max_tokens(client, model_id):
+    ask = "Reply with just the word yes."
+    plain = chat(client, model_id, ask, max_tokens=40)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 40
+    more = chat(client, model_id, ask, max_tokens=40, extra_body={"ignore_eos": True})
+    assert more.choices[0].finish_reason == "length" and more.usage.completion_tokens == 40
+    assert more.choices[0].message.content.startswith(plain.choices[0].message.content)
+
+
+def _unit(vector: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in vector))
+
+
+def test_embeddings_are_unit_mean_pooled_hidden_states(server, client, model_id):
+    cat, quarks = "The cat sat on the mat.", "Quantum chromodynamics describes how quarks bind."
+    one = client.embeddings.create(model=model_id, input=cat)  # the client asks for base64 by default
+    (item,) = one.data
+    assert item.index == 0 and len(item.embedding) == 576  # SmolLM2-135M's width
+    assert _unit(item.embedding) == pytest.approx(1.0, abs=1e-4)
+    assert one.usage.prompt_tokens > 0 and one.usage.total_tokens == one.usage.prompt_tokens
+
+    batch = client.embeddings.create(model=model_id, input=[cat, quarks, cat], encoding_format="float")
+    assert [d.index for d in batch.data] == [0, 1, 2]
+    a, b, a2 = (d.embedding for d in batch.data)
+    assert a == pytest.approx(item.embedding, abs=1e-5) and a2 == pytest.approx(a, abs=1e-6)
+    assert max(abs(x - y) for x, y in zip(a, b)) > 1e-2
+    assert sum(x * y for x, y in zip(a, b)) < 0.999
+
+    status, body = raw(server, "POST", "/tokenize", json.dumps({"content": cat, "add_special": True}).encode())
+    ids = json.loads(body)["tokens"]
+    by_ids = client.embeddings.create(model=model_id, input=[ids], encoding_format="float")
+    assert by_ids.data[0].embedding == pytest.approx(a, abs=1e-5)
+    for bad in ({"model": model_id, "input": ""}, {"model": model_id, "input": [[10**9]]},
+                {"model": model_id, "input": cat, "dimensions": 8}, {"model": model_id}):
+        status, body = raw(server, "POST", "/v1/embeddings", json.dumps(bad).encode())
+        assert status == 400, body
+
+
+def test_tokenize_and_detokenize_round_trip(server):
+    text = "Hello world, héllo 😀!<|im_end|>"
+    status, body = raw(server, "POST", "/tokenize", json.dumps({"content": text}).encode())
+    assert status == 200
+    tokens = json.loads(body)["tokens"]
+    assert all(isinstance(t, int) for t in tokens) and len(tokens) < len(text)
+    status, body = raw(server, "POST", "/detokenize", json.dumps({"tokens": tokens}).encode())
+    assert status == 200 and json.loads(body)["content"] == text
+    status, body = raw(server, "POST", "/tokenize", json.dumps({"content": text, "with_pieces": True}).encode())
+    pieces = json.loads(body)["tokens"]
+    assert [p["id"] for p in pieces] == tokens
+    assert b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"])
+                    for p in pieces).decode() == text
+    assert raw(server, "POST", "/detokenize", json.dumps({"tokens": [-1]}).encode())[0] == 400
+    assert raw(server, "POST", "/tokenize", json.dumps({"content": 5}).encode())[0] == 400
+    assert raw(server, "POST", "/tokenize", b"{}", key=None)[0] == 401
+
+
+def test_fields_that_would_change_the_answer_and_are_not_implemented_get_400(server, client, model_id):
+    ok = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    done = {"model": model_id, "prompt": "Hi", "max_tokens": 1}
+    refused = [("/v1/chat/completions", {**ok, "logit_bias": {"42": 5}}, "logit_bias"),
+               ("/v1/chat/completions", {**ok, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+               ("/v1/chat/completions", {**ok, "presence_penalty": 0.5}, "presence_penalty"),
+               ("/v1/chat/completions", {**ok, "frequency_penalty": 1}, "frequency_penalty"),
+               ("/v1/chat/completions", {**ok, "modalities": ["text", "audio"]}, "modalities"),
+               ("/v1/completions", {**done, "suffix": "end"}, "suffix"),
+               ("/v1/completions", {**done, "echo": True}, "echo"),
+               ("/v1/completions", {**done, "best_of": 3}, "best_of")]
+    for path, payload, field in refused:
+        status, body = raw(server, "POST", path, json.dumps(payload).encode())
+        error = _error(status, body)
+        assert status == 400 and error["param"] == field and error["code"] == "unsupported_parameter", body
+        assert field in error["message"] and "not supported" in error["message"]
+    wrong = [({**ok, "top_logprobs": 2}, "top_logprobs"),
+             ({**ok, "logprobs": True, "top_logprobs": 21}, "top_logprobs")]
+    for payload, field in wrong:
+        status, body = raw(server, "POST", "/v1/chat/completions", json.dumps(payload).encode())
+        assert status == 400 and _error(status, body)["param"] == field
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model=model_id, messages=ok["messages"], logit_bias={"42": 5}, max_tokens=1)
+    # what changes nothing, or is the neutral value, is served
+    for path, payload in [("/v1/chat/completions", {**ok, "user": "u1", "logit_bias": {}, "presence_penalty": 0,
+                                                     "metadata": {"a": "b"}, "store": False}),
+                          ("/v1/completions", {**done, "echo": False, "best_of": 1, "suffix": None})]:
+        status, body = raw(server, "POST", path, json.dumps(payload).encode())
+        assert status == 200, body
 
 
 def test_non_loopback_bind_without_api_key_is_refused():

@@ -76,6 +76,11 @@ class ScriptedPipeline:
     def drop(self, session: str) -> None:
         self.answered.pop(session, None)
 
+    def fork(self, source: str, copies) -> bool:
+        return False  # no KV to copy: n answers each prefill
+
+    holds_head = False  # no hidden states: /v1/embeddings answers 400
+
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_source):

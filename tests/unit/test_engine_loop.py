@@ -66,6 +66,15 @@ class FakePipeline:
         self.drops.append(session)
         self.kv.pop(session, None)
 
+    can_fork = True  # False: as a cluster's, whose peers cannot copy a session's KV
+
+    def fork(self, source: str, copies: Sequence[str]) -> bool:
+        if not self.can_fork:
+            return False
+        for copy in copies:
+            self.kv[copy] = list(self.kv[source])
+        return True
+
 
 def prompt(first: int, n: int, *, shared: Sequence[int] = ()) -> list[int]:
     return list(shared) + list(range(first, first + n - len(shared)))
@@ -286,3 +295,29 @@ def test_a_session_that_breaks_a_batched_step_ends_alone_and_the_others_go_on():
     assert prefill == [(fresh_answer(good), "length"), ([], "error")]
     assert decode[0] == (fresh_answer(prompt(3000, 30)), "length") and decode[1][1] == "error"
     assert 1 <= len(sent) < 5 and sent == fresh_answer(bad)[:len(sent)]  # what it was sent stays right
+
+
+@pytest.mark.parametrize("can_fork", [True, False])
+def test_n_answers_share_one_prefill_and_each_answers_as_alone(can_fork):
+    """submit_many: the first session prefills; the others take a copy of its prompt's KV and
+    feed only the prompt's last token (or, where the stages cannot copy, prefill alone)."""
+    ids = prompt(1, 30)
+
+    async def body(engine, fake):
+        fake.can_fork = can_fork
+        sessions = engine.submit_many(ids, [Sampler(GREEDY) for _ in range(3)], max_tokens=5, stop_ids=frozenset())
+        answers = []
+        for s in sessions:
+            tokens = []
+            while not isinstance(event := await s.events.get(), Finished):
+                tokens.append(event.id)
+            answers.append((tokens, event.reason))
+        return sessions, answers
+
+    (sessions, answers), fake = run(body, prompt_cache=0, max_sessions=4)
+    assert answers == [(fresh_answer(ids), "length")] * 3
+    leader, *followers = sessions
+    assert (leader.kv, 0, 30) in fake.fed
+    for f in followers:
+        assert ((f.kv, 29, 1) in fake.fed) == can_fork and ((f.kv, 0, 30) in fake.fed) != can_fork
+        assert f.cached == (29 if can_fork else 0)

@@ -56,3 +56,13 @@ def test_a_sliding_window_layer_is_a_ring_of_its_window():
         cache.update(0, 5, seq[:, :, 5:6], seq[:, :, 5:6])
     keys, _ = cache.update(0, 0, seq[:, :, :1], seq[:, :, :1])  # starting over is always possible
     assert keys.shape[2] == 1
+
+
+def test_a_copy_holds_the_same_positions_and_goes_its_own_way():
+    cache = KVCache(2, 2, 4, 64, windows=[0, 4])
+    for layer in range(2):
+        cache.update(layer, 0, torch.ones(1, 2, 6, 4), torch.ones(1, 2, 6, 4))
+    twin = cache.copy()
+    assert twin.written == cache.written and all(torch.equal(a, b) for a, b in zip(twin.k, cache.k))
+    twin.update(0, 5, torch.full((1, 2, 1, 4), 7.0), torch.full((1, 2, 1, 4), 7.0))
+    assert cache.k[0][0, 0, 5, 0] == 1 and twin.k[0][0, 0, 5, 0] == 7  # no storage shared

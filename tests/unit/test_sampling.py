@@ -78,3 +78,28 @@ def test_sampling_follows_the_distribution():
 def test_out_of_range_parameters_are_clear_errors(kwargs):
     with pytest.raises(ConfigError, match="must be"):
         SamplingParams(**kwargs)
+
+
+def test_logprobs_are_the_models_log_softmax_and_the_pick_is_the_best_under_greedy():
+    from fastserve_edge.engine.sampling import token_logprobs
+
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0), logprobs=2)
+    assert sampler(logits) == 1 and sampler.host_only
+    expected = torch.log_softmax(logits, -1)
+    assert sampler.last.token == 1 and sampler.last.logprob == pytest.approx(float(expected[1]))
+    assert [t for t, _ in sampler.last.top] == [1, 2]
+    assert [lp for _, lp in sampler.last.top] == pytest.approx([float(expected[1]), float(expected[2])])
+    hot = Sampler(SamplingParams(temperature=1.5, top_k=1, repeat_penalty=1.0), logprobs=0)
+    hot(logits)  # temperature and filters do not change what is reported
+    assert hot.last.logprob == pytest.approx(float(expected[1])) and hot.last.top == ()
+    assert token_logprobs(logits, 3, 10).top[-1][0] == 3  # asking for more than the vocabulary: all of it
+    assert not Sampler(SamplingParams()).host_only and Sampler(SamplingParams()).last is None
+
+
+def test_banned_tokens_are_never_drawn():
+    logits = torch.tensor([0.0, 9.0, 8.0])
+    assert Sampler(SamplingParams(temperature=0), banned=frozenset({1})).host_only
+    assert Sampler(SamplingParams(temperature=0), banned=frozenset({1}))(logits) == 2
+    draws = Sampler(SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=3), banned=frozenset({1}))
+    assert 1 not in {draws(logits) for _ in range(50)}
