@@ -1,7 +1,7 @@
 """The token loop over a list of stages. A stage may run here or on a peer: the loop
 only needs `forward(session, x, pos)` and `drop(session)`. A last stage that can sample
 by itself (`forward_sample`, a peer) returns the token id instead of the logits, so only
-the id travels back.
+the id travels back; a constrained session's logits come back whole (`_peer_samples`).
 """
 
 from __future__ import annotations
@@ -157,6 +157,14 @@ class PipelineReset(Exception):
     session): no session's KV survives; the caller re-prefills what it still needs."""
 
 
+def _peer_samples(last: StageRunner, sampler: Sampler) -> bool:
+    """Whether the last stage samples by itself (a peer: only the id travels back). A sampler
+    with a constraint (a grammar) samples here instead, from the logits the peer sends: its
+    matcher lives on this host. That costs a vocab-wide reply per token (SmolLM2: 49152 x 4
+    bytes) for those sessions only."""
+    return hasattr(last, "forward_sample") and sampler.constraint is None
+
+
 class Pipeline:
     """Runs token ids through the stages in order; remembers what each session's KV holds."""
 
@@ -190,7 +198,7 @@ class Pipeline:
                    context: Sequence[int]) -> int:
         """Run `ids` (at positions pos...) through every stage and sample the next token."""
         last = self.stages[-1]
-        if not hasattr(last, "forward_sample"):
+        if not _peer_samples(last, sampler):
             return sampler(self.forward(session, ids, pos), context)
         x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
         for i, stage in enumerate(self.stages[:-1]):
@@ -279,7 +287,7 @@ class Pipeline:
         for i in range(first, last):
             x = self._timed(i, tokens, self.stages[i].forward, step.session, x, step.pos)
         stage = self.stages[last]
-        if hasattr(stage, "forward_sample"):
+        if _peer_samples(stage, step.sampler):
             return self._timed(last, tokens, stage.forward_sample, step.session, x, step.pos, step.sampler,
                                step.context)
         return step.sampler(self._timed(last, tokens, stage.forward, step.session, x, step.pos).reshape(-1),

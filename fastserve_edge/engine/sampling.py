@@ -1,13 +1,16 @@
 """Sampling: small pure functions over logits, plus a Sampler that owns its RNG.
 
 Order follows llama.cpp's default chain: repetition penalty -> top-k -> top-p -> min-p ->
-temperature -> draw. Temperature 0 is argmax, which makes golden tests possible.
+temperature -> draw. Temperature 0 is argmax, which makes golden tests possible. A Sampler
+with a Constraint (a grammar: serving/constrain.py) masks the tokens it forbids first, so
+that every step of the chain sees only allowed tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -72,11 +75,24 @@ def logits_to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits / max(temperature, 1e-5)).softmax(-1)
 
 
+class Constraint(Protocol):
+    """What a session may say next (a grammar's state). The sampler masks with it; whoever
+    keeps the session's answer feeds it each token it delivers (Sampler.accept), so a token
+    sampled and then discarded (a step lost to a re-plan) never advances it."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [V] -> [V], forbidden tokens at -inf."""
+        ...
+
+    def accept(self, token: int) -> None: ...
+
+
 class Sampler:
     """Draws one token at a time from logits; reproducible for a given seed."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, constraint: Constraint | None = None):
         self.params = params
+        self.constraint = constraint  # None: any token; else the host must see the logits (no peer sampling)
         self.generator = torch.Generator()
         if params.seed is None:
             self.generator.seed()
@@ -86,6 +102,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
         """logits: [V] of the next position; history: token ids so far (prompt + answer)."""
         p = self.params
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         window = list(history[-p.repeat_last_n:]) if p.repeat_last_n else []
         logits = apply_repeat_penalty(logits.float(), window, p.repeat_penalty)
         if p.temperature == 0:
@@ -93,3 +111,8 @@ class Sampler:
         logits = filter_logits(logits, p.top_k, p.top_p, p.min_p)
         probs = logits_to_probs(logits, p.temperature)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accept(self, token: int) -> None:
+        """The token this sampler drew was delivered: advance the constraint past it."""
+        if self.constraint is not None:
+            self.constraint.accept(token)

@@ -11,6 +11,10 @@ Behaviour worth knowing (where OpenAI leaves room):
 - max_tokens (or max_completion_tokens) defaults to the [chat] max_tokens, and is cut to the
   room the context leaves after the prompt (finish_reason "length"); only a prompt that does
   not fit at all is an error.
+- Structured output: response_format (json_object, json_schema) and `grammar` (GBNF or Lark)
+  are enforced while decoding (constrain.py); tools / tool_choice go through the model's chat
+  template and come back as tool_calls (tool_calls.py). A model whose template has no tool
+  support answers a request with tools with a 400.
 - Streaming: chat.completion.chunk / text_completion chunks, `data: [DONE]` last. Usage goes
   in a final chunk with empty `choices` only when `stream_options.include_usage` is true, as
   OpenAI does; the non-streaming response always carries it.
@@ -52,7 +56,8 @@ from aiohttp import web
 from fastserve_edge.engine.generate import Pipeline
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.errors import ConfigError, FastServeError
-from fastserve_edge.serving import openapi
+from fastserve_edge.serving import constrain, openapi, tool_calls
+from fastserve_edge.serving.constrain import StructureError
 from fastserve_edge.serving.engine_loop import (
     EngineClosed,
     EngineLoop,
@@ -328,8 +333,17 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if role not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                            param=f"messages[{i}].role", code="invalid_value")
-        out.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+        out.append({"role": "system" if role == "developer" else role, "content": _content(m, i),
+                    **_structured(tool_calls.message_fields, m, i)})
     return out
+
+
+def _structured(parse: Callable[..., Any], *args: Any) -> Any:
+    """A parser of constrain.py or tool_calls.py; its StructureError becomes a 400."""
+    try:
+        return parse(*args)
+    except StructureError as err:
+        raise APIError(400, str(err), param=err.param, code=err.code) from None
 
 
 @dataclass(frozen=True)
@@ -340,6 +354,8 @@ class GenRequest:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    constraint: constrain.GrammarMask | None = None  # response_format, grammar, a forced tool call
+    tools: tool_calls.ToolRequest | None = None
 
 
 async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
@@ -362,10 +378,12 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
     if not isinstance(options, dict):
         raise _bad_type("stream_options", "an object", options)
     include_usage = _flag(options, "include_usage")
+    tools = None
     if chat:
         messages = _messages(body)
+        tools = _structured(tool_calls.parse_request, body, tokenizer)
         try:
-            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
+            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages, tools=tool_calls.template_tools(tools))
         except FastServeError as err:  # the template refused this conversation
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         what = "messages"
@@ -387,7 +405,20 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
                        param=what, code="context_length_exceeded")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=config.top_k, min_p=config.min_p,
                             repeat_penalty=1.0, seed=seed)
-    return GenRequest(prompt, params, max_tokens, stops, stream, include_usage)
+    constraint = await asyncio.to_thread(_structured, _constraint, body, tokenizer, tools)
+    return GenRequest(prompt, params, max_tokens, stops, stream, include_usage, constraint, tools)
+
+
+def _constraint(body: dict, tokenizer, tools: tool_calls.ToolRequest | None) -> constrain.GrammarMask | None:
+    """The grammar the request asks for, compiled for its session (worker thread: a schema takes
+    milliseconds, the model's first one also its llguidance vocabulary, ~0.4 s)."""
+    asked = constrain.grammar_of(body)
+    if tools is not None and tools.forced:
+        if asked is not None:
+            raise StructureError("tool_choice 'required' or a named function already fixes the shape of the answer; "
+                                 "leave out response_format and grammar", asked[1])
+        asked = tool_calls.forced_grammar(tools, tokenizer), "tool_choice"
+    return None if asked is None else constrain.GrammarMask.build(tokenizer, asked[0], param=asked[1])
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -397,8 +428,8 @@ class TextStream:
     """Token ids -> text pieces, cut at the first stop string. Text that could be the start
     of a stop string is held back until it is known not to be one."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.decoder = tokenizer.stream_decoder()
+    def __init__(self, tokenizer, stops: tuple[str, ...], *, skip_special: bool = True):
+        self.decoder = tokenizer.stream_decoder(skip_special=skip_special)
         self.stops = stops
         self.held = ""
         self.stopped = False
@@ -464,14 +495,16 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gen = await _parse(request, chat=chat)
     engine, config = app[ENGINE], app[CONFIG]
     try:
-        session = engine.submit(gen.prompt, Sampler(gen.params), max_tokens=gen.max_tokens,
+        session = engine.submit(gen.prompt, Sampler(gen.params, gen.constraint), max_tokens=gen.max_tokens,
                                 stop_ids=app[TOKENIZER].stop_ids)
     except EngineClosed:
         raise APIError(503, "the server is shutting down; try again when it is back", type="server_error",
                        code="shutting_down") from None
     except QueueFull as err:
         raise _queue_full(err) from None
-    text = TextStream(app[TOKENIZER], gen.stops)
+    # a format whose call markers are special tokens ([TOOL_CALLS]) needs them in the text it parses
+    text = TextStream(app[TOKENIZER], gen.stops,
+                      skip_special=gen.tools is None or not gen.tools.format.special_markers)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{session.id}"
     created = int(time.time())
     try:
@@ -485,7 +518,10 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             else:
                 pieces.append(item)
         answer = "".join(pieces)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": answer}, "logprobs": None,
+        message: dict[str, Any] = {"role": "assistant", "content": answer}
+        if gen.tools is not None:
+            message, reason = tool_calls.message(answer, reason, gen.tools)
+        choice = ({"index": 0, "message": message, "logprobs": None,
                    "finish_reason": reason} if chat else
                   {"index": 0, "text": answer, "logprobs": None, "finish_reason": reason})
         return web.json_response({
@@ -501,7 +537,7 @@ async def _stream(request: web.Request, engine: EngineLoop, session: Session, te
     model = request.app[CONFIG].model_id
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: dict[str, str] | str, reason: str | None = None) -> bytes:
+    def chunk(delta: dict[str, Any] | str, reason: str | None = None) -> bytes:
         choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason} if chat else
                   {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason})
         data: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
@@ -527,9 +563,18 @@ async def _stream(request: web.Request, engine: EngineLoop, session: Session, te
     try:
         if chat:
             await send(chunk({"role": "assistant", "content": ""}))
+        calls = tool_calls.CallStream(gen.tools) if gen.tools is not None else None
         async for item in _generate(engine, session, text):
             if isinstance(item, Finished):
-                await send(chunk({} if chat else "", item.reason))
+                reason = item.reason
+                if calls is not None:
+                    for delta in calls.finish():
+                        await send(chunk(delta))
+                    reason = tool_calls.stream_reason(calls, reason)
+                await send(chunk({} if chat else "", reason))
+            elif calls is not None:
+                for delta in calls.push(item):
+                    await send(chunk(delta))
             else:
                 await send(chunk({"content": item} if chat else item))
         if gen.include_usage:

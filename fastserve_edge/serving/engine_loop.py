@@ -570,6 +570,7 @@ class EngineLoop:
                 ended.append((s, Finished("stop")))
                 continue
             s.answer.append(token)
+            s.sampler.accept(token)  # a grammar advances only past delivered tokens
             self.metrics.tokens_generated += 1
             s.events.put_nowait(Token(token))
         charged = {sid: seconds for sid, (_, seconds, _) in zip(batch.run, results)}  # its prefill, or the shared decode
