@@ -166,7 +166,9 @@ def _tool(tool: Any, i: int) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name}
     if description is not None:
         out["description"] = description
-    out["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+    # no parameters: OpenAI's "empty parameter list", which the forced grammar then keeps empty
+    out["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {},
+                                                                   "additionalProperties": False}
     if isinstance(fn.get("strict"), bool):
         out["strict"] = fn["strict"]
     return {"type": "function", "function": out}
@@ -356,7 +358,8 @@ class CallStream:
 
     def _close(self, marker: str, body: str, end: str, out: list[dict[str, Any]]) -> None:
         self._marker = ""
-        calls = parse_calls(body, self.names if self.format.whole_answer else None)
+        json_text = marker + body if marker in ("{", "[") else body  # llama3's bare "{" opens the JSON itself
+        calls = parse_calls(json_text, self.names if self.format.whole_answer else None)
         if calls is None:
             self._content(marker + body + end, out)
             return
