@@ -543,6 +543,7 @@ def write_tiny_gguf(
     rms_eps: float | None = None,
     embed_type: str | None = None,
     vocab_size: int | None = None,
+    chat_template: str | None = None,
     **gemma,
 ) -> Path:
     """Write a random-weight GGUF as llama.cpp would have converted the same HF model.
@@ -553,6 +554,7 @@ def write_tiny_gguf(
     writes them; gemma: its TinyModelSpec fields, e.g. sliding_window). vocab_size (default: all of vocab_from's tokens)
     keeps only the first tokens: transformers loads a 2048-token model several times faster
     than a 49152-token one, whose tokenizer metadata gguf-py takes seconds to parse.
+    chat_template (default: vocab_from's) replaces tokenizer.chat_template.
     """
     import gguf
 
@@ -600,7 +602,10 @@ def write_tiny_gguf(
     if tensor_type not in FLOAT_TYPES or (embed_type or tensor_type) not in FLOAT_TYPES:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value, vtype, sub_type in fields:
-        w.add_key_value(key, value, vtype, sub_type)
+        if chat_template is None or key != "tokenizer.chat_template":
+            w.add_key_value(key, value, vtype, sub_type)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     if rope_scaling_llama3:
         # llama.cpp's convention for llama3 scaling: this tensor only, no rope.scaling.* keys

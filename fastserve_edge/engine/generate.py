@@ -2,7 +2,8 @@
 only needs `forward(session, x, pos)` and `drop(session)`. A last stage that can sample
 by itself (`forward_sample`, a peer) returns the token id instead of the logits, so only
 the id travels back; unless the sampler needs the logits on the host (`Sampler.host_only`:
-logprobs, banned tokens), when the peer sends the last position's logits instead.
+logprobs, banned tokens, a grammar), when the peer sends the last position's logits instead
+(`_peer_samples`).
 """
 
 from __future__ import annotations
@@ -168,6 +169,14 @@ class PipelineReset(Exception):
     session): no session's KV survives; the caller re-prefills what it still needs."""
 
 
+def _peer_samples(last: StageRunner, sampler: Sampler) -> bool:
+    """Whether the last stage samples by itself (a peer: only the id travels back). A sampler
+    that needs the logits (`host_only`: a grammar, whose matcher lives on this host; logprobs;
+    banned tokens) samples here instead, from the logits the peer sends. That costs a
+    vocab-wide reply per token (SmolLM2: 49152 x 4 bytes) for those sessions only."""
+    return hasattr(last, "forward_sample") and not sampler.host_only
+
+
 class Pipeline:
     """Runs token ids through the stages in order; remembers what each session's KV holds."""
 
@@ -201,7 +210,7 @@ class Pipeline:
                    context: Sequence[int]) -> int:
         """Run `ids` (at positions pos...) through every stage and sample the next token."""
         last = self.stages[-1]
-        if not hasattr(last, "forward_sample") or sampler.host_only:
+        if not _peer_samples(last, sampler):
             return sampler(self.forward(session, ids, pos), context)
         x: torch.Tensor = torch.tensor([list(ids)], dtype=torch.long)
         for i, stage in enumerate(self.stages[:-1]):
@@ -290,7 +299,7 @@ class Pipeline:
         for i in range(first, last):
             x = self._timed(i, tokens, self.stages[i].forward, step.session, x, step.pos)
         stage = self.stages[last]
-        if hasattr(stage, "forward_sample") and not step.sampler.host_only:
+        if _peer_samples(stage, step.sampler):
             return self._timed(last, tokens, stage.forward_sample, step.session, x, step.pos, step.sampler,
                                step.context)
         return step.sampler(self._timed(last, tokens, stage.forward, step.session, x, step.pos).reshape(-1),

@@ -1,7 +1,9 @@
 """Sampling: small pure functions over logits, plus a Sampler that owns its RNG.
 
 Order follows llama.cpp's default chain: repetition penalty -> top-k -> top-p -> min-p ->
-temperature -> draw. Temperature 0 is argmax, which makes golden tests possible.
+temperature -> draw. Temperature 0 is argmax, which makes golden tests possible. A Sampler
+with a Constraint (a grammar: serving/constrain.py) masks the tokens it forbids first, so
+that every step of the chain sees only allowed tokens.
 
 Log-probabilities (the API's `logprobs`) are the model's: log-softmax of the logits the
 sampler is given, before the penalty, the filters, the temperature and any banned token, as
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -94,17 +97,31 @@ def logits_to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits / max(temperature, 1e-5)).softmax(-1)
 
 
+class Constraint(Protocol):
+    """What a session may say next (a grammar's state). The sampler masks with it; whoever
+    keeps the session's answer feeds it each token it delivers (Sampler.accept), so a token
+    sampled and then discarded (a step lost to a re-plan) never advances it."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [V] -> [V], forbidden tokens at -inf."""
+        ...
+
+    def accept(self, token: int) -> None: ...
+
+
 class Sampler:
     """Draws one token at a time from logits; reproducible for a given seed.
 
     logprobs: None (off), or how many top tokens to report besides the pick; each call then
     leaves the pick's TokenLogprobs in `last`. banned: token ids never drawn (llama.cpp's
-    ignore_eos bans the end-of-generation tokens so). Either one needs the logits here:
-    `host_only` says that a peer holding the head must not sample for this sampler."""
+    ignore_eos bans the end-of-generation tokens so). constraint: a grammar's mask (None: any
+    token). Any of them needs the logits here: `host_only` says that a peer holding the head
+    must not sample for this sampler."""
 
-    def __init__(self, params: SamplingParams, *, logprobs: int | None = None,
+    def __init__(self, params: SamplingParams, constraint: Constraint | None = None, *, logprobs: int | None = None,
                  banned: frozenset[int] = frozenset()):
         self.params = params
+        self.constraint = constraint
         self.logprobs = logprobs
         self.banned = torch.tensor(sorted(banned), dtype=torch.long)
         self.last: TokenLogprobs | None = None
@@ -116,7 +133,7 @@ class Sampler:
 
     @property
     def host_only(self) -> bool:
-        return self.logprobs is not None or self.banned.numel() > 0
+        return self.logprobs is not None or self.banned.numel() > 0 or self.constraint is not None
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
         """logits: [V] of the next position; history: token ids so far (prompt + answer)."""
@@ -127,6 +144,8 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         p = self.params
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         window = list(history[-p.repeat_last_n:]) if p.repeat_last_n else []
         logits = apply_repeat_penalty(logits.float(), window, p.repeat_penalty)
         if self.banned.numel():
@@ -136,3 +155,8 @@ class Sampler:
         logits = filter_logits(logits, p.top_k, p.top_p, p.min_p)
         probs = logits_to_probs(logits, p.temperature)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accept(self, token: int) -> None:
+        """The token this sampler drew was delivered: advance the constraint past it."""
+        if self.constraint is not None:
+            self.constraint.accept(token)

@@ -49,6 +49,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.parser
 from gguf import TokenType
@@ -429,6 +430,10 @@ class Tokenizer:
         self.chat_template: str = chat_template
         self._template_origin = template_origin
         self._template = compile_chat_template(chat_template, template_origin)
+        # transformers passes the OpenAI `tools` list to the template; one that never reads it
+        # cannot tell the model about them (llama.cpp decides the same way)
+        self.template_takes_tools = "tools" in jinja2.meta.find_undeclared_variables(
+            _template_env().parse(chat_template))
 
     # -- construction --
 
@@ -525,6 +530,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
 
+    def backend_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer, GGUF-built or read: what llguidance builds its vocabulary from."""
+        return self._backend.to_str()
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the vocabulary entry spelled `text` (special and added tokens as written), if any."""
+        return self._backend.token_to_id(text)
+
     def token_text(self, token_id: int) -> str | None:
         """The vocabulary entry of one id, as stored (byte-level or `▁` spelling)."""
         return self._backend.id_to_token(token_id)
@@ -535,16 +548,21 @@ class Tokenizer:
     # -- chat --
 
     def render_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """The conversation as the model's template writes it (transformers' semantics:
-        `messages`, `add_generation_prompt`, `tools`/`documents` = None, and the special tokens)."""
+        `messages`, `add_generation_prompt`, `tools` (OpenAI's tool objects, or None),
+        `documents` = None, and the special tokens)."""
         chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
         try:
             return self._template.render(
                 **self.special_tokens,
                 messages=chat,
-                tools=None,
+                tools=list(tools) if tools else None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
@@ -559,11 +577,15 @@ class Tokenizer:
             ) from None
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of the rendered conversation; BOS only if the model wants one and the
         template did not write it (see the module docstring)."""
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         ids = self.encode(text)
         if self.add_bos_token and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)

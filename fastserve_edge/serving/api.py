@@ -15,6 +15,10 @@ Behaviour worth knowing (where OpenAI leaves room):
 - max_tokens (or max_completion_tokens) defaults to the [chat] max_tokens, and is cut to the
   room the context leaves after the prompt (finish_reason "length"); only a prompt that does
   not fit at all is an error.
+- Structured output: response_format (json_object, json_schema) and `grammar` (GBNF or Lark)
+  are enforced while decoding (constrain.py); tools / tool_choice go through the model's chat
+  template and come back as tool_calls (tool_calls.py). A model whose template has no tool
+  support answers a request with tools with a 400.
 - Streaming: chat.completion.chunk / text_completion chunks, `data: [DONE]` last. Usage goes
   in a final chunk with empty `choices` only when `stream_options.include_usage` is true, as
   OpenAI does; the non-streaming response always carries it.
@@ -78,8 +82,9 @@ from aiohttp import web
 from fastserve_edge.engine.generate import Pipeline, PipelineReset
 from fastserve_edge.engine.sampling import Sampler, SamplingParams, TokenLogprobs
 from fastserve_edge.errors import ConfigError, FastServeError
-from fastserve_edge.serving import openapi, webui
+from fastserve_edge.serving import constrain, openapi, tool_calls, webui
 from fastserve_edge.serving.cluster_status import cluster_status
+from fastserve_edge.serving.constrain import StructureError
 from fastserve_edge.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from fastserve_edge.serving.engine_loop import (
     EngineClosed,
@@ -366,8 +371,17 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if role not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                            param=f"messages[{i}].role", code="invalid_value")
-        out.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
+        out.append({"role": "system" if role == "developer" else role, "content": _content(m, i),
+                    **_structured(tool_calls.message_fields, m, i)})
     return out
+
+
+def _structured(parse: Callable[..., Any], *args: Any) -> Any:
+    """A parser of constrain.py or tool_calls.py; its StructureError becomes a 400."""
+    try:
+        return parse(*args)
+    except StructureError as err:
+        raise APIError(400, str(err), param=err.param, code=err.code) from None
 
 
 @dataclass(frozen=True)
@@ -382,6 +396,8 @@ class GenRequest:
     logprobs: int | None = None   # None: none; k: the pick's and the k best tokens' log-probabilities
     ignore_eos: bool = False      # ban the stop tokens: run to max_tokens
     prompt_chars: int = 0         # the completion prompt's length: where legacy text_offset starts
+    constraints: tuple = ()       # constrain.GrammarMask per answer: response_format, grammar, a forced tool call
+    tools: tool_calls.ToolRequest | None = None
 
 
 # fields that change the answer and that this server does not implement: a 400, never ignored.
@@ -467,10 +483,12 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
     if not isinstance(options, dict):
         raise _bad_type("stream_options", "an object", options)
     include_usage = _flag(options, "include_usage")
+    tools = None
     if chat:
         messages = _messages(body)
+        tools = _structured(tool_calls.parse_request, body, tokenizer)
         try:
-            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
+            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages, tools=tool_calls.template_tools(tools))
         except FastServeError as err:  # the template refused this conversation
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         what = "messages"
@@ -493,9 +511,25 @@ async def _parse(request: web.Request, *, chat: bool) -> GenRequest:
                        param=what, code="context_length_exceeded")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=extras.top_k, min_p=extras.min_p,
                             repeat_penalty=extras.repeat_penalty, repeat_last_n=extras.repeat_last_n, seed=seed)
+    # a grammar's matcher follows one answer: one for each of the n
+    constraints = tuple([await asyncio.to_thread(_structured, _constraint, body, tokenizer, tools)
+                         for _ in range(extras.n)])
     return GenRequest(prompt, params, max_tokens, stops, stream, include_usage, n=extras.n,
                       logprobs=extras.logprobs, ignore_eos=extras.ignore_eos,
-                      prompt_chars=0 if chat else prompt_chars)
+                      prompt_chars=0 if chat else prompt_chars,
+                      constraints=constraints if constraints[0] is not None else (), tools=tools)
+
+
+def _constraint(body: dict, tokenizer, tools: tool_calls.ToolRequest | None) -> constrain.GrammarMask | None:
+    """The grammar the request asks for, compiled for its session (worker thread: a schema takes
+    milliseconds, the model's first one also its llguidance vocabulary, ~0.4 s)."""
+    asked = constrain.grammar_of(body)
+    if tools is not None and tools.forced:
+        if asked is not None:
+            raise StructureError("tool_choice 'required' or a named function already fixes the shape of the answer; "
+                                 "leave out response_format and grammar", asked[1])
+        asked = tool_calls.forced_grammar(tools, tokenizer), "tool_choice"
+    return None if asked is None else constrain.GrammarMask.build(tokenizer, asked[0], param=asked[1])
 
 
 # -- generation ----------------------------------------------------------------------------------
@@ -505,8 +539,8 @@ class TextStream:
     """Token ids -> text pieces, cut at the first stop string. Text that could be the start
     of a stop string is held back until it is known not to be one."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.decoder = tokenizer.stream_decoder()
+    def __init__(self, tokenizer, stops: tuple[str, ...], *, skip_special: bool = True):
+        self.decoder = tokenizer.stream_decoder(skip_special=skip_special)
         self.stops = stops
         self.held = ""
         self.stopped = False
@@ -643,8 +677,9 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     engine, config, tokenizer = app[ENGINE], app[CONFIG], app[TOKENIZER]
     # ignore_eos: llama.cpp bans the end-of-generation tokens rather than skipping them
     banned = tokenizer.stop_ids if gen.ignore_eos else frozenset()
-    samplers = [Sampler(replace(gen.params, seed=_choice_seed(gen.params.seed, i)), logprobs=gen.logprobs,
-                        banned=banned) for i in range(gen.n)]
+    samplers = [Sampler(replace(gen.params, seed=_choice_seed(gen.params.seed, i)),
+                        gen.constraints[i] if gen.constraints else None, logprobs=gen.logprobs, banned=banned)
+                for i in range(gen.n)]
     try:
         sessions = engine.submit_many(gen.prompt, samplers, max_tokens=gen.max_tokens,
                                       stop_ids=frozenset() if gen.ignore_eos else tokenizer.stop_ids)
@@ -653,7 +688,9 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
                        code="shutting_down") from None
     except QueueFull as err:
         raise _queue_full(err) from None
-    answers = [_generate(engine, s, TextStream(tokenizer, gen.stops)) for s in sessions]
+    # a format whose call markers are special tokens ([TOOL_CALLS]) needs them in the text it parses
+    skip_special = gen.tools is None or not gen.tools.format.special_markers
+    answers = [_generate(engine, s, TextStream(tokenizer, gen.stops, skip_special=skip_special)) for s in sessions]
     choices = [_Choice(i, chat, app[TOKEN_TEXTS], gen.prompt_chars) for i in range(gen.n)]
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{sessions[0].id}"
     created = int(time.time())
@@ -671,9 +708,12 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         out = []
         for c, parts, reason in zip(choices, pieces, reasons):
             logprobs = c.logprobs(tuple(c.entries)) if gen.logprobs is not None else None
-            out.append({"index": c.index, "message": {"role": "assistant", "content": "".join(parts)},
-                        "logprobs": logprobs, "finish_reason": reason} if chat else
-                       {"index": c.index, "text": "".join(parts), "logprobs": logprobs, "finish_reason": reason})
+            answer = "".join(parts)
+            message: dict[str, Any] = {"role": "assistant", "content": answer}
+            if gen.tools is not None:
+                message, reason = tool_calls.message(answer, reason, gen.tools)
+            out.append({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason} if chat
+                       else {"index": c.index, "text": answer, "logprobs": logprobs, "finish_reason": reason})
         return web.json_response({
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": config.model_id, "choices": out, "usage": _usage(gen, sessions),
@@ -689,7 +729,7 @@ async def _stream(request: web.Request, answers: list[AsyncIterator[Piece | Fini
     model = request.app[CONFIG].model_id
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(c: _Choice, delta: dict[str, str] | str, reason: str | None = None,
+    def chunk(c: _Choice, delta: dict[str, Any] | str, reason: str | None = None,
               entries: tuple[TokenLogprobs, ...] = ()) -> bytes:
         logprobs = c.logprobs(entries) if gen.logprobs is not None and entries else None
         choice = ({"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason} if chat else
@@ -718,9 +758,18 @@ async def _stream(request: web.Request, answers: list[AsyncIterator[Piece | Fini
         if chat:
             for c in choices:
                 await send(chunk(c, {"role": "assistant", "content": ""}))
+        calls = [tool_calls.CallStream(gen.tools) if gen.tools is not None else None for _ in choices]
         async for i, item in _merged(answers):
             if isinstance(item, Finished):
-                await send(chunk(choices[i], {} if chat else "", item.reason))
+                reason = item.reason
+                if calls[i] is not None:
+                    for delta in calls[i].finish():
+                        await send(chunk(choices[i], delta))
+                    reason = tool_calls.stream_reason(calls[i], reason)
+                await send(chunk(choices[i], {} if chat else "", reason))
+            elif calls[i] is not None:
+                for delta in calls[i].push(item.text):
+                    await send(chunk(choices[i], delta))
             else:
                 await send(chunk(choices[i], {"content": item.text} if chat else item.text, None, item.logprobs))
         if gen.include_usage:

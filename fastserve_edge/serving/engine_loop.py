@@ -630,6 +630,7 @@ class EngineLoop:
                 ended.append((s, Finished("stop")))
                 continue
             s.answer.append(token)
+            s.sampler.accept(token)  # a grammar advances only past delivered tokens
             self.metrics.tokens_generated += 1
             s.events.put_nowait(Token(token, s.sampler.last))
             s.sampler.last = None

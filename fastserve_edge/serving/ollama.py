@@ -521,13 +521,13 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 if isinstance(item, Finished):
                     reason = item.reason
                 else:
-                    pieces.append(item)
+                    pieces.append(item.text)
             return web.json_response(final(reason, "".join(pieces)))
         response = await _prepare(request)
         try:
             async for item in _generate(engine, session, text):
                 first = first or time.monotonic_ns()
-                await _write(request, response, final(item.reason) if isinstance(item, Finished) else piece(item))
+                await _write(request, response, final(item.reason) if isinstance(item, Finished) else piece(item.text))
             await response.write_eof()
         except ConnectionError:
             pass  # the client went away: the finally cancels the session
