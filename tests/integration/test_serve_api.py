@@ -614,7 +614,7 @@ def test_non_loopback_bind_without_api_key_is_refused():
 class _CharTokenizer:
     """Token id = one character: enough to drive TextStream without a model."""
 
-    def stream_decoder(self):
+    def stream_decoder(self, *, skip_special: bool = True):
         from fastserve_edge.models.tokenizer import StreamDecoder
 
         return StreamDecoder(lambda ids: "".join(map(chr, ids)))
