@@ -125,9 +125,13 @@ class Slices:
                    ffn_at=ffn_at, vocab_at=_spans(apportion(units["vocab"], speeds), ROW_GROUP, cfg.vocab_size))
 
     def holds(self, cfg: ModelConfig, name: str, rank: int) -> bool:
-        """Whether machine `rank` holds any of tensor `name` (another machine's expert: no)."""
+        """Whether machine `rank` holds any of tensor `name`: not another machine's expert, nor
+        the attention of a machine without heads (more machines than KV heads)."""
         e = _expert_of(cfg, name)
-        return e is None or self.ffn_at[rank] <= e < self.ffn_at[rank + 1]
+        if e is not None:
+            return self.ffn_at[rank] <= e < self.ffn_at[rank + 1]
+        span = self.rows_of(cfg, name, rank)
+        return span is None or span[1] > span[0]
 
     def rows_of(self, cfg: ModelConfig, name: str, rank: int) -> tuple[int, int] | None:
         """The rows of tensor `name` machine `rank` holds, or None for the whole tensor."""

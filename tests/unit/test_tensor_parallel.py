@@ -393,3 +393,16 @@ def test_machines_opening_their_meshes_at_once_all_find_libcrypto():
         run = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "0"
+
+
+def test_a_machine_without_heads_is_sent_no_attention(tmp_path):
+    """More machines than KV heads: the one without heads holds (and is sent) no q/k/v rows,
+    rather than empty tensors a peer would refuse; it still holds its rows of wo."""
+    source = open_model(write_tiny_gguf(tmp_path / "m.gguf", "llama", tensor_type="Q4_0", dim=128, ffn_dim=256,
+                                        n_heads=4, n_kv_heads=2, n_layers=2))
+    slices = Slices.split(source.config, [3, 2, 1])
+    empty = next(r for r in range(3) if slices.kv_at[r + 1] == slices.kv_at[r])
+    cfg = source.config
+    assert not any(slices.holds(cfg, f"blk.0.attn_{x}.weight", empty) for x in ("q", "k", "v"))
+    assert slices.holds(cfg, "blk.0.attn_output.weight", empty) and slices.holds(cfg, "blk.0.ffn_up.weight", empty)
+    assert all(slices.holds(cfg, "blk.0.attn_k.weight", r) for r in range(3) if r != empty)
