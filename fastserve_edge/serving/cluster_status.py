@@ -33,7 +33,8 @@ def _plan(pipeline: object) -> Plan | None:
     """The coordinator's plan when serving on a cluster (ClusterPipeline); None on this machine alone."""
     if isinstance(pipeline, Pipeline):
         return None
-    return pipeline.coordinator.plan  # type: ignore[attr-defined]  # the other kind: PIPELINE in api.py
+    coordinator = getattr(pipeline, "coordinator", None)  # ClusterPipeline's; any other runner: this machine
+    return getattr(coordinator, "plan", None)
 
 
 def machines(plan: Plan | None, stages: list[StageReport]) -> list[dict[str, Any]]:

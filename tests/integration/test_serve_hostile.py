@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from fastserve_edge.serving import webui
 from fastserve_edge.serving.api import Limits, ServeConfig, create_app, serving, tls_context
 from fastserve_edge.serving.openapi import MAX_DEPTH, document
 from tests.integration.test_serve_api import FASTSERVE, env
@@ -453,6 +454,8 @@ def test_every_other_route_never_5xx_on_any_path_method_key_or_body(shared_serve
             error_of(status, body)
         elif path == "/metrics":
             assert b"fastserve_requests_total" in body
+        elif path in webui.FILES:  # the web page's own files (no key: they hold no data)
+            assert headers["Content-Type"] == webui.FILES[path][1]
         else:
             json.loads(body)
         if key != KEY and path != "/health" and method == "GET" and path in PATHS:
