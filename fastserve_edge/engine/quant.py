@@ -43,12 +43,14 @@ DENSE_PREFILL_ROWS = 192  # from this many rows on every format takes the fp32 G
 # on Zen 3 (AVX2, no VNNI), 8192 x 2048 and SmolLM2's 1536 x 576 and 576 x 1536 (gemm/int):
 DENSE_PREFILL_ROWS_OF = {
     kernels.FMT_Q4_0X8: 48, kernels.FMT_Q4_1X8: 48, kernels.FMT_Q4_KX8: 48,  # 1.1-1.4x at 48; 0.6-0.9x at 16
+    kernels.FMT_Q5_KX8: 48, kernels.FMT_Q6_KX8: 48,
     kernels.FMT_Q4_K: 32, kernels.FMT_Q5_K: 32, kernels.FMT_Q5_1: 32,  # rows decoded once per row: 1.5-1.7x at 32
     kernels.FMT_Q6_K: 96,  # its integer kernel takes 32 products an instruction: 1.2-1.3x at 96, 0.8-1.0x at 64
     # decoded once per row as Q5_K; not measured: Q5_K's row count
     kernels.FMT_Q2_K: 32, kernels.FMT_Q3_K: 32, kernels.FMT_IQ4_XS: 32,
     kernels.FMT_F16: 48, kernels.FMT_BF16: 48,  # an fp32 fma per weight either way: 1.25x at 48, 0.9x at 32
 }
+K_QUANT_X8 = (kernels.FMT_Q4_KX8, kernels.FMT_Q5_KX8, kernels.FMT_Q6_KX8)  # no AVX-512 VNNI kernels of their own
 NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer kernels win at any
                        # length (one 8192 x 2048 Q4_0 matrix, 512 rows, 1 thread on Zen 5: 140-150
                        # GMAC/s against the 512-bit GEMM's ~80; a 1B Q4_0's 512 tokens at 2 threads
@@ -159,7 +161,7 @@ class QuantTensor:
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, the GEMM (matmul) rather than the integer kernel
         self.dense_rows = DENSE_PREFILL_ROWS_OF.get(fmt, DENSE_PREFILL_ROWS)
-        if self.rows_per_block_row == 8 and k.x8_vnni and fmt != kernels.FMT_Q4_KX8:
+        if self.rows_per_block_row == 8 and k.x8_vnni and fmt not in K_QUANT_X8:
             self.dense_rows = NEVER_DENSE
 
     @property

@@ -133,8 +133,8 @@ def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):
     torch.testing.assert_close(q.rows(ids), ref[ids], rtol=1e-3 if atol else 0.0, atol=atol)
 
 
-@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 16), ("F16", 8), ("BF16", 3),
-                                     ("Q5_K", 8), ("Q5_1", 5), ("Q2_K", 8), ("Q3_K", 3), ("IQ4_XS", 16)])
+@pytest.mark.parametrize("ttype,n", [("Q4_0", 7), ("Q8_0", 9), ("Q4_K", 9), ("Q6_K", 15), ("F16", 8), ("BF16", 3),
+                                     ("Q5_K", 9), ("Q5_1", 5), ("Q2_K", 8), ("Q3_K", 3), ("IQ4_XS", 16)])
 def test_in_place_formats_do_not_copy_the_file_blocks(ttype, n):
     raw, _ = raw_matrix(ttype, n, 256)
     q = quant_tensor(raw, kernels.load())
@@ -179,25 +179,54 @@ def test_x8_repack_puts_every_byte_where_the_layout_says(variant, ttype, block_b
     assert np.array_equal(got.numpy(), x8_layout(raw.data, block_bytes, head))
 
 
-def test_q4_k_x8_repack_is_the_same_bytes_in_every_variant():
-    raw, _ = raw_matrix("Q4_K", 16, 768, seed=4)
+def chunked(blocks: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Bytes start .. stop of each row's blocks ([2 groups, 8 rows, blocks, bytes]) as the x8
+    layouts put them: chunk c = bytes 2c, 2c + 1 of each of the eight rows, 16 bytes at a time."""
+    part = blocks[:, :, :, start:stop]
+    g, _, nb, width = part.shape
+    return part.reshape(g, 8, nb, width // 2, 2).transpose(0, 2, 3, 1, 4).reshape(g, nb, width * 8)
+
+
+# per K-quant: (file bytes per 256, x8 bytes per 256, [(x8 offset, file bytes start, stop)] of the weights' bytes)
+K_X8_LAYOUTS = {
+    "Q4_K": (144, 1184, [(160, 16, 144)]),                      # qs by pairs of sub-blocks
+    "Q5_K": (176, 1440, [(160, 48, 176), (1184, 16, 48)]),      # qs as Q4_K's, then qh
+    "Q6_K": (210, 1680, [(144, 0, 32), (400, 32, 64), (656, 128, 160),       # half 0: ql[0:32], ql[32:64], qh[0:32]
+                         (912, 64, 96), (1168, 96, 128), (1424, 160, 192)]),  # half 1
+}
+
+
+@pytest.mark.parametrize("ttype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_x8_repack_is_the_same_bytes_in_every_variant(ttype):
+    file_bytes, x8_bytes, parts = K_X8_LAYOUTS[ttype]
+    raw, _ = raw_matrix(ttype, 16, 768, seed=4)
     rows = torch.from_numpy(raw.data)
-    packed = [kernels.load(v).repack_x8(kernels.FMT_Q4_K, rows, 768) for v in VARIANTS]
+    fmt = {"Q4_K": kernels.FMT_Q4_K, "Q5_K": kernels.FMT_Q5_K, "Q6_K": kernels.FMT_Q6_K}[ttype]
+    packed = [kernels.load(v).repack_x8(fmt, rows, 768) for v in VARIANTS]
     assert all(torch.equal(p, packed[0]) for p in packed[1:])
-    # the weights' bytes: pair p's chunk c holds bytes 2c, 2c + 1 of each row's 32 bytes of qs for p
-    qs = raw.data.reshape(2, 8, 3, 144)[:, :, :, 16:].reshape(2, 8, 3, 4, 16, 2)
-    expected = qs.transpose(0, 2, 3, 4, 1, 5).reshape(2, 3, 1024)
-    assert np.array_equal(packed[0].numpy().reshape(2, 3, 1184)[:, :, 160:], expected)
+    got = packed[0].numpy().reshape(2, 3, x8_bytes)
+    blocks = raw.data.reshape(2, 8, 3, file_bytes)
+    for at, start, stop in parts:  # every weight byte where the layout says
+        assert np.array_equal(got[:, :, at:at + 8 * (stop - start)], chunked(blocks, start, stop)), (at, start)
 
 
-def test_q4_k_x8_layout_decodes_the_scales_and_keeps_every_weight():
+@pytest.mark.parametrize("ttype,fmt", [("Q4_K", kernels.FMT_Q4_KX8), ("Q5_K", kernels.FMT_Q5_KX8),
+                                       ("Q6_K", kernels.FMT_Q6_KX8)])
+def test_k_quant_x8_layouts_keep_every_weight(ttype, fmt):
+    """Q4_K and Q5_K decode their 6-bit scales and mins to bytes (4 bytes a row per 256 more);
+    Q6_K keeps the file's size. Rows, products (integer kernels and the GEMM) as the file's."""
     from fastserve_edge.engine.quant import runtime_nbytes
 
-    raw, ref = raw_matrix("Q4_K", 16, 512)
+    file_bytes, x8_bytes, _ = K_X8_LAYOUTS[ttype]
+    raw, ref = raw_matrix(ttype, 16, 512)
     q = quant_tensor(raw, kernels.load())
-    assert q.fmt == kernels.FMT_Q4_KX8 and q.rows_per_block_row == 8
-    assert q.nbytes == raw.nbytes // 144 * 148 == runtime_nbytes(raw)  # 6-bit scales and mins as bytes
+    assert q.fmt == fmt and q.rows_per_block_row == 8
+    assert q.nbytes == raw.nbytes // file_bytes * x8_bytes // 8 == runtime_nbytes(raw)
     torch.testing.assert_close(q.rows(torch.arange(16)), ref, rtol=1e-6, atol=1e-6)
+    x = torch.randn(q.dense_rows + 5, 512)
+    for rows in (x[:1], x[:3], x):  # decode, a few rows (integer kernels); a prompt (the GEMM)
+        expected = rows @ ref.T
+        assert ((q.matmul(rows) - expected).abs().max() / expected.abs().max()).item() < 5e-5
 
 
 def test_file_pages_of_a_repacked_matrix_are_dropped_and_come_back(tmp_path):
@@ -510,20 +539,21 @@ def test_q6_k_rows_are_exact_to_activations_rounded_per_256(variant, n, k, m):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant):
+@pytest.mark.parametrize("n", [4, 8])  # 8: the x8 layout (int16 activations per 32, a float step per 16)
+def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant, n):
     """Every weight at q = 0 or 63 with scale -128 or 127, every activation at +-max (int16
     +-32767: high byte 127 / -128, low byte 255 / 1): the byte products and a super-block's
     int32 sums at their largest, against float64."""
     k = 2048
-    blocks = np.zeros((4, k // 256, 210), np.uint8)
-    for row, (qv, sc) in enumerate([(63, -128), (0, 127), (63, 127), (0, -128)]):
+    blocks = np.zeros((n, k // 256, 210), np.uint8)
+    for row, (qv, sc) in enumerate([(63, -128), (0, 127), (63, 127), (0, -128)] * (n // 4)):
         blocks[row, :, :192] = 0xFF if qv == 63 else 0  # ql: four low bits, qh: two high bits
         blocks[row, :, 192:208] = np.array(sc, np.int8).view(np.uint8)
         blocks[row, :, 208:210] = np.array([1.0], np.float16).view(np.uint8)
-    data = blocks.reshape(4, -1)
+    data = blocks.reshape(n, -1)
     ref = torch.from_numpy(dequantize(data, GGMLQuantizationType.Q6_K).copy()).double()
     assert set(ref.unique().tolist()) == {-128 * 31.0, 127 * -32.0, 127 * 31.0, -128 * -32.0}
-    q = quant_tensor(RawTensor("w", GGMLQuantizationType.Q6_K, (4, k), data), kernels.load(variant))
+    q = quant_tensor(RawTensor("w", GGMLQuantizationType.Q6_K, (n, k), data), kernels.load(variant))
     x = torch.ones(3, k)
     x[1] = -1.0
     x[2, ::2] = -1.0
@@ -537,8 +567,8 @@ def test_int8_and_int16_parts_in_one_call_and_m_rows_bit_for_bit(variant, m):
     """q/k/v of a Q4_K_M file asked for int8: some parts int8, some int16, pairs straddling
     them; each part equals its own product, and each of M rows the bits of that row alone."""
     k = kernels.load(variant)
-    specs = [("Q4_0", 33), ("Q4_K", 3), ("Q8_0", 7), ("Q4_1", 5), ("Q6_K", 2),
-             ("Q4_0", 24), ("Q8_0", 16), ("Q4_1", 8)]  # the last three in the x8 layout
+    specs = [("Q4_0", 33), ("Q4_K", 3), ("Q8_0", 7), ("Q6_K", 2),  # at most 8 matrices a call
+             ("Q4_0", 24), ("Q4_1", 8), ("Q5_K", 8), ("Q6_K", 16)]  # the last four in the x8 layout
     tensors = [quant_tensor(raw_matrix(t, n, 256, seed=i)[0], k, activations="int8") for i, (t, n) in enumerate(specs)]
     multi = k.multi([(q.kernel_fmt, q.group, q.blocks, q.shape[0]) for q in tensors], 256)
     x = torch.randn(m, 256)
@@ -877,12 +907,14 @@ def test_where_prefill_switches_to_dequantize_and_gemm(variant):
     k = kernels.load(variant)
     x8 = quant.NEVER_DENSE if k.x8_vnni else 48
     expected = {"Q4_0": x8, "Q4_1": x8, "Q8_0": quant.NEVER_DENSE if k.x8_vnni else quant.DENSE_PREFILL_ROWS,
-                "Q4_K": 48, "Q6_K": 96, "Q5_K": 32, "Q5_1": 32, "F16": 48, "BF16": 48,
+                "Q4_K": 48, "Q6_K": 48, "Q5_K": 48, "Q5_1": 32, "F16": 48, "BF16": 48,
                 "Q2_K": 32, "Q3_K": 32, "IQ4_XS": 32}
     for ttype, rows in expected.items():
         q = quant_tensor(raw_matrix(ttype, 16, 256)[0], k)
         assert q.dense_rows == rows, ttype
-    assert quant_tensor(raw_matrix("Q4_0", 50, 256)[0], k).dense_rows == quant.DENSE_PREFILL_ROWS  # rows as in the file
+    in_file_order = {"Q4_0": quant.DENSE_PREFILL_ROWS, "Q4_K": 32, "Q5_K": 32, "Q6_K": 96}  # 50 rows: no x8 layout
+    for ttype, rows in in_file_order.items():
+        assert quant_tensor(raw_matrix(ttype, 50, 256)[0], k).dense_rows == rows, ttype
     assert k.x8_vnni == (variant == "native" and " avx512_vnni " in CPU_FLAGS and " avx512vl " in CPU_FLAGS)
 
 

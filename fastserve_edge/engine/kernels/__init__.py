@@ -42,18 +42,20 @@ FLAGS = {
 }
 FMT_Q4_0, FMT_Q4_1, FMT_Q8, FMT_Q4_K, FMT_Q6_K = 0, 1, 2, 3, 4
 FMT_Q4_0X8, FMT_Q4_1X8, FMT_Q8X8, FMT_Q4_KX8 = 5, 6, 7, 8  # eight rows interleaved (qmatmul.c fs_repack_x8)
-X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8, FMT_Q4_K: FMT_Q4_KX8}
 FMT_F16, FMT_BF16 = 9, 10  # rows of 16-bit floats, multiplied as they are (qmatmul.c f16_rows_dot)
 FMT_Q5_K, FMT_Q5_1 = 11, 12  # GGUF's 5-bit blocks in place (qmatmul.c row_dot)
 FMT_Q2_K, FMT_Q3_K, FMT_IQ4_XS = 13, 14, 15  # GGUF's 2-, 3-bit and non-linear 4-bit blocks in place (row_dot)
+FMT_Q5_KX8, FMT_Q6_KX8 = 16, 17  # Q5_K, Q6_K eight rows interleaved (qmatmul.c kx8_dot_n, q6kx8_dot_n)
+X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8, FMT_Q4_K: FMT_Q4_KX8, FMT_Q5_K: FMT_Q5_KX8,
+         FMT_Q6_K: FMT_Q6_KX8}
 FMT_ACT8 = 0x100  # | a 32-weight format (Q4_0/Q4_1/Q8, in rows or x8): int8 activations (qmatmul.c)
 
 
 def x8_group_bytes(fmt: int, k: int) -> int:
     """Bytes of eight rows of length k in the x8 layout of `fmt` (a file format of X8_OF):
-    the same bytes as the file's, except Q4_K's decoded scales (148 a row per 256, not 144)."""
-    if fmt == FMT_Q4_K:
-        return k // 256 * 1184
+    the same bytes as the file's, except Q4_K's and Q5_K's decoded scales (4 bytes a row per 256 more)."""
+    if fmt in (FMT_Q4_K, FMT_Q5_K, FMT_Q6_K):
+        return k // 256 * {FMT_Q4_K: 1184, FMT_Q5_K: 1440, FMT_Q6_K: 1680}[fmt]
     return 8 * (k // 32) * {FMT_Q4_0: 18, FMT_Q4_1: 20, FMT_Q8: 34}[fmt]
 
 

@@ -129,7 +129,7 @@ static void pack_x(const float *x, int M, int K, int panels, float *A) {
     }
 }
 
-enum { Q4_0X8 = 5, Q4_1X8 = 6, Q8X8 = 7, Q4_KX8 = 8 };  /* qmatmul.c's FMT_Q4_0X8 .. FMT_Q4_KX8 */
+enum { Q4_0X8 = 5, Q4_1X8 = 6, Q8X8 = 7, Q4_KX8 = 8, Q5_KX8 = 16, Q6_KX8 = 17 };  /* qmatmul.c's x8 formats */
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 /* Panel dst[K][NR] of the sixteen rows in x8 groups g0 and g1 (qmatmul.c's x8 layout: chunk
@@ -137,10 +137,41 @@ enum { Q4_0X8 = 5, Q4_1X8 = 6, Q8X8 = 7, Q4_KX8 = 8 };  /* qmatmul.c's FMT_Q4_0X
  * rows' weight 2c, its odd bytes their weight 2c + 1), eight rows per vector as they lie:
  * the values fs_dequant_rows gives (d * q + m is exact in float for 4-bit q), no transpose. */
 static void pack_x8_panel(int fmt, const uint8_t *g0, const uint8_t *g1, int K, float *dst) {
-    if (fmt == Q4_KX8) {  /* 1184 bytes per 256: d[8], dmin[8], scales[8][8], mins[8][8], qs[4][16][16] */
+    const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    if (fmt == Q6_KX8) {  /* 1680 bytes per 256: d[8], scales[16][8], per half of 128: qa, qb, qh [16][16] */
+        const __m128i m4 = _mm_set1_epi8(0x0f), m30 = _mm_set1_epi8(0x30), z = _mm_set1_epi8(32);
         for (int sb = 0; sb < K / 256; sb++)
             for (int half = 0; half < 2; half++) {
-                const uint8_t *b = (half ? g1 : g0) + (size_t)sb * 1184;
+                const uint8_t *b = (half ? g1 : g0) + (size_t)sb * 1680;
+                const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *qa = b + 144 + 768 * h;
+                    for (int c = 0; c < 16; c++) {
+                        const __m128i va = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(qa + 16 * c)), even_odd);
+                        const __m128i vb = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(qa + 256 + 16 * c)), even_odd);
+                        const __m128i hv = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(qa + 512 + 16 * c)), even_odd);
+                        const __m128i q[4] = {
+                            _mm_sub_epi8(_mm_or_si128(_mm_and_si128(va, m4), _mm_and_si128(_mm_slli_epi16(hv, 4), m30)), z),
+                            _mm_sub_epi8(_mm_or_si128(_mm_and_si128(vb, m4), _mm_and_si128(_mm_slli_epi16(hv, 2), m30)), z),
+                            _mm_sub_epi8(_mm_or_si128(_mm_and_si128(_mm_srli_epi16(va, 4), m4), _mm_and_si128(hv, m30)), z),
+                            _mm_sub_epi8(_mm_or_si128(_mm_and_si128(_mm_srli_epi16(vb, 4), m4), _mm_and_si128(_mm_srli_epi16(hv, 2), m30)), z) };
+                        for (int i = 0; i < 4; i++) {
+                            const __m256 scale = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                _mm_loadl_epi64((const __m128i *)(b + 16 + 8 * (8 * h + 2 * i + c / 8))))));
+                            float *o = dst + ((size_t)sb * 256 + 128 * h + 32 * i + 2 * c) * NR + 8 * half;
+                            _mm256_store_ps(o, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q[i]))));
+                            _mm256_store_ps(o + NR, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q[i], 8)))));
+                        }
+                    }
+                }
+            }
+        return;
+    }
+    if (fmt == Q4_KX8 || fmt == Q5_KX8) {  /* 1184 bytes per 256: d[8], dmin[8], scales[8][8], mins[8][8], qs[4][16][16]; Q5_KX8 then qh[16][16] */
+        const int five = fmt == Q5_KX8;
+        for (int sb = 0; sb < K / 256; sb++)
+            for (int half = 0; half < 2; half++) {
+                const uint8_t *b = (half ? g1 : g0) + (size_t)sb * (five ? 1440 : 1184);
                 const __m256 dd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
                 const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16)));
                 for (int j = 0; j < 8; j++) {
@@ -149,9 +180,12 @@ static void pack_x8_panel(int fmt, const uint8_t *g0, const uint8_t *g1, int K, 
                     const uint8_t *qs = b + 160 + 256 * (j / 2);
                     float *o = dst + ((size_t)sb * 256 + 32 * j) * NR + 8 * half;
                     for (int c = 0; c < 16; c++) {
-                        __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(qs + 16 * c)),
-                                                     _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+                        __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(qs + 16 * c)), even_odd);
                         v = _mm_and_si128(j & 1 ? _mm_srli_epi16(v, 4) : v, _mm_set1_epi8(0x0f));
+                        if (five) {  /* bit j of qh: 16 in each byte */
+                            const __m128i h = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(b + 1184 + 16 * c)), even_odd);
+                            v = _mm_or_si128(v, _mm_and_si128(_mm_slli_epi16(_mm_srl_epi16(h, _mm_cvtsi32_si128(j)), 4), _mm_set1_epi8(16)));
+                        }
                         _mm256_store_ps(o + (2 * c) * NR, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), min));
                         _mm256_store_ps(o + (2 * c + 1) * NR,
                                         _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), min));
@@ -161,7 +195,6 @@ static void pack_x8_panel(int fmt, const uint8_t *g0, const uint8_t *g1, int K, 
         return;
     }
     const int bs = fmt == Q4_0X8 ? 144 : fmt == Q4_1X8 ? 160 : 272, at = fmt == Q4_1X8 ? 32 : 16;
-    const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     const __m128i low4 = _mm_set1_epi8(0x0f);
     for (int g = 0; g < K / 32; g++) {
         float *o = dst + (size_t)g * 32 * NR;
@@ -196,7 +229,7 @@ static int pack_w(int fmt, int G, const uint8_t *w, long row_stride, int K, int 
                   float *t, float *B, long n_rows, long w_bytes) {
     for (int p = 0; p * NR < cols; p++) {
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-        if (fmt >= Q4_0X8 && fmt <= Q4_KX8 && n0 % 8 == 0 && (p + 1) * NR <= cols) {
+        if (((fmt >= Q4_0X8 && fmt <= Q4_KX8) || fmt == Q5_KX8 || fmt == Q6_KX8) && n0 % 8 == 0 && (p + 1) * NR <= cols) {
             const uint8_t *g0 = w + (size_t)((n0 + p * NR) / 8) * row_stride;
             pack_x8_panel(fmt, g0, g0 + row_stride, K, B + (size_t)p * K * NR);
             continue;

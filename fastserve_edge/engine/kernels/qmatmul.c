@@ -56,7 +56,13 @@ enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4,
        FMT_F16 = 9, FMT_BF16 = 10,  /* rows of K 16-bit floats, against float activations (f16_rows_dot) */
        FMT_Q5_K = 11, FMT_Q5_1 = 12,  /* GGUF's 5-bit blocks in place, a row at a time (row_dot) */
        FMT_Q2_K = 13, FMT_Q3_K = 14, FMT_IQ4_XS = 15,  /* GGUF's 2-, 3- and 4-bit (non-linear) blocks in place, as Q5_K */
-       FMT_LAST = FMT_IQ4_XS };
+       FMT_Q5_KX8 = 16, FMT_Q6_KX8 = 17,  /* Q5_K, Q6_K eight rows interleaved (fs_repack_x8) */
+       FMT_LAST = FMT_Q6_KX8 };
+
+/* The layouts of eight rows interleaved: a matrix of them holds row groups, not rows */
+static inline int is_x8(int fmt) {
+    return (fmt >= FMT_Q4_0X8 && fmt <= FMT_Q4_KX8) || fmt == FMT_Q5_KX8 || fmt == FMT_Q6_KX8;
+}
 
 /* One activation row: q[K] int16, d[K/32] scale, s[K/32] = d * sum(q) (for the weights' offset
  * terms), t[K/32] = sum(q) (the 8-row kernels take Q4_0's 8 off in integers); where the AMX
@@ -1146,24 +1152,36 @@ static void x8_dot8_all(int fmt, const uint8_t *w, long stride, int groups, int 
  *   { fp16 d[8], dmin[8]; u8 sc[8 sub-blocks][8 rows], m[8][8]; u8 qs[4 pairs][16 chunks][16] }
  * 1184 bytes = 8 x 148: the 6-bit scales and mins decoded (4 bytes a row more than Q4_K's
  * 144); chunk c of pair p holds bytes 2c, 2c + 1 of row r's 32 bytes for sub-blocks 2p (low
- * nibbles) and 2p + 1 (high nibbles) at bytes 2r, 2r + 1, as in q4_0x8. */
+ * nibbles) and 2p + 1 (high nibbles) at bytes 2r, 2r + 1, as in q4_0x8.
+ * q5_kx8 (Q5_K): the same 1184 bytes, then u8 qh[16 chunks][16]: chunk c holds bytes 2c, 2c + 1
+ * of row r's 32 qh bytes at 2r, 2r + 1 (bit j: the fifth bit of sub-block j's weight), so a
+ * pair's chunk c and qh's chunk c hold the same weights; 1440 bytes = 8 x 180. */
 #define Q4KX8_BYTES 1184
-static inline void q4kx8_dot_n(const uint8_t *w, int K, qrow all, int m0, const int N, float *y, int total) {
+#define Q5KX8_BYTES 1440
+static inline __attribute__((always_inline)) void kx8_dot_n(const int five, const uint8_t *w, int K, qrow all, int m0,
+                                                            const int N, float *y, int total) {
+    const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
 #if defined(FS_X8_AVX2)
-    const __m256i low4 = _mm256_set1_epi16(0x0f);
+    const __m256i low4 = _mm256_set1_epi16(0x0f), sixteen = _mm256_set1_epi16(16);
     __m256 acc[4];
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
     for (int sb = 0; sb < K / 256; sb++) {
-        const uint8_t *b = w + (size_t)sb * Q4KX8_BYTES;
+        const uint8_t *b = w + (size_t)sb * bytes;
         const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
         const __m256 dmin8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16)));
         for (int pr = 0; pr < 4; pr++) {
             const uint8_t *qs = b + 160 + 256 * pr;
+            const __m128i bit = _mm_cvtsi32_si128(2 * pr);  /* qh's bits 2 pr, 2 pr + 1: this pair's fifth bits */
             __m256i plo[4], phi[4];
             for (int i = 0; i < N; i++) plo[i] = phi[i] = _mm256_setzero_si256();
             for (int c = 0; c < 16; c++) {
                 const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * c)));
-                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi16(v, 4);
+                __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi16(v, 4);
+                if (five) {
+                    const __m256i h = _mm256_srl_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 1184 + 16 * c))), bit);
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(h, 4), sixteen));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(h, 3), sixteen));
+                }
                 for (int i = 0; i < N; i++) {
                     const int16_t *x = all.q + (size_t)(m0 + i) * K + (size_t)(sb * 8 + 2 * pr) * 32;
                     int32_t pa, pb;
@@ -1193,7 +1211,7 @@ static inline void q4kx8_dot_n(const uint8_t *w, int K, qrow all, int m0, const 
         for (int r = 0; r < 8; r++) {
             float acc = 0.f;
             for (int sb = 0; sb < K / 256; sb++) {
-                const uint8_t *b = w + (size_t)sb * Q4KX8_BYTES;
+                const uint8_t *b = w + (size_t)sb * bytes;
                 const float d = fp16_to_f32(*(const uint16_t *)(b + 2 * r)), dmin = fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r));
                 for (int j = 0; j < 8; j++) {
                     const uint8_t *qs = b + 160 + 256 * (j / 2);
@@ -1202,7 +1220,8 @@ static inline void q4kx8_dot_n(const uint8_t *w, int K, qrow all, int m0, const 
                     for (int c = 0; c < 16; c++)
                         for (int e = 0; e < 2; e++) {
                             const int byte = qs[16 * c + 2 * r + e];
-                            p += ((j & 1) ? byte >> 4 : byte & 0x0f) * x[2 * c + e];
+                            const int fifth = five ? ((b[1184 + 16 * c + 2 * r + e] >> j) & 1) << 4 : 0;
+                            p += (((j & 1) ? byte >> 4 : byte & 0x0f) | fifth) * x[2 * c + e];
                         }
                     const int g = sb * 8 + j;
                     acc += (float)p * (d * (float)b[32 + 8 * j + r] * a.d[g]) - dmin * (float)b[96 + 8 * j + r] * a.s[g];
@@ -1214,15 +1233,110 @@ static inline void q4kx8_dot_n(const uint8_t *w, int K, qrow all, int m0, const 
 #endif
 }
 
-static void q4kx8_dot_all(const uint8_t *w, int K, qrow all, int M, float *y, int total) {
+static void kx8_dot_all(int five, const uint8_t *w, int K, qrow all, int M, float *y, int total) {
     int m = 0;
-    for (; m + 4 <= M; m += 4) q4kx8_dot_n(w, K, all, m, 4, y, total);
+    if (five) {
+        for (; m + 4 <= M; m += 4) kx8_dot_n(1, w, K, all, m, 4, y, total);
+        for (; m < M; m++) kx8_dot_n(1, w, K, all, m, 1, y, total);
+        return;
+    }
+    for (; m + 4 <= M; m += 4) kx8_dot_n(0, w, K, all, m, 4, y, total);
     switch (M - m) {
-        case 3: q4kx8_dot_n(w, K, all, m, 3, y, total); break;
-        case 2: q4kx8_dot_n(w, K, all, m, 2, y, total); break;
-        case 1: q4kx8_dot_n(w, K, all, m, 1, y, total); break;
+        case 3: kx8_dot_n(0, w, K, all, m, 3, y, total); break;
+        case 2: kx8_dot_n(0, w, K, all, m, 2, y, total); break;
+        case 1: kx8_dot_n(0, w, K, all, m, 1, y, total); break;
         default: break;
     }
+}
+
+/* q6_kx8 (Q6_K, eight rows): per super-block of 256 weights
+ *   { fp16 d[8]; i8 sc[16 scales][8 rows]; then per half h (128 weights): u8 qa[16][16],
+ *     qb[16][16], qh[16][16] }
+ * where chunk c of qa, qb, qh holds bytes 2c, 2c + 1 of row r's ql[0..32), ql[32..64) and
+ * qh[0..32) of that half at 2r, 2r + 1 (Q6_K: weight 32 i + l of a half is ql[l] (i = 0, 2)
+ * or ql[32 + l] (i = 1, 3), low nibble for i < 2, high for i >= 2, with bits 2i, 2i + 1 of
+ * qh[l] above them). 1680 bytes = 8 x 210, the file's own size. Activations are the int16
+ * rows of the other formats (one scale per 32); each 16 weights' integer sum takes its scale
+ * in float. */
+#define Q6KX8_BYTES 1680
+static inline __attribute__((always_inline)) void q6kx8_dot_n(const uint8_t *w, int K, qrow all, int m0, const int N,
+                                                              float *y, int total) {
+#if defined(FS_X8_AVX2)
+    const __m256i m4 = _mm256_set1_epi16(0x0f), m30 = _mm256_set1_epi16(0x30), z = _mm256_set1_epi16(32);
+    __m256 acc[2];
+    for (int n = 0; n < N; n++) acc[n] = _mm256_setzero_ps();
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = w + (size_t)sb * Q6KX8_BYTES;
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *qa = b + 144 + 768 * h, *qb = qa + 256, *qh = qa + 512;
+            for (int half16 = 0; half16 < 2; half16++) {  /* weights l = 16 half16 .. + 16 of each i: one scale */
+                __m256i p[2][4];
+                for (int n = 0; n < N; n++)
+                    for (int i = 0; i < 4; i++) p[n][i] = _mm256_setzero_si256();
+                for (int c = 8 * half16; c < 8 * half16 + 8; c++) {
+                    const __m256i va = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qa + 16 * c)));
+                    const __m256i vb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qb + 16 * c)));
+                    const __m256i hv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * c)));
+                    const __m256i q[4] = {
+                        _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(va, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 4), m30)), z),
+                        _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(vb, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 2), m30)), z),
+                        _mm256_sub_epi16(_mm256_or_si256(_mm256_srli_epi16(va, 4), _mm256_and_si256(hv, m30)), z),
+                        _mm256_sub_epi16(_mm256_or_si256(_mm256_srli_epi16(vb, 4), _mm256_and_si256(_mm256_srli_epi16(hv, 2), m30)), z) };
+                    for (int n = 0; n < N; n++) {
+                        const int16_t *x = all.q + (size_t)(m0 + n) * K + (size_t)sb * 256 + 128 * h + 2 * c;
+                        for (int i = 0; i < 4; i++) {
+                            int32_t pair;
+                            memcpy(&pair, x + 32 * i, 4);
+                            p[n][i] = _mm256_add_epi32(p[n][i], _mm256_madd_epi16(q[i], _mm256_set1_epi32(pair)));
+                        }
+                    }
+                }
+                for (int i = 0; i < 4; i++) {  /* scale 8 h + 2 i + half16 of the eight rows */
+                    const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(b + 16 + 8 * (8 * h + 2 * i + half16))))));
+                    for (int n = 0; n < N; n++) {
+                        const float ad = all.d[(size_t)(m0 + n) * (K / 32) + sb * 8 + 4 * h + i];
+                        acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[n][i]), _mm256_mul_ps(sc, _mm256_set1_ps(ad)), acc[n]);
+                    }
+                }
+            }
+        }
+    }
+    for (int n = 0; n < N; n++) _mm256_storeu_ps(y + (size_t)(m0 + n) * total, acc[n]);
+#else
+    for (int n = 0; n < N; n++) {
+        const qrow a = row_of(all, m0 + n, K);
+        for (int r = 0; r < 8; r++) {
+            float acc = 0.f;
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = w + (size_t)sb * Q6KX8_BYTES;
+                const float d = fp16_to_f32(*(const uint16_t *)(b + 2 * r));
+                for (int h = 0; h < 2; h++)
+                    for (int i = 0; i < 4; i++)
+                        for (int half16 = 0; half16 < 2; half16++) {
+                            int32_t p = 0;
+                            for (int l = 16 * half16; l < 16 * half16 + 16; l++) {
+                                const int at = 16 * (l / 2) + 2 * r + l % 2;
+                                const uint8_t *qa = b + 144 + 768 * h;
+                                const int byte = (i & 1) ? qa[256 + at] : qa[at];
+                                const int q = (i < 2 ? byte & 0x0f : byte >> 4) | (((qa[512 + at] >> (2 * i)) & 3) << 4);
+                                p += (q - 32) * a.q[sb * 256 + 128 * h + 32 * i + l];
+                            }
+                            const int8_t sc = (int8_t)b[16 + 8 * (8 * h + 2 * i + half16) + r];
+                            acc += (float)p * (d * (float)sc * a.d[sb * 8 + 4 * h + i]);
+                        }
+            }
+            y[(size_t)(m0 + n) * total + r] = acc;
+        }
+    }
+#endif
+}
+
+static void q6kx8_dot_all(const uint8_t *w, int K, qrow all, int M, float *y, int total) {
+    int m = 0;
+    for (; m + 2 <= M; m += 2) q6kx8_dot_n(w, K, all, m, 2, y, total);
+    if (m < M) q6kx8_dot_n(w, K, all, m, 1, y, total);
 }
 
 /* ---- 16-bit float rows (GGUF F16, BF16): kept as the file has them, half the memory of fp32 ----
@@ -1447,8 +1561,12 @@ void fs_set_single_row_x16(int on) { single_row_x16 = on != 0; }
 
 /* `groups` (1 or 2) row groups from w (stride bytes apart) . all M activation rows. */
 static void x8_dot_all(int fmt, const uint8_t *w, long stride, int groups, int K, qrow all, int M, float *y, int total) {
-    if (fmt == FMT_Q4_KX8) {
-        for (int h = 0; h < groups; h++) q4kx8_dot_all(w + (size_t)h * stride, K, all, M, y + 8 * h, total);
+    if (fmt == FMT_Q4_KX8 || fmt == FMT_Q5_KX8) {
+        for (int h = 0; h < groups; h++) kx8_dot_all(fmt == FMT_Q5_KX8, w + (size_t)h * stride, K, all, M, y + 8 * h, total);
+        return;
+    }
+    if (fmt == FMT_Q6_KX8) {
+        for (int h = 0; h < groups; h++) q6kx8_dot_all(w + (size_t)h * stride, K, all, M, y + 8 * h, total);
         return;
     }
 #if defined(FS_X8_AVX512)
@@ -1515,7 +1633,7 @@ static inline void interleave8(const uint8_t *in, long stride, uint8_t *out) {
 /* Formats of 256-weight super-blocks (K a multiple of 256; group 256) */
 static inline int super_block(int fmt) {
     return fmt == FMT_Q4_K || fmt == FMT_Q6_K || fmt == FMT_Q5_K || fmt == FMT_Q4_KX8 || fmt == FMT_Q2_K
-        || fmt == FMT_Q3_K || fmt == FMT_IQ4_XS;
+        || fmt == FMT_Q3_K || fmt == FMT_IQ4_XS || fmt == FMT_Q5_KX8 || fmt == FMT_Q6_KX8;
 }
 
 /* Bytes of one row of K weights in fmt (the x8 formats: of one group of eight rows), or -1
@@ -1537,6 +1655,8 @@ long fs_row_bytes(int fmt, long K) {
     case FMT_F16: case FMT_BF16: return 2 * K;
     case FMT_Q4_0X8: case FMT_Q4_1X8: case FMT_Q8X8: return K / 32 * x8_block_bytes(fmt);
     case FMT_Q4_KX8: return K / 256 * Q4KX8_BYTES;
+    case FMT_Q5_KX8: return K / 256 * Q5KX8_BYTES;
+    case FMT_Q6_KX8: return K / 256 * Q6KX8_BYTES;
     default: return -1;
     }
 }
@@ -1545,7 +1665,7 @@ long fs_row_bytes(int fmt, long K) {
  * apart from w, lie inside the w_bytes bytes at w; -1 otherwise. */
 static int matrix_fits(int fmt, const uint8_t *w, long row_stride, long n, long K, long w_bytes) {
     const long rb = fs_row_bytes(fmt, K);
-    const int x8 = (fmt & FMT_BASE) >= FMT_Q4_0X8 && (fmt & FMT_BASE) <= FMT_Q4_KX8;
+    const int x8 = is_x8(fmt & FMT_BASE);
     if (rb < 0 || w == NULL || n <= 0 || (x8 && n % 8 != 0) || row_stride < rb) return -1;
     long end;
     if (__builtin_mul_overflow((x8 ? n / 8 : n) - 1, row_stride, &end) || __builtin_add_overflow(end, rb, &end))
@@ -1567,32 +1687,57 @@ static void huge_pages(uint8_t *p, size_t bytes) {
 #endif
 }
 
-/* Q4_0/Q4_1/Q8 rows (src, src_stride bytes apart; n % 8 == 0; src_bytes bytes at src) -> the x8
+/* Q4_0/Q4_1/Q8/Q4_K/Q5_K/Q6_K rows (src, src_stride bytes apart; n % 8 == 0; src_bytes bytes at src) -> the x8
  * layout of the same format at dst: [n / 8] row groups of K / 32 x8 blocks. Returns 0, or -1
  * on bad arguments. */
 int fs_repack_x8(int fmt, const uint8_t *src, long src_stride, int n, int K, uint8_t *dst, int nthreads,
                  long src_bytes) {
-    if ((fmt != FMT_Q4_K && fmt != FMT_Q4_0 && fmt != FMT_Q4_1 && fmt != FMT_Q8)
+    if ((fmt != FMT_Q4_K && fmt != FMT_Q5_K && fmt != FMT_Q6_K && fmt != FMT_Q4_0 && fmt != FMT_Q4_1 && fmt != FMT_Q8)
         || matrix_fits(fmt, src, src_stride, n, K, src_bytes) != 0) return -1;
-    if (fmt == FMT_Q4_K) {
+    if (fmt == FMT_Q4_K || fmt == FMT_Q5_K) {  /* Q5_K: { d, dmin, scales[12], qh[32], qs[128] } */
+        const int five = fmt == FMT_Q5_K, in_bytes = five ? 176 : 144, out_bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
+        const int qs_at = five ? 48 : 16;
         if (n <= 0 || n % 8 != 0 || K <= 0 || K % 256 != 0) return -1;
-        huge_pages(dst, (size_t)n / 8 * (K / 256) * Q4KX8_BYTES);
+        huge_pages(dst, (size_t)n / 8 * (K / 256) * out_bytes);
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int rg = 0; rg < n / 8; rg++)
             for (int sb = 0; sb < K / 256; sb++) {
-                uint8_t *out = dst + ((size_t)rg * (K / 256) + sb) * Q4KX8_BYTES;
+                uint8_t *out = dst + ((size_t)rg * (K / 256) + sb) * out_bytes;
                 for (int r = 0; r < 8; r++) {
-                    const uint8_t *in = src + (size_t)(8 * rg + r) * src_stride + (size_t)sb * 144;
+                    const uint8_t *in = src + (size_t)(8 * rg + r) * src_stride + (size_t)sb * in_bytes;
                     float sc[8], mn[8];
                     memcpy(out + 2 * r, in, 2);
                     memcpy(out + 16 + 2 * r, in + 2, 2);
                     k4_scales(in + 4, sc, mn);
                     for (int j = 0; j < 8; j++) { out[32 + 8 * j + r] = (uint8_t)sc[j]; out[96 + 8 * j + r] = (uint8_t)mn[j]; }
                 }
-                const uint8_t *in0 = src + (size_t)(8 * rg) * src_stride + (size_t)sb * 144 + 16;
+                const uint8_t *in0 = src + (size_t)(8 * rg) * src_stride + (size_t)sb * in_bytes;
                 for (int pr = 0; pr < 4; pr++)  /* chunk c of pair pr: bytes 2c, 2c + 1 of each row's 32 */
                     for (int half = 0; half < 2; half++)
-                        interleave8(in0 + 32 * pr + 16 * half, src_stride, out + 160 + 256 * pr + 128 * half);
+                        interleave8(in0 + qs_at + 32 * pr + 16 * half, src_stride, out + 160 + 256 * pr + 128 * half);
+                for (int half = 0; five && half < 2; half++)  /* qh's chunk c: the same weights as a pair's */
+                    interleave8(in0 + 16 + 16 * half, src_stride, out + 1184 + 128 * half);
+            }
+        return 0;
+    }
+    if (fmt == FMT_Q6_K) {  /* Q6_K: { ql[128], qh[64], scales[16], d } */
+        if (n <= 0 || n % 8 != 0 || K <= 0 || K % 256 != 0) return -1;
+        huge_pages(dst, (size_t)n / 8 * (K / 256) * Q6KX8_BYTES);
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int rg = 0; rg < n / 8; rg++)
+            for (int sb = 0; sb < K / 256; sb++) {
+                uint8_t *out = dst + ((size_t)rg * (K / 256) + sb) * Q6KX8_BYTES;
+                for (int r = 0; r < 8; r++) {
+                    const uint8_t *in = src + (size_t)(8 * rg + r) * src_stride + (size_t)sb * 210;
+                    memcpy(out + 2 * r, in + 208, 2);
+                    for (int s = 0; s < 16; s++) out[16 + 8 * s + r] = in[192 + s];
+                }
+                const uint8_t *in0 = src + (size_t)(8 * rg) * src_stride + (size_t)sb * 210;
+                for (int h = 0; h < 2; h++)  /* qa = ql[0..32), qb = ql[32..64), qh: 16 bytes of each row at a time */
+                    for (int part = 0; part < 6; part++) {
+                        const uint8_t *from = part < 4 ? in0 + 64 * h + 16 * part : in0 + 128 + 32 * h + 16 * (part - 4);
+                        interleave8(from, src_stride, out + 144 + 768 * h + 128 * part);
+                    }
             }
         return 0;
     }
@@ -1700,7 +1845,7 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
         const int k_quant = super_block(fmt[j]);
-        x8[j] = fmt[j] >= FMT_Q4_0X8 && fmt[j] <= FMT_Q4_KX8;
+        x8[j] = is_x8(fmt[j]);
         const int f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16, int16_only = k_quant || f16 || fmt[j] == FMT_Q5_1;
         if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_LAST || (act8[j] && int16_only)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
@@ -1834,11 +1979,33 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
             for (int i = 0; i < K; i++) o[i] = fmt == FMT_F16 ? fp16_to_f32(w16[i]) : bf16_to_f32(w16[i]);
             continue;
         }
-        if (fmt == FMT_Q4_KX8) {  /* row_stride: bytes per row group of eight */
+        if (fmt == FMT_Q6_KX8) {  /* row_stride: bytes per row group of eight */
             const int64_t row = rows ? rows[r] : r, lane = row % 8;
             const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
             for (int sb = 0; sb < K / 256; sb++) {
-                const uint8_t *b = grp + (size_t)sb * Q4KX8_BYTES;
+                const uint8_t *b = grp + (size_t)sb * Q6KX8_BYTES;
+                const float dd = fp16_to_f32(*(const uint16_t *)(b + 2 * lane));
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *qa = b + 144 + 768 * h;
+                    for (int l = 0; l < 32; l++) {
+                        const int at = 16 * (l / 2) + 2 * (int)lane + l % 2;
+                        for (int i = 0; i < 4; i++) {
+                            const int byte = (i & 1) ? qa[256 + at] : qa[at];
+                            const int q = (i < 2 ? byte & 0x0f : byte >> 4) | (((qa[512 + at] >> (2 * i)) & 3) << 4);
+                            const int8_t sc = (int8_t)b[16 + 8 * (8 * h + 2 * i + l / 16) + lane];
+                            o[sb * 256 + 128 * h + 32 * i + l] = dd * (float)sc * (float)(q - 32);
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        if (fmt == FMT_Q4_KX8 || fmt == FMT_Q5_KX8) {  /* row_stride: bytes per row group of eight */
+            const int64_t row = rows ? rows[r] : r, lane = row % 8;
+            const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
+            const int five = fmt == FMT_Q5_KX8;
+            for (int sb = 0; sb < K / 256; sb++) {
+                const uint8_t *b = grp + (size_t)sb * (five ? Q5KX8_BYTES : Q4KX8_BYTES);
                 const float dd = fp16_to_f32(*(const uint16_t *)(b + 2 * lane)), dmin = fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * lane));
                 for (int j = 0; j < 8; j++) {
                     const float scale = dd * (float)b[32 + 8 * j + lane], min = dmin * (float)b[96 + 8 * j + lane];
@@ -1846,13 +2013,14 @@ int fs_dequant_rows(int fmt, int G, const uint8_t *w, long row_stride, int K, co
                     for (int c = 0; c < 16; c++)
                         for (int e = 0; e < 2; e++) {
                             const uint8_t byte = qs[16 * c + 2 * lane + e];
-                            o[sb * 256 + j * 32 + 2 * c + e] = scale * (float)((j & 1) ? byte >> 4 : byte & 0x0f) - min;
+                            const int fifth = five ? ((b[1184 + 16 * c + 2 * lane + e] >> j) & 1) << 4 : 0;
+                            o[sb * 256 + j * 32 + 2 * c + e] = scale * (float)(((j & 1) ? byte >> 4 : byte & 0x0f) | fifth) - min;
                         }
                 }
             }
             continue;
         }
-        if (fmt >= FMT_Q4_0X8 && fmt <= FMT_Q4_KX8) {  /* row_stride: bytes per row group of eight */
+        if (is_x8(fmt)) {  /* Q4_0X8, Q4_1X8, Q8X8; row_stride: bytes per row group of eight */
             const int64_t row = rows ? rows[r] : r, lane = row % 8;
             const uint8_t *grp = w + (size_t)(row / 8) * row_stride;
             const int bs = x8_block_bytes(fmt), at = fmt == FMT_Q4_1X8 ? 32 : 16;
