@@ -6,8 +6,10 @@
  * queries, four rows at a time, take scores against sixteen keys a vector (q broadcast,
  * fused multiply-adds), a softmax with the max taken off, and the weighted sum of values.
  * Rows see keys 0 .. pos + their index (the causal mask of a prompt after a cached prefix).
- * Written with GCC vector types: 512-bit vectors where the build has AVX-512, two 256-bit
- * ones with AVX2, plain C in the portable build.
+ * Written with GCC vector types: 512-bit vectors where the build has AVX-512, 256-bit ones
+ * elsewhere (AVX2; plain C in the portable build). The kernels' accumulators fill the vector
+ * registers of their width: with 512-bit vectors on AVX2 (two registers each) they spilled to
+ * the stack, and a 1B's 512-token prompt spent 5 of its 16.6 s here on a Zen 3 core.
  */
 #include <math.h>
 #include <stddef.h>
@@ -18,37 +20,43 @@
 #endif
 
 typedef _Float16 kv_t;  /* as decode.c: kv_cache.KV_DTYPE */
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+#define LANES 16
+#define PV_VECS 4  /* value vectors a pass: ROWS x PV_VECS accumulators (16 of 32 registers) */
+#else
+#define LANES 8
+#define PV_VECS 2  /* 8 of 16 registers */
+#endif
+typedef float vf __attribute__((vector_size(4 * LANES)));  /* a vector of LANES floats */
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
 int fs_workspace(const size_t *sizes, uint8_t **parts, int count);  /* qmatmul.c */
 void fs_workspace_trim(void);
 
 #define ROWS 4   /* query rows per pass: four score vectors, one key panel load feeds them all */
-#define LANES 16
 
-static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
-static inline v16f splat(float x) { return (v16f){0} + x; }
+static inline vf loadv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf splat(float x) { return (vf){0} + x; }
 
 /* e^x for x <= 0 (scores less their max), Cephes' expf polynomial: ~1e-7 relative. Below
  * -87 (e^x under FLT_MIN) it returns e^-87; masked keys are zeroed by the caller. */
-static inline v16f exp_nonpositive(v16f x) {
-    const v16i low = x < splat(-87.f);
-    x = (v16f)((low & (v16i)splat(-87.f)) | (~low & (v16i)x));
-    const v16f shifter = splat(12582912.f);  /* 1.5 * 2^23: adding it rounds to an integer */
-    const v16f t = x * 1.44269504f + shifter;
-    const v16i n = (v16i)t - (v16i)shifter;
-    const v16f nf = t - shifter;
-    const v16f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    v16f p = splat(1.9875691500e-4f);
+static inline vf exp_nonpositive(vf x) {
+    const vi low = x < splat(-87.f);
+    x = (vf)((low & (vi)splat(-87.f)) | (~low & (vi)x));
+    const vf shifter = splat(12582912.f);  /* 1.5 * 2^23: adding it rounds to an integer */
+    const vf t = x * 1.44269504f + shifter;
+    const vi n = (vi)t - (vi)shifter;
+    const vf nf = t - shifter;
+    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
-    return (v16f)((v16i)p + (n << 23));
+    return (vf)((vi)p + (n << 23));
 }
 
 /* Rows i0 .. i0 + rows (rows <= ROWS) of one head: q [ROWS] rows q_stride apart (scaled by
@@ -58,21 +66,21 @@ static inline v16f exp_nonpositive(v16f x) {
 static void head_rows(const float *q, long q_stride, int rows, int i0, int pos, int hd, const float *kt,
                       const float *v, int tp, float *s, float *out, long o_stride) {
     const int t_end = pos + i0 + rows;  /* keys the last of these rows sees */
-    /* scores: two vectors of sixteen keys x ROWS rows a pass, each key panel load feeding ROWS fmas */
+    /* scores: two vectors of LANES keys x ROWS rows a pass, each key panel load feeding ROWS fmas */
     for (int t = 0; t < t_end; t += 2 * LANES) {
-        v16f a0[ROWS] = {0}, a1[ROWS] = {0};
+        vf a0[ROWS] = {0}, a1[ROWS] = {0};
         const int two = t + LANES < t_end;
         for (int d = 0; d < hd; d++) {
-            const v16f k0 = load16(kt + (size_t)d * tp + t), k1 = two ? load16(kt + (size_t)d * tp + t + LANES) : k0;
+            const vf k0 = loadv(kt + (size_t)d * tp + t), k1 = two ? loadv(kt + (size_t)d * tp + t + LANES) : k0;
             for (int r = 0; r < ROWS; r++) {
-                const v16f qd = splat(q[(size_t)r * q_stride + d]);
+                const vf qd = splat(q[(size_t)r * q_stride + d]);
                 a0[r] += qd * k0;
                 a1[r] += qd * k1;
             }
         }
         for (int r = 0; r < ROWS; r++) {
-            store16(s + (size_t)r * tp + t, a0[r]);
-            if (two) store16(s + (size_t)r * tp + t + LANES, a1[r]);
+            storev(s + (size_t)r * tp + t, a0[r]);
+            if (two) storev(s + (size_t)r * tp + t + LANES, a1[r]);
         }
     }
     const int t_pad = (t_end + LANES - 1) / LANES * LANES;
@@ -82,32 +90,32 @@ static void head_rows(const float *q, long q_stride, int rows, int i0, int pos, 
         const int n = r < rows ? pos + i0 + r + 1 : 0;
         float best = -INFINITY;
         for (int t = 0; t < n; t++) best = sr[t] > best ? sr[t] : best;
-        v16f sum = {0};
+        vf sum = {0};
         for (int t = 0; t < t_pad; t += LANES) {
-            v16f e = exp_nonpositive(load16(sr + t) - best);
+            vf e = exp_nonpositive(loadv(sr + t) - best);
             if (t + LANES > n) {  /* the masked keys (e^-87 from the polynomial) are exactly zero */
                 for (int l = 0; l < LANES; l++) e[l] = t + l < n ? e[l] : 0.f;
             }
-            store16(sr + t, e);
+            storev(sr + t, e);
             sum += e;
         }
         float total = 0.f;
         for (int l = 0; l < LANES; l++) total += sum[l];
         inv[r] = n ? 1.f / total : 0.f;
     }
-    /* out = p . v: sixty-four columns of ROWS rows a pass, each value load feeding ROWS fmas */
-    for (int j = 0; j < hd; j += 4 * LANES) {
-        const int vecs = hd - j < 4 * LANES ? (hd - j) / LANES : 4;
-        v16f acc[ROWS][4] = {{{0}}};
+    /* out = p . v: PV_VECS vectors of columns of ROWS rows a pass, each value load feeding ROWS fmas */
+    for (int j = 0; j < hd; j += PV_VECS * LANES) {
+        const int vecs = hd - j < PV_VECS * LANES ? (hd - j) / LANES : PV_VECS;
+        vf acc[ROWS][PV_VECS] = {{{0}}};
         for (int u = 0; u < t_end; u++) {
             const float *vu = v + (size_t)u * hd + j;
             for (int c = 0; c < vecs; c++) {
-                const v16f vv = load16(vu + c * LANES);
+                const vf vv = loadv(vu + c * LANES);
                 for (int r = 0; r < ROWS; r++) acc[r][c] += splat(s[(size_t)r * tp + u]) * vv;
             }
         }
         for (int r = 0; r < rows; r++)
-            for (int c = 0; c < vecs; c++) store16(out + (size_t)r * o_stride + j + c * LANES, acc[r][c] * inv[r]);
+            for (int c = 0; c < vecs; c++) storev(out + (size_t)r * o_stride + j + c * LANES, acc[r][c] * inv[r]);
     }
 }
 
@@ -120,7 +128,7 @@ static void head_rows(const float *q, long q_stride, int rows, int i0, int pos, 
  * Returns 0, -1 on bad sizes, -2 when memory runs out. */
 int fs_attend_rows(const float *q, long q_stride, const kv_t *kc, const kv_t *vc, int cap, int pos, int S,
                    int n_heads, int n_kv, int hd, float *out, int nthreads) {
-    if (S < 1 || pos < 0 || pos + S > cap || n_kv <= 0 || n_heads % n_kv != 0 || hd % LANES != 0
+    if (S < 1 || pos < 0 || pos + S > cap || n_kv <= 0 || n_heads % n_kv != 0 || hd % 16 != 0
         || q_stride < (long)n_heads * hd) return -1;
     const int T = pos + S, tp = (T + LANES - 1) / LANES * LANES, group = n_heads / n_kv;
     const int threads = nthreads < 1 ? 1 : nthreads;
