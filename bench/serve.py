@@ -345,7 +345,11 @@ async def client(job: dict[str, Any]) -> dict[str, Any]:
 
     url, model = job["url"], job["model"]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=job["timeout_s"])
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+    # A connection per request, for both engines: llama-server (cpp-httplib) may close a kept-alive
+    # connection after a stream while aiohttp reuses it ("Can not write request body"); on loopback a
+    # new connection costs well under a millisecond.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         extra = job.get("extra") or {}
         await warm_up(http, url, model, job["warmup"], extra)
         before = await server_counters(http, url)
