@@ -4,13 +4,13 @@ The decoder (model.py) asks a `RuntimeWeights` for "the linear called blk.3.attn
 an nn.Module with `forward(x: [..., in]) -> [..., out]`; it never sees a file format.
 
 Runtime formats (kernels/qmatmul.c does the arithmetic):
-    GGUF Q6_K, Q5_K, Q5_1,  used in place: the memory-mapped blocks (16-bit rows) are the weights
-         Q3_K, Q2_K, IQ4_XS,
-         F16, BF16
+    GGUF Q5_1, Q3_K, Q2_K,  used in place: the memory-mapped blocks (16-bit rows) are the weights
+         IQ4_XS, F16, BF16
     GGUF Q4_0, Q4_1, Q8_0,  the same blocks, eight rows interleaved (x8) when the row count is a
-         Q4_K               multiple of 8 (Q4_K with its 6-bit scales decoded: +2.8%): copied
-                            once at load, and this process's pages of the file are dropped, so
-                            memory holds the copy instead (not as well); in place otherwise
+         Q4_K, Q5_K, Q6_K   multiple of 8 (Q4_K and Q5_K with their 6-bit scales decoded: +2.8%,
+                            +2.3%): copied once at load, and this process's pages of the file are
+                            dropped, so memory holds the copy instead (not as well); in place
+                            otherwise
     Q5_0                    repacked to Q8_0 blocks (q - 16 fits int8; exact), then as Q8_0
     everything else         dense fp32 (F32 and types without a kernel), as without a compiler
 Quantized weights never exist as an fp32 copy; the embedding table dequantizes only the
