@@ -27,7 +27,18 @@ Where ollama and this server differ (each refused with a 400 that says so, never
   accepted and ignored (the model is loaded once, by `fastserve serve`); samplers this engine
   lacks (mirostat, typical_p, tfs_z, presence/frequency penalty) only at their off value;
   any other key is refused.
-- format and tools: not yet (serving/constrain.py will bring them): UNSUPPORTED_YET says so.
+- format: "json" is one JSON object, a JSON schema is JSON valid under it, enforced while
+  decoding as the OpenAI routes' response_format (constrain.py, llguidance; strict: a schema
+  keyword llguidance cannot enforce is a 400, never ignored). /api/chat and /api/generate.
+- tools (/api/chat): OpenAI's tool objects, as the OpenAI route with tool_choice "auto" takes
+  them (ollama has no tool_choice): rendered through the model's own chat template, the calls
+  the model writes parsed back (tool_calls.py) into message.tool_calls, ollama's shape
+  `{"function": {"name", "arguments": {...}}}` (an object, not JSON text); a call whose
+  arguments are no JSON object stays in the content as written. Streaming: content pieces as
+  they come, each call in a piece of its own once it has ended (as ollama sends them);
+  done_reason stays "stop". History: assistant messages with tool_calls, and role "tool"
+  messages (`tool_name`: the function whose result they carry). A template without tool
+  support: 400. /api/show lists "tools" among the capabilities where the template takes them.
 - /api/generate: template, context, suffix, images are refused; a missing prompt loads the
   model as ollama's does (done_reason "load": it is always loaded). Same for /api/chat
   without messages.
@@ -54,6 +65,7 @@ from aiohttp import web
 
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.errors import FastServeError
+from fastserve_edge.serving import constrain, tool_calls
 from fastserve_edge.serving.api import (
     CONFIG,
     ENGINE,
@@ -70,7 +82,9 @@ from fastserve_edge.serving.api import (
     _messages,
     _number,
     _queue_full,
+    _structured,
 )
+from fastserve_edge.serving.constrain import GrammarMask, StructureError
 from fastserve_edge.serving.engine_loop import EngineClosed, Finished, QueueFull, Session
 from fastserve_edge.serving.openapi import MAX_STOP_STRINGS, OLLAMA_MANAGE, SEED, TEMPERATURE, TOP_P
 
@@ -136,22 +150,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/delete", manage)
 
 
-# -- what is not here (yet) ------------------------------------------------------------------------
-
-
-def unsupported_yet(body: dict[str, Any]) -> None:
-    """format (JSON, a JSON schema) and tools: one place to switch on when serving/constrain.py
-    lands. An empty value (the ollama client sends tools=[]) means none."""
-    for name, what in (("format", "structured output ('format': \"json\" or a JSON schema)"),
-                       ("tools", "tool calling ('tools')")):
-        if body.get(name) not in (None, "", [], {}):
-            raise APIError(400, f"{what} is not supported by this server yet; send the request without "
-                                f"'{name}'", param=name, code="unsupported")
-    messages = body.get("messages")
-    for i, m in enumerate(messages if isinstance(messages, list) else ()):
-        if isinstance(m, dict) and m.get("tool_calls") not in (None, []):
-            raise APIError(400, f"messages[{i}].tool_calls: tool calling is not supported by this server yet",
-                           param=f"messages[{i}].tool_calls", code="unsupported")
+# -- what is not here ------------------------------------------------------------------------------
 
 
 def _refuse_truthy(body: dict[str, Any], names: dict[str, str]) -> None:
@@ -267,7 +266,8 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response({
         "modelfile": modelfile, "parameters": text, "template": tokenizer.chat_template,
         "details": _details(facts), "model_info": {k: v for k, v in info.items() if v is not None},
-        "capabilities": ["completion"], "modified_at": _timestamp(facts.modified_at),
+        "capabilities": ["completion", *(["tools"] if tokenizer.template_takes_tools else [])],
+        "modified_at": _timestamp(facts.modified_at),
     })
 
 
@@ -282,6 +282,8 @@ class OllamaRequest:
     max_tokens: int
     stops: tuple[str, ...]
     stream: bool
+    constraint: GrammarMask | None = None      # format's grammar
+    tools: tool_calls.ToolRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -372,15 +374,49 @@ def _common(body: dict[str, Any], app: web.Application) -> tuple[str, Options, b
     keep_alive = body.get("keep_alive")
     if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, (int, float, str))):
         raise _bad_type("keep_alive", "a duration (a number of seconds or a string such as \"5m\")", keep_alive)
-    unsupported_yet(body)
     _refuse_truthy(body, {"think": "the model's thinking is not split from its answer here",
                           "logprobs": "log probabilities are not served on /api/ routes yet",
                           "top_logprobs": "log probabilities are not served on /api/ routes yet"})
     return model, _options(body, app), stream
 
 
+def _format(body: dict[str, Any]) -> str | None:
+    """The grammar `format` asks for: "json" (one JSON object) or a JSON schema; None for none."""
+    value = body.get("format")
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return constrain.json_schema_grammar({"type": "object"}, strict=True, param="format")
+    if not isinstance(value, dict):
+        raise StructureError(f"'format' must be \"json\" or a JSON schema (an object), got {str(value)[:100]!r}",
+                             "format", code="invalid_type" if not isinstance(value, str) else "invalid_value")
+    return constrain.json_schema_grammar(value, strict=True, param="format")
+
+
+async def _constraint(body: dict[str, Any], tokenizer) -> GrammarMask | None:
+    """format's grammar compiled for one session (worker thread: a schema takes milliseconds)."""
+    def build() -> GrammarMask | None:
+        grammar = _format(body)
+        return None if grammar is None else GrammarMask.build(tokenizer, grammar, param="format")
+
+    return await asyncio.to_thread(_structured, build)
+
+
+def _chat_messages(messages: list[Any]) -> list[Any]:
+    """ollama's messages in the OpenAI shape api._messages reads: a tool result's `tool_name`
+    is its `name` (what chat templates read); tool_calls pass as they are (their arguments are
+    objects already)."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and "tool_name" in m:
+            m = {k: v for k, v in m.items() if k != "tool_name"} | {"name": m["tool_name"]}
+        out.append(m)
+    return out
+
+
 def _request(model: str, prompt: list[int], opts: Options, stream: bool, what: str,
-             app: web.Application) -> OllamaRequest:
+             app: web.Application, constraint: GrammarMask | None = None,
+             tools: tool_calls.ToolRequest | None = None) -> OllamaRequest:
     """The request to generate for, once its prompt is known to fit the context it may use."""
     if len(prompt) >= opts.ctx:
         server = app[PIPELINE].ctx
@@ -390,7 +426,7 @@ def _request(model: str, prompt: list[int], opts: Options, stream: bool, what: s
                             "send less" + (", or start the server with a larger --ctx" if opts.ctx == server else
                                            ", or raise num_ctx"), param=what, code="context_length_exceeded")
     return OllamaRequest(model, prompt, opts.params, min(opts.max_tokens, opts.ctx - len(prompt)), opts.stops,
-                         stream)
+                         stream, constraint, tools)
 
 
 async def _parse_chat(request: web.Request) -> OllamaRequest:
@@ -406,12 +442,15 @@ async def _parse_chat(request: web.Request) -> OllamaRequest:
             if isinstance(m, dict) and m.get("images") not in (None, []):
                 raise APIError(400, f"messages[{i}].images: the model reads text only", param=f"messages[{i}].images",
                                code="unsupported")
-    chat = _messages(body)
+    chat = _messages({"messages": _chat_messages(messages) if isinstance(messages, list) else messages})
+    tokenizer = app[TOKENIZER]
+    tools = _structured(tool_calls.parse_request, {"tools": body.get("tools")}, tokenizer)
+    constraint = await _constraint(body, tokenizer)
     try:
-        prompt = await asyncio.to_thread(app[TOKENIZER].encode_chat, chat)
+        prompt = await asyncio.to_thread(tokenizer.encode_chat, chat, tools=tool_calls.template_tools(tools))
     except FastServeError as err:  # the template refused this conversation
         raise APIError(400, str(err), param="messages", code="invalid_value") from None
-    return _request(model, prompt, opts, stream, "messages", app)
+    return _request(model, prompt, opts, stream, "messages", app, constraint, tools)
 
 
 def _text(body: dict[str, Any], name: str) -> str:
@@ -432,7 +471,8 @@ async def _parse_generate(request: web.Request) -> OllamaRequest:
             raise APIError(400, f"'{name}' is not supported here: the model's own chat template writes the prompt "
                                 "(or send 'raw': true with the prompt written out)", param=name, code="unsupported")
     _refuse_truthy(body, {"context": "send the conversation to /api/chat instead (this server returns no context)",
-                          "images": "the model reads text only"})
+                          "images": "the model reads text only",
+                          "tools": "tools are /api/chat's (as ollama's); send them there with the messages"})
     raw = body.get("raw")
     if raw is not None and not isinstance(raw, bool):
         raise _bad_type("raw", "a boolean", raw)
@@ -453,7 +493,7 @@ async def _parse_generate(request: web.Request) -> OllamaRequest:
             raise APIError(400, str(err), param="prompt", code="invalid_value") from None
     if not prompt:
         raise APIError(400, "'prompt' is no tokens at all; send some text", param="prompt", code="invalid_value")
-    return _request(model, prompt, opts, stream, "prompt", app)
+    return _request(model, prompt, opts, stream, "prompt", app, await _constraint(body, tokenizer))
 
 
 # -- answers ---------------------------------------------------------------------------------------
@@ -469,7 +509,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 def _submit(app: web.Application, req: OllamaRequest) -> Session:
     try:
-        return app[ENGINE].submit(req.prompt, Sampler(req.params), max_tokens=req.max_tokens,
+        return app[ENGINE].submit(req.prompt, Sampler(req.params, req.constraint), max_tokens=req.max_tokens,
                                   stop_ids=app[TOKENIZER].stop_ids)
     except EngineClosed:
         raise APIError(503, "the server is shutting down; try again when it is back", code="shutting_down") from None
@@ -484,10 +524,10 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
         raise _queue_full(QueueFull(f"{app[ENGINE].max_queue} requests already wait"))
     req = await (_parse_chat(request) if chat else _parse_generate(request))
 
-    def piece(text: str) -> dict[str, Any]:
+    def piece(text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text} | ({"tool_calls": calls} if calls else {})
         return {"model": model, "created_at": _timestamp(),
-                **({"message": {"role": "assistant", "content": text}} if chat else {"response": text}),
-                "done": False}
+                **({"message": message} if chat else {"response": text}), "done": False}
 
     model = req.model
     if not req.prompt:  # nothing to generate: ollama's answer to "load the model" (it is loaded)
@@ -501,13 +541,15 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
     session = _submit(app, req)
     queued = time.monotonic_ns()
     engine = app[ENGINE]
-    text = TextStream(app[TOKENIZER], req.stops)
+    # a format whose call markers are special tokens ([TOOL_CALLS]) needs them in the text it parses
+    text = TextStream(app[TOKENIZER], req.stops,
+                      skip_special=req.tools is None or not req.tools.format.special_markers)
     first: int | None = None
 
-    def final(reason: str, whole: str = "") -> dict[str, Any]:
+    def final(reason: str, whole: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         end = time.monotonic_ns()
         began = first if first is not None else end
-        return piece(whole) | {
+        return piece(whole, calls) | {
             "done": True, "done_reason": reason, "total_duration": end - start, "load_duration": queued - start,
             "prompt_eval_count": len(req.prompt), "prompt_eval_duration": began - queued,
             "eval_count": session.completion_tokens, "eval_duration": end - began}
@@ -522,12 +564,37 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
                     reason = item.reason
                 else:
                     pieces.append(item.text)
-            return web.json_response(final(reason, "".join(pieces)))
+            answer = "".join(pieces)
+            if req.tools is None:
+                return web.json_response(final(reason, answer))
+            message, _ = tool_calls.message(answer, reason, req.tools)
+            content, calls = _ollama_calls(message.get("content") or "", message.get("tool_calls", []))
+            return web.json_response(final(reason, content, calls))
         response = await _prepare(request)
+        reader = tool_calls.CallStream(req.tools) if req.tools is not None else None
+        sent = 0  # calls of reader.calls gone out
+
+        async def send(deltas: list[dict[str, Any]]) -> None:
+            nonlocal sent
+            content = "".join(d.get("content", "") for d in deltas)
+            if content:
+                await _write(request, response, piece(content))
+            for call in reader.calls[sent:]:  # each call in a piece of its own once it has ended
+                sent += 1
+                more, calls = _ollama_calls("", [call.openai()])
+                await _write(request, response, piece(more, calls))
+
         try:
             async for item in _generate(engine, session, text):
                 first = first or time.monotonic_ns()
-                await _write(request, response, final(item.reason) if isinstance(item, Finished) else piece(item.text))
+                if reader is None:
+                    await _write(request, response, final(item.reason) if isinstance(item, Finished)
+                                 else piece(item.text))
+                elif isinstance(item, Finished):
+                    await send(reader.finish())
+                    await _write(request, response, final(item.reason))
+                else:
+                    await send(reader.push(item.text))
             await response.write_eof()
         except ConnectionError:
             pass  # the client went away: the finally cancels the session
@@ -540,6 +607,24 @@ async def _answer(request: web.Request, *, chat: bool) -> web.StreamResponse:
         return response
     finally:
         engine.cancel(session)  # no-op when it finished; frees the KV when the client went away
+
+
+def _ollama_calls(content: str, calls: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """OpenAI's tool_calls -> ollama's ({"function": {"name", "arguments": an object}}); a call
+    whose arguments are no JSON object (cut short by num_predict) stays in the content as the
+    model wrote it."""
+    out = []
+    for call in calls:
+        fn = call["function"]
+        try:
+            arguments = json.loads(fn["arguments"])
+        except ValueError:
+            arguments = None
+        if isinstance(arguments, dict):
+            out.append({"function": {"name": fn["name"], "arguments": arguments}})
+        else:
+            content += f'{{"name": {json.dumps(fn["name"])}, "arguments": {fn["arguments"]}}}'
+    return content, out
 
 
 def _line(obj: dict[str, Any]) -> bytes:

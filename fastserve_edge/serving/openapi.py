@@ -244,12 +244,28 @@ def _ollama_schemas(model_id: str) -> dict[str, dict[str, Any]]:
               "stream": _nullable({"type": "boolean", "description": "default true: NDJSON"}),
               "keep_alive": _nullable({"anyOf": [{"type": "number"}, {"type": "string"}]}),
               "options": _nullable(options)}
+    call = {"type": "object", "required": ["function"], "properties": {"function": {
+        "type": "object", "required": ["name"],
+        "properties": {"name": {"type": "string"}, "arguments": {"type": "object"}}}}}
     message = {"type": "object", "required": ["role"],
-               "properties": {"role": {"enum": list(ROLES)}, "content": _nullable({"type": "string"})}}
+               "properties": {"role": {"enum": list(ROLES)}, "content": _nullable({"type": "string"}),
+                              "tool_calls": _nullable({"type": "array", "items": call,
+                                                       "description": "an assistant's calls"}),
+                              "tool_name": _nullable({"type": "string",
+                                                      "description": "a tool message's function"})}}
+    common["format"] = _nullable({"anyOf": [{"enum": ["", "json"]}, {"type": "object", "description": "a JSON schema"}],
+                                  "description": "\"json\": one JSON object; a schema: JSON valid under it"})
+    tool = {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                                    "description": {"type": "string"}, "parameters": {"type": "object"}}}}}
     return {
         "OllamaChatRequest": {"type": "object", "required": ["model"], "properties": {
             **common, "messages": _nullable({"type": "array", "items": message,
-                                             "description": "none: load the model (done_reason \"load\")"})}},
+                                             "description": "none: load the model (done_reason \"load\")"}),
+            "tools": _nullable({"type": "array", "items": tool,
+                                "description": "the model's template must take tools (else 400)"})}},
         "OllamaGenerateRequest": {"type": "object", "required": ["model"], "properties": {
             **common, "prompt": _nullable({"type": "string"}), "system": _nullable({"type": "string"}),
             "raw": _nullable({"type": "boolean", "description": "true: no template, and no system"})}},

@@ -23,11 +23,17 @@ tool_choice:
   function's `parameters` schema, written compactly. Exactly one call for a named choice or
   with parallel_tool_calls false; else one or more (hermes, mistral; llama3 writes one).
 
-Streaming: content goes out as it comes, held back only where it could begin a call marker;
-a call goes out when it is complete (hermes: at its `</tool_call>`, the others at the end of
-the answer), as OpenAI's deltas: `{"index", "id", "type", "function": {"name", "arguments": ""}}`
-and then `{"index", "function": {"arguments": ...}}` with the whole arguments (OpenAI sends
-them in several pieces; clients concatenate them, so one piece reads the same).
+Streaming: content goes out as it comes, held back only where it could begin a call marker.
+A call goes out as OpenAI streams one: once its head `{"name": N, "arguments": ` is read, a
+delta `{"index", "id", "type", "function": {"name", "arguments": ""}}`, then its arguments
+object in fragments `{"index", "function": {"arguments": ...}}` as the model writes them (the
+text of every piece since the last), up to the brace that closes it (a string-aware brace
+count, not a JSON parse). Arguments written as a JSON string, keys in another order, or text
+that is no call syntax are read whole at the end of the block (hermes: its `</tool_call>`,
+the others: the answer's end) and sent in two deltas, as before. The arguments are the
+model's own text, not re-serialised, so a streamed and a whole answer carry the same string.
+Once a call's head is sent it stands: a call cut short by max_tokens keeps the arguments
+written so far (finish_reason "length"), as OpenAI's do.
 """
 
 from __future__ import annotations
@@ -259,15 +265,18 @@ def _new_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+SEPARATORS = " \t\r\n,;[]"  # between calls: whitespace, list punctuation (mistral writes them as a JSON array)
+
+
 def parse_calls(body: str, names: frozenset[str] | None = None) -> list[ToolCall] | None:
     """The calls written after a marker: JSON objects {"name", "arguments" or "parameters"}, or
-    arrays of them, one after another (separated by whitespace, ',' or ';'). None when the text
-    is anything else, or (names given) names a function outside them."""
+    arrays of them, one after another (separated by SEPARATORS). None when the text is anything
+    else, or (names given) names a function outside them."""
     decoder = json.JSONDecoder()
     out: list[ToolCall] = []
     i = 0
     while True:
-        while i < len(body) and body[i] in " \t\r\n,;":
+        while i < len(body) and body[i] in SEPARATORS:
             i += 1
         if i == len(body):
             break
@@ -275,7 +284,7 @@ def parse_calls(body: str, names: frozenset[str] | None = None) -> list[ToolCall
             value, i = decoder.raw_decode(body, i)
         except ValueError:
             return None
-        for item in value if isinstance(value, list) else [value]:
+        for item in [value]:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 return None
             if names is not None and item["name"] not in names:
@@ -292,30 +301,84 @@ def parse_calls(body: str, names: frozenset[str] | None = None) -> list[ToolCall
     return out or None
 
 
+def _call_head(text: str, i: int, names: frozenset[str] | None) -> tuple[str, int] | bool | None:
+    """A call's head at text[i:]: `{"name": N, "arguments": ` (or "parameters"), whitespace
+    free. (N, where its arguments' value starts) when read; None while the text ends before the
+    value starts and could still be one; False when it is none (or, names given, N is not
+    among them). A name with escapes is left to parse_calls."""
+    for expected in (("{",), ('"name"',), (":",), None, (",",), ('"arguments"', '"parameters"'), (":",)):
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        rest = text[i:]
+        if expected is None:  # the name: a JSON string
+            if not rest:
+                return None
+            if rest[0] != '"':
+                return False
+            j = 1
+            while j < len(rest) and rest[j] not in '"\\':
+                j += 1
+            if j == len(rest):
+                return None
+            if rest[j] != '"':
+                return False
+            name, i = rest[1:j], i + j + 1
+            if names is not None and name not in names:
+                return False
+            continue
+        word = next((w for w in expected if rest.startswith(w)), None)
+        if word is None:
+            return None if any(w.startswith(rest) for w in expected) else False
+        i += len(word)
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return (name, i) if i < len(text) else None
+
+
 class CallStream:
-    """An answer's text, piece by piece -> OpenAI deltas: {"content": ...} and {"tool_calls": [...]}."""
+    """An answer's text, piece by piece -> OpenAI deltas: {"content": ...} and {"tool_calls": [...]}.
+
+    Inside a call block the calls are read as they arrive: once a call's `{"name": N,
+    "arguments": ` is read (and, for llama3, N is one of the tools), its first delta goes out,
+    and then its arguments object as the model writes it, one fragment per piece, up to its
+    closing brace. `calls` holds the calls read to their end (the one being read is not there)."""
 
     def __init__(self, request: ToolRequest):
         self.format = request.format
         self.names = request.names
         self.calls: list[ToolCall] = []
-        self._held = ""         # text not yet released (could begin a marker, or is inside a call)
-        self._marker = ""       # the marker that opened the call being read; "" outside calls
+        self._held = ""         # text not yet released (could begin a marker, or the block's end marker)
+        self._marker = ""       # the marker that opened the call block being read; "" outside calls
         self._spaces = ""       # whitespace-only content, released before the next content
         self._wrote = False     # non-whitespace content went out
+        self._block = ""        # the block's text so far (llama3: with the "{" or "[" its marker is)
+        self._at = 0            # _block[:_at] is read
+        self._phase = "between"  # "between" calls | "arguments" | "after" them (their "}") | "raw": no call syntax
+        self._block_calls = 0   # calls read from this block
+        self._call: tuple[str, str] | None = None  # (name, id) of the call being read
+        self._args_start = self._sent = self._scanned = 0  # its arguments: start, sent up to, scanned up to
+        self._depth, self._in_string, self._escape = 0, False, False  # the scan of its arguments
 
     def push(self, text: str) -> list[dict[str, Any]]:
         self._held += text
         out: list[dict[str, Any]] = []
         while True:
             if self._marker:
-                if self.format.end is None:
-                    return out  # to the end of the answer
-                j = self._held.find(self.format.end)
-                if j < 0:
+                end = self.format.end
+                if end is None:  # to the end of the answer
+                    self._block, self._held = self._block + self._held, ""
+                    self._read(out)
                     return out
-                body, self._held = self._held[:j], self._held[j + len(self.format.end):]
-                self._close(self._marker, body, self.format.end, out)
+                j = self._held.find(end)
+                if j < 0:
+                    keep = max((k for k in range(1, len(end)) if self._held.endswith(end[:k])), default=0)
+                    self._block += self._held[:len(self._held) - keep]
+                    self._held = self._held[len(self._held) - keep:]
+                    self._read(out)
+                    return out
+                self._block, self._held = self._block + self._held[:j], self._held[j + len(end):]
+                self._read(out)
+                self._close(end, out)
                 continue
             if self.format.whole_answer:
                 lead = self._held.lstrip()
@@ -325,7 +388,8 @@ class CallStream:
                     return out
                 marker = next((m for m in self.format.starts if lead.startswith(m)), None)
                 if marker is not None:
-                    self._marker, self._held = marker, lead[len(marker):]
+                    self._open(marker)
+                    self._held = lead[len(marker):]
                     continue
                 if lead and not any(m.startswith(lead) for m in self.format.starts):
                     self._content(self._held, out)
@@ -335,7 +399,8 @@ class CallStream:
             if found:
                 i, marker = min(found)
                 self._content(self._held[:i], out)
-                self._marker, self._held = marker, self._held[i + len(marker):]
+                self._open(marker)
+                self._held = self._held[i + len(marker):]
                 continue
             keep = max((k for m in self.format.starts for k in range(1, len(m)) if self._held.endswith(m[:k])),
                        default=0)
@@ -347,7 +412,9 @@ class CallStream:
         """The end of the answer: what is still held, as calls or as content."""
         out: list[dict[str, Any]] = []
         if self._marker:
-            self._close(self._marker, self._held, "", out)
+            self._block, self._held = self._block + self._held, ""
+            self._read(out)
+            self._close("", out)
         else:
             self._content(self._held, out)
         self._held = ""
@@ -356,19 +423,110 @@ class CallStream:
         self._spaces = ""
         return out
 
-    def _close(self, marker: str, body: str, end: str, out: list[dict[str, Any]]) -> None:
-        self._marker = ""
-        json_text = marker + body if marker in ("{", "[") else body  # llama3's bare "{" opens the JSON itself
-        calls = parse_calls(json_text, self.names if self.format.whole_answer else None)
-        if calls is None:
-            self._content(marker + body + end, out)
+    def _open(self, marker: str) -> None:
+        self._marker = marker
+        self._block = marker if marker in ("{", "[") else ""  # llama3's bare "{" opens the JSON itself
+        self._at, self._phase, self._block_calls = 0, "between", 0
+
+    def _read(self, out: list[dict[str, Any]]) -> None:
+        """Read the block as far as it goes: calls begun, arguments sent, calls ended."""
+        text = self._block
+        while True:
+            if self._phase == "between":
+                while self._at < len(text) and text[self._at] in SEPARATORS:
+                    self._at += 1
+                if self._at == len(text):
+                    return
+                found = _call_head(text, self._at, self.names if self.format.whole_answer else None)
+                if found is None:
+                    return  # could still be a call's head
+                if not found or text[found[1]] != "{":  # no call syntax, or arguments as a JSON string
+                    self._phase = "raw"
+                    return
+                name, start = found
+                self._call = (name, _new_id())
+                self._phase, self._args_start = "arguments", start
+                self._sent = self._scanned = start
+                self._depth, self._in_string, self._escape = 0, False, False
+                out.append({"tool_calls": [{"index": len(self.calls), "id": self._call[1], "type": "function",
+                                            "function": {"name": name, "arguments": ""}}]})
+            if self._phase == "arguments":
+                done = self._scan(text)
+                self._send_arguments(text[self._sent:self._scanned], out)
+                if not done:
+                    return
+                self._phase, self._at = "after", self._scanned
+            if self._phase == "after":
+                while self._at < len(text) and text[self._at] in " \t\r\n":
+                    self._at += 1
+                if self._at == len(text):
+                    return
+                self._end_call(text[self._args_start:self._scanned])
+                if text[self._at] != "}":  # more keys after the arguments: the call stands as sent
+                    self._phase = "raw"
+                    return
+                self._at += 1
+                self._phase = "between"
+                continue
+            return  # raw: read whole at the block's end
+
+    def _scan(self, text: str) -> bool:
+        """Scan the arguments object on from _scanned; True once its closing brace is read."""
+        while self._scanned < len(text):
+            c = text[self._scanned]
+            self._scanned += 1
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif c == "\\":
+                    self._escape = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return True
+        return False
+
+    def _send_arguments(self, fragment: str, out: list[dict[str, Any]]) -> None:
+        if fragment:
+            out.append({"tool_calls": [{"index": len(self.calls), "function": {"arguments": fragment}}]})
+            self._sent += len(fragment)
+
+    def _end_call(self, arguments: str) -> None:
+        assert self._call is not None
+        self.calls.append(ToolCall(self._call[0], arguments, self._call[1]))
+        self._call = None
+        self._block_calls += 1
+
+    def _close(self, end: str, out: list[dict[str, Any]]) -> None:
+        """The block ends (its end marker, or the answer's end): a call cut short ends as it is
+        (its arguments as far as written: finish_reason says "length"); text that is no call
+        syntax is parsed whole, and stays content when it holds no calls."""
+        text, marker = self._block, self._marker
+        if self._phase == "arguments":
+            self._send_arguments(text[self._sent:], out)
+            self._end_call(text[self._args_start:])
+        elif self._phase == "after":
+            self._end_call(text[self._args_start:self._scanned])
+        rest = text[self._at:] if self._phase in ("between", "raw") else ""
+        calls = parse_calls(rest, self.names if self.format.whole_answer else None) if rest.strip() else []
+        self._marker, self._block, self._at, self._phase = "", "", 0, "between"
+        if calls is None or not (calls or self._block_calls):
+            if self._block_calls:
+                self._content(rest, out)
+            else:
+                self._content((text if marker in ("{", "[") else marker + text) + end, out)
             return
         for call in calls:
-            index = len(self.calls)
-            self.calls.append(call)
-            out.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+            out.append({"tool_calls": [{"index": len(self.calls), "id": call.id, "type": "function",
                                         "function": {"name": call.name, "arguments": ""}}]})
-            out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+            out.append({"tool_calls": [{"index": len(self.calls), "function": {"arguments": call.arguments}}]})
+            self.calls.append(call)
 
     def _content(self, text: str, out: list[dict[str, Any]]) -> None:
         if not text:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import ollama
 import openai
+import pydantic
 import pytest
+
+from tests import models_fixtures as mf
 
 from tests.integration.test_serve_api import KEY, QUESTION, model, raw, running_server  # noqa: F401 (model: a fixture)
 
@@ -134,8 +138,11 @@ def test_errors_in_ollama_shape(server, client, name):
            ({"model": name, "messages": MESSAGES, "options": {"warp_drive": 1}}, "warp_drive"),
            ({"model": name, "messages": MESSAGES, "options": {"mirostat": 2}}, "mirostat"),
            ({"model": name, "messages": MESSAGES, "options": []}, "options"),
-           ({"model": name, "messages": MESSAGES, "format": "json"}, "not supported by this server yet"),
-           ({"model": name, "messages": MESSAGES, "tools": [{"type": "function"}]}, "not supported by this server yet"),
+           ({"model": name, "messages": MESSAGES, "format": "yaml"}, "'format' must be \"json\" or a JSON schema"),
+           ({"model": name, "messages": MESSAGES, "format": {"type": "strin"}}, "'format' cannot be used: Invalid type: strin"),
+           ({"model": name, "messages": MESSAGES, "format": 3}, "'format' must be"),
+           ({"model": name, "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools[0]"),
+           ({"model": name, "prompt": "hi", "tools": [WEATHER]}, "tools are /api/chat's"),
            ({"model": name, "messages": "hi"}, "messages"),
            ({"model": name, "messages": MESSAGES, "stream": "yes"}, "stream"),
            ({"messages": MESSAGES}, "model"),
@@ -154,6 +161,107 @@ def test_errors_in_ollama_shape(server, client, name):
     assert status == 400 and isinstance(json.loads(answer)["error"], str)
     status, answer = raw(server, "POST", "/api/pull", b'{"model": "llama3"}')
     assert status == 501 and "fastserve pull" in json.loads(answer)["error"]
+
+
+class City(pydantic.BaseModel):
+    """ollama's documented way: format=Model.model_json_schema() (no other keys: the model is small)."""
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: str = pydantic.Field(max_length=40)
+    country: str = pydantic.Field(max_length=40)
+    population_millions: float
+
+
+def test_format_json_and_a_schema_constrain_the_answer_streaming_or_not(client, name):
+    whole = client.chat(model=name, messages=[{"role": "user", "content": "Describe a cat as a JSON object with its name and age."}],
+                        format="json", options={"temperature": 0, "num_predict": 160})
+    assert whole.done_reason == "stop" and isinstance(json.loads(whole.message.content), dict)
+    schema = City.model_json_schema()
+    asked = [{"role": "user", "content": "Name the capital of France."}]
+    answer = client.chat(model=name, messages=asked, format=schema, options={"temperature": 0, "num_predict": 120})
+    jsonschema.validate(json.loads(answer.message.content), schema)
+    City.model_validate_json(answer.message.content)
+    parts = list(client.chat(model=name, messages=asked, format=schema, stream=True,
+                             options={"temperature": 0, "num_predict": 120}))
+    assert "".join(p.message.content for p in parts) == answer.message.content and parts[-1].done
+    generated = client.generate(model=name, prompt="Name the capital of France.", format=schema,
+                                options={"temperature": 0, "num_predict": 120})
+    assert generated.response == answer.message.content  # generate is one user turn of chat
+
+
+def test_tools_on_a_template_without_tool_support_are_a_400(client, name):
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model=name, messages=MESSAGES, tools=[WEATHER])
+    assert err.value.status_code == 400 and "no tool support" in err.value.error
+    assert client.chat(model=name, messages=MESSAGES, tools=[], options={"num_predict": 2}).done  # none: fine
+
+
+# -- tools: the app in this process, a Hermes tool template, a model that answers with calls -------
+
+# Qwen 2.5's tool template, shortened (test_serve_structured's)
+from tests.integration.test_serve_structured import HERMES_TEMPLATE, TIME, WEATHER  # noqa: E402
+
+CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
+         '\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def hermes(tmp_path_factory):
+    """A tiny model with Hermes' tool template, scripted to answer CALLS (its weights could not)."""
+    from fastserve_edge.models import open_model
+    from tests.integration import test_serve_hostile as hostile
+
+    path = tmp_path_factory.mktemp("tools") / "hermes-tools.gguf"
+    mf.write_tiny_gguf(path, "qwen2", vocab_size=8192, context_length=1024, seed=7,
+                       chat_template=HERMES_TEMPLATE.strip())
+    source = open_model(path)
+    tokenizer = source.tokenizer()
+    pipeline = hostile.ScriptedPipeline(source.config, tokenizer.encode(CALLS), tokenizer.eos_id)
+    with hostile.in_thread(pipeline, tokenizer, max_sessions=2) as (host, port):
+        yield ollama.Client(host=f"http://{host}:{port}", headers={"Authorization": f"Bearer {hostile.KEY}"}, timeout=60), \
+            tokenizer, hostile.MODEL
+
+
+def test_tool_calls_come_back_in_ollamas_shape(hermes):
+    client, _, model_name = hermes
+    ask = {"model": model_name, "messages": [{"role": "user", "content": "Weather in Rome, and the time?"}],
+           "tools": [WEATHER, TIME], "options": {"temperature": 0}}
+    whole = client.chat(**ask)
+    assert whole.message.content == "Let me check." and whole.done_reason == "stop"
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == \
+        [("get_weather", {"city": "Rome", "days": 2}), ("get_time", {"tz": "CET"})]
+    # streaming: the content as it comes, each call in a piece of its own once it has ended
+    parts = list(client.chat(**ask, stream=True))
+    assert "".join(p.message.content for p in parts).strip() == "Let me check."
+    with_calls = [p for p in parts if p.message.tool_calls]
+    assert [len(p.message.tool_calls) for p in with_calls] == [1, 1] and not any(p.done for p in with_calls)
+    assert [c.function for p in with_calls for c in p.message.tool_calls] == [c.function for c in whole.message.tool_calls]
+    assert parts[-1].done and parts[-1].done_reason == "stop"
+    # on the wire: arguments are an object, not JSON text
+    shown = client.show(model_name)
+    assert "tools" in shown.capabilities
+
+
+def test_tools_and_tool_results_are_rendered_through_the_template(hermes):
+    client, tokenizer, model_name = hermes
+    history = [{"role": "user", "content": "Weather in Oslo for 2 days?"},
+               {"role": "assistant", "content": "",
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}]},
+               {"role": "tool", "content": "rain, 4 C", "tool_name": "get_weather"}]
+    answer = client.chat(model=model_name, messages=history, tools=[WEATHER], options={"num_predict": 1})
+    # the same conversation in OpenAI's shape, through the same template: the same prompt
+    openai_history = [history[0],
+                      {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                          "name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}}]},
+                      {"role": "tool", "content": "rain, 4 C", "name": "get_weather"}]
+    # the client sends the tool as its Tool model keeps it (it drops keywords it does not model, e.g. minimum)
+    sent = ollama.Tool.model_validate(WEATHER).model_dump(exclude_none=True, by_alias=True)
+    expected = tokenizer.encode_chat(openai_history, tools=[sent])
+    assert answer.prompt_eval_count == len(expected)
+    prompt = tokenizer.decode(expected, skip_special=False)
+    assert '"arguments": {"city": "Oslo", "days": 2}' in prompt and "<tool_response>\nrain, 4 C" in prompt
+    assert '"description": "The weather in a city over the next days"' in prompt  # the tool reached the template
+    without = client.chat(model=model_name, messages=history[:1], options={"num_predict": 1})
+    assert without.prompt_eval_count < answer.prompt_eval_count
 
 
 # -- hostile bodies: the app in this process over a scripted model (test_serve_hostile's) ---------

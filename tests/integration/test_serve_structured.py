@@ -158,11 +158,26 @@ def test_tool_choice_required_returns_a_valid_call_streaming_or_not(tool_model):
                       parallel_tool_calls=False, max_tokens=120, stream=True))
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
     assert deltas[0].index == 0 and deltas[0].id.startswith("call_") and deltas[0].type == "function"
-    assert {d.index for d in deltas} == {0}
+    assert deltas[0].function.arguments == "" and {d.index for d in deltas} == {0}
+    # as OpenAI streams them: the arguments in several fragments, as the model writes them
+    assert len(deltas) > 3 and all(d.id is None and d.function.name is None for d in deltas[1:])
     arguments = "".join(d.function.arguments or "" for d in deltas)
-    assert deltas[0].function.name == call.function.name and json.loads(arguments) == json.loads(call.function.arguments)
+    assert deltas[0].function.name == call.function.name and arguments == call.function.arguments
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+    # the official client's stream helper puts the fragments back together into the same call
+    with client.chat.completions.stream(model=model_id, messages=[{"role": "user", "content": "What is the weather "
+                                                                  "in Rome?"}], temperature=0, tools=TOOLS,
+                                        tool_choice="required", parallel_tool_calls=False, max_tokens=120) as events:
+        fragments = [e.arguments_delta for e in events if e.type == "tool_calls.function.arguments.delta"]
+        final = events.get_final_completion()
+    assert fragments == [d.function.arguments for d in deltas]  # the head's "" too
+    assert "".join(fragments) == call.function.arguments
+    (joined,) = final.choices[0].message.tool_calls
+    assert (joined.id.startswith("call_"), joined.function.name, joined.function.arguments) == \
+        (True, call.function.name, call.function.arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
 
 
 def test_a_named_tool_choice_calls_that_function(tool_model):

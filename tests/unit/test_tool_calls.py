@@ -77,6 +77,57 @@ def test_each_format_parses_whole_and_in_pieces(fmt, answer, content, calls):
         assert tc.stream_reason(stream, "length") == "length"
 
 
+def _argument_fragments(deltas: list[dict]) -> list[str]:
+    return [call["function"]["arguments"] for d in deltas for call in d.get("tool_calls", []) if "id" not in call]
+
+
+@pytest.mark.parametrize("fmt, answer", [
+    (tc.HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome \\"}{\\" [x]", "n": [1, {"a": 2}]}}'
+                '\n</tool_call>'),
+    (tc.MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Lima"}}, '
+                 '{"name": "get_time", "arguments": {}}]'),
+    (tc.LLAMA3, '{"name": "get_weather", "parameters": {"city": "Oslo"}}'),
+])
+def test_arguments_stream_in_fragments_as_they_are_written(fmt, answer):
+    """OpenAI's shape: the head with arguments "", then the arguments in pieces, as they come;
+    the pieces are the model's text, and add up to the call a whole answer gives."""
+    stream = tc.CallStream(request(fmt))
+    deltas, heads_at = [], []
+    for i, c in enumerate(answer):
+        got = stream.push(c)
+        heads_at += [i for d in got for call in d.get("tool_calls", []) if "id" in call]
+        deltas += got
+    deltas += stream.finish()
+    whole, _ = tc.message(answer, "stop", request(fmt))
+    n = len(whole["tool_calls"])
+    fragments = _argument_fragments(deltas)
+    assert len(fragments) > 2 * n  # not one piece per call
+    assert all(len(f) == 1 for f in fragments)  # one character pushed, one character out
+    first = answer.index('"arguments"' if fmt is not tc.LLAMA3 else '"parameters"')
+    assert heads_at[0] < answer.index("}")  # the head went out before the arguments ended
+    assert heads_at[0] > first
+    by_index: dict[int, str] = {}
+    for d in deltas:
+        for call in d.get("tool_calls", []):
+            by_index[call["index"]] = by_index.get(call["index"], "") + call["function"]["arguments"]
+    assert [by_index[i] for i in range(n)] == [c["function"]["arguments"] for c in whole["tool_calls"]]
+    assert [c.arguments for c in stream.calls] == [by_index[i] for i in range(n)]
+    assert not "".join(d.get("content", "") for d in deltas).strip()
+
+
+def test_a_call_cut_short_keeps_what_was_written_and_stream_calls_hold_only_ended_calls():
+    stream = tc.CallStream(request(tc.HERMES))
+    deltas = stream.push('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa')
+    assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert _argument_fragments(deltas) == ['{"city": "Pa'] and stream.calls == []
+    deltas = stream.finish()
+    assert _argument_fragments(deltas) == [] and [c.arguments for c in stream.calls] == ['{"city": "Pa']
+    assert tc.stream_reason(stream, "length") == "length"
+    # a head that turns out to be no call's is content, as a whole answer's would be
+    text, calls, _ = streamed('<tool_call>\n{"name": "get_weather" "x"}\n</tool_call>', request(tc.HERMES), 1)
+    assert calls == [] and text == '<tool_call>\n{"name": "get_weather" "x"}\n</tool_call>'
+
+
 def test_the_format_comes_from_the_template():
     assert tc.ToolFormat.of("{% for t in tools %}<tool_call>{% endfor %}") is tc.HERMES
     assert tc.ToolFormat.of("[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS] [TOOL_CALLS]") is tc.MISTRAL
