@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastserve_edge.engine.generate import DecodeStep, Pipeline, local_stages
-from fastserve_edge.engine.model import MixtureOfExperts
+from fastserve_edge.engine.model import MixtureOfExperts, expert_rows, sum_experts
 from fastserve_edge.engine.sampling import Sampler, SamplingParams
 from fastserve_edge.models import open_model
 from tests import models_fixtures as mf
@@ -112,6 +112,35 @@ def test_only_the_chosen_experts_run(folder):
     _, chosen = block_moe.route(x.reshape(1, -1))
     block_moe(x)
     assert sorted(calls) == sorted(chosen[0].tolist()) and len(calls) == 2
+
+
+def test_one_token_goes_straight_to_the_chosen_experts_kernels_with_the_modules_bits(folder, tmp_path):
+    """Decode's one row skips the modules (their dispatch was a third of a step at two threads):
+    only the chosen experts' kernels run, in expert order, and the output is the modules' bit
+    for bit (what a batch, a prefill and an expert-parallel group compute)."""
+    path = moe.write_gguf(tmp_path / "q.gguf", folder, arch_of(folder), tensor_type="Q8_0")
+    block_moe = local_stages(open_model(path), max_tokens=64)[0].stage.blocks[0].ffn
+    assert block_moe._kernels is not None
+    ran: list[int] = []
+
+    def counted(e, gate_up):
+        return lambda row: ran.append(e) or gate_up(row)
+
+    block_moe._kernels[:] = [(counted(e, gate_up), down, width) for e, (gate_up, down, width) in enumerate(block_moe._kernels)]
+    for seed in range(4):
+        x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(seed))
+        rows = x.reshape(1, -1)
+        weights, chosen = block_moe.route(rows)
+        ran.clear()
+        fast = block_moe(x).reshape(1, -1)
+        assert ran == sorted(chosen[0].tolist())
+        parts = [(hit, block_moe.run_expert(e, rows, hit, weights[hit, slot, None])) for e, hit, slot in expert_rows(chosen)]
+        assert torch.equal(fast, sum_experts(1, 64, parts))
+
+
+def test_a_dense_mixture_has_no_kernel_path(folder):
+    block_moe = local_stages(open_model(folder), max_tokens=64)[0].stage.blocks[0].ffn
+    assert block_moe._kernels is None  # fp32 experts from a folder: through the modules
 
 
 def test_a_config_with_impossible_experts_is_refused(tmp_path):
