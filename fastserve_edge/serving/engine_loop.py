@@ -32,6 +32,14 @@ message, and requests behind one system prompt share it. Kept KV counts against 
 and gives way to live sessions first; a re-plan drops it. The split prefill is the arithmetic
 `fastserve chat` uses from its second turn on: the same model, not always the same last bits.
 
+A KV cache never shrinks: one taken over stays allocated for the positions its caches were
+grown for (`sized_for`), past what the taker holds. The budget's per-session bound (2 * held +
+INITIAL_TOKENS allocated) holds for held >= sized_for - STALE_TAIL, so such a session is
+charged that many tokens (`charged`) until it holds more; the budget a step gets is what is
+left after those charges (`_unheld`). A kept session is taken over when its stale part is at
+most STALE_TAIL tokens (no charge), or when the request may grow to its size anyway (prompt +
+max_tokens >= sized_for: a charge that its own answer pays off).
+
 n answers to one prompt (`submit_many`, the API's `n`): the first session prefills alone; the
 others wait outside the scheduler until its prefill ran, then get a copy of its KV
 (Pipeline.fork, in the worker right after the prefill) and join with the prompt's last token
@@ -67,7 +75,8 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 KV_GROWTH = 2  # kv_cache.KVCache doubles its capacity as a session grows
 PROMPT_CACHE_MIN = 16  # tokens a prompt must share with a kept session to take its KV over (less
                        # saves too little to be worth a kept session another prompt may share more with)
-STALE_TAIL = INITIAL_TOKENS // 2  # kept tokens past the shared start a taker may inherit (see _take_kept)
+STALE_TAIL = INITIAL_TOKENS // 2  # positions past what a session holds that its caches may be grown for at
+                                  # no charge: max(INITIAL, 2 * sized_for) <= 2 * held + INITIAL (see charged)
 MAX_RESETS = 3  # re-plans in a row without a good step before the sessions end with an error
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -133,6 +142,21 @@ class StageReport:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def charged(held: int, sized_for: int) -> int:
+    """KV tokens the budget counts for a session holding `held` tokens in caches grown for
+    `sized_for` positions (a cache allocates at most max(INITIAL_TOKENS, 2 * sized_for) and the
+    budget allows 2 * counted + INITIAL_TOKENS)."""
+    return max(held, sized_for - STALE_TAIL)
+
+
+@dataclass
+class Kept:
+    """An ended session's KV in the prompt cache."""
+
+    tokens: list[int]         # what its KV holds, by position
+    sized_for: int            # positions its caches were grown for (>= len(tokens))
+
+
 class EngineClosed(Exception):
     """submit() after shutdown()."""
 
@@ -170,6 +194,7 @@ class Session:
     kv: str = ""              # the stages' session key (default: id)
     cached: int = 0           # prompt tokens its first prefill took from a kept session's KV
     last_token_at: float | None = None
+    sized_for: int = 0        # positions a taken-over KV's caches were grown for (0: its own KV, grown as it holds)
     done: bool = False
     followers: list[Session] = field(default_factory=list)  # other answers to its prompt, waiting for its prefill
     forked: bool = False      # the worker copied its prompt's KV to the followers
@@ -198,7 +223,7 @@ class EngineLoop:
         self.max_sessions = max_sessions
         self.max_queue = max_queue
         self.prompt_cache = max_sessions if prompt_cache is None else prompt_cache
-        self._kept: OrderedDict[str, list[int]] = OrderedDict()  # ended session -> tokens its KV holds
+        self._kept: OrderedDict[str, Kept] = OrderedDict()  # ended session's KV key -> what it holds
         self.scheduler_name = scheduler
         self.sched: Scheduler = make_scheduler(scheduler)
         self._kv_room = kv_room
@@ -266,9 +291,10 @@ class EngineLoop:
         if self.queue_full:
             raise QueueFull(f"{self.max_queue} requests already wait for the {self.max_sessions} that run")
         now = time.monotonic()
-        kept, reuse = self._take_kept(prompt)
-        s = Session(uuid.uuid4().hex, list(prompt), sampler, min(max_tokens, self.pipeline.ctx - len(prompt)),
-                    stop_ids, now, kv=kept or "")
+        max_tokens = min(max_tokens, self.pipeline.ctx - len(prompt))
+        kept, reuse = self._take_kept(prompt, max_tokens)
+        s = Session(uuid.uuid4().hex, list(prompt), sampler, max_tokens, stop_ids, now,
+                    kv=kept[0] if kept else "", sized_for=kept[1].sized_for if kept else 0)
         self._sessions[s.id] = s
         self.metrics.prompt_tokens += len(prompt)
         self.sched.add(Job(s.id, arrival=now, prompt_tokens=len(prompt), max_tokens=s.max_tokens,
@@ -301,6 +327,7 @@ class EngineLoop:
             if s.done:
                 continue
             reuse = reusable_prefix(self.pipeline.config, len(s.prompt), len(s.prompt) - 1) if leader.forked else 0
+            s.sized_for = leader.sized_for if leader.forked else 0  # a copy is as large as the leader's caches
             self.sched.add(Job(s.id, arrival=s.arrival, prompt_tokens=len(s.prompt), max_tokens=s.max_tokens,
                                kv_tokens=reuse), now)
         self._wake.set()
@@ -314,25 +341,29 @@ class EngineLoop:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, self.pipeline.final_hidden, list(ids))
 
-    def _take_kept(self, prompt: Sequence[int]) -> tuple[str | None, int]:
+    def _take_kept(self, prompt: Sequence[int], max_tokens: int) -> tuple[tuple[str, Kept] | None, int]:
         """The kept session that shares the longest start with `prompt` (at least
-        PROMPT_CACHE_MIN tokens), taken out of the cache: its KV key and the tokens to reuse.
-        Only one whose KV is mostly that start (at most STALE_TAIL tokens more): its caches
-        never shrink, and the budget's bound on what a session allocates (2 * held +
-        INITIAL_TOKENS) must hold for what it reuses. A long conversation that shares only a
-        system prompt stays in the cache for its own next turn. Safe during a step: kept
-        sessions take no part in one."""
-        best, shared, held = None, 0, 0
-        for key, tokens in self._kept.items():
-            n = common_prefix(tokens, prompt)
-            if n > shared and len(tokens) - min(n, len(prompt) - 1) <= STALE_TAIL:
-                best, shared, held = key, n, len(tokens)
-        reuse = min(shared, len(prompt) - 1)  # the last prompt token always runs: it gives the logits
-        reuse = reusable_prefix(self.pipeline.config, held, reuse)  # sliding-window layers: no rewind
-        if best is None or reuse < PROMPT_CACHE_MIN:
+        PROMPT_CACHE_MIN tokens; of equal ones the smallest), taken out of the cache: (its KV
+        key, itself) and the tokens to reuse. Its caches never shrink, so only one the budget
+        can charge for (module docstring): whose KV is at most STALE_TAIL tokens more than the
+        shared start, or no larger than this request may grow (prompt + max_tokens). A long
+        conversation that shares only a system prompt with a short request stays in the cache
+        for its own next turn. Safe during a step: kept sessions take no part in one."""
+        best, rank = None, (0, 0)
+        for key, kept in self._kept.items():
+            n = common_prefix(kept.tokens, prompt)
+            free = kept.sized_for - min(n, len(prompt) - 1) <= STALE_TAIL
+            if (n, -kept.sized_for) > rank and (free or kept.sized_for <= len(prompt) + max_tokens):
+                best, rank = key, (n, -kept.sized_for)
+        if best is None:
+            return None, 0
+        kept = self._kept[best]
+        reuse = min(rank[0], len(prompt) - 1)  # the last prompt token always runs: it gives the logits
+        reuse = reusable_prefix(self.pipeline.config, len(kept.tokens), reuse)  # sliding-window layers: no rewind
+        if reuse < PROMPT_CACHE_MIN:
             return None, 0
         del self._kept[best]
-        return best, reuse
+        return (best, kept), reuse
 
     def cancel(self, session: Session, *, reason: str = "cancelled") -> None:
         """The client went away ("cancelled") or a stop string matched ("stop"): stop
@@ -369,7 +400,25 @@ class EngineLoop:
 
     @property
     def kept_tokens(self) -> int:
-        return sum(len(t) for t in list(self._kept.values()))  # a snapshot: submit() may take one meanwhile
+        return sum(len(k.tokens) for k in list(self._kept.values()))  # a snapshot: submit() may take one meanwhile
+
+    def _kept_charged(self) -> int:
+        """What the budget counts for the prompt cache (charged: its caches' size included)."""
+        return sum(charged(len(k.tokens), k.sized_for) for k in self._kept.values())
+
+    def _overcharged(self) -> list[tuple[Session, int]]:
+        """Live sessions with KV whose taken-over caches are charged beyond it: (session, charge)."""
+        out = []
+        for s in self._sessions.values():
+            if s.sized_for and s.id in self.sched and (held := self.sched.job(s.id).kv_tokens):
+                if (extra := charged(held, s.sized_for) - held) > 0:
+                    out.append((s, extra))
+        return out
+
+    def _unheld(self) -> int:
+        """What the budget counts for live sessions beyond the KV they hold: the stale part of
+        taken-over caches (charged), until the sessions hold that much."""
+        return sum(extra for _, extra in self._overcharged())
 
     def stage_report(self) -> list[StageReport]:
         """Per stage of the pipeline: where it runs, the time spent in it, and its KV."""
@@ -419,7 +468,7 @@ class EngineLoop:
         if self._stepping:
             self._drop_after_step.append(s.kv)
         elif self.prompt_cache > 0 and kv_tokens >= PROMPT_CACHE_MIN and not self._closing:
-            self._kept[s.kv] = (s.prompt + s.answer)[:kv_tokens]
+            self._kept[s.kv] = Kept((s.prompt + s.answer)[:kv_tokens], max(s.sized_for, kv_tokens))
             self._drop_kept(len(self._kept) - self.prompt_cache)  # the least recently ended first
         else:
             self.pipeline.drop(s.kv)
@@ -451,16 +500,31 @@ class EngineLoop:
             key, _tokens = self._kept.popitem(last=False)
             self.pipeline.drop(key)
 
+    def _shed_unheld(self) -> int:
+        """Drop the KV of every session charged beyond what it holds (outside a step only):
+        they re-prefill into caches of their own, as evicted ones do. -> 0, their charge now."""
+        shed = [s for s, _ in self._overcharged()]
+        for s in shed:
+            self.pipeline.drop(s.kv)
+            s.sized_for = 0
+        self.sched.lost_kv([s.id for s in shed])
+        return 0
+
     def _trim_kept(self) -> int:
         """Before a step: kept KV gives way to live sessions. It may use what the budget leaves
         once every live session holds its whole context, and a cluster's streams (one per
-        session with KV on every peer) go to live sessions first. -> the budget left for them."""
-        live = sum(j.context for j in self.sched.jobs())
-        while self._kept and self.kept_tokens + live > self.kv_budget_tokens:
+        session with KV on every peer) go to live sessions first. -> the budget left for what
+        the live sessions hold (less what taken-over caches are charged beyond it)."""
+        unheld = self._unheld()
+        contexts = [j.context for j in self.sched.jobs()]
+        if unheld and max(contexts, default=0) > self.kv_budget_tokens - unheld:
+            unheld = self._shed_unheld()  # the charge must never make a session too large to run
+        live = sum(contexts) + unheld
+        while self._kept and self._kept_charged() + live > self.kv_budget_tokens:
             self._drop_kept(1)
         if self._max_held is not None:
             self._drop_kept(len(self._kept) + len(self.sched) - self._max_held)
-        return self.kv_budget_tokens - self.kept_tokens
+        return self.kv_budget_tokens - self._kept_charged() - unheld
 
     async def _one_step(self) -> None:
         loop = asyncio.get_running_loop()
@@ -473,6 +537,7 @@ class EngineLoop:
         self.metrics.evictions += len(batch.evict)
         for sid in batch.evict:
             self.pipeline.drop(self._sessions[sid].kv)
+            self._sessions[sid].sized_for = 0  # it re-prefills into caches of its own
         for sid in batch.oversized:
             if sid in self._sessions:
                 self._finish(self._sessions[sid], Finished("length"))
@@ -521,6 +586,8 @@ class EngineLoop:
                                                   "a step going through; see the server log and the peers' logs"))
             self._resets_in_a_row = 0
             return
+        for s in self._sessions.values():
+            s.sized_for = 0
         self.sched.lost_kv([sid for sid in self._sessions if sid in self.sched])
 
     def _step(self, work: list[tuple[Session, int | None]]) -> list[tuple[int | Exception, float, int]] | None:

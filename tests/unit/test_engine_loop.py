@@ -112,10 +112,10 @@ def run(body, ctx: int = CTX, **options):
     return asyncio.run(main()), fake
 
 
-def fresh_answer(ids: Sequence[int], max_tokens: int = 5) -> list[int]:
+def fresh_answer(ids: Sequence[int], max_tokens: int = 5, ctx: int = CTX) -> list[int]:
     async def body(engine, fake):
         return (await answer(engine, ids, max_tokens))[1]
-    return run(body, prompt_cache=0)[0]
+    return run(body, ctx, prompt_cache=0)[0]
 
 
 def test_the_next_turn_of_a_chat_prefills_only_the_new_message():
@@ -184,6 +184,77 @@ def test_a_long_kept_conversation_is_not_spent_on_a_prompt_that_shares_only_its_
 
     (s1, nxt), fake = run(body, ctx=512)
     assert nxt.kv == s1.kv and nxt.cached == len(long) + 4
+
+
+def test_a_kept_session_a_request_would_grow_to_anyway_is_taken_over():
+    """A kept answer (prompt + 300 tokens) shares only a system prompt with the next request,
+    whose prompt + max_tokens reach its size: the next request takes it over (its caches would
+    grow that large anyway) and answers as with no cache."""
+    first, second = prompt(100, 40, shared=SYSTEM), prompt(300, 40, shared=SYSTEM)
+
+    async def body(engine, fake):
+        s1, _, _ = await answer(engine, first, max_tokens=300)
+        s2, a2, _ = await answer(engine, second, max_tokens=300)
+        return s1, s2, a2
+
+    (s1, s2, a2), fake = run(body, ctx=1024)
+    assert s2.kv == s1.kv and s2.cached == len(SYSTEM)
+    assert a2 == fresh_answer(second, max_tokens=300, ctx=1024)
+
+
+class SizedPipeline(FakePipeline):
+    """The fake, with each session's caches sized as KVCache sizes them (INITIAL_TOKENS, then
+    doubling, never shrinking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capacity: dict[str, int] = {}
+
+    def _feed(self, session, ids, pos):
+        token = super()._feed(session, ids, pos)
+        have = self.capacity.get(session, INITIAL_TOKENS)
+        end = pos + len(ids)
+        self.capacity[session] = have if end <= have else min(self.ctx, max(end, 2 * have))
+        return token
+
+    def drop(self, session):
+        super().drop(session)
+        self.capacity.pop(session, None)
+
+
+def test_a_taken_over_kv_is_charged_for_its_caches_until_the_session_holds_as_much():
+    """The KV budget's bound on what a session's caches allocate (2 * counted + INITIAL_TOKENS)
+    holds before every step for a session that took over caches grown far past what it holds:
+    the loop counts it for its caches' size, not only for its tokens."""
+    fake = SizedPipeline()
+    fake.ctx = 1024
+    checked = []
+
+    async def main():
+        engine = EngineLoop(fake, max_sessions=2)
+        one_step = engine._one_step
+
+        async def checked_step():  # the bound, for every session that holds KV, as the step is planned
+            extra = dict((s.id, e) for s, e in engine._overcharged())
+            for job in engine.sched.jobs():
+                s = engine._sessions[job.id]
+                if job.kv_tokens and s.kv in fake.capacity:
+                    assert fake.capacity[s.kv] <= 2 * (job.kv_tokens + extra.get(s.id, 0)) + INITIAL_TOKENS
+                    checked.append(extra.get(s.id, 0))
+            await one_step()
+
+        engine._one_step = checked_step
+        engine.start()
+        try:
+            await answer(engine, prompt(100, 40, shared=SYSTEM), max_tokens=400)
+            return await answer(engine, prompt(300, 40, shared=SYSTEM), max_tokens=420)
+        finally:
+            await engine.close()
+
+    s, tokens, reason = asyncio.run(main())
+    assert reason == "length", "a failed check ends the loop's sessions with an error"
+    assert s.cached == len(SYSTEM) and max(checked) > 0  # it took the kept KV over, and was charged for it
+    assert tokens == fresh_answer(s.prompt, max_tokens=420, ctx=1024)
 
 
 def test_a_taken_over_kv_evicted_before_its_first_step_counts_as_no_cache():
