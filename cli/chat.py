@@ -7,6 +7,7 @@ talks to a running `fastserve serve` instead of loading the model (serving/clien
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
@@ -195,6 +196,9 @@ def stream_answer(chat: ChatSession | RemoteChat, text: str, console: Console) -
 
 
 def repl(chat: ChatSession | RemoteChat, commands: dict[str, Callable[[], object]] | None = None) -> None:
+    # Ctrl-C is how a person stops an answer: taken even where the process started with SIGINT
+    # ignored (a shell's background job passes that on, and Python then never raises KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     console = Console()
     commands = commands or {}
     interrupted = False

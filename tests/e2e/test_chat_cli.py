@@ -22,9 +22,9 @@ def env(home: Path = TEST_HOME) -> dict[str, str]:
     return {**os.environ, "FASTSERVE_HOME": str(home), "COLUMNS": "200", "TERM": "xterm", "NO_COLOR": "1"}
 
 
-def spawn(*args: str, timeout: int = 120) -> pexpect.spawn:
+def spawn(*args: str, timeout: int = 120, preexec_fn=None) -> pexpect.spawn:
     child = pexpect.spawn(FASTSERVE, ["chat", *args], env=env(), encoding="utf-8", timeout=timeout,
-                          dimensions=(50, 200))
+                          dimensions=(50, 200), preexec_fn=preexec_fn)
     child.expect_exact(PROMPT)
     return child
 
@@ -77,6 +77,20 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(model):
 
 def test_two_ctrl_c_at_the_prompt_leave(model):
     child = spawn(model)
+    child.sendintr()
+    child.expect("Ctrl-C again")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_works_when_started_with_sigint_ignored(model):
+    """A shell's background job (`cmd &`) starts with SIGINT ignored, and Python then never
+    raises KeyboardInterrupt: the chat takes Ctrl-C back."""
+    import signal
+
+    child = spawn(model, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     child.sendintr()
     child.expect("Ctrl-C again")
     child.sendintr()
