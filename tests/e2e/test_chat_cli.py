@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,15 +75,22 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(model):
     child.expect(pexpect.EOF)
 
 
-def ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def test_two_ctrl_c_at_the_prompt_leave(model):
+    child = spawn(model)
+    child.sendintr()
+    child.expect("Ctrl-C again")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
 
 
-@pytest.mark.parametrize("started", [None, ignore_sigint], ids=["as-usual", "sigint-ignored"])
-def test_two_ctrl_c_at_the_prompt_leave(model, started):
-    """Also where the process started with SIGINT ignored (a shell's background job passes that
-    on, and Python then never raises KeyboardInterrupt): the chat takes Ctrl-C back."""
-    child = spawn(model, preexec_fn=started)
+def test_ctrl_c_works_when_started_with_sigint_ignored(model):
+    """A shell's background job (`cmd &`) starts with SIGINT ignored, and Python then never
+    raises KeyboardInterrupt: the chat takes Ctrl-C back."""
+    import signal
+
+    child = spawn(model, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     child.sendintr()
     child.expect("Ctrl-C again")
     child.sendintr()
