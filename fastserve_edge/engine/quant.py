@@ -43,7 +43,7 @@ DENSE_PREFILL_ROWS = 192  # from this many rows on every format takes the fp32 G
 # on Zen 3 (AVX2, no VNNI), 8192 x 2048 and SmolLM2's 1536 x 576 and 576 x 1536 (gemm/int):
 DENSE_PREFILL_ROWS_OF = {
     kernels.FMT_Q4_0X8: 48, kernels.FMT_Q4_1X8: 48, kernels.FMT_Q4_KX8: 48,  # 1.1-1.4x at 48; 0.6-0.9x at 16
-    kernels.FMT_Q5_KX8: 48, kernels.FMT_Q6_KX8: 48,
+    kernels.FMT_Q5_KX8: 48, kernels.FMT_Q6_KX8: 48,  # as Q4_K's x8: the same GEMM panels; their own switch point not measured
     kernels.FMT_Q4_K: 32, kernels.FMT_Q5_K: 32, kernels.FMT_Q5_1: 32,  # rows decoded once per row: 1.5-1.7x at 32
     kernels.FMT_Q6_K: 96,  # its integer kernel takes 32 products an instruction: 1.2-1.3x at 96, 0.8-1.0x at 64
     # decoded once per row as Q5_K; not measured: Q5_K's row count
