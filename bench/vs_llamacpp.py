@@ -12,9 +12,9 @@ own and llama.cpp's native libraries never load into our process:
   backends) into a venv of its own in the bench cache, and driven by this same file
   (`_worker` mode: stdlib + llama_cpp + numpy only).
 - ours: `fastserve bench MODEL --json` with the same flags, once per --activations: int16
-  (our default) and int8 (llama.cpp's own activation precision; only for the files of
-  32-weight blocks, Q4_0/Q4_1/Q8_0: K-quants keep int16 either way). Both rows show the
-  same llama.cpp run.
+  (our default) and int8 (llama.cpp's own activation precision: Q8_0 activations for its
+  32-weight blocks, Q8_K for K-quants; ours take int8 for Q4_0/Q4_1/Q8_0 and for K-quant
+  matrices in the x8 layouts, the rest keep int16). Both rows show the same llama.cpp run.
 
 Methodology, the same for both engines (close to llama-bench's pp512/tg128): one short
 warm-up (32-token prompt, 4 tokens), then per repeat a fresh KV cache, prefill = the
@@ -921,8 +921,7 @@ def main(argv: list[str]) -> int:
     rows: list[Row] = []
     for model in prepared:
         for threads in args.thread_counts:
-            # K-quant files keep int16 activations: an int8 row would repeat the int16 one
-            precisions = [a for a in args.activation_list if a == "int16" or "K" not in model.quant]
+            precisions = list(args.activation_list)
             llama_runs: list[tuple[dict | None, str | None]] = []  # one llama.cpp run a round for every precision of ours
             ours_runs: dict[str, list[tuple[dict | None, str | None]]] = {a: [] for a in precisions}
             for round_no in range(args.rounds if model.path is not None else 0):

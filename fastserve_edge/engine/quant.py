@@ -62,8 +62,8 @@ ACTIVATIONS = ("int16", "int8")  # what the integer kernels quantize x to (qmatm
                                  # SmolLM2's logits within ~6e-4 of fp32; int8 is llama.cpp's choice,
                                  # ~4e-2 on SmolLM2's logits; 1.2x int16's decode on Zen 5 (rows),
                                  # 0.8-1.0x on Zen 4 (x8) where int16 takes 256-bit vpdpwssd
-INT8_FORMATS = (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8,  # K-quants keep int16 either way
-                kernels.FMT_Q4_0X8, kernels.FMT_Q4_1X8, kernels.FMT_Q8X8)
+INT8_FORMATS = (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8,  # K-quants only in x8 layouts
+                kernels.FMT_Q4_0X8, kernels.FMT_Q4_1X8, kernels.FMT_Q8X8) + K_QUANT_X8
 _activations = "int16"  # for RuntimeWeights made from now on (set_activations)
 
 

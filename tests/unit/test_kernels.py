@@ -478,6 +478,19 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 def test_int8_activation_kernels_are_exact_to_int8_rounded_activations(variant, ttype, n, k, m):
     """With int8 activations, in either layout, the product is that of the int8-rounded x with the exact weights
     (to float rounding), which the int16 kernels are not: they keep x to ~1e-5."""
+    assert_exact_to_int8_rounded_activations(variant, ttype, n, k, m)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("n,k,m", [(8, 256, 1), (16, 512, 1), (24, 768, 2), (40, 1280, 5), (16, 512, 17)])
+def test_k_quants_in_x8_layouts_take_int8_activations(variant, ttype, n, k, m):
+    """K-quant matrices in the x8 layouts (kx8_dot8_n, q6kx8_dot8_n): 1 to 4 activation rows a pass and a
+    tile of 17, each row its own scales per 32 (one group 50x the rest)."""
+    assert_exact_to_int8_rounded_activations(variant, ttype, n, k, m)
+
+
+def assert_exact_to_int8_rounded_activations(variant: str, ttype: str, n: int, k: int, m: int):
     raw, ref = raw_matrix(ttype, n, k, seed=n + k)
     q = quant_tensor(raw, kernels.load(variant), activations="int8")
     assert q.kernel_fmt == q.fmt | kernels.FMT_ACT8
@@ -496,8 +509,8 @@ def test_int8_activation_kernels_are_exact_to_int8_rounded_activations(variant, 
 
 
 @pytest.mark.parametrize("ttype", ["Q4_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_XS"])
-def test_k_quants_keep_int16_activations_when_int8_is_asked(ttype):
-    raw, ref = raw_matrix(ttype, 9, 512)
+def test_k_quants_in_the_files_rows_keep_int16_activations_when_int8_is_asked(ttype):
+    raw, ref = raw_matrix(ttype, 9, 512)  # 9 rows: no x8 layout
     q = quant_tensor(raw, kernels.load(), activations="int8")
     assert q.kernel_fmt == q.fmt
     x = torch.randn(2, 512)
@@ -539,11 +552,11 @@ def test_q6_k_rows_are_exact_to_activations_rounded_per_256(variant, n, k, m):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("n", [4, 8])  # 8: the x8 layout (int16 activations per 32, a float step per 16)
-def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant, n):
+@pytest.mark.parametrize("n,activations", [(4, "int16"), (8, "int16"), (8, "int8")])  # 8: the x8 layout
+def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant, n, activations):
     """Every weight at q = 0 or 63 with scale -128 or 127, every activation at +-max (int16
-    +-32767: high byte 127 / -128, low byte 255 / 1): the byte products and a super-block's
-    int32 sums at their largest, against float64."""
+    +-32767: high byte 127 / -128, low byte 255 / 1; int8 +-127): the byte products and a
+    super-block's integer sums at their largest, against float64."""
     k = 2048
     blocks = np.zeros((n, k // 256, 210), np.uint8)
     for row, (qv, sc) in enumerate([(63, -128), (0, 127), (63, 127), (0, -128)] * (n // 4)):
@@ -553,7 +566,31 @@ def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant, n):
     data = blocks.reshape(n, -1)
     ref = torch.from_numpy(dequantize(data, GGMLQuantizationType.Q6_K).copy()).double()
     assert set(ref.unique().tolist()) == {-128 * 31.0, 127 * -32.0, 127 * 31.0, -128 * -32.0}
-    q = quant_tensor(RawTensor("w", GGMLQuantizationType.Q6_K, (n, k), data), kernels.load(variant))
+    q = quant_tensor(RawTensor("w", GGMLQuantizationType.Q6_K, (n, k), data), kernels.load(variant), activations)
+    assert q.kernel_fmt & kernels.FMT_ACT8 == (kernels.FMT_ACT8 if activations == "int8" else 0)
+    x = torch.ones(3, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    expected = x.double() @ ref.T
+    assert ((q.matmul(x).double() - expected).abs() / expected.abs().max()).max().item() < 1e-6
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype,block_bytes", [("Q4_K", 144), ("Q5_K", 176)])
+def test_q4_k_and_q5_k_int8_sums_do_not_overflow_at_the_extremes(variant, ttype, block_bytes):
+    """Every weight at its largest q (15, 31), every activation at +-127: the int16 sums of
+    kx8_dot8_n's steps at their largest (Q5_K's 4 steps: 4 x 2 x 31 x 127 = 31496), against
+    float64. Scales and mins at 63 (every byte 0xff), d 1, dmin 1/64."""
+    n, k = 8, 1024
+    blocks = np.full((n, k // 256, block_bytes), 0xFF, np.uint8)
+    blocks[:, :, 0:2] = np.array([1.0], np.float16).view(np.uint8)
+    blocks[:, :, 2:4] = np.array([1 / 64], np.float16).view(np.uint8)
+    data = blocks.reshape(n, -1)
+    qtype = GGMLQuantizationType[ttype]
+    ref = torch.from_numpy(dequantize(data, qtype).copy()).double()
+    assert set(ref.unique().tolist()) == {63.0 * (15 if ttype == "Q4_K" else 31) - 63 / 64}
+    q = quant_tensor(RawTensor("w", qtype, (n, k), data), kernels.load(variant), "int8")
+    assert q.kernel_fmt == q.fmt | kernels.FMT_ACT8 and q.rows_per_block_row == 8
     x = torch.ones(3, k)
     x[1] = -1.0
     x[2, ::2] = -1.0
@@ -581,7 +618,7 @@ def test_int8_and_int16_parts_in_one_call_and_m_rows_bit_for_bit(variant, m):
         start += q.shape[0]
 
 
-def test_int8_activations_are_refused_for_k_quants_and_unknown_flags():
+def test_int8_activations_are_refused_for_k_quants_in_the_files_rows_and_unknown_flags():
     k = kernels.load()
     blocks = torch.zeros((2, 144), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="fs_qmatmul failed"):

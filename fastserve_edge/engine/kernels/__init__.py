@@ -48,7 +48,7 @@ FMT_Q2_K, FMT_Q3_K, FMT_IQ4_XS = 13, 14, 15  # GGUF's 2-, 3-bit and non-linear 4
 FMT_Q5_KX8, FMT_Q6_KX8 = 16, 17  # Q5_K, Q6_K eight rows interleaved (qmatmul.c kx8_dot_n, q6kx8_dot_n)
 X8_OF = {FMT_Q4_0: FMT_Q4_0X8, FMT_Q4_1: FMT_Q4_1X8, FMT_Q8: FMT_Q8X8, FMT_Q4_K: FMT_Q4_KX8, FMT_Q5_K: FMT_Q5_KX8,
          FMT_Q6_K: FMT_Q6_KX8}
-FMT_ACT8 = 0x100  # | a 32-weight format (Q4_0/Q4_1/Q8, in rows or x8): int8 activations (qmatmul.c)
+FMT_ACT8 = 0x100  # | Q4_0/Q4_1/Q8 (rows or x8) or an x8 K-quant layout: int8 activations (qmatmul.c)
 
 
 def x8_group_bytes(fmt: int, k: int) -> int:

@@ -661,19 +661,23 @@ static void two_rows_dot_all(int fmt, const uint8_t *w0, long stride, int K, qro
  * vpmaddwd's), and a Q4 block unpacks without widening: its 16 bytes in both 128-bit lanes,
  * the upper lane shifted right by 4. Measured on a 8192 x 2048 Q4_0 matrix, one thread:
  * 1.2x the int16 kernels on Zen 5; on Zen 4 (x8 layout, below) the model ran 0.8-1.0x. The price: SmolLM2's logits move by ~4e-2 instead of ~6e-4 (even
- * 9-bit activations give 1.8e-2 there), so int16 stays the default. Q4_K/Q6_K keep int16. */
+ * 9-bit activations give 1.8e-2 there), so int16 stays the default. K-quants take int8 in their
+ * x8 layouts (kx8_dot8_n, q6kx8_dot8_n); in the file's rows they keep int16. */
 enum { FMT_ACT8 = 0x100, FMT_BASE = 0xff };
 
 /* One int8 activation row: q[K]; d[K/32] scale; s[K/32] = d * sum(q) (Q4_1's offset term);
  * o[K/2] = 8 * (q[2i] + q[2i + 1]): Q4_0's 8, taken off in the int16 pair sums; for the x8
  * kernels t[K/32] = sum(q) and qi[K]: each group's q in the order q4 x8 chunks hold their
- * weights (x8_dot8_n): q[2c], q[2c + 1], q[16 + 2c], q[17 + 2c] for c = 0..7 */
-typedef struct { int8_t *q; float *d, *s; int16_t *o; int32_t *t; int8_t *qi; } q8row;
+ * weights (x8_dot8_n): q[2c], q[2c + 1], q[16 + 2c], q[17 + 2c] for c = 0..7. For the K-quant
+ * x8 kernels (kx8_dot8_n, q6kx8_dot8_n): t16[K/16] = sum(q) per 16, and e[8 K]: q expanded
+ * for their 32-byte steps (expand_row8), filled per tile of rows by qmatmul_multi. */
+typedef struct { int8_t *q; float *d, *s; int16_t *o; int32_t *t; int8_t *qi; int16_t *t16; int8_t *e; } q8row;
 
 static q8row row8_of(q8row all, int m, int K) {
     const int ng = K / 32;
     q8row r = { all.q + (size_t)m * K, all.d + (size_t)m * ng, all.s + (size_t)m * ng, all.o + (size_t)m * (K / 2),
-                all.t + (size_t)m * ng, all.qi + (size_t)m * K };
+                all.t + (size_t)m * ng, all.qi + (size_t)m * K, all.t16 ? all.t16 + (size_t)m * (K / 16) : NULL,
+                all.e ? all.e + (size_t)m * K * 8 : NULL };
     return r;
 }
 
@@ -702,7 +706,31 @@ static void quantize_row8(const float *x, int K, q8row r) {
             qi[0] = q[2 * c]; qi[1] = q[2 * c + 1]; qi[2] = q[16 + 2 * c]; qi[3] = q[17 + 2 * c];
         }
         r.d[g] = d; r.s[g] = d * (float)sum; r.t[g] = sum;
+        if (r.t16)
+            for (int h = 0; h < 2; h++) {
+                int sum16 = 0;
+                for (int i = 0; i < 16; i++) sum16 += q[16 * h + i];
+                r.t16[2 * g + h] = (int16_t)sum16;
+            }
     }
+}
+
+/* e: the row's q for the K-quant x8 kernels' steps: four values q[4u .. 4u + 4) become 32
+ * bytes at e + 32 u, q[4u], q[4u + 1] eight times in the low 128 bits and q[4u + 2], q[4u + 3]
+ * eight times in the high: each 128-bit lane's pair against every row's two weights there */
+static void expand_row8(const int8_t *q, int K, int8_t *e) {
+#if defined(__AVX2__)
+    const __m256i pairs = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                           2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    for (int u = 0; u < K / 4; u++) {
+        int32_t x4;
+        memcpy(&x4, q + 4 * u, 4);
+        _mm256_storeu_si256((__m256i *)(e + 32 * u), _mm256_shuffle_epi8(_mm256_set1_epi32(x4), pairs));
+    }
+#else
+    for (int u = 0; u < K / 4; u++)
+        for (int b = 0; b < 32; b++) e[32 * u + b] = q[4 * u + 2 * (b / 16) + b % 2];
+#endif
 }
 
 #if defined(__AVX2__)
@@ -1135,12 +1163,18 @@ static inline void x8_dot8_fmt(int fmt, const uint8_t *w, int K, q8row all, int 
 }
 #endif
 
+static void kx8_dot8_all(int five, const uint8_t *w, int K, q8row all, int M, float *y, int total);
+static void q6kx8_dot8_all(const uint8_t *w, int K, q8row all, int M, float *y, int total);
+
 /* `groups` (1 or 2) row groups from w (stride bytes apart) . all M int8 activation rows */
 static void x8_dot8_all(int fmt, const uint8_t *w, long stride, int groups, int K, q8row all, int M, float *y, int total) {
     for (int h = 0; h < groups; h++) {
         const uint8_t *wg = w + (size_t)h * stride;
         float *yg = y + 8 * h;
         switch (fmt) {
+            case FMT_Q4_KX8: kx8_dot8_all(0, wg, K, all, M, yg, total); break;
+            case FMT_Q5_KX8: kx8_dot8_all(1, wg, K, all, M, yg, total); break;
+            case FMT_Q6_KX8: q6kx8_dot8_all(wg, K, all, M, yg, total); break;
             case FMT_Q4_0X8: x8_dot8_fmt(FMT_Q4_0X8, wg, K, all, M, yg, total); break;
             case FMT_Q4_1X8: x8_dot8_fmt(FMT_Q4_1X8, wg, K, all, M, yg, total); break;
             case FMT_Q8X8: default: x8_dot8_fmt(FMT_Q8X8, wg, K, all, M, yg, total); break;
@@ -1158,6 +1192,34 @@ static void x8_dot8_all(int fmt, const uint8_t *w, long stride, int groups, int 
  * pair's chunk c and qh's chunk c hold the same weights; 1440 bytes = 8 x 180. */
 #define Q4KX8_BYTES 1184
 #define Q5KX8_BYTES 1440
+#if !defined(FS_X8_AVX2)
+/* Row r (0..7) of a q4_kx8 / q5_kx8 matrix . one activation row (int16 q16 or int8 q8, the
+ * other NULL; d, s its scales and offset terms), in plain C */
+static float kx8_row_dot(int five, const uint8_t *w, int K, int r, const int16_t *q16, const int8_t *q8,
+                         const float *d, const float *s) {
+    const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
+    float acc = 0.f;
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = w + (size_t)sb * bytes;
+        const float dsb = fp16_to_f32(*(const uint16_t *)(b + 2 * r)), dmin = fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r));
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *qs = b + 160 + 256 * (j / 2);
+            const size_t x = (size_t)(sb * 8 + j) * 32;
+            int32_t p = 0;
+            for (int c = 0; c < 16; c++)
+                for (int e = 0; e < 2; e++) {
+                    const int byte = qs[16 * c + 2 * r + e];
+                    const int fifth = five ? ((b[1184 + 16 * c + 2 * r + e] >> j) & 1) << 4 : 0;
+                    p += (((j & 1) ? byte >> 4 : byte & 0x0f) | fifth) * act_at(q16, q8, x + 2 * c + e);
+                }
+            const int g = sb * 8 + j;
+            acc += (float)p * (dsb * (float)b[32 + 8 * j + r] * d[g]) - dmin * (float)b[96 + 8 * j + r] * s[g];
+        }
+    }
+    return acc;
+}
+#endif
+
 static inline __attribute__((always_inline)) void kx8_dot_n(const int five, const uint8_t *w, int K, qrow all, int m0,
                                                             const int N, float *y, int total) {
     const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
@@ -1208,27 +1270,7 @@ static inline __attribute__((always_inline)) void kx8_dot_n(const int five, cons
 #else
     for (int i = 0; i < N; i++) {
         const qrow a = row_of(all, m0 + i, K);
-        for (int r = 0; r < 8; r++) {
-            float acc = 0.f;
-            for (int sb = 0; sb < K / 256; sb++) {
-                const uint8_t *b = w + (size_t)sb * bytes;
-                const float d = fp16_to_f32(*(const uint16_t *)(b + 2 * r)), dmin = fp16_to_f32(*(const uint16_t *)(b + 16 + 2 * r));
-                for (int j = 0; j < 8; j++) {
-                    const uint8_t *qs = b + 160 + 256 * (j / 2);
-                    const int16_t *x = a.q + (size_t)(sb * 8 + j) * 32;
-                    int32_t p = 0;
-                    for (int c = 0; c < 16; c++)
-                        for (int e = 0; e < 2; e++) {
-                            const int byte = qs[16 * c + 2 * r + e];
-                            const int fifth = five ? ((b[1184 + 16 * c + 2 * r + e] >> j) & 1) << 4 : 0;
-                            p += (((j & 1) ? byte >> 4 : byte & 0x0f) | fifth) * x[2 * c + e];
-                        }
-                    const int g = sb * 8 + j;
-                    acc += (float)p * (d * (float)b[32 + 8 * j + r] * a.d[g]) - dmin * (float)b[96 + 8 * j + r] * a.s[g];
-                }
-            }
-            y[(size_t)(m0 + i) * total + r] = acc;
-        }
+        for (int r = 0; r < 8; r++) y[(size_t)(m0 + i) * total + r] = kx8_row_dot(five, w, K, r, a.q, NULL, a.d, a.s);
     }
 #endif
 }
@@ -1259,6 +1301,33 @@ static void kx8_dot_all(int five, const uint8_t *w, int K, qrow all, int M, floa
  * rows of the other formats (one scale per 32); each 16 weights' integer sum takes its scale
  * in float. */
 #define Q6KX8_BYTES 1680
+#if !defined(FS_X8_AVX2)
+/* Row r (0..7) of a q6_kx8 matrix . one activation row (int16 q16 or int8 q8, the other NULL;
+ * d its scales per 32), in plain C */
+static float q6kx8_row_dot(const uint8_t *w, int K, int r, const int16_t *q16, const int8_t *q8, const float *d) {
+    float acc = 0.f;
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = w + (size_t)sb * Q6KX8_BYTES;
+        const float dsb = fp16_to_f32(*(const uint16_t *)(b + 2 * r));
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 4; i++)
+                for (int half16 = 0; half16 < 2; half16++) {
+                    int32_t p = 0;
+                    for (int l = 16 * half16; l < 16 * half16 + 16; l++) {
+                        const int at = 16 * (l / 2) + 2 * r + l % 2;
+                        const uint8_t *qa = b + 144 + 768 * h;
+                        const int byte = (i & 1) ? qa[256 + at] : qa[at];
+                        const int q = (i < 2 ? byte & 0x0f : byte >> 4) | (((qa[512 + at] >> (2 * i)) & 3) << 4);
+                        p += (q - 32) * act_at(q16, q8, (size_t)sb * 256 + 128 * h + 32 * i + l);
+                    }
+                    const int8_t sc = (int8_t)b[16 + 8 * (8 * h + 2 * i + half16) + r];
+                    acc += (float)p * (dsb * (float)sc * d[sb * 8 + 4 * h + i]);
+                }
+    }
+    return acc;
+}
+#endif
+
 static inline __attribute__((always_inline)) void q6kx8_dot_n(const uint8_t *w, int K, qrow all, int m0, const int N,
                                                               float *y, int total) {
 #if defined(FS_X8_AVX2)
@@ -1307,28 +1376,7 @@ static inline __attribute__((always_inline)) void q6kx8_dot_n(const uint8_t *w, 
 #else
     for (int n = 0; n < N; n++) {
         const qrow a = row_of(all, m0 + n, K);
-        for (int r = 0; r < 8; r++) {
-            float acc = 0.f;
-            for (int sb = 0; sb < K / 256; sb++) {
-                const uint8_t *b = w + (size_t)sb * Q6KX8_BYTES;
-                const float d = fp16_to_f32(*(const uint16_t *)(b + 2 * r));
-                for (int h = 0; h < 2; h++)
-                    for (int i = 0; i < 4; i++)
-                        for (int half16 = 0; half16 < 2; half16++) {
-                            int32_t p = 0;
-                            for (int l = 16 * half16; l < 16 * half16 + 16; l++) {
-                                const int at = 16 * (l / 2) + 2 * r + l % 2;
-                                const uint8_t *qa = b + 144 + 768 * h;
-                                const int byte = (i & 1) ? qa[256 + at] : qa[at];
-                                const int q = (i < 2 ? byte & 0x0f : byte >> 4) | (((qa[512 + at] >> (2 * i)) & 3) << 4);
-                                p += (q - 32) * a.q[sb * 256 + 128 * h + 32 * i + l];
-                            }
-                            const int8_t sc = (int8_t)b[16 + 8 * (8 * h + 2 * i + half16) + r];
-                            acc += (float)p * (d * (float)sc * a.d[sb * 8 + 4 * h + i]);
-                        }
-            }
-            y[(size_t)(m0 + n) * total + r] = acc;
-        }
+        for (int r = 0; r < 8; r++) y[(size_t)(m0 + n) * total + r] = q6kx8_row_dot(w, K, r, a.q, NULL, a.d);
     }
 #endif
 }
@@ -1337,6 +1385,169 @@ static void q6kx8_dot_all(const uint8_t *w, int K, qrow all, int M, float *y, in
     int m = 0;
     for (; m + 2 <= M; m += 2) q6kx8_dot_n(w, K, all, m, 2, y, total);
     if (m < M) q6kx8_dot_n(w, K, all, m, 1, y, total);
+}
+
+/* ---- K-quants in x8 layouts . int8 activations (fmt | FMT_ACT8): llama.cpp's precision ----
+ * A 32-byte load of chunks 2u, 2u + 1 holds, in 128-bit lane L, bytes 4u + 2L, 4u + 2L + 1 of
+ * each row r at 2r, 2r + 1: as nibbles (with Q5_K's fifth bits, Q6_K's high two), weights in
+ * bytes 0..31, unwidened. vpmaddubsw against the activation row's e (expand_row8: lane L holds
+ * x[4u + 2L], x[4u + 2L + 1] eight times) gives row r's two products in int16 lane r of each
+ * 128-bit lane. Those add in int16 while they cannot overflow (|q| <= 127: Q4_K 8 steps of
+ * 2 x 15 x 127, Q5_K 4 of 2 x 31 x 127, Q6_K 2 of 2 x 63 x 127), then both lanes' rows widen
+ * into int32. About half the int16 kernels' operations a weight: Q5_K's decode was bound by
+ * them (7.3 GB/s against Q4_K's 11 on one core). Q6_K's -32 is taken off per 16 as 32 sum(q). */
+#if defined(FS_X8_AVX2)
+static inline __m256i rows_widened(__m256i s) {  /* int16 rows 0..7 of both lanes -> their int32 sums */
+    return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s, 1)));
+}
+
+/* bit `bit` of each byte of h at bit 4 (other bits to be masked off): shifts of 16-bit lanes
+ * keep it within its byte for bit 0..7 (left by at most 4, right by at most 3) */
+static inline __m256i bit_at4(__m256i h, const int bit) {
+    return bit < 4 ? _mm256_slli_epi16(h, 4 - bit) : bit > 4 ? _mm256_srli_epi16(h, bit - 4) : h;
+}
+#endif
+
+static inline __attribute__((always_inline)) void kx8_dot8_n(const int five, const uint8_t *w, int K, q8row all,
+                                                             int m0, const int N, float *y, int total) {
+    const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
+#if defined(FS_X8_AVX2)
+    const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    const int steps = five ? 4 : 8;  /* 32-byte steps a sub-block pair adds in int16 */
+    __m256 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = w + (size_t)sb * bytes;
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        const __m256 dmin8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16)));
+        #pragma GCC unroll 4
+        for (int pr = 0; pr < 4; pr++) {  /* sub-blocks 2 pr (low nibbles), 2 pr + 1 (high) */
+            const uint8_t *qs = b + 160 + 256 * pr, *qh = b + 1184;
+            __m256i plo[4], phi[4];
+            for (int u0 = 0; u0 < 8; u0 += steps) {
+                __m256i slo[4], shi[4];
+                for (int i = 0; i < N; i++) slo[i] = shi[i] = _mm256_setzero_si256();
+                for (int u = u0; u < u0 + steps; u++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * u));
+                    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    if (five) {
+                        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + 32 * u));
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(bit_at4(h, 2 * pr), bit4));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(bit_at4(h, 2 * pr + 1), bit4));
+                    }
+                    for (int i = 0; i < N; i++) {
+                        const int8_t *e = all.e + (size_t)(m0 + i) * K * 8 + (size_t)8 * (sb * 256 + 64 * pr + 4 * u);
+                        slo[i] = _mm256_add_epi16(slo[i], _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)e)));
+                        shi[i] = _mm256_add_epi16(shi[i], _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(e + 256))));
+                    }
+                }
+                for (int i = 0; i < N; i++) {
+                    plo[i] = u0 ? _mm256_add_epi32(plo[i], rows_widened(slo[i])) : rows_widened(slo[i]);
+                    phi[i] = u0 ? _mm256_add_epi32(phi[i], rows_widened(shi[i])) : rows_widened(shi[i]);
+                }
+            }
+            for (int h = 0; h < 2; h++) {  /* sub-block j = 2 pr + h: w = d sc_j q - dmin m_j */
+                const int j = 2 * pr + h;
+                const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 32 + 8 * j)))));
+                const __m256 mn = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 96 + 8 * j)))));
+                for (int i = 0; i < N; i++) {
+                    const q8row a = row8_of(all, m0 + i, K);
+                    const int g = sb * 8 + j;
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h ? phi[i] : plo[i]), _mm256_mul_ps(sc, _mm256_set1_ps(a.d[g])), acc[i]);
+                    acc[i] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(a.s[g]), acc[i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
+#else
+    (void)bytes;
+    for (int i = 0; i < N; i++) {
+        const q8row a = row8_of(all, m0 + i, K);
+        for (int r = 0; r < 8; r++) y[(size_t)(m0 + i) * total + r] = kx8_row_dot(five, w, K, r, NULL, a.q, a.d, a.s);
+    }
+#endif
+}
+
+static void kx8_dot8_all(int five, const uint8_t *w, int K, q8row all, int M, float *y, int total) {
+    int m = 0;
+    if (five) {  /* two rows at a time: Q5_K's int16 and int32 sums of four take all 16 registers */
+        for (; m + 2 <= M; m += 2) kx8_dot8_n(1, w, K, all, m, 2, y, total);
+        if (m < M) kx8_dot8_n(1, w, K, all, m, 1, y, total);
+        return;
+    }
+    for (; m + 4 <= M; m += 4) kx8_dot8_n(0, w, K, all, m, 4, y, total);
+    switch (M - m) {
+        case 3: kx8_dot8_n(0, w, K, all, m, 3, y, total); break;
+        case 2: kx8_dot8_n(0, w, K, all, m, 2, y, total); break;
+        case 1: kx8_dot8_n(0, w, K, all, m, 1, y, total); break;
+        default: break;
+    }
+}
+
+static inline __attribute__((always_inline)) void q6kx8_dot8_n(const uint8_t *w, int K, q8row all, int m0, const int N,
+                                                               float *y, int total) {
+#if defined(FS_X8_AVX2)
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[2];
+    for (int n = 0; n < N; n++) acc[n] = _mm256_setzero_ps();
+    for (int sb = 0; sb < K / 256; sb++) {
+        const uint8_t *b = w + (size_t)sb * Q6KX8_BYTES;
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *qa = b + 144 + 768 * h, *qb = qa + 256, *qh = qa + 512;
+            for (int half16 = 0; half16 < 2; half16++) {  /* weights l = 16 half16 .. + 16 of each i: one scale */
+                __m256i p[2][4];
+                for (int u0 = 4 * half16; u0 < 4 * half16 + 4; u0 += 2) {
+                    __m256i s[2][4];
+                    for (int u = u0; u < u0 + 2; u++) {
+                        const __m256i va = _mm256_loadu_si256((const __m256i *)(qa + 32 * u));
+                        const __m256i vb = _mm256_loadu_si256((const __m256i *)(qb + 32 * u));
+                        const __m256i hv = _mm256_loadu_si256((const __m256i *)(qh + 32 * u));
+                        const __m256i q[4] = {  /* 0..63 */
+                            _mm256_or_si256(_mm256_and_si256(va, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 4), m30)),
+                            _mm256_or_si256(_mm256_and_si256(vb, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 2), m30)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(va, 4), m4), _mm256_and_si256(hv, m30)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vb, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hv, 2), m30)) };
+                        for (int n = 0; n < N; n++) {
+                            const int8_t *e = all.e + (size_t)(m0 + n) * K * 8 + (size_t)8 * (sb * 256 + 128 * h + 4 * u);
+                            for (int i = 0; i < 4; i++) {
+                                const __m256i t = _mm256_maddubs_epi16(q[i], _mm256_loadu_si256((const __m256i *)(e + 256 * i)));
+                                s[n][i] = u == u0 ? t : _mm256_add_epi16(s[n][i], t);
+                            }
+                        }
+                    }
+                    for (int n = 0; n < N; n++)
+                        for (int i = 0; i < 4; i++)
+                            p[n][i] = u0 == 4 * half16 ? rows_widened(s[n][i]) : _mm256_add_epi32(p[n][i], rows_widened(s[n][i]));
+                }
+                for (int i = 0; i < 4; i++) {  /* scale 8 h + 2 i + half16 of the eight rows */
+                    const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(b + 16 + 8 * (8 * h + 2 * i + half16))))));
+                    for (int n = 0; n < N; n++) {
+                        const q8row a = row8_of(all, m0 + n, K);
+                        const int g16 = sb * 16 + 8 * h + 2 * i + half16;
+                        const __m256i pi = _mm256_sub_epi32(p[n][i], _mm256_set1_epi32(32 * a.t16[g16]));
+                        acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_mul_ps(sc, _mm256_set1_ps(a.d[g16 / 2])), acc[n]);
+                    }
+                }
+            }
+        }
+    }
+    for (int n = 0; n < N; n++) _mm256_storeu_ps(y + (size_t)(m0 + n) * total, acc[n]);
+#else
+    for (int n = 0; n < N; n++) {
+        const q8row a = row8_of(all, m0 + n, K);
+        for (int r = 0; r < 8; r++) y[(size_t)(m0 + n) * total + r] = q6kx8_row_dot(w, K, r, NULL, a.q, a.d);
+    }
+#endif
+}
+
+static void q6kx8_dot8_all(const uint8_t *w, int K, q8row all, int M, float *y, int total) {
+    int m = 0;
+    for (; m + 2 <= M; m += 2) q6kx8_dot8_n(w, K, all, m, 2, y, total);
+    if (m < M) q6kx8_dot8_n(w, K, all, m, 1, y, total);
 }
 
 /* ---- 16-bit float rows (GGUF F16, BF16): kept as the file has them, half the memory of fp32 ----
@@ -1830,7 +2041,7 @@ int fs_workspace(const size_t *sizes, uint8_t **parts, int count) {
 
 /* Several matrices that read the same x (q/k/v, gate/up): x is quantized once and one
  * parallel region covers all their rows. Matrix j: format fmts[j] (| FMT_ACT8 for int8
- * activations, Q4_0/Q4_1/Q8 only), group groups[j], blocks ws[j] (rows strides[j] bytes
+ * activations: Q4_0/Q4_1/Q8 and the x8 layouts), group groups[j], blocks ws[j] (rows strides[j] bytes
  * apart), ns[j] rows. x's rows are x_stride floats apart (>= K; 16-bit float matrices take
  * them packed, x_stride == K). y is [M][sum ns], matrix j's outputs in columns [off_j, off_j + ns[j]).
  * w_bytes[j]: the bytes at ws[j] (matrix_fits). Returns 0, or < 0 on bad arguments. */
@@ -1839,19 +2050,21 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
                          int nthreads, const long *w_bytes) {
     if (count < 1 || count > 8 || M <= 0 || K <= 0 || K % 32 != 0 || x_stride < K || w_bytes == NULL) return -1;
     /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
-    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any16 = 0, any6 = 0, tiles = 0;
+    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any8k = 0, any16 = 0, any6 = 0, tiles = 0;
     pairs[0] = 0;
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
         act8[j] = (fmts[j] & FMT_ACT8) != 0;
         const int k_quant = super_block(fmt[j]);
         x8[j] = is_x8(fmt[j]);
-        const int f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16, int16_only = k_quant || f16 || fmt[j] == FMT_Q5_1;
+        const int k_x8 = fmt[j] == FMT_Q4_KX8 || fmt[j] == FMT_Q5_KX8 || fmt[j] == FMT_Q6_KX8;
+        const int f16 = fmt[j] == FMT_F16 || fmt[j] == FMT_BF16, int16_only = (k_quant && !k_x8) || f16 || fmt[j] == FMT_Q5_1;
         if ((fmts[j] & ~(FMT_BASE | FMT_ACT8)) || fmt[j] > FMT_LAST || (act8[j] && int16_only)) return -1;
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if ((x8[j] && ns[j] % 8 != 0) || (f16 && x_stride != K)) return -1;
         if (matrix_fits(fmt[j], ws[j], strides[j], ns[j], K, w_bytes[j]) != 0 || total > (1 << 30) - ns[j]) return -1;
         any8 |= act8[j];
+        any8k |= act8[j] && k_x8;
         any6 |= fmt[j] == FMT_Q6_K;
 #if defined(FS_AMX)
         tiles |= amx_on && M >= 16 && !act8[j] && (fmt[j] == FMT_Q4_0X8 || fmt[j] == FMT_Q4_1X8 || fmt[j] == FMT_Q8X8);
@@ -1865,18 +2078,25 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
     const size_t ng = (size_t)M * (K / 32);
     /* q6row: h and l bytes, then the sums of 16 (K / 16 each of h and l), then the scales */
     const size_t mk = (size_t)M * K, b6_bytes = mk * 2 + sizeof(int16_t) * (mk / 8) + sizeof(float) * (mk / 256);
-    const size_t sizes[8] = { any16 ? sizeof(int16_t) * mk : 0, any8 ? mk : 0, any8 ? sizeof(int16_t) * (mk / 2) : 0,
-                              any8 ? mk : 0, sizeof(float) * ng * 4, sizeof(int32_t) * ng * 2, any6 ? b6_bytes : 0,
-                              tiles ? 2 * mk : 0 };
-    uint8_t *parts[8];
-    if (!fs_workspace(sizes, parts, 8)) return -2;
+    /* the tile of activation rows the weights are read once for (a multiple of the kernels' 4 or 8 rows): its
+       int16 rows (ACT_TILE_BYTES) stay in L2; a 512-token prompt's activations streamed from memory for every
+       weight row would cost more than the weights */
+    int tile = (int)(ACT_TILE_BYTES / (2 * (long)K)) / 8 * 8;
+    tile = tile < 8 ? 8 : tile;
+    const size_t tile_rows = M < tile ? (size_t)M : (size_t)tile;
+    const size_t sizes[10] = { any16 ? sizeof(int16_t) * mk : 0, any8 ? mk : 0, any8 ? sizeof(int16_t) * (mk / 2) : 0,
+                               any8 ? mk : 0, sizeof(float) * ng * 4, sizeof(int32_t) * ng * 2, any6 ? b6_bytes : 0,
+                               tiles ? 2 * mk : 0, any8k ? sizeof(int16_t) * (mk / 16) : 0, any8k ? tile_rows * K * 8 : 0 };
+    uint8_t *parts[10];
+    if (!fs_workspace(sizes, parts, 10)) return -2;
     int16_t *q = (int16_t *)parts[0], *o8 = (int16_t *)parts[2];
     int8_t *q8 = (int8_t *)parts[1], *qi8 = (int8_t *)parts[3];
     float *f = (float *)parts[4];
     int32_t *t = (int32_t *)parts[5];
     uint8_t *b6 = parts[6];
     qrow all = { q, f, f + ng, t, tiles ? (int8_t *)parts[7] : NULL, tiles ? parts[7] + mk : NULL };
-    q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8, t + ng, qi8 };
+    q8row all8 = { q8, f + 2 * ng, f + 3 * ng, o8, t + ng, qi8, (int16_t *)parts[8], NULL };
+    int8_t *expanded = (int8_t *)parts[9];  /* e of the tile's rows (expand_row8) */
     int16_t *sums6 = any6 ? (int16_t *)(b6 + (size_t)M * K * 2) : NULL;
     q6row all6 = { (int8_t *)b6, b6 + (size_t)M * K, any6 ? (float *)(sums6 + (size_t)M * (K / 8)) : NULL,
                    sums6, any6 ? sums6 + (size_t)M * (K / 16) : NULL };
@@ -1891,15 +2111,16 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
     }
     /* Each thread takes a slice of all weight rows, two at a time (an x8 matrix: the pair
        that starts a row group does its eight or sixteen rows); a weight row is read from
-       memory once per tile of activation rows and reused from cache for each of them. A tile
-       (ACT_TILE_BYTES of int16 activations) stays in L2: a 512-token prompt's activations
-       streamed from memory for every weight row would cost more than the weights. */
-    int tile = (int)(ACT_TILE_BYTES / (2 * (long)K)) / 8 * 8;  /* a multiple of the kernels' 4 or 8 rows */
-    tile = tile < 8 ? 8 : tile;
+       memory once per tile of activation rows and reused from cache for each of them. */
     for (int m0 = 0; m0 < M; m0 += tile) {
         const int mt = M - m0 < tile ? M - m0 : tile;
         const qrow at = row_of(all, m0, K);
-        const q8row at8 = any8 ? row8_of(all8, m0, K) : all8;
+        q8row at8 = any8 ? row8_of(all8, m0, K) : all8;
+        if (any8k) {
+            at8.e = expanded;
+            #pragma omp parallel for num_threads(nthreads) schedule(static) if (mt > 1)
+            for (int m = 0; m < mt; m++) expand_row8(at8.q + (size_t)m * K, K, expanded + (size_t)m * K * 8);
+        }
         const q6row at6 = any6 ? row6_of(all6, m0, K) : all6;
         float *yt = y + (size_t)m0 * total;
         #pragma omp parallel for num_threads(nthreads) schedule(static)
