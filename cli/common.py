@@ -18,7 +18,7 @@ err_console = Console(stderr=True)
 # --activations, shared by every command that runs layers on this machine (chat, serve, join, bench)
 Activations = Annotated[str, typer.Option(
     help="what the quantized kernels round activations to: int16 (default; logits within ~1e-3 of fp32) "
-         "or int8 (llama.cpp's precision on Q4_0/Q4_1/Q8_0 layers, logits ~4e-2 off; 0.8-1.4x the speed "
+         "or int8 (llama.cpp's precision on Q4_0/Q4_1/Q8_0 and Q4_K/Q5_K/Q6_K layers, logits ~4e-2 off; 0.8-1.5x the speed "
          "of int16 by CPU and model: measure with fastserve bench)",
     envvar="FASTSERVE_ACTIVATIONS")]
 

@@ -1486,10 +1486,21 @@ static void kx8_dot8_all(int five, const uint8_t *w, int K, q8row all, int M, fl
     }
 }
 
+#if defined(FS_X8_AVX2)
+/* the 32 bytes of 6-bit weights (0..63) of step u for i (q6kx8_dot_n's qa, qb, qh) */
+static inline __m256i q6_weights(const uint8_t *qa, const uint8_t *qb, const uint8_t *qh, int u, const int i) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)((i & 1 ? qb : qa) + 32 * u));
+    const __m256i hv = _mm256_loadu_si256((const __m256i *)(qh + 32 * u));
+    const __m256i low = _mm256_and_si256(i < 2 ? v : _mm256_srli_epi16(v, 4), m4);
+    const __m256i high = i == 0 ? _mm256_slli_epi16(hv, 4) : i == 1 ? _mm256_slli_epi16(hv, 2) : i == 2 ? hv : _mm256_srli_epi16(hv, 2);
+    return _mm256_or_si256(low, _mm256_and_si256(high, m30));
+}
+#endif
+
 static inline __attribute__((always_inline)) void q6kx8_dot8_n(const uint8_t *w, int K, q8row all, int m0, const int N,
                                                                float *y, int total) {
 #if defined(FS_X8_AVX2)
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30);
     __m256 acc[2];
     for (int n = 0; n < N; n++) acc[n] = _mm256_setzero_ps();
     for (int sb = 0; sb < K / 256; sb++) {
@@ -1498,37 +1509,27 @@ static inline __attribute__((always_inline)) void q6kx8_dot8_n(const uint8_t *w,
         for (int h = 0; h < 2; h++) {
             const uint8_t *qa = b + 144 + 768 * h, *qb = qa + 256, *qh = qa + 512;
             for (int half16 = 0; half16 < 2; half16++) {  /* weights l = 16 half16 .. + 16 of each i: one scale */
-                __m256i p[2][4];
-                for (int u0 = 4 * half16; u0 < 4 * half16 + 4; u0 += 2) {
-                    __m256i s[2][4];
-                    for (int u = u0; u < u0 + 2; u++) {
-                        const __m256i va = _mm256_loadu_si256((const __m256i *)(qa + 32 * u));
-                        const __m256i vb = _mm256_loadu_si256((const __m256i *)(qb + 32 * u));
-                        const __m256i hv = _mm256_loadu_si256((const __m256i *)(qh + 32 * u));
-                        const __m256i q[4] = {  /* 0..63 */
-                            _mm256_or_si256(_mm256_and_si256(va, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 4), m30)),
-                            _mm256_or_si256(_mm256_and_si256(vb, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 2), m30)),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(va, 4), m4), _mm256_and_si256(hv, m30)),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(vb, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hv, 2), m30)) };
+                #pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    __m256i p[2];
+                    #pragma GCC unroll 2
+                    for (int pair = 0; pair < 2; pair++) {  /* steps u, u + 1: their int16 sums stay in range */
+                        const int u = 4 * half16 + 2 * pair;
+                        const __m256i q0 = q6_weights(qa, qb, qh, u, i), q1 = q6_weights(qa, qb, qh, u + 1, i);
                         for (int n = 0; n < N; n++) {
-                            const int8_t *e = all.e + (size_t)(m0 + n) * K * 8 + (size_t)8 * (sb * 256 + 128 * h + 4 * u);
-                            for (int i = 0; i < 4; i++) {
-                                const __m256i t = _mm256_maddubs_epi16(q[i], _mm256_loadu_si256((const __m256i *)(e + 256 * i)));
-                                s[n][i] = u == u0 ? t : _mm256_add_epi16(s[n][i], t);
-                            }
+                            const int8_t *e = all.e + (size_t)(m0 + n) * K * 8 + (size_t)8 * (sb * 256 + 128 * h + 32 * i + 4 * u);
+                            const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)e)),
+                                                               _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(e + 32))));
+                            p[n] = pair ? _mm256_add_epi32(p[n], rows_widened(s)) : rows_widened(s);
                         }
                     }
-                    for (int n = 0; n < N; n++)
-                        for (int i = 0; i < 4; i++)
-                            p[n][i] = u0 == 4 * half16 ? rows_widened(s[n][i]) : _mm256_add_epi32(p[n][i], rows_widened(s[n][i]));
-                }
-                for (int i = 0; i < 4; i++) {  /* scale 8 h + 2 i + half16 of the eight rows */
+                    /* scale 8 h + 2 i + half16 of the eight rows */
                     const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                         _mm_loadl_epi64((const __m128i *)(b + 16 + 8 * (8 * h + 2 * i + half16))))));
                     for (int n = 0; n < N; n++) {
                         const q8row a = row8_of(all, m0 + n, K);
                         const int g16 = sb * 16 + 8 * h + 2 * i + half16;
-                        const __m256i pi = _mm256_sub_epi32(p[n][i], _mm256_set1_epi32(32 * a.t16[g16]));
+                        const __m256i pi = _mm256_sub_epi32(p[n], _mm256_set1_epi32(32 * a.t16[g16]));
                         acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pi), _mm256_mul_ps(sc, _mm256_set1_ps(a.d[g16 / 2])), acc[n]);
                     }
                 }
