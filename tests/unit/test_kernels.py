@@ -551,6 +551,15 @@ def test_q6_k_rows_are_exact_to_activations_rounded_per_256(variant, n, k, m):
     assert exact > 4 * rounded, (exact, rounded)
 
 
+def assert_exact_at_the_extremes(q, ref: torch.Tensor):
+    """q . x against float64 for x all +1, all -1 and alternating (int16 +-32767, int8 +-127)."""
+    x = torch.ones(3, ref.shape[1])
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    expected = x.double() @ ref.T
+    assert ((q.matmul(x).double() - expected).abs() / expected.abs().max()).max().item() < 1e-6
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n,activations", [(4, "int16"), (8, "int16"), (8, "int8")])  # 8: the x8 layout
 def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant, n, activations):
@@ -568,11 +577,7 @@ def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant, n, activatio
     assert set(ref.unique().tolist()) == {-128 * 31.0, 127 * -32.0, 127 * 31.0, -128 * -32.0}
     q = quant_tensor(RawTensor("w", GGMLQuantizationType.Q6_K, (n, k), data), kernels.load(variant), activations)
     assert q.kernel_fmt & kernels.FMT_ACT8 == (kernels.FMT_ACT8 if activations == "int8" else 0)
-    x = torch.ones(3, k)
-    x[1] = -1.0
-    x[2, ::2] = -1.0
-    expected = x.double() @ ref.T
-    assert ((q.matmul(x).double() - expected).abs() / expected.abs().max()).max().item() < 1e-6
+    assert_exact_at_the_extremes(q, ref)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -591,11 +596,7 @@ def test_q4_k_and_q5_k_int8_sums_do_not_overflow_at_the_extremes(variant, ttype,
     assert set(ref.unique().tolist()) == {63.0 * (15 if ttype == "Q4_K" else 31) - 63 / 64}
     q = quant_tensor(RawTensor("w", qtype, (n, k), data), kernels.load(variant), "int8")
     assert q.kernel_fmt == q.fmt | kernels.FMT_ACT8 and q.rows_per_block_row == 8
-    x = torch.ones(3, k)
-    x[1] = -1.0
-    x[2, ::2] = -1.0
-    expected = x.double() @ ref.T
-    assert ((q.matmul(x).double() - expected).abs() / expected.abs().max()).max().item() < 1e-6
+    assert_exact_at_the_extremes(q, ref)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1220,6 +1220,25 @@ static float kx8_row_dot(int five, const uint8_t *w, int K, int r, const int16_t
 }
 #endif
 
+#if defined(FS_X8_AVX2)
+/* Sub-blocks 2 pr, 2 pr + 1 of super-block sb (its bytes b) into N activation rows' sums acc:
+ * w = d sc_j q - dmin m_j, so each row's integer sums (plo, phi) times d sc_j and its scale
+ * d[g], less dmin m_j times its offset term s[g] (rows ng groups apart in d and s) */
+static inline __attribute__((always_inline)) void kx8_pair_into(__m256 *acc, const uint8_t *b, __m256 d8, __m256 dmin8,
+                                                                int pr, int sb, const int N, const __m256i *plo,
+                                                                const __m256i *phi, const float *d, const float *s, int ng) {
+    for (int h = 0; h < 2; h++) {
+        const int j = 2 * pr + h, g = sb * 8 + j;
+        const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 32 + 8 * j)))));
+        const __m256 mn = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 96 + 8 * j)))));
+        for (int i = 0; i < N; i++) {
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h ? phi[i] : plo[i]), _mm256_mul_ps(sc, _mm256_set1_ps(d[(size_t)i * ng + g])), acc[i]);
+            acc[i] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(s[(size_t)i * ng + g]), acc[i]);
+        }
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void kx8_dot_n(const int five, const uint8_t *w, int K, qrow all, int m0,
                                                             const int N, float *y, int total) {
     const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
@@ -1253,17 +1272,7 @@ static inline __attribute__((always_inline)) void kx8_dot_n(const int five, cons
                     phi[i] = _mm256_add_epi32(phi[i], _mm256_madd_epi16(hi, _mm256_set1_epi32(pb)));
                 }
             }
-            for (int h = 0; h < 2; h++) {  /* sub-block j = 2 pr + h: w = d sc_j q - dmin m_j */
-                const int j = 2 * pr + h;
-                const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 32 + 8 * j)))));
-                const __m256 mn = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 96 + 8 * j)))));
-                for (int i = 0; i < N; i++) {
-                    const qrow a = row_of(all, m0 + i, K);
-                    const int g = sb * 8 + j;
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h ? phi[i] : plo[i]), _mm256_mul_ps(sc, _mm256_set1_ps(a.d[g])), acc[i]);
-                    acc[i] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(a.s[g]), acc[i]);
-                }
-            }
+            kx8_pair_into(acc, b, d8, dmin8, pr, sb, N, plo, phi, all.d + (size_t)m0 * (K / 32), all.s + (size_t)m0 * (K / 32), K / 32);
         }
     }
     for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
@@ -1447,17 +1456,7 @@ static inline __attribute__((always_inline)) void kx8_dot8_n(const int five, con
                     phi[i] = u0 ? _mm256_add_epi32(phi[i], rows_widened(shi[i])) : rows_widened(shi[i]);
                 }
             }
-            for (int h = 0; h < 2; h++) {  /* sub-block j = 2 pr + h: w = d sc_j q - dmin m_j */
-                const int j = 2 * pr + h;
-                const __m256 sc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 32 + 8 * j)))));
-                const __m256 mn = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 96 + 8 * j)))));
-                for (int i = 0; i < N; i++) {
-                    const q8row a = row8_of(all, m0 + i, K);
-                    const int g = sb * 8 + j;
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h ? phi[i] : plo[i]), _mm256_mul_ps(sc, _mm256_set1_ps(a.d[g])), acc[i]);
-                    acc[i] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(a.s[g]), acc[i]);
-                }
-            }
+            kx8_pair_into(acc, b, d8, dmin8, pr, sb, N, plo, phi, all.d + (size_t)m0 * (K / 32), all.s + (size_t)m0 * (K / 32), K / 32);
         }
     }
     for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
