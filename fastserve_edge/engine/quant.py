@@ -61,7 +61,9 @@ NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer k
 ACTIVATIONS = ("int16", "int8")  # what the integer kernels quantize x to (qmatmul.c): int16 keeps
                                  # SmolLM2's logits within ~6e-4 of fp32; int8 is llama.cpp's choice,
                                  # ~4e-2 on SmolLM2's logits; 1.2x int16's decode on Zen 5 (rows),
-                                 # 0.8-1.0x on Zen 4 (x8) where int16 takes 256-bit vpdpwssd
+                                 # 0.8-1.0x on Zen 4 (x8) where int16 takes 256-bit vpdpwssd; K-quant
+                                 # matrices in x8 layouts on an AVX2 EPYC, one core: Q4_K 1.1x, Q5_K 1.5x,
+                                 # Q6_K 1.1x (a 1B's matrices from memory; the models 0.95-1.15x)
 INT8_FORMATS = (kernels.FMT_Q4_0, kernels.FMT_Q4_1, kernels.FMT_Q8,  # K-quants only in x8 layouts
                 kernels.FMT_Q4_0X8, kernels.FMT_Q4_1X8, kernels.FMT_Q8X8) + K_QUANT_X8
 _activations = "int16"  # for RuntimeWeights made from now on (set_activations)
