@@ -1241,8 +1241,8 @@ static inline __attribute__((always_inline)) void kx8_pair_into(__m256 *acc, con
 
 static inline __attribute__((always_inline)) void kx8_dot_n(const int five, const uint8_t *w, int K, qrow all, int m0,
                                                             const int N, float *y, int total) {
-    const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
 #if defined(FS_X8_AVX2)
+    const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
     const __m256i low4 = _mm256_set1_epi16(0x0f), sixteen = _mm256_set1_epi16(16);
     __m256 acc[4];
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
@@ -1420,8 +1420,8 @@ static inline __m256i bit_at4(__m256i h, const int bit) {
 
 static inline __attribute__((always_inline)) void kx8_dot8_n(const int five, const uint8_t *w, int K, q8row all,
                                                              int m0, const int N, float *y, int total) {
-    const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
 #if defined(FS_X8_AVX2)
+    const int bytes = five ? Q5KX8_BYTES : Q4KX8_BYTES;
     const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
     const int steps = five ? 4 : 8;  /* 32-byte steps a sub-block pair adds in int16 */
     __m256 acc[4];
@@ -1434,6 +1434,7 @@ static inline __attribute__((always_inline)) void kx8_dot8_n(const int five, con
         for (int pr = 0; pr < 4; pr++) {  /* sub-blocks 2 pr (low nibbles), 2 pr + 1 (high) */
             const uint8_t *qs = b + 160 + 256 * pr, *qh = b + 1184;
             __m256i plo[4], phi[4];
+            for (int i = 0; i < N; i++) plo[i] = phi[i] = _mm256_setzero_si256();
             for (int u0 = 0; u0 < 8; u0 += steps) {
                 __m256i slo[4], shi[4];
                 for (int i = 0; i < N; i++) slo[i] = shi[i] = _mm256_setzero_si256();
@@ -1452,8 +1453,8 @@ static inline __attribute__((always_inline)) void kx8_dot8_n(const int five, con
                     }
                 }
                 for (int i = 0; i < N; i++) {
-                    plo[i] = u0 ? _mm256_add_epi32(plo[i], rows_widened(slo[i])) : rows_widened(slo[i]);
-                    phi[i] = u0 ? _mm256_add_epi32(phi[i], rows_widened(shi[i])) : rows_widened(shi[i]);
+                    plo[i] = _mm256_add_epi32(plo[i], rows_widened(slo[i]));
+                    phi[i] = _mm256_add_epi32(phi[i], rows_widened(shi[i]));
                 }
             }
             kx8_pair_into(acc, b, d8, dmin8, pr, sb, N, plo, phi, all.d + (size_t)m0 * (K / 32), all.s + (size_t)m0 * (K / 32), K / 32);
@@ -1461,7 +1462,6 @@ static inline __attribute__((always_inline)) void kx8_dot8_n(const int five, con
     }
     for (int i = 0; i < N; i++) _mm256_storeu_ps(y + (size_t)(m0 + i) * total, acc[i]);
 #else
-    (void)bytes;
     for (int i = 0; i < N; i++) {
         const q8row a = row8_of(all, m0 + i, K);
         for (int r = 0; r < 8; r++) y[(size_t)(m0 + i) * total + r] = kx8_row_dot(five, w, K, r, NULL, a.q, a.d, a.s);
