@@ -581,11 +581,13 @@ def test_q6_k_integer_sums_do_not_overflow_at_the_extremes(variant, n, activatio
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("activations", ["int16", "int8"])
 @pytest.mark.parametrize("ttype,block_bytes", [("Q4_K", 144), ("Q5_K", 176)])
-def test_q4_k_and_q5_k_int8_sums_do_not_overflow_at_the_extremes(variant, ttype, block_bytes):
-    """Every weight at its largest q (15, 31), every activation at +-127: the int16 sums of
-    kx8_dot8_n's steps at their largest (Q5_K's 4 steps: 4 x 2 x 31 x 127 = 31496), against
-    float64. Scales and mins at 63 (every byte 0xff), d 1, dmin 1/64."""
+def test_q4_k_and_q5_k_integer_sums_do_not_overflow_at_the_extremes(variant, ttype, block_bytes, activations):
+    """Every weight at its largest q (15, 31) with its fifth bit, every activation at +-max:
+    int8's int16 sums of kx8_dot8_n's steps at their largest (Q5_K's 4 steps: 4 x 2 x 31 x 127
+    = 31496), int16's (+-32767) int32 sums of kx8_dot_n, against float64.
+    Scales and mins at 63 (every byte 0xff), d 1, dmin 1/64."""
     n, k = 8, 1024
     blocks = np.full((n, k // 256, block_bytes), 0xFF, np.uint8)
     blocks[:, :, 0:2] = np.array([1.0], np.float16).view(np.uint8)
@@ -594,8 +596,8 @@ def test_q4_k_and_q5_k_int8_sums_do_not_overflow_at_the_extremes(variant, ttype,
     qtype = GGMLQuantizationType[ttype]
     ref = torch.from_numpy(dequantize(data, qtype).copy()).double()
     assert set(ref.unique().tolist()) == {63.0 * (15 if ttype == "Q4_K" else 31) - 63 / 64}
-    q = quant_tensor(RawTensor("w", qtype, (n, k), data), kernels.load(variant), "int8")
-    assert q.kernel_fmt == q.fmt | kernels.FMT_ACT8 and q.rows_per_block_row == 8
+    q = quant_tensor(RawTensor("w", qtype, (n, k), data), kernels.load(variant), activations)
+    assert q.kernel_fmt == q.fmt | (kernels.FMT_ACT8 if activations == "int8" else 0) and q.rows_per_block_row == 8
     assert_exact_at_the_extremes(q, ref)
 
 
