@@ -263,15 +263,15 @@ class MixtureOfExperts(nn.Module):
         """A decode step's one row: the chosen experts' kernels called directly, in expert order,
         with the arithmetic of run_expert and sum_experts (the same bits, without the modules'
         dispatch, which was a third of a mixture's decode step at two threads)."""
-        hit = torch.zeros(1, dtype=torch.long)
         experts, slots = chosen[0].sort()
-        parts = []
-        for e, slot in zip(experts.tolist(), slots.tolist()):
-            gate_up, down, width = self._kernels[e]
-            gate, up = gate_up(rows).split([width, width], dim=-1)
-            hidden = F.silu(gate, inplace=True).mul_(up)
-            parts.append((hit, down(hidden) * weights[hit, slot, None]))
-        return sum_experts(1, rows.shape[1], parts)
+        chosen_kernels = [self._kernels[e] for e in experts.tolist()]
+        width = chosen_kernels[0][2]  # every expert of a mixture has the same width
+        gate_up = torch.cat([gate_up(rows) for gate_up, _, _ in chosen_kernels])  # [k, 2 width], expert order
+        hidden = F.silu(gate_up[:, :width], inplace=True).mul_(gate_up[:, width:])  # each row as its own call's
+        outputs = torch.cat([down(hidden[i:i + 1]) for i, (_, down, _) in enumerate(chosen_kernels)])
+        # all k rows added into row 0 in expert order: index_add_ adds its rows one after another
+        hit = torch.zeros(len(chosen_kernels), dtype=torch.long)
+        return sum_experts(1, rows.shape[1], [(hit, outputs * weights[0, slots, None])])
 
     def run_expert(self, e: int, rows: torch.Tensor, hit: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Expert e's output for rows[hit], scaled by its router weight [len(hit), 1]."""
