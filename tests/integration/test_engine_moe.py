@@ -138,6 +138,17 @@ def test_one_token_goes_straight_to_the_chosen_experts_kernels_with_the_modules_
         assert torch.equal(fast, sum_experts(1, 64, parts))
 
 
+def test_k_rows_of_one_part_add_in_order_as_k_parts():
+    """Decode's one row passes its k expert outputs as one part (k rows into row 0): index_add_
+    adds them one after another, the bits of one part per expert in expert order (and not of
+    another order: the magnitudes make the order show)."""
+    y = torch.randn(8, 2048, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 8)[:, None]
+    one = torch.zeros(1, dtype=torch.long)
+    in_order = sum_experts(1, 2048, [(one, y[i:i + 1]) for i in range(8)])
+    assert torch.equal(sum_experts(1, 2048, [(torch.zeros(8, dtype=torch.long), y)]), in_order)
+    assert not torch.equal(sum_experts(1, 2048, [(one, y[i:i + 1]) for i in reversed(range(8))]), in_order)
+
+
 def test_a_dense_mixture_has_no_kernel_path(folder):
     block_moe = local_stages(open_model(folder), max_tokens=64)[0].stage.blocks[0].ffn
     assert block_moe._kernels is None  # fp32 experts from a folder: through the modules
