@@ -18,8 +18,8 @@ measurement alternates between them (ABBA order), so drift falls on both alike:
 
 The ratio is base / working tree: above 1 means the working tree is faster. With
 --tree-activations int8 the working tree's side runs int8 activations where the format has
-them (Q4_0 here; Q6_K keeps int16), the base int16. Nothing is written; the builds go to a
-temporary folder.
+them, the base int16: of the matrices Q4_0 (Q6_K, in the file's rows, keeps int16); of the
+model every x8 matrix, K-quants too. Nothing is written; the builds go to a temporary folder.
 """
 
 from __future__ import annotations
