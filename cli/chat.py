@@ -204,6 +204,8 @@ def repl(chat: ChatSession | RemoteChat, commands: dict[str, Callable[[], object
     interrupted = False
     while True:
         try:
+            if interrupted:  # the hint inside the try: a second Ctrl-C right after it still leaves cleanly
+                console.print("\n[dim](Ctrl-C again or /exit to leave)[/]")
             text = console.input("[bold green]>>> [/]")
         except EOFError:
             console.print()
@@ -213,7 +215,6 @@ def repl(chat: ChatSession | RemoteChat, commands: dict[str, Callable[[], object
                 console.print()
                 return
             interrupted = True
-            console.print("\n[dim](Ctrl-C again or /exit to leave)[/]")
             continue
         interrupted = False
         text = text.strip()
