@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve_edge.models.config import ModelConfig, RopeScaling
+from fastserve_edge.engine.kernels import ExpertMatmuls
 from fastserve_edge.engine.kv_cache import KV_DTYPE, KVCache
 from fastserve_edge.errors import ModelFormatError
 
@@ -248,29 +249,31 @@ class MixtureOfExperts(nn.Module):
         return sum_experts(rows.shape[0], rows.shape[1], parts).reshape(shape)
 
     @functools.cached_property
-    def _kernels(self) -> list[tuple[Any, Any, int]] | None:
-        """Per expert (its gate/up in one kernel call, its down matrix, its width), where every
-        expert is quantized SwiGLU without biases; else None (each row then goes through the modules)."""
-        out = []
+    def _kernels(self) -> ExpertMatmuls | None:
+        """The experts in the kernels' one-call form (kernels.ExpertMatmuls), where every expert
+        is quantized SwiGLU without biases and the chosen ones fit one call; else None (each row
+        then goes through the modules)."""
+        gate_ups, downs = [], []
         for ff in self.experts:
             down = _one_call(ff.down)
             if ff.gelu or ff.gate_up.multi is None or ff.gate_up.bias is not None or down is None:
                 return None
-            out.append((ff.gate_up.multi, down, ff.gate_up.sizes[0]))
-        return out
+            gate_ups.append(ff.gate_up.multi)
+            downs.append(down)
+        experts = ExpertMatmuls(downs[0].kernels, gate_ups, downs)
+        return experts if experts.fits(self.cfg.n_experts_used) else None
 
     def _one_row(self, rows: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """A decode step's one row: the chosen experts' kernels called directly, in expert order,
-        with the arithmetic of run_expert and sum_experts (the same bits, without the modules'
-        dispatch, which was a third of a mixture's decode step at two threads)."""
+        """A decode step's one row: the chosen experts' gates and ups in one kernel call, their
+        downs in another, with the arithmetic of run_expert and sum_experts (the same bits,
+        without the modules' dispatch, which was a third of a mixture's decode step at two threads)."""
         experts, slots = chosen[0].sort()
-        chosen_kernels = [self._kernels[e] for e in experts.tolist()]
-        width = chosen_kernels[0][2]  # every expert of a mixture has the same width
-        gate_up = torch.cat([gate_up(rows) for gate_up, _, _ in chosen_kernels])  # [k, 2 width], expert order
+        gate_up = self._kernels.gate_up(experts.numpy(), rows)  # [k, 2 width], expert order
+        width = gate_up.shape[1] // 2
         hidden = F.silu(gate_up[:, :width], inplace=True).mul_(gate_up[:, width:])  # each row as its own call's
-        outputs = torch.cat([down(hidden[i:i + 1]) for i, (_, down, _) in enumerate(chosen_kernels)])
+        outputs = self._kernels.down(experts.numpy(), hidden)
         # all k rows added into row 0 in expert order: index_add_ adds its rows one after another
-        hit = torch.zeros(len(chosen_kernels), dtype=torch.long)
+        hit = torch.zeros(len(outputs), dtype=torch.long)
         return sum_experts(1, rows.shape[1], [(hit, outputs * weights[0, slots, None])])
 
     def run_expert(self, e: int, rows: torch.Tensor, hit: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

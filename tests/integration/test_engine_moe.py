@@ -116,24 +116,26 @@ def test_only_the_chosen_experts_run(folder):
 
 def test_one_token_goes_straight_to_the_chosen_experts_kernels_with_the_modules_bits(folder, tmp_path):
     """Decode's one row skips the modules (their dispatch was a third of a step at two threads):
-    only the chosen experts' kernels run, in expert order, and the output is the modules' bit
-    for bit (what a batch, a prefill and an expert-parallel group compute)."""
+    the chosen experts' gates and ups run in one kernel call, their downs in one more, in
+    expert order, and the output is the modules' bit for bit (what a batch, a prefill and an
+    expert-parallel group compute)."""
     path = moe.write_gguf(tmp_path / "q.gguf", folder, arch_of(folder), tensor_type="Q8_0")
     block_moe = local_stages(open_model(path), max_tokens=64)[0].stage.blocks[0].ffn
-    assert block_moe._kernels is not None
-    ran: list[int] = []
+    kernels = block_moe._kernels
+    assert kernels is not None
+    ran: list[tuple[str, list[int]]] = []
 
-    def counted(e, gate_up):
-        return lambda row: ran.append(e) or gate_up(row)
+    def counted(name, call):
+        return lambda experts, x: ran.append((name, experts.tolist())) or call(experts, x)
 
-    block_moe._kernels[:] = [(counted(e, gate_up), down, width) for e, (gate_up, down, width) in enumerate(block_moe._kernels)]
+    kernels.gate_up, kernels.down = counted("gate_up", kernels.gate_up), counted("down", kernels.down)
     for seed in range(4):
         x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(seed))
         rows = x.reshape(1, -1)
         weights, chosen = block_moe.route(rows)
         ran.clear()
         fast = block_moe(x).reshape(1, -1)
-        assert ran == sorted(chosen[0].tolist())
+        assert ran == [("gate_up", sorted(chosen[0].tolist())), ("down", sorted(chosen[0].tolist()))]
         parts = [(hit, block_moe.run_expert(e, rows, hit, weights[hit, slot, None])) for e, hit, slot in expert_rows(chosen)]
         assert torch.equal(fast, sum_experts(1, 64, parts))
 

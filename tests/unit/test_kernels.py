@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -851,6 +852,68 @@ def test_m_rows_at_once_give_the_bits_of_one_row_at_a_time(variant, m):
     together = multi(x)
     for r in range(m):
         assert torch.equal(together[r], multi(x[r:r + 1])[0]), r
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype,activations", [("Q4_0", "int16"), ("Q8_0", "int16"), ("Q4_K", "int16"),
+                                               ("Q5_K", "int16"), ("Q6_K", "int16"), ("Q5_1", "int16"),
+                                               ("IQ4_XS", "int16"), ("F16", "int16"), ("Q4_0", "int8"),
+                                               ("Q4_K", "int8"), ("Q5_K", "int8"), ("Q6_K", "int8")])
+def test_a_mixtures_experts_in_two_calls_give_each_experts_own_bits(variant, ttype, activations):
+    """A decode row's chosen experts: their gates and ups in one call, their downs (each on its
+    own expert's hidden row, rows strided as the SwiGLU product leaves them) in another, bit
+    for bit each expert's own calls, in the order the experts are given."""
+    k = kernels.load(variant)
+    dim, width, n_experts = 256, 256, 5
+
+    def matrix(n, kk, seed):
+        q = quant_tensor(raw_matrix(ttype, n, kk, seed=seed)[0], k, activations=activations)
+        return (q.kernel_fmt, q.group, q.blocks, q.shape[0])
+
+    gate_ups = [k.multi([matrix(width, dim, 3 * e), matrix(width, dim, 3 * e + 1)], dim) for e in range(n_experts)]
+    downs = [k.multi([matrix(dim, width, 3 * e + 2)], width) for e in range(n_experts)]
+    experts = kernels.ExpertMatmuls(k, gate_ups, downs)
+    x = torch.randn(1, dim)
+    for chosen in ([0, 2, 3], [4], [1, 0, 4, 3, 2]):
+        order = np.array(chosen)
+        gate_up = experts.gate_up(order, x)
+        assert gate_up.shape == (len(chosen), 2 * width)
+        for i, e in enumerate(chosen):
+            assert torch.equal(gate_up[i], gate_ups[e](x)[0]), (chosen, e)
+        hidden = torch.randn(len(chosen), 2 * width)[:, :width]  # every other row's floats: strided
+        out = experts.down(order, hidden)
+        for i, e in enumerate(chosen):
+            assert torch.equal(out[i], downs[e](hidden[i:i + 1])[0]), (chosen, e)
+
+
+def test_experts_calls_refuse_what_does_not_fit():
+    k = kernels.load("native")
+    q = quant_tensor(raw_matrix("Q8_0", 64, 64)[0], k)
+    gate_up = k.multi([(q.kernel_fmt, q.group, q.blocks, 64), (q.kernel_fmt, q.group, q.blocks, 64)], 64)
+    down = k.multi([(q.kernel_fmt, q.group, q.blocks, 64)], 64)
+    experts = kernels.ExpertMatmuls(k, [gate_up] * 20, [down] * 20)
+    assert experts.fits(16) and not experts.fits(17)  # 2 matrices an expert, 32 a call
+    with pytest.raises(ValueError, match="17 experts"):
+        experts.gate_up(np.arange(17) % 20, torch.randn(1, 64))
+    with pytest.raises(ValueError, match="hidden"):
+        experts.down(np.array([0, 1]), torch.randn(3, 64))  # a row per expert
+    with pytest.raises(ValueError, match="hidden"):
+        experts.down(np.array([0]), torch.randn(1, 128)[:, ::2])  # a row's floats not side by side
+    narrow = k.multi([(q.kernel_fmt, q.group, q.blocks, 32)], 64)
+    with pytest.raises(ValueError, match="differ in shape"):
+        kernels.ExpertMatmuls(k, [gate_up, gate_up], [down, narrow])
+    # the C entry checks its arguments too: downs of different heights in one call
+    fmts = (ctypes.c_int * 2)(q.kernel_fmt, q.kernel_fmt)
+    groups = (ctypes.c_int * 2)(32, 32)
+    ptrs = (ctypes.c_void_p * 2)(q.blocks.data_ptr(), q.blocks.data_ptr())
+    strides = (ctypes.c_long * 2)(q.blocks.stride(0), q.blocks.stride(0))
+    ns = (ctypes.c_int * 2)(64, 32)
+    nbytes = (ctypes.c_long * 2)(q.blocks.numel(), q.blocks.numel())
+    x, y = torch.randn(2, 64), torch.empty(2, 64)
+    assert k.lib.fs_qmatmul_each(2, fmts, groups, ptrs, strides, ns, 64, x.data_ptr(), 64, y.data_ptr(), 1, nbytes) < 0
+    ns[1] = 64
+    assert k.lib.fs_qmatmul_each(2, fmts, groups, ptrs, strides, ns, 64, x.data_ptr(), 64, y.data_ptr(), 1, nbytes) == 0
+    assert torch.equal(y[1], down(x[1:2])[0])
 
 
 def test_a_batched_decode_step_gives_each_session_its_own_step_bit_for_bit(tmp_path):

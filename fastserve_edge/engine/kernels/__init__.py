@@ -163,6 +163,10 @@ class Kernels:
             self.lib.fs_qmatmul_strided.restype = i
         self.lib.fs_qmatmul_multi.argtypes = [i, p, p, p, p, p, i, p, i, p, i, p]
         self.lib.fs_qmatmul_multi.restype = i
+        # a mixture's chosen experts' downs in one call; absent from older builds (bench/kernels_ab.py)
+        if hasattr(self.lib, "fs_qmatmul_each"):
+            self.lib.fs_qmatmul_each.argtypes = [i, p, p, p, p, p, i, p, l, p, i, p]
+            self.lib.fs_qmatmul_each.restype = i
         self.lib.fs_dequant_rows.argtypes = [i, i, p, l, i, p, i, p, i, l, l]
         self.lib.fs_dequant_rows.restype = i
         # the x8 layout: absent only from an older revision's build (bench/kernels_ab.py)
@@ -739,6 +743,72 @@ class MultiMatmul:
         if rc != 0:
             raise RuntimeError(f"fs_qmatmul_multi failed ({rc}) for K={self.k}")
         return y
+
+
+class ExpertMatmuls:
+    """A mixture's experts in the kernels' one-call form, for one row (a decode step): the
+    chosen experts' gates and ups in one call (x quantized once, one parallel region over all
+    their rows), then each chosen expert's down on its own hidden row in one more
+    (fs_qmatmul_each). Each output is the bits of that expert's own calls: every weight row's
+    dot product is the same arithmetic whichever call it is in."""
+
+    MAX_MATS = 32  # qmatmul.c's matrices in one call
+
+    def __init__(self, kernels: Kernels, gate_ups: list[MultiMatmul], downs: list[MultiMatmul]):
+        self.kernels, self.calls = kernels, (gate_ups, downs)  # the calls keep the blocks alive
+        self.k_in, self.k_hidden = gate_ups[0].k, downs[0].k
+        self.per_expert = gate_ups[0].count
+        self.width, self.dim = gate_ups[0].total, downs[0].total
+        if any(g.k != self.k_in or g.count != self.per_expert or g.total != self.width for g in gate_ups) or \
+                any(d.k != self.k_hidden or d.count != 1 or d.total != self.dim for d in downs):
+            raise ValueError("a mixture's experts differ in shape")
+        self.packed_hidden = any(f & 0xff in (FMT_F16, FMT_BF16) for d in downs for f in d.fmts)  # x as it is: rows packed
+        # per expert, its matrices' arguments as rows, gathered for the chosen experts each step
+        self.gate_up_args = [np.array([list(getattr(g, name)) for g in gate_ups], dtype=dtype)
+                             for name, dtype in _MATS_ARGS]
+        self.down_args = [np.array([list(getattr(d, name)) for d in downs], dtype=dtype) for name, dtype in _MATS_ARGS]
+
+    def fits(self, k: int) -> bool:
+        """Whether k chosen experts' gates and ups fit one call."""
+        return k * self.per_expert <= self.MAX_MATS
+
+    def gate_up(self, experts: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+        """x [1, K] -> [k, gate | up of each expert], experts in the order given."""
+        x = x.contiguous().float()
+        if x.shape != (1, self.k_in) or not self.fits(len(experts)):
+            raise ValueError(f"experts' gate/up of x {tuple(x.shape)}, {len(experts)} experts")
+        fmts, groups, ptrs, strides, ns, nbytes = (a[experts].ravel() for a in self.gate_up_args)
+        y = torch.empty((len(experts), self.width), dtype=torch.float32)
+        rc = self.kernels.lib.fs_qmatmul_multi(len(fmts), fmts.ctypes.data, groups.ctypes.data, ptrs.ctypes.data,
+                                               strides.ctypes.data, ns.ctypes.data, self.k_in, x.data_ptr(), 1,
+                                               y.data_ptr(), torch.get_num_threads(), nbytes.ctypes.data)
+        if rc != 0:
+            raise RuntimeError(f"fs_qmatmul_multi failed ({rc}) for {len(experts)} experts' gate/up")
+        return y
+
+    def down(self, experts: np.ndarray, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [k, K'] (row i: expert experts[i]'s; rows any stride apart) -> [k, dim]."""
+        k = len(experts)
+        if self.packed_hidden:
+            hidden = hidden.contiguous()
+        if hidden.dim() != 2 or hidden.shape != (k, self.k_hidden) or hidden.dtype != torch.float32 \
+                or hidden.stride(1) != 1 or hidden.stride(0) < self.k_hidden or not self.fits(k):
+            raise ValueError(f"experts' down of hidden {tuple(hidden.shape)}, {k} experts")
+        fmts, groups, ptrs, strides, ns, nbytes = (a[experts] for a in self.down_args)
+        x_stride = hidden.stride(0) if k > 1 else self.k_hidden  # torch leaves a lone row's stride as it was
+        y = torch.empty((k, self.dim), dtype=torch.float32)
+        rc = self.kernels.lib.fs_qmatmul_each(k, fmts.ctypes.data, groups.ctypes.data, ptrs.ctypes.data,
+                                              strides.ctypes.data, ns.ctypes.data, self.k_hidden, hidden.data_ptr(),
+                                              x_stride, y.data_ptr(), torch.get_num_threads(),
+                                              nbytes.ctypes.data)
+        if rc != 0:
+            raise RuntimeError(f"fs_qmatmul_each failed ({rc}) for {k} experts' down")
+        return y
+
+
+# MultiMatmul's ctypes arrays, in fs_qmatmul_multi's order, as numpy types of the same width
+_MATS_ARGS = [("fmts", np.int32), ("groups", np.int32), ("ptrs", np.uintp), ("strides", np.int64),
+              ("ns", np.int32), ("nbytes", np.int64)]
 
 
 @cache

@@ -2039,18 +2039,24 @@ int fs_workspace(const size_t *sizes, uint8_t **parts, int count) {
     return 1;
 }
 
+#define MAX_MATS 32  /* matrices in one call: a mixture's chosen experts' gates and ups (2 k) */
+
 /* Several matrices that read the same x (q/k/v, gate/up): x is quantized once and one
  * parallel region covers all their rows. Matrix j: format fmts[j] (| FMT_ACT8 for int8
  * activations: Q4_0/Q4_1/Q8 and the x8 layouts), group groups[j], blocks ws[j] (rows strides[j] bytes
  * apart), ns[j] rows. x's rows are x_stride floats apart (>= K; 16-bit float matrices take
  * them packed, x_stride == K). y is [M][sum ns], matrix j's outputs in columns [off_j, off_j + ns[j]).
+ * With `each`, matrix j reads x's row j alone instead (M == count, every ns[j] the same N) and
+ * y is [M][N]: a mixture's chosen experts' downs, each on its own expert's row, in one region.
  * w_bytes[j]: the bytes at ws[j] (matrix_fits). Returns 0, or < 0 on bad arguments. */
 static int qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
                          const long *strides, const int *ns, int K, const float *x, long x_stride, int M, float *y,
-                         int nthreads, const long *w_bytes) {
-    if (count < 1 || count > 8 || M <= 0 || K <= 0 || K % 32 != 0 || x_stride < K || w_bytes == NULL) return -1;
+                         int nthreads, const long *w_bytes, int each) {
+    if (count < 1 || count > MAX_MATS || M <= 0 || K <= 0 || K % 32 != 0 || x_stride < K || w_bytes == NULL) return -1;
+    if (each && M != count) return -1;
     /* matrix j: rows offs[j] .. offs[j + 1] of y's columns, pairs of rows pairs[j] .. pairs[j + 1] */
-    int total = 0, offs[9], pairs[9], fmt[8], act8[8], x8[8], any8 = 0, any8k = 0, any16 = 0, any6 = 0, tiles = 0;
+    int total = 0, offs[MAX_MATS + 1], pairs[MAX_MATS + 1], fmt[MAX_MATS], act8[MAX_MATS], x8[MAX_MATS];
+    int any8 = 0, any8k = 0, any16 = 0, any6 = 0, tiles = 0;
     pairs[0] = 0;
     for (int j = 0; j < count; j++) {
         fmt[j] = fmts[j] & FMT_BASE;
@@ -2063,11 +2069,12 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
         if (ns[j] <= 0 || K % (k_quant ? 256 : 32) != 0 || groups[j] != (k_quant ? 256 : 32)) return -1;
         if ((x8[j] && ns[j] % 8 != 0) || (f16 && x_stride != K)) return -1;
         if (matrix_fits(fmt[j], ws[j], strides[j], ns[j], K, w_bytes[j]) != 0 || total > (1 << 30) - ns[j]) return -1;
+        if (each && ns[j] != ns[0]) return -1;
         any8 |= act8[j];
         any8k |= act8[j] && k_x8;
         any6 |= fmt[j] == FMT_Q6_K;
 #if defined(FS_AMX)
-        tiles |= amx_on && M >= 16 && !act8[j] && (fmt[j] == FMT_Q4_0X8 || fmt[j] == FMT_Q4_1X8 || fmt[j] == FMT_Q8X8);
+        tiles |= amx_on && !each && M >= 16 && !act8[j] && (fmt[j] == FMT_Q4_0X8 || fmt[j] == FMT_Q4_1X8 || fmt[j] == FMT_Q8X8);
 #endif
         any16 |= !act8[j] && !f16 && fmt[j] != FMT_Q6_K;  /* 16-bit float rows take x as it is; Q6_K a q6row */
         offs[j] = total;
@@ -2075,6 +2082,7 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
         pairs[j + 1] = pairs[j] + (ns[j] + 1) / 2;
     }
     offs[count] = total;
+    const int y_stride = each ? ns[0] : total;  /* floats from one row of y to the next */
     const size_t ng = (size_t)M * (K / 32);
     /* q6row: h and l bytes, then the sums of 16 (K / 16 each of h and l), then the scales */
     const size_t mk = (size_t)M * K, b6_bytes = mk * 2 + sizeof(int16_t) * (mk / 8) + sizeof(float) * (mk / 256);
@@ -2082,7 +2090,7 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
        int16 rows (ACT_TILE_BYTES) stay in L2; a 512-token prompt's activations streamed from memory for every
        weight row would cost more than the weights */
     int tile = (int)(ACT_TILE_BYTES / (2 * (long)K)) / 8 * 8;
-    tile = tile < 8 ? 8 : tile;
+    tile = each ? M : tile < 8 ? 8 : tile;  /* each matrix's own row: all rows in one pass */
     const size_t tile_rows = M < tile ? (size_t)M : (size_t)tile;
     const size_t sizes[10] = { any16 ? sizeof(int16_t) * mk : 0, any8 ? mk : 0, any8 ? sizeof(int16_t) * (mk / 2) : 0,
                                any8 ? mk : 0, sizeof(float) * ng * 4, sizeof(int32_t) * ng * 2, any6 ? b6_bytes : 0,
@@ -2122,38 +2130,43 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
             for (int m = 0; m < mt; m++) expand_row8(at8.q + (size_t)m * K, K, expanded + (size_t)m * K * 8);
         }
         const q6row at6 = any6 ? row6_of(all6, m0, K) : all6;
-        float *yt = y + (size_t)m0 * total;
+        float *yt = y + (size_t)m0 * y_stride;
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int pair = 0; pair < pairs[count]; pair++) {
             int j = 0;
             while (pair >= pairs[j + 1]) j++;
-            const int i = 2 * (pair - pairs[j]), r = offs[j] + i;  /* row i of matrix j, column r of y */
+            /* row i of matrix j, column r of y's rows from `own` (each: matrix j's row j alone) */
+            const int i = 2 * (pair - pairs[j]), own = each ? j : 0, rows = each ? 1 : mt, r = (each ? 0 : offs[j]) + i;
+            const qrow a = any16 && each ? row_of(at, own, K) : at;
+            const q8row a8 = any8 && each ? row8_of(at8, own, K) : at8;
+            const q6row a6 = any6 && each ? row6_of(at6, own, K) : at6;
+            float *yr = yt + (size_t)own * y_stride;
             if (fmt[j] == FMT_F16 || fmt[j] == FMT_BF16) {
                 f16_rows_dot(fmt[j], ws[j] + (size_t)i * strides[j], strides[j], i + 1 < ns[j] ? 2 : 1, K,
-                             x + (size_t)m0 * K, mt, yt + r, total);
+                             x + (size_t)(m0 + own) * K, rows, yr + r, y_stride);
                 continue;
             }
             if (x8[j]) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
                 if (i % 16 != 0) continue;
                 const uint8_t *wg = ws[j] + (size_t)(i / 8) * strides[j];
                 const int groups = i + 16 <= ns[j] ? 2 : 1;
-                if (act8[j]) x8_dot8_all(fmt[j], wg, strides[j], groups, K, at8, mt, yt + r, total);
-                else x8_dot_all(fmt[j], wg, strides[j], groups, K, at, mt, yt + r, total);
+                if (act8[j]) x8_dot8_all(fmt[j], wg, strides[j], groups, K, a8, rows, yr + r, y_stride);
+                else x8_dot_all(fmt[j], wg, strides[j], groups, K, a, rows, yr + r, y_stride);
                 continue;
             }
             const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
             if (i + PREFETCH_ROWS + 1 < ns[j]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
             if (i + 1 < ns[j] && (fmt[j] == FMT_Q4_0 || fmt[j] == FMT_Q4_1 || fmt[j] == FMT_Q8)) {  /* two rows at once */
-                if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, at8, mt, yt + r, total);
-                else two_rows_dot_all(fmt[j], wrow, strides[j], K, at, mt, yt + r, total);
+                if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, a8, rows, yr + r, y_stride);
+                else two_rows_dot_all(fmt[j], wrow, strides[j], K, a, rows, yr + r, y_stride);
                 continue;
             }
             for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants, IQ4_XS, Q5_1 a row at a time; an odd last row */
                 const uint8_t *w = wrow + (size_t)e * strides[j];
-                for (int m = 0; m < mt; m++)
-                    yt[(size_t)m * total + r + e] = fmt[j] == FMT_Q6_K ? q6k_row_dot(w, K, row6_of(at6, m, K))
-                                                  : act8[j] ? row_dot8(fmt[j], w, K, row8_of(at8, m, K))
-                                                            : row_dot(fmt[j], w, K, row_of(at, m, K));
+                for (int m = 0; m < rows; m++)
+                    yr[(size_t)m * y_stride + r + e] = fmt[j] == FMT_Q6_K ? q6k_row_dot(w, K, row6_of(a6, m, K))
+                                                     : act8[j] ? row_dot8(fmt[j], w, K, row8_of(a8, m, K))
+                                                               : row_dot(fmt[j], w, K, row_of(a, m, K));
             }
         }
     }
@@ -2164,21 +2177,29 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
 int fs_qmatmul_multi(int count, const int *fmts, const int *groups, const uint8_t *const *ws,
                      const long *strides, const int *ns, int K, const float *x, int M, float *y, int nthreads,
                      const long *w_bytes) {
-    return qmatmul_multi(count, fmts, groups, ws, strides, ns, K, x, K, M, y, nthreads, w_bytes);
+    return qmatmul_multi(count, fmts, groups, ws, strides, ns, K, x, K, M, y, nthreads, w_bytes, 0);
+}
+
+/* Matrix j . x's row j alone, into y's row j (y: [count][N], every ns[j] == N; x's rows
+ * x_stride floats apart): a mixture's chosen experts' downs, each on its expert's hidden row,
+ * in one parallel region. Returns as fs_qmatmul_multi. */
+int fs_qmatmul_each(int count, const int *fmts, const int *groups, const uint8_t *const *ws, const long *strides,
+                    const int *ns, int K, const float *x, long x_stride, float *y, int nthreads, const long *w_bytes) {
+    return qmatmul_multi(count, fmts, groups, ws, strides, ns, K, x, x_stride, count, y, nthreads, w_bytes, 1);
 }
 
 /* y[M][N] = x[M][K] . W^T for one matrix (G: weights per block, 32 or 256 for K-quants);
  * w_bytes: the bytes at w. */
 int fs_qmatmul(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
                const float *x, int M, float *y, int nthreads, long w_bytes) {
-    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, K, M, y, nthreads, &w_bytes);
+    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, K, M, y, nthreads, &w_bytes, 0);
 }
 
 /* fs_qmatmul with x's rows x_stride floats apart: a column slice of a wider matrix (prefill's
  * SwiGLU product, left in the gate columns of the fused gate/up output) without a copy. */
 int fs_qmatmul_strided(int fmt, int G, const uint8_t *w, long row_stride, int N, int K,
                        const float *x, long x_stride, int M, float *y, int nthreads, long w_bytes) {
-    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, x_stride, M, y, nthreads, &w_bytes);
+    return qmatmul_multi(1, &fmt, &G, &w, &row_stride, &N, K, x, x_stride, M, y, nthreads, &w_bytes, 0);
 }
 
 /* Dequantize rows `rows[0..R)` of W (rows 0..R when `rows` is NULL) into out[R][K]. W holds
