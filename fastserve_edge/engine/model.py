@@ -268,10 +268,11 @@ class MixtureOfExperts(nn.Module):
         downs in another, with the arithmetic of run_expert and sum_experts (the same bits,
         without the modules' dispatch, which was a third of a mixture's decode step at two threads)."""
         experts, slots = chosen[0].sort()
-        gate_up = self._kernels.gate_up(experts.numpy(), rows)  # [k, 2 width], expert order
+        order = experts.numpy()
+        gate_up = self._kernels.gate_up(order, rows)  # [k, 2 width], expert order
         width = gate_up.shape[1] // 2
         hidden = F.silu(gate_up[:, :width], inplace=True).mul_(gate_up[:, width:])  # each row as its own call's
-        outputs = self._kernels.down(experts.numpy(), hidden)
+        outputs = self._kernels.down(order, hidden)
         # all k rows added into row 0 in expert order: index_add_ adds its rows one after another
         hit = torch.zeros(len(outputs), dtype=torch.long)
         return sum_experts(1, rows.shape[1], [(hit, outputs * weights[0, slots, None])])

@@ -2131,42 +2131,47 @@ static int qmatmul_multi(int count, const int *fmts, const int *groups, const ui
         }
         const q6row at6 = any6 ? row6_of(all6, m0, K) : all6;
         float *yt = y + (size_t)m0 * y_stride;
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int pair = 0; pair < pairs[count]; pair++) {
-            int j = 0;
-            while (pair >= pairs[j + 1]) j++;
-            /* row i of matrix j, column r of y's rows from `own` (each: matrix j's row j alone) */
-            const int i = 2 * (pair - pairs[j]), own = each ? j : 0, rows = each ? 1 : mt, r = (each ? 0 : offs[j]) + i;
-            const qrow a = any16 && each ? row_of(at, own, K) : at;
-            const q8row a8 = any8 && each ? row8_of(at8, own, K) : at8;
-            const q6row a6 = any6 && each ? row6_of(at6, own, K) : at6;
-            float *yr = yt + (size_t)own * y_stride;
-            if (fmt[j] == FMT_F16 || fmt[j] == FMT_BF16) {
-                f16_rows_dot(fmt[j], ws[j] + (size_t)i * strides[j], strides[j], i + 1 < ns[j] ? 2 : 1, K,
-                             x + (size_t)(m0 + own) * K, rows, yr + r, y_stride);
-                continue;
-            }
-            if (x8[j]) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
-                if (i % 16 != 0) continue;
-                const uint8_t *wg = ws[j] + (size_t)(i / 8) * strides[j];
-                const int groups = i + 16 <= ns[j] ? 2 : 1;
-                if (act8[j]) x8_dot8_all(fmt[j], wg, strides[j], groups, K, a8, rows, yr + r, y_stride);
-                else x8_dot_all(fmt[j], wg, strides[j], groups, K, a, rows, yr + r, y_stride);
-                continue;
-            }
-            const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
-            if (i + PREFETCH_ROWS + 1 < ns[j]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
-            if (i + 1 < ns[j] && (fmt[j] == FMT_Q4_0 || fmt[j] == FMT_Q4_1 || fmt[j] == FMT_Q8)) {  /* two rows at once */
-                if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, a8, rows, yr + r, y_stride);
-                else two_rows_dot_all(fmt[j], wrow, strides[j], K, a, rows, yr + r, y_stride);
-                continue;
-            }
-            for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants, IQ4_XS, Q5_1 a row at a time; an odd last row */
-                const uint8_t *w = wrow + (size_t)e * strides[j];
-                for (int m = 0; m < rows; m++)
-                    yr[(size_t)m * y_stride + r + e] = fmt[j] == FMT_Q6_K ? q6k_row_dot(w, K, row6_of(a6, m, K))
-                                                     : act8[j] ? row_dot8(fmt[j], w, K, row8_of(a8, m, K))
-                                                               : row_dot(fmt[j], w, K, row_of(a, m, K));
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int j = 0;  /* a thread's pairs come in order (one static chunk): its matrix only moves on */
+            #pragma omp for schedule(static)
+            for (int pair = 0; pair < pairs[count]; pair++) {
+                if (pair < pairs[j]) j = 0;
+                while (pair >= pairs[j + 1]) j++;
+                const int i = 2 * (pair - pairs[j]);
+                if (x8[j] && i % 16 != 0) continue;  /* an x8 matrix's sixteen rows go with the pair at a multiple of 16 */
+                /* row i of matrix j, column r of y's rows from `own` (each: matrix j's row j alone) */
+                const int own = each ? j : 0, rows = each ? 1 : mt, r = (each ? 0 : offs[j]) + i;
+                const qrow a = any16 && each ? row_of(at, own, K) : at;
+                const q8row a8 = any8 && each ? row8_of(at8, own, K) : at8;
+                const q6row a6 = any6 && each ? row6_of(at6, own, K) : at6;
+                float *yr = yt + (size_t)own * y_stride;
+                if (fmt[j] == FMT_F16 || fmt[j] == FMT_BF16) {
+                    f16_rows_dot(fmt[j], ws[j] + (size_t)i * strides[j], strides[j], i + 1 < ns[j] ? 2 : 1, K,
+                                 x + (size_t)(m0 + own) * K, rows, yr + r, y_stride);
+                    continue;
+                }
+                if (x8[j]) {  /* sixteen rows from the pair at a multiple of 16; the last eight alone */
+                    const uint8_t *wg = ws[j] + (size_t)(i / 8) * strides[j];
+                    const int groups = i + 16 <= ns[j] ? 2 : 1;
+                    if (act8[j]) x8_dot8_all(fmt[j], wg, strides[j], groups, K, a8, rows, yr + r, y_stride);
+                    else x8_dot_all(fmt[j], wg, strides[j], groups, K, a, rows, yr + r, y_stride);
+                    continue;
+                }
+                const uint8_t *wrow = ws[j] + (size_t)i * strides[j];
+                if (i + PREFETCH_ROWS + 1 < ns[j]) prefetch(wrow + PREFETCH_ROWS * strides[j], 2 * strides[j]);
+                if (i + 1 < ns[j] && (fmt[j] == FMT_Q4_0 || fmt[j] == FMT_Q4_1 || fmt[j] == FMT_Q8)) {  /* two rows at once */
+                    if (act8[j]) two_rows_dot8_all(fmt[j], wrow, strides[j], K, a8, rows, yr + r, y_stride);
+                    else two_rows_dot_all(fmt[j], wrow, strides[j], K, a, rows, yr + r, y_stride);
+                    continue;
+                }
+                for (int e = 0; e < 2 && i + e < ns[j]; e++) {  /* K-quants, IQ4_XS, Q5_1 a row at a time; an odd last row */
+                    const uint8_t *w = wrow + (size_t)e * strides[j];
+                    for (int m = 0; m < rows; m++)
+                        yr[(size_t)m * y_stride + r + e] = fmt[j] == FMT_Q6_K ? q6k_row_dot(w, K, row6_of(a6, m, K))
+                                                         : act8[j] ? row_dot8(fmt[j], w, K, row8_of(a8, m, K))
+                                                                   : row_dot(fmt[j], w, K, row_of(a, m, K));
+                }
             }
         }
     }
