@@ -323,24 +323,30 @@ class Block(nn.Module):
         self.program = None
         # One token at a time the glue between matmuls costs as much as they do: a C path
         # (kernels/decode.c) takes one row through the whole block when every weight is quantized.
-        # A mixture's FFN has no C block (the router picks its matrices): its attention takes the
-        # glue, its experts their own kernels.
+        # A mixture's FFN has no C block (the router picks its matrices): its attention is one
+        # C call (attention_program), its experts two more (MixtureOfExperts._one_row).
+        self.attention_program = None
         fused = (self.attn.wqkv,) if cfg.moe else (self.attn.wqkv, self.ffn.gate_up)
         self.glue = getattr(w, "kernels", None) if all(getattr(f, "multi", None) is not None for f in fused) else None
         if not cfg.fits_c_block:  # gemma3's norms, GeGLU, window and scale are not in decode.c: torch only
             self.glue = None
-        if cfg.moe or self.glue is None:
+        if self.glue is None:
             return
         # ... and when wo and down are quantized too, the whole block is one C call
-        single = [_one_call(m) for m in (self.attn.wo, self.ffn.down)]
-        if self.glue is not None and all(m is not None for m in single):
-            attn = self.attn
-            self.program = self.glue.block(
-                dim=cfg.dim, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                ffn=self.ffn.gate_up.sizes[0], eps=cfg.norm_eps, attn_norm=self.attn_norm.weight,
-                ffn_norm=self.ffn_norm.weight, q_norm=attn.q_norm.weight if attn.q_norm is not None else None,
-                k_norm=attn.k_norm.weight if attn.k_norm is not None else None, qkv_bias=attn.wqkv.bias,
-                qkv=attn.wqkv.multi, wo=single[0], gate_up=self.ffn.gate_up.multi, down=single[1])
+        single = [_one_call(m) for m in (self.attn.wo, None if cfg.moe else self.ffn.down)]
+        if single[0] is None or (not cfg.moe and single[1] is None):
+            return
+        attn = self.attn
+        spec = dict(dim=cfg.dim, n_heads=cfg.n_heads, n_kv=cfg.n_kv_heads, head_dim=cfg.head_dim, eps=cfg.norm_eps,
+                    attn_norm=self.attn_norm.weight, ffn_norm=self.ffn_norm.weight,
+                    q_norm=attn.q_norm.weight if attn.q_norm is not None else None,
+                    k_norm=attn.k_norm.weight if attn.k_norm is not None else None, qkv_bias=attn.wqkv.bias,
+                    qkv=attn.wqkv.multi, wo=single[0])
+        if cfg.moe:
+            self.attention_program = self.glue.block(ffn=0, **spec)
+        else:
+            self.program = self.glue.block(ffn=self.ffn.gate_up.sizes[0], gate_up=self.ffn.gate_up.multi, down=single[1],
+                                           **spec)
 
     def forward(self, x, cos, sin, cache, layer, pos):
         if self.post_attn_norm is not None:
@@ -369,9 +375,12 @@ class Block(nn.Module):
     def forward_one(self, x, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
         """x: [1, 1, D] -> [1, 1, D]; the same math as forward(), in fewer, larger calls."""
         c, g = self.cfg, self.glue
-        if self.program is not None:
+        if self.program is not None or self.attention_program is not None:
             row = x.reshape(-1).clone()  # updated in place; x may be the caller's
             k_cache, v_cache = cache.layer(layer, pos + 1)
+            if self.program is None:  # a mixture: its attention in C, then the chosen experts
+                normed = self.attention_program.attend(row, k_cache, v_cache, pos, cos[0], sin[0])
+                return (row + self.ffn(normed)).reshape(1, 1, -1)
             self.program(row, k_cache, v_cache, pos, cos[0], sin[0])
             return row.reshape(1, 1, -1)
         row = x.reshape(1, -1)

@@ -180,6 +180,51 @@ def test_quantized_decode_through_the_c_attention_agrees_with_prefill(folder, tm
     assert logits[len(IDS) - 1:].argmax(-1).tolist() == tokens
 
 
+def test_a_decode_steps_attention_is_one_c_call_with_the_glues_bits(folder, tmp_path):
+    """A quantized mixture's decode step takes each block's attention (norm, projections,
+    rope, cache, heads, wo, residual, the FFN's norm) in one C call (fs_block_attend): every
+    logit of each step is the step-by-step glue's (attend_row, what a tensor-parallel group
+    runs on its heads), bit for bit."""
+    path = moe.write_gguf(tmp_path / "q.gguf", folder, arch_of(folder), tensor_type="Q8_0")
+    fast, slow = pipeline(path), pipeline(path)
+    assert all(block.attention_program is not None and block.program is None for block in fast.stages[0].stage.blocks)
+    for block in slow.stages[0].stage.blocks:
+        block.attention_program = None
+    calls = []
+    program = fast.stages[0].stage.blocks[0].attention_program
+    real = program.attend
+    program.attend = lambda *a: calls.append(1) or real(*a)
+    a, b = fast.forward("s", IDS, 0), slow.forward("s", IDS, 0)
+    for step in range(6):
+        token = int(a.argmax())
+        a = fast.forward("s", [token], len(IDS) + step)
+        b = slow.forward("s", [token], len(IDS) + step)
+        assert torch.equal(a, b), step
+    assert len(calls) == 6
+
+
+def test_an_attention_only_block_is_refused_by_the_whole_block_kernels(folder, tmp_path):
+    """The C whole-block entry points run an FFN: given a mixture's attention-only block they
+    refuse it rather than read matrices that are not there."""
+    import ctypes
+
+    path = moe.write_gguf(tmp_path / "q.gguf", folder, arch_of(folder), tensor_type="Q8_0")
+    program = pipeline(path).stages[0].stage.blocks[0].attention_program
+    lib = program.kernels.lib
+    spec = ctypes.byref(program.spec)
+    assert lib.fs_block_work_floats(spec, 16) > 0
+    assert lib.fs_block_batch_work_floats(spec, 1, 16) == -1
+    work = torch.empty(lib.fs_block_work_floats(spec, 16))
+    row, cache = torch.zeros(program.spec.dim), torch.zeros(program.n_kv, 16, program.head_dim, dtype=torch.float16)
+    rope = torch.zeros(program.head_dim)
+    assert lib.fs_block_one(spec, row.data_ptr(), cache.data_ptr(), cache.data_ptr(), 16, 0, rope.data_ptr(),
+                            rope.data_ptr(), work.data_ptr(), 1, work.numel()) == -1
+    with pytest.raises(RuntimeError, match="fs_block_attend failed"):  # too little room for its cache
+        program._work_cap = 16
+        program._work = torch.empty(4)
+        program.attend(row, cache, cache, 0, rope, rope)
+
+
 @pytest.mark.parametrize("arch", moe.MOE_ARCHS)
 @pytest.mark.parametrize("speeds", [[1, 1], [3, 2, 1]])
 def test_expert_parallel_group_is_one_machine_bit_for_bit(tmp_path, arch, speeds):

@@ -219,6 +219,9 @@ class Kernels:
         self.lib.fs_block_work_floats.restype = l
         self.lib.fs_block_one.argtypes = [p, p, p, p, i, i, p, p, p, i, l]
         self.lib.fs_block_one.restype = i
+        if hasattr(self.lib, "fs_block_attend"):  # absent from older builds (bench/kernels_ab.py)
+            self.lib.fs_block_attend.argtypes = [p, p, p, p, p, i, i, p, p, p, i, l]
+            self.lib.fs_block_attend.restype = i
         self.lib.fs_block_batch_work_floats.argtypes = [p, i, i]
         self.lib.fs_block_batch_work_floats.restype = l
         self.lib.fs_block_batch.argtypes = [p, i, p, p, p, p, p, p, p, p, i, l]
@@ -423,12 +426,14 @@ class _Block(ctypes.Structure):  # decode.c fs_block
 
 class BlockProgram:
     """One decoder block described once for decode.c's fs_block_one: a token through the
-    whole block in one call. Holds every tensor it points at."""
+    whole block in one call. Holds every tensor it points at. A mixture's block has no
+    gate_up or down (ffn 0): attend() takes a token through its attention (fs_block_attend)
+    and the experts come after, in their own calls (ExpertMatmuls)."""
 
     def __init__(self, kernels: Kernels, *, dim: int, n_heads: int, n_kv: int, head_dim: int, ffn: int, eps: float,
                  attn_norm: torch.Tensor, ffn_norm: torch.Tensor, q_norm: torch.Tensor | None,
                  k_norm: torch.Tensor | None, qkv_bias: torch.Tensor | None,
-                 qkv: MultiMatmul, wo: MultiMatmul, gate_up: MultiMatmul, down: MultiMatmul):
+                 qkv: MultiMatmul, wo: MultiMatmul, gate_up: MultiMatmul | None = None, down: MultiMatmul | None = None):
         self.kernels = kernels
         self.n_kv, self.head_dim = n_kv, head_dim
         vectors = [attn_norm, ffn_norm, q_norm, k_norm, qkv_bias]
@@ -439,18 +444,44 @@ class BlockProgram:
         self._keep = [v.contiguous().float() if v is not None else None for v in vectors]
         ptr = [v.data_ptr() if v is not None else None for v in self._keep]
         mats = (qkv, wo, gate_up, down)
-        nbytes = ((ctypes.c_long * 8) * 4)(*((ctypes.c_long * 8)(*m.nbytes) for m in mats))
-        self.spec = _Block(dim, n_heads, n_kv, head_dim, ffn, eps, *ptr, *(m.as_struct() for m in mats), nbytes)
+        nbytes = ((ctypes.c_long * 8) * 4)(*((ctypes.c_long * 8)(*m.nbytes) if m else (ctypes.c_long * 8)() for m in mats))
+        self.spec = _Block(dim, n_heads, n_kv, head_dim, ffn, eps, *ptr, *(m.as_struct() if m else _Mats() for m in mats),
+                           nbytes)
+        self.attention_only = gate_up is None and down is None
         if kernels.lib.fs_block_work_floats(ctypes.byref(self.spec), 0) < 0:
+            shapes = "; ".join(f"{name} {m.k}, {m.total}" for name, m in zip(("qkv", "wo", "gate_up", "down"), mats) if m)
             raise ValueError(f"a block of dim {dim}, {n_heads} heads ({n_kv} kv) of {head_dim}, ffn {ffn} does not "
-                             f"match its matrices (K, N: qkv {qkv.k}, {qkv.total}; wo {wo.k}, {wo.total}; "
-                             f"gate_up {gate_up.k}, {gate_up.total}; down {down.k}, {down.total})")
+                             f"match its matrices (K, N: {shapes})")
         self._mats = mats  # their blocks stay alive
         self._work, self._work_cap = torch.empty(0), -1
 
     def __call__(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
                  cos: torch.Tensor, sin: torch.Tensor) -> None:
         """x: one contiguous float32 row [dim], updated in place; caches as attend_one's."""
+        cap = self._room(x, k_cache, v_cache)
+        rc = self.kernels.lib.fs_block_one(ctypes.byref(self.spec), x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                           cap, pos, cos.data_ptr(), sin.data_ptr(), self._work.data_ptr(),
+                                           torch.get_num_threads(), self._work.numel())
+        if rc != 0:
+            raise RuntimeError(f"fs_block_one failed ({rc}) at pos {pos}")
+
+    def attend(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """A mixture's block up to its experts: x (as __call__'s) += its attention, in place;
+        returns ffn_norm(x) [1, dim], what the router and the experts read."""
+        cap = self._room(x, k_cache, v_cache)
+        normed = torch.empty((1, self.spec.dim), dtype=torch.float32)
+        rc = self.kernels.lib.fs_block_attend(ctypes.byref(self.spec), x.data_ptr(), normed.data_ptr(),
+                                              k_cache.data_ptr(), v_cache.data_ptr(), cap, pos, cos.data_ptr(),
+                                              sin.data_ptr(), self._work.data_ptr(), torch.get_num_threads(),
+                                              self._work.numel())
+        if rc != 0:
+            raise RuntimeError(f"fs_block_attend failed ({rc}) at pos {pos}")
+        return normed
+
+    def _room(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+        """Checks one token's row, and the caches when their size changed; the work buffer for
+        them. Returns the caches' capacity."""
         cap = k_cache.shape[1]
         self._check_row(x, 1)
         if cap != self._work_cap:  # the cache grew (or is another's): the scores need more room
@@ -461,11 +492,7 @@ class BlockProgram:
             if self._work.numel() < need:
                 self._work = torch.empty(need)
             self._work_cap = cap
-        rc = self.kernels.lib.fs_block_one(ctypes.byref(self.spec), x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                           cap, pos, cos.data_ptr(), sin.data_ptr(), self._work.data_ptr(),
-                                           torch.get_num_threads(), self._work.numel())
-        if rc != 0:
-            raise RuntimeError(f"fs_block_one failed ({rc}) at pos {pos}")
+        return cap
 
     def _check_row(self, x: torch.Tensor, m: int) -> None:
         """What the kernel writes without knowing its size: x [m, dim] float32."""

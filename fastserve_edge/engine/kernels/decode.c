@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef _Float16 kv_t;  /* GCC >= 12 and clang on x86-64/arm64 */
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -211,20 +212,27 @@ static long mats_rows(const fs_mats *m) {
     return n;
 }
 
+/* A mixture's block (its FFN's matrices are the router's pick, kernels.ExpertMatmuls) is
+ * described by its attention alone: ffn 0, no gate_up or down. fs_block_attend runs it. */
+static int attention_only(const fs_block *b) {
+    return b->ffn == 0 && b->gate_up.count == 0 && b->down.count == 0;
+}
+
 /* 0 when the block's sizes agree with each other: every matrix reads what the one before
  * it wrote (a model file whose config and tensors disagree would have the kernels read and
  * write past the work buffer), and the head sizes make sense; -1 otherwise. */
 static int block_sizes_agree(const fs_block *b) {
     const long D = b->dim, H = b->n_heads, Hkv = b->n_kv, hd = b->hd, F = b->ffn, limit = 1L << 24;
-    if (D <= 0 || H <= 0 || Hkv <= 0 || hd <= 0 || F <= 0 || D > limit || H * hd > limit || F > limit) return -1;
+    const int ffn = !attention_only(b);
+    if (D <= 0 || H <= 0 || Hkv <= 0 || hd <= 0 || (ffn && F <= 0) || D > limit || H * hd > limit || F > limit) return -1;
     if (H % Hkv != 0 || hd % 2 != 0) return -1;
     const fs_mats *all[4] = { &b->qkv, &b->wo, &b->gate_up, &b->down };
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < (ffn ? 4 : 2); i++)
         if (all[i]->count < 1 || all[i]->count > 8) return -1;
     if (b->qkv.k != D || mats_rows(&b->qkv) != (H + 2 * Hkv) * hd) return -1;
     if (b->wo.k != H * hd || mats_rows(&b->wo) != D) return -1;
-    if (b->gate_up.k != D || b->gate_up.count != 2 || b->gate_up.ns[0] != F || b->gate_up.ns[1] != F) return -1;
-    if (b->down.k != F || mats_rows(&b->down) != D) return -1;
+    if (ffn && (b->gate_up.k != D || b->gate_up.count != 2 || b->gate_up.ns[0] != F || b->gate_up.ns[1] != F)) return -1;
+    if (ffn && (b->down.k != F || mats_rows(&b->down) != D)) return -1;
     if (!b->attn_norm || !b->ffn_norm || (b->q_norm == NULL) != (b->k_norm == NULL)) return -1;
     return 0;
 }
@@ -240,7 +248,7 @@ long fs_block_work_floats(const fs_block *b, int cap) {
 int fs_block_one(const fs_block *b, float *x, kv_t *kc, kv_t *vc, int cap, int pos, const float *cos,
                  const float *sin, float *work, int nthreads, long work_floats) {
     const long need = fs_block_work_floats(b, cap);
-    if (need < 0 || work_floats < need) return -1;
+    if (need < 0 || work_floats < need || attention_only(b)) return -1;
     const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd;
     float *h = work, *qkv = h + b->dim, *heads = qkv + qkv_dim, *o = heads + q_dim;
     float *gu = o + b->dim, *act = gu + 2 * b->ffn, *scores = act + b->ffn;
@@ -293,8 +301,39 @@ static int attend_each(const fs_block *b, int M, float *qkv, kv_t *const *kcs, k
 }
 
 long fs_block_batch_work_floats(const fs_block *b, int M, int max_cap) {
-    if (block_sizes_agree(b) != 0 || M < 1 || max_cap < 0) return -1;
+    if (block_sizes_agree(b) != 0 || attention_only(b) || M < 1 || max_cap < 0) return -1;
     return M * block_row_floats(b) + (long)b->n_heads * max_cap;
+}
+
+/* Rows x [M][dim] through the block's attention, in place: x += wo(attention(attn_norm(x))),
+ * then h = ffn_norm(x) for the FFN. qkv, heads, o, scores: fs_block_batch's work. */
+static int attention_rows(const fs_block *b, int M, float *x, float *h, float *qkv, float *heads, float *o,
+                          float *scores, kv_t *const *kcs, kv_t *const *vcs, const int *caps, const int *poss,
+                          const float *const *coss, const float *const *sins, int nthreads) {
+    const int D = b->dim;
+    fs_rmsnorm(x, b->attn_norm, h, M, D, b->eps);
+    if (run_mats(b, &b->qkv, h, M, qkv, nthreads) != 0) return -2;
+    if (attend_each(b, M, qkv, kcs, vcs, caps, poss, coss, sins, heads, scores, nthreads) != 0) return -3;
+    if (run_mats(b, &b->wo, heads, M, o, nthreads) != 0) return -4;
+    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
+    fs_rmsnorm(x, b->ffn_norm, h, M, D, b->eps);
+    return 0;
+}
+
+/* One token of a mixture's block (attention_only) up to its experts: x [dim] += its attention
+ * (as fs_block_one's first half), normed [dim] = ffn_norm(x), what the router and the chosen
+ * experts read. kc, vc, cap, pos, cos, sin as fs_attend_one's; work: fs_block_work_floats(b,
+ * cap) floats. Returns 0, or < 0 on bad arguments. */
+int fs_block_attend(const fs_block *b, float *x, float *normed, kv_t *kc, kv_t *vc, int cap, int pos,
+                    const float *cos, const float *sin, float *work, int nthreads, long work_floats) {
+    const long need = fs_block_work_floats(b, cap);
+    if (need < 0 || work_floats < need || !attention_only(b)) return -1;
+    const long q_dim = (long)b->n_heads * b->hd, qkv_dim = q_dim + 2L * b->n_kv * b->hd;
+    float *h = work, *qkv = h + b->dim, *heads = qkv + qkv_dim, *o = heads + q_dim, *scores = o + b->dim;
+    const int rc = attention_rows(b, 1, x, h, qkv, heads, o, scores, &kc, &vc, &cap, &pos, &cos, &sin, nthreads);
+    if (rc != 0) return rc;
+    memcpy(normed, h, sizeof(float) * (size_t)b->dim);
+    return 0;
 }
 
 int fs_block_batch(const fs_block *b, int M, float *x, kv_t *const *kcs, kv_t *const *vcs, const int *caps,
@@ -308,12 +347,8 @@ int fs_block_batch(const fs_block *b, int M, float *x, kv_t *const *kcs, kv_t *c
     const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd, D = b->dim, F = b->ffn;
     float *h = work, *qkv = h + (size_t)M * D, *heads = qkv + (size_t)M * qkv_dim, *o = heads + (size_t)M * q_dim;
     float *gu = o + (size_t)M * D, *act = gu + (size_t)M * 2 * F, *scores = act + (size_t)M * F;
-    fs_rmsnorm(x, b->attn_norm, h, M, D, b->eps);
-    if (run_mats(b, &b->qkv, h, M, qkv, nthreads) != 0) return -2;
-    if (attend_each(b, M, qkv, kcs, vcs, caps, poss, coss, sins, heads, scores, nthreads) != 0) return -3;
-    if (run_mats(b, &b->wo, heads, M, o, nthreads) != 0) return -4;
-    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
-    fs_rmsnorm(x, b->ffn_norm, h, M, D, b->eps);
+    const int rc = attention_rows(b, M, x, h, qkv, heads, o, scores, kcs, vcs, caps, poss, coss, sins, nthreads);
+    if (rc != 0) return rc;
     if (run_mats(b, &b->gate_up, h, M, gu, nthreads) != 0) return -5;
     for (int r = 0; r < M; r++) fs_swiglu(gu + (size_t)r * 2 * F, act + (size_t)r * F, F);
     if (run_mats(b, &b->down, act, M, o, nthreads) != 0) return -6;
