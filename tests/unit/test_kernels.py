@@ -756,8 +756,12 @@ def test_each_calling_thread_has_its_own_workspace():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("n_heads,n_kv,hd,pos", [(4, 4, 8, 0), (6, 2, 10, 5), (9, 3, 64, 300), (8, 2, 128, 40)])
+@pytest.mark.parametrize("n_heads,n_kv,hd,pos", [(4, 4, 8, 0), (6, 2, 10, 5), (9, 3, 64, 300), (8, 2, 128, 40),
+                                                 (32, 4, 128, 600), (16, 1, 64, 100), (12, 2, 64, 33), (7, 7, 16, 3)])
 def test_attend_one_matches_rope_cache_and_sdpa(variant, n_heads, n_kv, hd, pos):
+    """One token's attention: rope, its key and value into the cache, every head over its kv
+    head's keys (grouped-query heads eight, four, two and one at a time in 256-bit vectors;
+    a head size that is no multiple of 8 a head at a time)."""
     from fastserve_edge.engine.kv_cache import KVCache
     from fastserve_edge.engine.model import apply_rope
 

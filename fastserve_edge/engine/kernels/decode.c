@@ -106,6 +106,71 @@ static inline __attribute__((always_inline)) void head_512(const float *q, const
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define GROUP_HEADS_256 1
+/* The eight lanes' horizontal sums of a[0..7], lane h of the result a[h]'s */
+static inline __m256 sums8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* G query heads that read one kv head (grouped-query attention; G <= 8) of one token over its
+ * T cached keys, in 256-bit vectors: each cached key and value is widened once for all G
+ * heads, and G dot products run side by side (a head at a time, each key's dot product was
+ * one chain of dependent fmas and its values went through o in memory). q: the G heads, hd
+ * apart (hd a multiple of 8); s: [T][G] scratch, a key's G scores side by side; o: the G
+ * heads' outputs, hd apart. */
+static inline __attribute__((always_inline)) void group_heads_256(const float *q, const kv_t *k, const kv_t *v, int T,
+                                                                  int hd, float scale, float *s, float *o, const int G) {
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(G), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    for (int t = 0; t < T; t++) {
+        __m256 a[8];
+        for (int h = 0; h < 8; h++) a[h] = _mm256_setzero_ps();
+        const kv_t *kt = k + (size_t)t * hd;
+        for (int c = 0; c < hd; c += 8) {
+            const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kt + c)));
+            for (int h = 0; h < G; h++) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)h * hd + c), kv, a[h]);
+        }
+        const __m256 st = _mm256_mul_ps(sums8(a), _mm256_set1_ps(scale));
+        best = _mm256_max_ps(best, st);
+        _mm256_maskstore_ps(s + (size_t)t * G, lanes, st);
+    }
+    float e[8], sum[8] = {0};
+    _mm256_storeu_ps(e, best);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < G; h++) {
+            float *p = s + (size_t)t * G + h;
+            *p = expf(*p - e[h]);
+            sum[h] += *p;
+        }
+    for (int c = 0; c < hd; c += 8) {
+        __m256 a[8];
+        for (int h = 0; h < G; h++) a[h] = _mm256_setzero_ps();
+        for (int t = 0; t < T; t++) {
+            const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + (size_t)t * hd + c)));
+            for (int h = 0; h < G; h++) a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + (size_t)t * G + h), vv, a[h]);
+        }
+        for (int h = 0; h < G; h++) _mm256_storeu_ps(o + (size_t)h * hd + c, _mm256_mul_ps(a[h], _mm256_set1_ps(1.0f / sum[h])));
+    }
+}
+
+/* The heads h0 .. h0 + n of one kv group, eight, four, two or one at a time */
+static void group_heads(const float *q, const kv_t *k, const kv_t *v, int T, int hd, float scale, float *s,
+                        float *o, int n) {
+    for (int h = 0; h < n;) {
+        const int G = n - h >= 8 ? 8 : n - h >= 4 ? 4 : n - h >= 2 ? 2 : 1;
+        const size_t at = (size_t)h * hd;
+        if (G == 8) group_heads_256(q + at, k, v, T, hd, scale, s + (size_t)h * T, o + at, 8);
+        else if (G == 4) group_heads_256(q + at, k, v, T, hd, scale, s + (size_t)h * T, o + at, 4);
+        else if (G == 2) group_heads_256(q + at, k, v, T, hd, scale, s + (size_t)h * T, o + at, 2);
+        else group_heads_256(q + at, k, v, T, hd, scale, s + (size_t)h * T, o + at, 1);
+        h += G;
+    }
+}
+#endif
+
 static void rope(float *x, const float *cos, const float *sin, int hd) {
     const int half = hd / 2;
     for (int i = 0; i < half; i++) {
@@ -146,6 +211,15 @@ int fs_attend_one(float *qkv, const float *cos, const float *sin, kv_t *kc, kv_t
     const int group = n_heads / n_kv, T = pos + 1;
     const float scale = 1.0f / sqrtf((float)hd);
     /* scratch: [n_heads][T] scores */
+#if defined(GROUP_HEADS_256)
+    if (hd % 8 == 0) {  /* a kv group's heads together, a group a thread */
+        #pragma omp parallel for num_threads(nthreads) schedule(static) if ((size_t)T * n_heads * hd > 65536)
+        for (int g = 0; g < n_kv; g++)
+            group_heads(q + (size_t)g * group * hd, kc + (size_t)g * cap * hd, vc + (size_t)g * cap * hd, T, hd, scale,
+                        scratch + (size_t)g * group * T, out + (size_t)g * group * hd, group);
+        return 0;
+    }
+#endif
     #pragma omp parallel for num_threads(nthreads) schedule(static) if ((size_t)T * n_heads * hd > 65536)
     for (int h = 0; h < n_heads; h++) {
         const float *qh = q + (size_t)h * hd;
