@@ -319,30 +319,6 @@ long fs_block_work_floats(const fs_block *b, int cap) {
     return 2L * b->dim + (long)(2 * b->n_heads + 2 * b->n_kv) * b->hd + 3L * b->ffn + (long)b->n_heads * cap;
 }
 
-int fs_block_one(const fs_block *b, float *x, kv_t *kc, kv_t *vc, int cap, int pos, const float *cos,
-                 const float *sin, float *work, int nthreads, long work_floats) {
-    const long need = fs_block_work_floats(b, cap);
-    if (need < 0 || work_floats < need || attention_only(b)) return -1;
-    const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd;
-    float *h = work, *qkv = h + b->dim, *heads = qkv + qkv_dim, *o = heads + q_dim;
-    float *gu = o + b->dim, *act = gu + 2 * b->ffn, *scores = act + b->ffn;
-    fs_rmsnorm(x, b->attn_norm, h, 1, b->dim, b->eps);
-    if (run_mats(b, &b->qkv, h, 1, qkv, nthreads) != 0) return -2;
-    if (b->qkv_bias) for (int i = 0; i < qkv_dim; i++) qkv[i] += b->qkv_bias[i];
-    if (b->q_norm) {  /* before rope, over each head of q and of k */
-        fs_rmsnorm(qkv, b->q_norm, qkv, b->n_heads, b->hd, b->eps);
-        fs_rmsnorm(qkv + q_dim, b->k_norm, qkv + q_dim, b->n_kv, b->hd, b->eps);
-    }
-    if (fs_attend_one(qkv, cos, sin, kc, vc, cap, pos, b->n_heads, b->n_kv, b->hd, heads, scores, nthreads) != 0) return -3;
-    if (run_mats(b, &b->wo, heads, 1, o, nthreads) != 0) return -4;
-    for (int i = 0; i < b->dim; i++) x[i] += o[i];
-    fs_rmsnorm(x, b->ffn_norm, h, 1, b->dim, b->eps);
-    if (run_mats(b, &b->gate_up, h, 1, gu, nthreads) != 0) return -5;
-    fs_swiglu(gu, act, b->ffn);
-    if (run_mats(b, &b->down, act, 1, o, nthreads) != 0) return -6;
-    for (int i = 0; i < b->dim; i++) x[i] += o[i];
-    return 0;
-}
 
 /* ---- one decoder block for one token of each of M sessions ------------------------------
  * The serving loop's batched decode step: row r of x is session r's newest token, at
@@ -391,6 +367,22 @@ static int attention_rows(const fs_block *b, int M, float *x, float *h, float *q
     if (run_mats(b, &b->wo, heads, M, o, nthreads) != 0) return -4;
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += o[i];
     fs_rmsnorm(x, b->ffn_norm, h, M, D, b->eps);
+    return 0;
+}
+
+int fs_block_one(const fs_block *b, float *x, kv_t *kc, kv_t *vc, int cap, int pos, const float *cos,
+                 const float *sin, float *work, int nthreads, long work_floats) {
+    const long need = fs_block_work_floats(b, cap);
+    if (need < 0 || work_floats < need || attention_only(b)) return -1;
+    const int q_dim = b->n_heads * b->hd, qkv_dim = q_dim + 2 * b->n_kv * b->hd;
+    float *h = work, *qkv = h + b->dim, *heads = qkv + qkv_dim, *o = heads + q_dim;
+    float *gu = o + b->dim, *act = gu + 2 * b->ffn, *scores = act + b->ffn;
+    const int rc = attention_rows(b, 1, x, h, qkv, heads, o, scores, &kc, &vc, &cap, &pos, &cos, &sin, nthreads);
+    if (rc != 0) return rc;
+    if (run_mats(b, &b->gate_up, h, 1, gu, nthreads) != 0) return -5;
+    fs_swiglu(gu, act, b->ffn);
+    if (run_mats(b, &b->down, act, 1, o, nthreads) != 0) return -6;
+    for (int i = 0; i < b->dim; i++) x[i] += o[i];
     return 0;
 }
 
