@@ -864,6 +864,14 @@ static inline int x8_of(int fmt) { return fmt == FMT_Q4_0 ? FMT_Q4_0X8 : fmt == 
 /* Rows r .. r + 8 of one row group (w) . N activation rows m0 .. m0 + N, into
  * y[(m0 + i) * total + 0 .. 8]. Each output takes the same operations for any N. */
 #if defined(FS_X8_AVX2)
+#define X8_PREFETCH_BYTES 4096
+/* The `lines` cache lines from p + X8_PREFETCH_BYTES on, asked for now: a kernel asks for its
+ * block's share of them as it starts on the block, so the lines arrive while it works on
+ * what is already in cache. */
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p, const int lines) {
+    for (int l = 0; l < lines; l++) _mm_prefetch((const char *)(p + X8_PREFETCH_BYTES + 64 * l), _MM_HINT_T0);
+}
+
 /* acc + each int32 lane's int16 weight pairs w0, w1 . the activation pairs a0, a1 (two int16
  * each). The running sum takes one add per call: a chain of vpdpwssd into it would wait on
  * that instruction's latency (5 cycles) at every step. */
@@ -884,6 +892,7 @@ static inline __attribute__((always_inline)) void x8_dot_n(
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
     for (int g = 0; g < K / 32; g++) {
         const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
+        prefetch_ahead(b, (bs + 63) / 64);
         __m256i p[4];
         for (int i = 0; i < N; i++) p[i] = _mm256_setzero_si256();
         if (fmt == FMT_Q8X8) {
@@ -1106,6 +1115,7 @@ static inline __attribute__((always_inline)) void x8_dot8_n(
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
     for (int g = 0; g < K / 32; g++) {
         const uint8_t *b = w + (size_t)g * bs, *qs = b + at;
+        prefetch_ahead(b, (bs + 63) / 64);
         __m256i p[X8_ROWS8], p1[X8_ROWS8];  /* two chains a row (even, odd steps) */
         for (int i = 0; i < N; i++) p[i] = p1[i] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {  /* q4: chunk c; q8: chunks 2c, 2c + 1 */
@@ -1252,6 +1262,7 @@ static inline __attribute__((always_inline)) void kx8_dot_n(const int five, cons
         const __m256 dmin8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16)));
         for (int pr = 0; pr < 4; pr++) {
             const uint8_t *qs = b + 160 + 256 * pr;
+            prefetch_ahead(b + 384 * pr, 6);
             const __m128i bit = _mm_cvtsi32_si128(2 * pr);  /* qh's bits 2 pr, 2 pr + 1: this pair's fifth bits */
             __m256i plo[4], phi[4];
             for (int i = 0; i < N; i++) plo[i] = phi[i] = _mm256_setzero_si256();
@@ -1349,6 +1360,7 @@ static inline __attribute__((always_inline)) void q6kx8_dot_n(const uint8_t *w, 
         for (int h = 0; h < 2; h++) {
             const uint8_t *qa = b + 144 + 768 * h, *qb = qa + 256, *qh = qa + 512;
             for (int half16 = 0; half16 < 2; half16++) {  /* weights l = 16 half16 .. + 16 of each i: one scale */
+                prefetch_ahead(b + 448 * (2 * h + half16), 7);
                 __m256i p[2][4];
                 for (int n = 0; n < N; n++)
                     for (int i = 0; i < 4; i++) p[n][i] = _mm256_setzero_si256();
@@ -1433,6 +1445,7 @@ static inline __attribute__((always_inline)) void kx8_dot8_n(const int five, con
         #pragma GCC unroll 4
         for (int pr = 0; pr < 4; pr++) {  /* sub-blocks 2 pr (low nibbles), 2 pr + 1 (high) */
             const uint8_t *qs = b + 160 + 256 * pr, *qh = b + 1184;
+            prefetch_ahead(b + 384 * pr, 6);
             __m256i plo[4], phi[4];
             for (int i = 0; i < N; i++) plo[i] = phi[i] = _mm256_setzero_si256();
             for (int u0 = 0; u0 < 8; u0 += steps) {
@@ -1508,6 +1521,7 @@ static inline __attribute__((always_inline)) void q6kx8_dot8_n(const uint8_t *w,
         for (int h = 0; h < 2; h++) {
             const uint8_t *qa = b + 144 + 768 * h, *qb = qa + 256, *qh = qa + 512;
             for (int half16 = 0; half16 < 2; half16++) {  /* weights l = 16 half16 .. + 16 of each i: one scale */
+                prefetch_ahead(b + 448 * (2 * h + half16), 7);
                 #pragma GCC unroll 4
                 for (int i = 0; i < 4; i++) {
                     __m256i p[2];
