@@ -124,6 +124,27 @@ def test_activation_rows_beyond_one_tile_are_right(ttype, n):
         assert torch.equal(got[start:], q.k.matmul(q.kernel_fmt, q.group, q.blocks, n, 8192, x[start:]))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ttype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("n,k,m", [(8, 256, 8), (24, 768, 9), (40, 512, 70), (16, 2048, 136)])  # 136: tiles of 128 and 8 rows
+def test_k_quant_prompt_rows_are_the_decode_kernels_bits(variant, ttype, n, k, m):
+    """From eight activation rows on, a K-quant matrix in its eight-row layout is unpacked once
+    per super-block for all of them (qmatmul.c kx8_rows_dot) instead of once per four rows:
+    the same integer sums and float steps, so each row is what it gives alone, bit for bit
+    (one or two row groups at a time; rows past a 64-row block; a lone last group)."""
+    kern = kernels.load(variant)
+    raw, ref = raw_matrix(ttype, n, k, seed=m)
+    q = quant_tensor(raw, kern)
+    x = torch.randn(m, k)
+    before = kern.kx8_unpacked_products()
+    together = kern.matmul(q.kernel_fmt, q.group, q.blocks, n, k, x)  # the integer kernels, whatever dense_rows says
+    assert kern.kx8_unpacked_products() - before == (m * n // 8 if variant != "portable" else 0)
+    alone = torch.cat([kern.matmul(q.kernel_fmt, q.group, q.blocks, n, k, x[i:i + 1]) for i in range(m)])
+    assert torch.equal(together, alone)
+    scale = x.norm(dim=1)[:, None] * ref.norm(dim=1)[None, :]
+    assert ((together - x @ ref.T).abs() / scale).max().item() < 5e-5
+
+
 @pytest.mark.parametrize("ttype", TYPES)
 @pytest.mark.parametrize("n", [50, 48])  # 48: Q4_0/Q4_1/Q8_0/Q5_0 in the x8 layout
 def test_rows_of_the_runtime_blocks_equal_gguf_dequantization(ttype, n):

@@ -191,6 +191,8 @@ class Kernels:
             self.lib.fs_set_amx.restype = i
             self.lib.fs_amx_products.restype = l
             self.set_amx(True)
+        if hasattr(self.lib, "fs_kx8_unpacked_products"):  # absent from older builds (kernels_ab)
+            self.lib.fs_kx8_unpacked_products.restype = l
         # the x8 kernels take vpdpwssd (fs_x8_vnni); an older build (kernels_ab): when 512-bit
         self.x8_vnni = bool(self.lib.fs_x8_vnni()) if hasattr(self.lib, "fs_x8_vnni") else self.simd_bits >= 512
         # prefill's fp32 GEMM over weights dequantized on the fly (gemm.c); absent from older builds
@@ -265,6 +267,11 @@ class Kernels:
     def amx_products(self) -> int:
         """Activation rows x 16 weight rows multiplied on AMX's tiles so far (the whole process)."""
         return self.lib.fs_amx_products() if hasattr(self.lib, "fs_amx_products") else 0
+
+    def kx8_unpacked_products(self) -> int:
+        """Activation rows x row groups of eight that K-quant x8 matrices took through their
+        many-row kernel (each super-block unpacked once for all rows) so far, the whole process."""
+        return self.lib.fs_kx8_unpacked_products() if hasattr(self.lib, "fs_kx8_unpacked_products") else 0
 
     def set_single_row_x16(self, on: bool) -> None:
         """One activation row through the 512-bit x8 kernel (on) or a row group at a time; for

@@ -1408,6 +1408,169 @@ static void q6kx8_dot_all(const uint8_t *w, int K, qrow all, int M, float *y, in
     if (m < M) q6kx8_dot_n(w, K, all, m, 1, y, total);
 }
 
+/* ---- K-quants in x8 layouts . many int16 activation rows: each super-block unpacked once ----
+ * kx8_dot_n and q6kx8_dot_n widen and unpack a super-block again for every four (two)
+ * activation rows, which over a prompt is most of their work. kx8_rows_dot unpacks each
+ * super-block of one or two row groups once into int16 chunks in L1 (kx8_unpack), with its
+ * rows' scales, and runs every activation row over it: per chunk and row one broadcast and
+ * one vpmaddwd per group. A unit is what one float step takes: Q4_K/Q5_K sub-block j (16
+ * chunks), Q6_K's sixteen weights of scale 8 h + 2 i + half16 (8 chunks), in the order the
+ * decode kernels take them, with the same integer sums and float steps: each output is
+ * theirs bit for bit, whichever kernel ran it. */
+#if defined(FS_X8_AVX2)
+#define KX8_GEMM_ROWS 8    /* from this many activation rows on (fewer: the decode kernels) */
+#define KX8_GEMM_BLOCK 64  /* activation rows per unpacking (their sums: a 4 KiB buffer) */
+typedef struct {
+    __m256i w[128];         /* unit q's chunk c at q * chunks + c: weights 2c, 2c + 1 of its rows at lanes 2r, 2r + 1 */
+    __m256 sc[16], mn[16];  /* per unit: d x scale and dmin x min of the eight rows (mn: Q4_K/Q5_K) */
+} kx8_unpacked;
+
+static inline __attribute__((always_inline)) void kx8_unpack(const int fmt, const uint8_t *b, kx8_unpacked *u) {
+    const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b));
+    if (fmt == FMT_Q6_KX8) {
+        const __m256i m4 = _mm256_set1_epi16(0x0f), m30 = _mm256_set1_epi16(0x30), z = _mm256_set1_epi16(32);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *qa = b + 144 + 768 * h, *qb = qa + 256, *qh = qa + 512;
+            for (int c = 0; c < 16; c++) {
+                const __m256i va = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qa + 16 * c)));
+                const __m256i vb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qb + 16 * c)));
+                const __m256i hv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * c)));
+                const int q0 = 8 * h + 4 * (c / 8);  /* unit (h, half16, i) = 8 h + 4 half16 + i */
+                u->w[8 * q0 + c % 8] = _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(va, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 4), m30)), z);
+                u->w[8 * (q0 + 1) + c % 8] = _mm256_sub_epi16(_mm256_or_si256(_mm256_and_si256(vb, m4), _mm256_and_si256(_mm256_slli_epi16(hv, 2), m30)), z);
+                u->w[8 * (q0 + 2) + c % 8] = _mm256_sub_epi16(_mm256_or_si256(_mm256_srli_epi16(va, 4), _mm256_and_si256(hv, m30)), z);
+                u->w[8 * (q0 + 3) + c % 8] = _mm256_sub_epi16(_mm256_or_si256(_mm256_srli_epi16(vb, 4), _mm256_and_si256(_mm256_srli_epi16(hv, 2), m30)), z);
+            }
+            for (int half16 = 0; half16 < 2; half16++)
+                for (int i = 0; i < 4; i++)
+                    u->sc[8 * h + 4 * half16 + i] = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(b + 16 + 8 * (8 * h + 2 * i + half16))))));
+        }
+        return;
+    }
+    const int five = fmt == FMT_Q5_KX8;
+    const __m256i low4 = _mm256_set1_epi16(0x0f), sixteen = _mm256_set1_epi16(16);
+    const __m256 dmin8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16)));
+    for (int j = 0; j < 8; j++) {
+        u->sc[j] = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 32 + 8 * j)))));
+        u->mn[j] = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 96 + 8 * j)))));
+    }
+    for (int pr = 0; pr < 4; pr++) {
+        const uint8_t *qs = b + 160 + 256 * pr;
+        const __m128i bit = _mm_cvtsi32_si128(2 * pr);
+        for (int c = 0; c < 16; c++) {
+            const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * c)));
+            __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi16(v, 4);
+            if (five) {
+                const __m256i h = _mm256_srl_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 1184 + 16 * c))), bit);
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(h, 4), sixteen));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(h, 3), sixteen));
+            }
+            u->w[16 * (2 * pr) + c] = lo;
+            u->w[16 * (2 * pr + 1) + c] = hi;
+        }
+    }
+}
+
+/* N (1, 2) activation rows (m0 ..) over super-block sb of G (1, 2) unpacked row groups u[g],
+ * their running sums in acc[(n * G + g) * 8 ..] */
+static inline __attribute__((always_inline)) void kx8_unpacked_dot(const kx8_unpacked *u, const int G, const int six,
+                                                                   int K, int sb, qrow all, int m0, const int N, float *acc) {
+    const int units = six ? 16 : 8, chunks = six ? 8 : 16, ng = K / 32;
+    const int16_t *x0 = all.q + (size_t)m0 * K + (size_t)sb * 256, *x1 = x0 + (N > 1 ? K : 0);
+    const float *d0 = all.d + (size_t)m0 * ng + (size_t)sb * 8, *d1 = d0 + (N > 1 ? ng : 0);
+    const float *s0 = all.s + (size_t)m0 * ng + (size_t)sb * 8, *s1 = s0 + (N > 1 ? ng : 0);
+    __m256 a00 = _mm256_loadu_ps(acc), a01 = a00, a10 = a00, a11 = a00;
+    if (G > 1) a01 = _mm256_loadu_ps(acc + 8);
+    if (N > 1) a10 = _mm256_loadu_ps(acc + 8 * G);
+    if (N > 1 && G > 1) a11 = _mm256_loadu_ps(acc + 8 * G + 8);
+    for (int q = 0; q < units; q++) {
+        const int xoff = six ? 128 * (q / 8) + 32 * (q % 4) + 16 * ((q / 4) % 2) : 32 * q;
+        const int gi = six ? 4 * (q / 8) + q % 4 : q;
+        const __m256i *w0 = u[0].w + q * chunks, *w1 = u[G - 1].w + q * chunks;
+        __m256i p00 = _mm256_setzero_si256(), p01 = p00, p10 = p00, p11 = p00;
+        #pragma GCC unroll 16
+        for (int c = 0; c < chunks; c++) {
+            int32_t pair;
+            memcpy(&pair, x0 + xoff + 2 * c, 4);
+            const __m256i b0 = _mm256_set1_epi32(pair);
+            p00 = _mm256_add_epi32(p00, _mm256_madd_epi16(w0[c], b0));
+            if (G > 1) p01 = _mm256_add_epi32(p01, _mm256_madd_epi16(w1[c], b0));
+            if (N > 1) {
+                memcpy(&pair, x1 + xoff + 2 * c, 4);
+                const __m256i b1 = _mm256_set1_epi32(pair);
+                p10 = _mm256_add_epi32(p10, _mm256_madd_epi16(w0[c], b1));
+                if (G > 1) p11 = _mm256_add_epi32(p11, _mm256_madd_epi16(w1[c], b1));
+            }
+            /* one add a product into its sum, as written: left to itself gcc kept every product
+               of the unrolled loop for a tree of adds, spilling them to the stack */
+            __asm__("" : "+x"(p00), "+x"(p01), "+x"(p10), "+x"(p11));
+        }
+        const __m256 sc0 = u[0].sc[q], sc1 = u[G - 1].sc[q];
+        a00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p00), _mm256_mul_ps(sc0, _mm256_set1_ps(d0[gi])), a00);
+        if (!six) a00 = _mm256_fnmadd_ps(u[0].mn[q], _mm256_set1_ps(s0[gi]), a00);
+        if (G > 1) {
+            a01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p01), _mm256_mul_ps(sc1, _mm256_set1_ps(d0[gi])), a01);
+            if (!six) a01 = _mm256_fnmadd_ps(u[1].mn[q], _mm256_set1_ps(s0[gi]), a01);
+        }
+        if (N > 1) {
+            a10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p10), _mm256_mul_ps(sc0, _mm256_set1_ps(d1[gi])), a10);
+            if (!six) a10 = _mm256_fnmadd_ps(u[0].mn[q], _mm256_set1_ps(s1[gi]), a10);
+            if (G > 1) {
+                a11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p11), _mm256_mul_ps(sc1, _mm256_set1_ps(d1[gi])), a11);
+                if (!six) a11 = _mm256_fnmadd_ps(u[1].mn[q], _mm256_set1_ps(s1[gi]), a11);
+            }
+        }
+    }
+    _mm256_storeu_ps(acc, a00);
+    if (G > 1) _mm256_storeu_ps(acc + 8, a01);
+    if (N > 1) _mm256_storeu_ps(acc + 8 * G, a10);
+    if (N > 1 && G > 1) _mm256_storeu_ps(acc + 8 * G + 8, a11);
+}
+
+static inline __attribute__((always_inline)) void kx8_rows_dot_fmt(const int fmt, const uint8_t *w, long stride, const int G,
+                                                                   int K, qrow all, int M, float *y, int total) {
+    const int six = fmt == FMT_Q6_KX8, bytes = six ? Q6KX8_BYTES : fmt == FMT_Q5_KX8 ? Q5KX8_BYTES : Q4KX8_BYTES;
+    kx8_unpacked u[2];
+    float acc[KX8_GEMM_BLOCK * 2 * 8];
+    for (int m0 = 0; m0 < M; m0 += KX8_GEMM_BLOCK) {
+        const int mb = M - m0 < KX8_GEMM_BLOCK ? M - m0 : KX8_GEMM_BLOCK;
+        memset(acc, 0, sizeof(float) * (size_t)mb * G * 8);
+        for (int sb = 0; sb < K / 256; sb++) {
+            for (int g = 0; g < G; g++) {
+                const uint8_t *b = w + (size_t)g * stride + (size_t)sb * bytes;
+                prefetch_ahead(b, (bytes + 63) / 64);
+                kx8_unpack(fmt, b, &u[g]);
+            }
+            int m = 0;
+            for (; m + 2 <= mb; m += 2) kx8_unpacked_dot(u, G, six, K, sb, all, m0 + m, 2, acc + (size_t)m * G * 8);
+            if (m < mb) kx8_unpacked_dot(u, G, six, K, sb, all, m0 + m, 1, acc + (size_t)m * G * 8);
+        }
+        for (int m = 0; m < mb; m++)
+            for (int g = 0; g < G; g++) memcpy(y + (size_t)(m0 + m) * total + 8 * g, acc + (size_t)(m * G + g) * 8, 8 * sizeof(float));
+    }
+}
+
+static long kx8_unpacked_products = 0;  /* activation rows x row groups done by kx8_rows_dot (fs_kx8_unpacked_products) */
+
+long fs_kx8_unpacked_products(void) { return __atomic_load_n(&kx8_unpacked_products, __ATOMIC_RELAXED); }
+
+/* `groups` (1 or 2) row groups of a K-quant x8 matrix (w, stride bytes apart) . M int16 activation rows */
+static void kx8_rows_dot(int fmt, const uint8_t *w, long stride, int groups, int K, qrow all, int M, float *y, int total) {
+    __atomic_fetch_add(&kx8_unpacked_products, (long)M * groups, __ATOMIC_RELAXED);
+    switch (fmt) {
+        case FMT_Q4_KX8: groups == 2 ? kx8_rows_dot_fmt(FMT_Q4_KX8, w, stride, 2, K, all, M, y, total)
+                                     : kx8_rows_dot_fmt(FMT_Q4_KX8, w, stride, 1, K, all, M, y, total); break;
+        case FMT_Q5_KX8: groups == 2 ? kx8_rows_dot_fmt(FMT_Q5_KX8, w, stride, 2, K, all, M, y, total)
+                                     : kx8_rows_dot_fmt(FMT_Q5_KX8, w, stride, 1, K, all, M, y, total); break;
+        default: groups == 2 ? kx8_rows_dot_fmt(FMT_Q6_KX8, w, stride, 2, K, all, M, y, total)
+                             : kx8_rows_dot_fmt(FMT_Q6_KX8, w, stride, 1, K, all, M, y, total); break;
+    }
+}
+#else
+long fs_kx8_unpacked_products(void) { return 0; }
+#endif
+
 /* ---- K-quants in x8 layouts . int8 activations (fmt | FMT_ACT8): llama.cpp's precision ----
  * A 32-byte load of chunks 2u, 2u + 1 holds, in 128-bit lane L, bytes 4u + 2L, 4u + 2L + 1 of
  * each row r at 2r, 2r + 1: as nibbles (with Q5_K's fifth bits, Q6_K's high two), weights in
@@ -1786,6 +1949,12 @@ void fs_set_single_row_x16(int on) { single_row_x16 = on != 0; }
 
 /* `groups` (1 or 2) row groups from w (stride bytes apart) . all M activation rows. */
 static void x8_dot_all(int fmt, const uint8_t *w, long stride, int groups, int K, qrow all, int M, float *y, int total) {
+#if defined(FS_X8_AVX2)
+    if (M >= KX8_GEMM_ROWS && (fmt == FMT_Q4_KX8 || fmt == FMT_Q5_KX8 || fmt == FMT_Q6_KX8)) {
+        kx8_rows_dot(fmt, w, stride, groups, K, all, M, y, total);
+        return;
+    }
+#endif
     if (fmt == FMT_Q4_KX8 || fmt == FMT_Q5_KX8) {
         for (int h = 0; h < groups; h++) kx8_dot_all(fmt == FMT_Q5_KX8, w + (size_t)h * stride, K, all, M, y + 8 * h, total);
         return;
