@@ -50,11 +50,13 @@ DENSE_PREFILL_ROWS_OF = {
     kernels.FMT_Q2_K: 32, kernels.FMT_Q3_K: 32, kernels.FMT_IQ4_XS: 32,
     kernels.FMT_F16: 48, kernels.FMT_BF16: 48,  # an fp32 fma per weight either way: 1.25x at 48, 0.9x at 32
 }
-K_QUANT_X8 = (kernels.FMT_Q4_KX8, kernels.FMT_Q5_KX8, kernels.FMT_Q6_KX8)  # no AVX-512 VNNI kernels of their own
+K_QUANT_X8 = (kernels.FMT_Q4_KX8, kernels.FMT_Q5_KX8, kernels.FMT_Q6_KX8)
 NEVER_DENSE = 1 << 62  # x8 matrices on kernels with AVX-512 VNNI: the integer kernels win at any
                        # length (one 8192 x 2048 Q4_0 matrix, 512 rows, 1 thread on Zen 5: 140-150
                        # GMAC/s against the 512-bit GEMM's ~80; a 1B Q4_0's 512 tokens at 2 threads
-                       # 55-67 tok/s against 38-53 on Zen 4, in 256-bit vectors there),
+                       # 55-67 tok/s against 38-53 on Zen 4, in 256-bit vectors there; K-quants through
+                       # kx8_rows_dot's vpdpwssd on Zen 4, 8192 x 2048 and 2048 x 8192, 64 and 512
+                       # rows: 1.3-1.5x the GEMM at 1 and 2 threads, 70-75 GMAC/s a core),
                        # so every prompt, alone or packed, takes them (each row its own bits either way)
 
 
@@ -163,8 +165,8 @@ class QuantTensor:
         self.kernel_fmt = fmt | kernels.FMT_ACT8 if activations == "int8" and fmt in INT8_FORMATS else fmt
         # from this many rows on, the GEMM (matmul) rather than the integer kernel
         self.dense_rows = DENSE_PREFILL_ROWS_OF.get(fmt, DENSE_PREFILL_ROWS)
-        if self.rows_per_block_row == 8 and k.x8_vnni and fmt not in K_QUANT_X8:
-            self.dense_rows = NEVER_DENSE
+        if self.rows_per_block_row == 8 and k.x8_vnni and (fmt not in K_QUANT_X8 or self.kernel_fmt == fmt):
+            self.dense_rows = NEVER_DENSE  # K-quants with int16 activations (kx8_rows_dot; the int8 ones re-unpack)
 
     @property
     def nbytes(self) -> int:
