@@ -1293,6 +1293,7 @@ static inline __attribute__((always_inline)) void kx8_dot_n(const int five, cons
                     memcpy(&pb, x + 32 + 2 * c, 4);
                     plo[i] = _mm256_add_epi32(plo[i], _mm256_madd_epi16(lo, _mm256_set1_epi32(pa)));
                     phi[i] = _mm256_add_epi32(phi[i], _mm256_madd_epi16(hi, _mm256_set1_epi32(pb)));
+                    __asm__("" : "+x"(plo[i]), "+x"(phi[i]));  /* one add a product: as in kx8_unpacked_dot */
                 }
             }
             kx8_pair_into(acc, b, d8, dmin8, pr, sb, N, plo, phi, all.d + (size_t)m0 * (K / 32), all.s + (size_t)m0 * (K / 32), K / 32);
@@ -1391,6 +1392,7 @@ static inline __attribute__((always_inline)) void q6kx8_dot_n(const uint8_t *w, 
                             int32_t pair;
                             memcpy(&pair, x + 32 * i, 4);
                             p[n][i] = _mm256_add_epi32(p[n][i], _mm256_madd_epi16(q[i], _mm256_set1_epi32(pair)));
+                            __asm__("" : "+x"(p[n][i]));  /* one add a product: as in kx8_unpacked_dot */
                         }
                     }
                 }
